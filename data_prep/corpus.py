@@ -5,7 +5,7 @@ Each step writes one directory under ``--out`` with a ``manifest.json`` written 
     <out>/read/        <lang>.txt: normalised sentences, one per line; drop counts per language
     <out>/sample/      train.tsv (shuffled mix), val.tsv: "lang<TAB>sentence"; n_i, p_i, q_i, sampled counts
     <out>/tokenizer/   tokenizer.json + transformers files
-    <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar (schema: ds_kd.schema)
+    <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar: blocks of sentences (schema: ds_kd.schema)
 
 A step whose manifest exists with the same settings is skipped; with other settings it is an error (a
 corpus directory holds one corpus). An interrupted shard step resumes at the first unwritten shard.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.schema import LANGS, check_langs, check_tokenizer_matches
+from ds_kd.schema import LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
 
 from data_prep.bpe import BpeConfig, copy_existing, describe, save_tokenizer, train_bpe
 from data_prep.read import DROP_REASONS, ReadConfig, check_lang_dir, read_language_job
@@ -107,15 +107,21 @@ def tokenizer_step(config: CorpusConfig) -> dict:
 
 def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) -> dict:
     out = config.out / "shards"
-    settings = {"shard_size": config.shard.shard_size}
+    settings = {"schema_version": SCHEMA_VERSION, "block_size": config.shard.block_size,
+                "shard_mb": config.shard.shard_mb}
     if has_manifest(out):
+        version = read_manifest(out).get("schema_version", 1)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{out / 'manifest.json'}: shards of schema version {version}, this code writes and "
+                             f"reads version {SCHEMA_VERSION}: delete {out} and run the same command again to "
+                             f"rewrite them (the earlier steps are kept)")
         check_tokenizer_matches(out, config.out / "tokenizer")
     sizes = {"train": sample_manifest["total"],
              "val": sum(lang["num_val"] for lang in sample_manifest["languages"].values())}
 
     def work() -> dict:
-        result = write_shards(config.out / "sample", config.out / "tokenizer", out,
-                              tok_manifest["tokenizer_hash"], config.shard, sizes)
+        result = write_shards(config.out / "sample", config.out / "tokenizer", out, tok_manifest["tokenizer_hash"],
+                              tok_manifest["vocab_size"], config.shard, sizes)
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # the manifest now holds the counts
         return {"languages": list(sample_manifest["languages"]),
                 "vocab_size": tok_manifest["vocab_size"], "tokenizer_hash": tok_manifest["tokenizer_hash"],
@@ -176,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2, help="BPE minimum merge frequency (default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="existing tokenizer directory (tokenizer.json or BERT vocab.txt) to use instead of BPE")
-    p.add_argument("--shard-size", type=int, default=100_000, help="sentences per shard (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=ShardConfig.block_size,
+                   help="sentences per block, the unit of a shard that is read at once (default: %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=ShardConfig.shard_mb,
+                   help="a shard file is closed once it holds this many MiB (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core")
     return p
 
@@ -191,13 +200,13 @@ def config_from_args(args: argparse.Namespace) -> CorpusConfig:
         bpe=BpeConfig(vocab_size=args.vocab_size, max_sentences=args.bpe_sentences,
                       min_frequency=args.min_frequency, spoken=args.spoken),
         tokenizer=args.tokenizer,
-        shard=ShardConfig(shard_size=args.shard_size, num_workers=args.num_workers))
+        shard=ShardConfig(block_size=args.block_size, shard_mb=args.shard_mb, num_workers=args.num_workers))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     try:
-        run(config)
+        run(config_from_args(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,55 +1,65 @@
-"""Step 4 of the corpus: tokenize the mix with every core and write WebDataset tar shards.
+"""Step 4 of the corpus: tokenize the mix with every core and write block shards (schema: :mod:`ds_kd.schema`).
 
-The layout and sample schema are those of :mod:`ds_kd.schema`. The main process streams ``train.tsv`` /
-``val.tsv`` in the mix's (shuffled) order and hands runs of ``shard_size`` lines to a pool of worker
-processes; at most two runs per worker are in flight, so memory does not grow with the corpus. A worker
-writes its shard to a temporary name and renames it when complete, after writing the shard's counts to
-``.progress/``; a re-run after an interruption skips the shards that exist and writes the others, so no
-sample is written twice and none is lost.
+The main process streams ``train.tsv`` / ``val.tsv`` in the mix's (shuffled) order, cuts it into blocks of
+``block_size`` lines and hands them to a pool of worker processes, at most two blocks per worker in flight, so
+memory does not grow with the corpus. A worker tokenizes its block and returns the block's tar members as
+bytes; the main process appends the blocks in order to the current shard and closes it once it holds
+``shard_mb`` MiB. A shard is written under a temporary name, its record (counts, bytes, sha256, block table)
+goes to ``.progress/``, then it is renamed. A re-run after an interruption skips the blocks of the finished
+shards without tokenizing them and writes the rest: the same bytes as an uninterrupted run, no sentence written
+twice and none lost.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import tarfile
 import time
+import zlib
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from ds_kd.manifest import atomic_write_text
-from ds_kd.schema import SAMPLE_IDS, SAMPLE_LANG, SHARD_PATTERN
+from ds_kd.schema import (BLOCK_LANGS, BLOCK_OFFSETS, BLOCK_TOKENS, LANG_TO_ID, LANGS, SCHEMA_VERSION,
+                          SHARD_PATTERN, block_key, token_dtype)
 
 PROGRESS_DIR = ".progress"
+END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks
 
 
 @dataclass(frozen=True)
 class ShardConfig:
     """How shards are written."""
 
-    shard_size: int = 100_000
-    """Samples (sentences) per shard file."""
+    block_size: int = 8192
+    """Sentences per block (one tar sample); the split's last block may hold fewer."""
+    shard_mb: float = 128.0
+    """A shard is closed once it holds this many MiB (so shards are this size or one block more)."""
     num_workers: int = 0
     """Tokenizing processes; 0: one per CPU core."""
     batch_size: int = 1000
     """Sentences per ``encode_batch`` call inside a worker."""
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1 sentence, got {self.block_size}")
+        if self.shard_mb <= 0:
+            raise ValueError(f"shard_mb must be positive, got {self.shard_mb}")
 
-def sample_key(lang: str, index: int) -> str:
-    return f"{lang}-{index:010d}"
 
-
-def npy_bytes(ids: list[int]) -> bytes:
-    """``np.save`` of an int32 1-D array, byte for byte, without its per-call overhead (format 1.0)."""
-    header = "{'descr': '<i4', 'fortran_order': False, 'shape': (%d,), }" % len(ids)
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` of a 1-D array, byte for byte (format 1.0), without its per-call overhead."""
+    header = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (array.dtype.str, len(array))
     header += " " * (63 - (10 + len(header)) % 64) + "\n"  # pad so the data starts at a multiple of 64
-    return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
-            + np.asarray(ids, dtype="<i4").tobytes())
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + array.tobytes()
 
 
 def _ustar_template() -> bytes:
@@ -74,29 +84,124 @@ def tar_member(name: str, data: bytes) -> bytes:
     return header + data + b"\0" * (-len(data) % 512)
 
 
-def write_shard(path: Path, samples: Iterator[tuple[str, str, list[int]]]) -> None:
-    """Write (key, lang, ids) samples to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for key, lang, ids in samples:
-            f.write(tar_member(f"{key}.{SAMPLE_IDS}", npy_bytes(ids)))
-            f.write(tar_member(f"{key}.{SAMPLE_LANG}", lang.encode("utf-8")))
-        f.write(b"\0" * 1024)  # end-of-archive marker: two zero blocks
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass
+class EncodedBlock:
+    """One block's tar members as bytes, with its counts."""
+
+    index: int
+    data: bytes
+    num_samples: int
+    num_tokens: int
+    per_lang: dict[str, int]
+    crc32: int
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard to write: its lines (``lang<TAB>sentence``) and where they start in the split."""
+def encode_block(index: int, sentences: Sequence[Sequence[int]], langs: Sequence[str], dtype: str,
+                 vocab_size: int) -> EncodedBlock:
+    """The tar members of block ``index`` holding ``sentences`` (token ids with [CLS]/[SEP]) of ``langs``.
 
-    split: str
-    shard_index: int
-    first_index: int
-    lines: list[str]
-    split_dir: str
-    tokenizer_hash: str
+    Raises ValueError for an unknown language code or a token id outside the vocabulary."""
+    if len(sentences) != len(langs) or not sentences:
+        raise ValueError(f"block {index}: {len(sentences)} sentences but {len(langs)} languages")
+    lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+    offsets = np.zeros(len(sentences) + 1, dtype="<u4")
+    if int(lengths.sum()) >= 2**32:
+        raise ValueError(f"block {index} holds {int(lengths.sum())} tokens, over the 2^32 its offsets can count")
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=int(offsets[-1]))
+    if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
+        raise ValueError(f"block {index}: token id {int(flat.max())} outside the vocabulary of {vocab_size}")
+    try:
+        lang_ids = np.fromiter((LANG_TO_ID[lang] for lang in langs), dtype=np.uint8, count=len(langs))
+    except KeyError as e:
+        raise ValueError(f"block {index}: unknown language code {e.args[0]!r}; known: {' '.join(LANGS)}") from None
+    key = block_key(index)
+    data = b"".join(tar_member(f"{key}.{name}", npy_bytes(array)) for name, array in (
+        (BLOCK_TOKENS, flat.astype(dtype)), (BLOCK_OFFSETS, offsets), (BLOCK_LANGS, lang_ids)))
+    return EncodedBlock(index, data, len(sentences), int(offsets[-1]), dict(Counter(langs)), zlib.crc32(data))
+
+
+@dataclass
+class ShardWriter:
+    """Appends encoded blocks, in order, to the shards of one split; closes a shard at ``shard_bytes``.
+
+    Each closed shard's record (its counts, bytes, sha256 and block table) is written to ``.progress/``
+    before the shard is renamed into place, so a shard that exists always has its record."""
+
+    split_dir: Path
+    shard_bytes: int
+    settings: dict
+    """Recorded with every shard: a re-run with other settings must not continue these shards."""
+    next_shard: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._file = None
+        (self.split_dir.parent / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+
+    def add(self, block: EncodedBlock) -> None:
+        if self._file is None:
+            self._open()
+        self._blocks.append((block.num_samples, self._size, block.crc32))
+        self._file.write(block.data)
+        self._sha.update(block.data)
+        self._size += len(block.data)
+        self._num_tokens += block.num_tokens
+        self._per_lang.update(block.per_lang)
+        if self._size >= self.shard_bytes:
+            self.close_shard()
+
+    def _open(self) -> None:
+        self._name = SHARD_PATTERN.format(self.next_shard)
+        self._tmp = self.split_dir / f".{self._name}.tmp{os.getpid()}"
+        self._file = open(self._tmp, "wb")
+        self._sha, self._size, self._num_tokens = hashlib.sha256(), 0, 0
+        self._blocks: list[tuple[int, int, int]] = []
+        self._per_lang: Counter = Counter()
+
+    def close_shard(self) -> None:
+        """Finish the open shard (if any): end-of-archive marker, fsync, record, rename."""
+        if self._file is None:
+            return
+        self._file.write(END_OF_ARCHIVE)
+        self._sha.update(END_OF_ARCHIVE)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        counts, offsets, crcs = (list(column) for column in zip(*self._blocks))
+        record = {"file": self._name, "num_samples": sum(counts), "num_tokens": self._num_tokens,
+                  "num_bytes": self._size + len(END_OF_ARCHIVE), "sha256": self._sha.hexdigest(),
+                  "per_lang": dict(sorted(self._per_lang.items())),
+                  "blocks": {"num_samples": counts, "offset": offsets, "crc32": crcs}, **self.settings}
+        atomic_write_text(progress_path(self.split_dir, self.next_shard), json.dumps(record) + "\n")
+        os.replace(self._tmp, self.split_dir / self._name)
+        self.records.append(record)
+        self.next_shard += 1
+
+
+def progress_path(split_dir: Path, shard_index: int) -> Path:
+    return split_dir.parent / PROGRESS_DIR / f"{split_dir.name}-{shard_index:06d}.json"
+
+
+def finished_records(split_dir: Path, settings: dict) -> list[dict]:
+    """Records of the shards an earlier, interrupted run finished (in order, up to the first missing one).
+
+    A finished shard written with other settings (tokenizer, block size, shard size) is an error."""
+    records = []
+    while True:
+        index = len(records)
+        shard, progress = split_dir / SHARD_PATTERN.format(index), progress_path(split_dir, index)
+        if not (shard.is_file() and progress.is_file()):
+            return records
+        record = json.loads(progress.read_text(encoding="utf-8"))
+        differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
+        if differ:
+            raise ValueError(f"{shard}: written by an earlier run with other settings {differ} (recorded, now); "
+                             f"delete {split_dir.parent} to rewrite the shards")
+        if shard.stat().st_size != record["num_bytes"]:
+            return records  # damaged after its record was written: write it again, and what follows
+        records.append(record)
 
 
 _TOKENIZER = None
@@ -110,122 +215,112 @@ def init_worker(tokenizer_file: str) -> None:
     _TOKENIZER = Tokenizer.from_file(tokenizer_file)
 
 
-def encode_lines(lines: list[str], batch_size: int) -> Iterator[tuple[str, list[int]]]:
-    for start in range(0, len(lines), batch_size):
-        pairs = [line.split("\t", 1) for line in lines[start:start + batch_size]]
-        encodings = _TOKENIZER.encode_batch([text for _, text in pairs])
-        for (lang, _), enc in zip(pairs, encodings):
-            yield lang, enc.ids
+@dataclass(frozen=True)
+class BlockJob:
+    """One block to tokenize: its index in the split and its lines (``lang<TAB>sentence``)."""
+
+    index: int
+    lines: list[str]
+    dtype: str
+    vocab_size: int
 
 
-def run_job(job: ShardJob, batch_size: int = 1000) -> dict:
-    """Tokenize and write one shard; record its counts in ``.progress/`` before the shard appears."""
-    split_dir = Path(job.split_dir)
-    name = SHARD_PATTERN.format(job.shard_index)
-    per_lang: Counter = Counter()
-    num_tokens = 0
-
-    def samples():
-        nonlocal num_tokens
-        for offset, (lang, ids) in enumerate(encode_lines(job.lines, batch_size)):
-            per_lang[lang] += 1
-            num_tokens += len(ids)
-            yield sample_key(lang, job.first_index + offset), lang, ids
-
-    # The counts are known only once the tar is written: write it under a staging name, record the
-    # counts, then rename, so a shard that exists always has its counts.
-    staging = split_dir / f".{name}.staging"
-    write_shard(staging, samples())
-    record = {"file": name, "num_samples": len(job.lines), "num_tokens": num_tokens,
-              "per_lang": dict(sorted(per_lang.items())), "tokenizer_hash": job.tokenizer_hash}
-    atomic_write_text(progress_path(split_dir, job.shard_index), json.dumps(record) + "\n")
-    os.replace(staging, split_dir / name)
-    return record
+def tokenize_block(job: BlockJob, batch_size: int = 1000) -> EncodedBlock:
+    """Tokenize a block's lines (in a worker that ran :func:`init_worker`) and encode the block."""
+    langs, sentences = [], []
+    for start in range(0, len(job.lines), batch_size):
+        texts = []
+        for line in job.lines[start:start + batch_size]:
+            lang, tab, text = line.partition("\t")
+            if not tab:
+                raise ValueError(f"block {job.index}: line {line[:80]!r} is not lang<TAB>sentence")
+            langs.append(lang)
+            texts.append(text)
+        sentences.extend(enc.ids for enc in _TOKENIZER.encode_batch(texts))
+    return encode_block(job.index, sentences, langs, job.dtype, job.vocab_size)
 
 
-def progress_path(split_dir: Path, shard_index: int) -> Path:
-    return split_dir.parent / PROGRESS_DIR / f"{split_dir.name}-{shard_index:06d}.json"
-
-
-def finished_record(split_dir: Path, shard_index: int, tokenizer_hash: str) -> dict | None:
-    """The counts of a shard finished by an earlier run, or None; a shard of another tokenizer is an error."""
-    shard = split_dir / SHARD_PATTERN.format(shard_index)
-    progress = progress_path(split_dir, shard_index)
-    if not (shard.is_file() and progress.is_file()):
-        return None
-    record = json.loads(progress.read_text(encoding="utf-8"))
-    if record["tokenizer_hash"] != tokenizer_hash:
-        raise ValueError(f"{shard}: written by an earlier run with another tokenizer ({record['tokenizer_hash']}); "
-                         f"delete {split_dir.parent} to rewrite the shards")
-    return record
-
-
-def iter_chunks(path: Path, shard_size: int) -> Iterator[tuple[int, int, list[str]]]:
-    """(shard index, first line index, lines) runs of a ``lang<TAB>sentence`` file, streaming."""
+def iter_blocks(path: Path, block_size: int) -> Iterator[tuple[int, list[str]]]:
+    """(block index, lines) runs of a ``lang<TAB>sentence`` file, streaming."""
     chunk: list[str] = []
-    index = first = 0
+    index = 0
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
+        for line in f:
             chunk.append(line.rstrip("\n"))
-            if len(chunk) == shard_size:
-                yield index, first, chunk
-                index, first, chunk = index + 1, line_no + 1, []
+            if len(chunk) == block_size:
+                yield index, chunk
+                index, chunk = index + 1, []
     if chunk:
-        yield index, first, chunk
+        yield index, chunk
 
 
-def write_split(pool, num_workers: int, mix_file: Path, split_dir: Path, tokenizer_hash: str,
-                config: ShardConfig, total: int | None = None) -> list[dict]:
+def write_split(pool, num_workers: int, mix_file: Path, split_dir: Path, settings: dict, config: ShardConfig,
+                vocab_size: int, total: int | None = None) -> list[dict]:
     """Write all shards of one split with ``pool`` and return their records in shard order."""
     split_dir.mkdir(parents=True, exist_ok=True)
-    (split_dir.parent / PROGRESS_DIR).mkdir(exist_ok=True)
-    records: dict[int, dict] = {}
+    done = finished_records(split_dir, settings)
+    skip = sum(len(r["blocks"]["num_samples"]) for r in done)
+    writer = ShardWriter(split_dir, int(config.shard_mb * 2**20), settings, next_shard=len(done))
+    dtype = token_dtype(vocab_size)
     bar = tqdm(total=total, unit="sent", unit_scale=True, desc=f"shard {split_dir.name}")
     in_flight: deque = deque()
-    for index, first, lines in iter_chunks(mix_file, config.shard_size):
-        done = finished_record(split_dir, index, tokenizer_hash)
-        if done is not None:
-            records[index] = done
+
+    def collect() -> None:
+        block = in_flight.popleft().get()
+        writer.add(block)
+        bar.update(block.num_samples)
+
+    for index, lines in iter_blocks(mix_file, config.block_size):
+        if index < skip:  # in a shard an earlier run finished: not tokenized again
             bar.update(len(lines))
             continue
-        job = ShardJob(split_dir.name, index, first, lines, str(split_dir), tokenizer_hash)
-        in_flight.append((index, pool.apply_async(run_job, (job, config.batch_size))))
+        in_flight.append(pool.apply_async(tokenize_block, (BlockJob(index, lines, dtype, vocab_size),
+                                                           config.batch_size)))
         while len(in_flight) >= 2 * num_workers:  # bounded: the reader never runs far ahead of the workers
-            collect(in_flight.popleft(), records, bar)
+            collect()
     while in_flight:
-        collect(in_flight.popleft(), records, bar)
+        collect()
+    writer.close_shard()
     bar.close()
-    return [records[i] for i in sorted(records)]
+    return done + writer.records
 
 
-def collect(item: tuple, records: dict, bar: tqdm) -> None:
-    index, result = item
-    records[index] = result.get()
-    bar.update(records[index]["num_samples"])
+SHARD_FIELDS = ("file", "num_samples", "num_tokens", "num_bytes", "sha256", "per_lang", "blocks")
 
 
 def summarize(records: list[dict]) -> dict:
+    """A split's manifest entry from its shard records."""
     per_lang: Counter = Counter()
     for record in records:
         per_lang.update(record["per_lang"])
     return {"num_samples": sum(r["num_samples"] for r in records),
             "num_tokens": sum(r["num_tokens"] for r in records),
+            "num_blocks": sum(len(r["blocks"]["num_samples"]) for r in records),
+            "num_bytes": sum(r["num_bytes"] for r in records),
             "per_lang": dict(sorted(per_lang.items())),
-            "shards": [{k: r[k] for k in ("file", "num_samples", "num_tokens", "per_lang")} for r in records]}
+            "shards": [{k: r[k] for k in SHARD_FIELDS} for r in records]}
 
 
-def write_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, tokenizer_hash: str,
+def layout_fields(vocab_size: int, config: ShardConfig) -> dict:
+    """The manifest fields that describe the layout (besides the splits)."""
+    return {"schema_version": SCHEMA_VERSION, "lang_codes": list(LANGS), "token_dtype": token_dtype(vocab_size),
+            "block_size": config.block_size}
+
+
+def write_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, tokenizer_hash: str, vocab_size: int,
                  config: ShardConfig, split_sizes: dict[str, int]) -> dict:
-    """Write train and val shards; returns the manifest fields per split and the throughput."""
+    """Write train and val shards; returns the manifest fields (layout, splits) and the throughput."""
     splits = {}
     start = time.perf_counter()
     num_workers = config.num_workers or os.cpu_count() or 1
+    settings = {"tokenizer_hash": tokenizer_hash, "block_size": config.block_size, "shard_mb": config.shard_mb}
     ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
     with ctx.Pool(num_workers, initializer=init_worker, initargs=(str(tokenizer_dir / "tokenizer.json"),)) as pool:
         for split, name in (("train", "train.tsv"), ("val", "val.tsv")):
-            records = write_split(pool, num_workers, sample_dir / name, out_dir / split, tokenizer_hash, config,
-                                  split_sizes.get(split))
+            records = write_split(pool, num_workers, sample_dir / name, out_dir / split, settings, config,
+                                  vocab_size, split_sizes.get(split))
             splits[split] = summarize(records)
     seconds = time.perf_counter() - start
     num = sum(s["num_samples"] for s in splits.values())
-    return {"splits": splits, "seconds": round(seconds, 2), "sentences_per_s": round(num / max(seconds, 1e-9), 1)}
+    return {**layout_fields(vocab_size, config), "splits": splits, "seconds": round(seconds, 2),
+            "sentences_per_s": round(num / max(seconds, 1e-9), 1)}

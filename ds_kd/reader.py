@@ -1,33 +1,46 @@
-"""Streaming reader of the corpus shards: masked, padded MLM batches, split across ranks and workers.
+"""Streaming reader of the block shards: masked, padded MLM batches of one global order, split at read time.
 
-The stream of one split is cut into ``world_size x num_workers`` disjoint sub-streams, one per DataLoader
-worker of each rank (global rank, counting every node). With at least that many shards, each sub-stream
-reads whole shards (the shard order is permuted per epoch, identically on every rank); with fewer, every
-sub-stream reads all shards and keeps every G-th sample, so small corpora still feed every worker.
+**The order.** A split's sentences are numbered by their place in the shards (the sentence id). The training
+stream is the endless concatenation of epochs; position ``q`` of it is position ``q mod N`` of epoch ``q div N``
+(N sentences). Within an epoch the blocks are permuted (seeded by (seed, epoch)), cut into windows of
+``shuffle_window`` blocks, and the sentences of each window are permuted (seeded by (seed, epoch, window)).
+So the sentence at any position is a pure function of (seed, epoch, position): :class:`SentenceOrder`.
+Validation reads the split once, in shard order.
 
-Shuffling is a block shuffle: each worker fills a buffer of ``shuffle_buffer`` samples, permutes it with a
-generator seeded by (seed, epoch, sub-stream, block) and empties it. Unlike a sliding reservoir, the state of
-the stream at any point is then a function of a single number, the batches it has produced, so resuming
-skips whole epochs, whole shards and whole blocks without reading them, and decodes at most one block.
+**The split.** Micro-step ``j`` of the whole job covers the ``world_size x micro_batch_size`` positions from
+``j x world_size x micro_batch_size``; rank ``r`` takes the ``r``-th slice of ``micro_batch_size`` of them.
+With ``A`` accumulation steps, optimizer step ``k`` (from 0) is micro-steps ``kA .. kA+A-1``: the global batch
+``k`` is positions ``[kG, (k+1)G)`` with ``G = micro_batch_size x A x world_size``, whatever the ranks and
+workers. DataLoader worker ``w`` of a rank prepares micro-steps ``start + w, start + w + num_workers, ...``,
+which the DataLoader's round robin hands out in order. The order therefore does not depend on the number of
+ranks, nodes or workers, and the reader's state is one number, the sentences consumed by the whole job
+(plus the seed and a fingerprint of the corpus and settings to check against): resuming with another
+topology is exact as long as the global batch stays the same (see :meth:`ShardReader.load_state_dict`).
 
-Masks are drawn per sample from (seed, epoch, sample id) in the workers (see :mod:`ds_kd.masking`); on the
-val split they do not change with the epoch, so perplexities of different evaluations are comparable.
+**Seeking** reads nothing skipped: the window of a position follows from the block counts in the manifest,
+and only that window's blocks are read. A worker reads the blocks of the windows it passes through (every
+worker reads every block of the epoch, and keeps the sentences of its micro-steps).
 
-The DataLoader takes batches from its workers round robin; the reader counts the batches it hands out, and
-:meth:`ShardReader.state_dict` is that count plus the settings that shape the stream. A reader that loads it
-restarts each worker where it stopped and starts the round robin at the worker that was due next.
+Masks are drawn per sentence from (seed, epoch, sentence id) in the workers (see :mod:`ds_kd.masking`); on
+the val split they do not change with the epoch. Every batch also carries ``sentence_ids`` ``[B]`` and a
+``dropout_seed`` derived from (seed, first position of the batch): the training loop seeds dropout with it,
+so dropout, too, does not depend on the topology.
+
+Debug: with ``DS_KD_SENTENCE_LOG=<dir>`` in the environment, every rank appends one line
+``<stream position>\\t<sentence id>`` per sentence it hands out to ``<dir>/<split>-rank<R>.tsv``; the
+optimizer step (from 1) of a training position is ``position // global_batch + 1``.
 """
 from __future__ import annotations
 
-import io
-import math
+import hashlib
+import json
+import os
 import re
-import tarfile
-import warnings
+import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from itertools import chain, islice
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -35,15 +48,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_kd.manifest import MANIFEST, read_manifest
 from ds_kd.masking import Masker, MaskingConfig, pad_batch
-from ds_kd.schema import LANG_TO_ID, SAMPLE_IDS, SAMPLE_LANG, SHARD_PATTERN, SPECIAL_TOKENS, SPLITS
+from ds_kd.schema import (BLOCK_MEMBERS, LANGS, REWRITE_HINT, SCHEMA_VERSION, SPECIAL_TOKENS, SPLITS,
+                          block_key)
 
-STATE_VERSION = 1
-# Separate random streams for the three uses of the seed.
-_SHARD_ORDER, _BLOCK_ORDER, _MASKS = 1, 2, 3
+STATE_VERSION = 2
+SENTENCE_LOG_ENV = "DS_KD_SENTENCE_LOG"
+# Separate random streams for the uses of the seed.
+_BLOCK_ORDER, _WINDOW_ORDER, _MASKS, _DROPOUT = 1, 2, 3, 4
 
 
 class ShardError(RuntimeError):
-    """A shard file is missing, corrupt, truncated or disagrees with the manifest. The message names it."""
+    """A shard file is missing, corrupt, truncated or disagrees with the manifest. The message names it
+    (and the block)."""
 
 
 @dataclass
@@ -55,70 +71,55 @@ class ReaderConfig:
     split: str = "train"
     """``train`` or ``val``."""
     micro_batch_size: int = 32
-    """Sequences per batch on one rank (the DeepSpeed micro batch)."""
+    """Sentences per batch on one rank (the DeepSpeed micro batch)."""
     seed: int = 0
-    """Seeds the shard order, the shuffle and the masks."""
-    shuffle_buffer: int = 10000
-    """Samples per shuffle block in each worker."""
+    """Seeds the block order, the shuffle, the masks and the dropout seeds."""
+    shuffle_window: int = 8
+    """Blocks whose sentences are shuffled together (a window of ``shuffle_window x block_size`` sentences)."""
     num_workers: int = 2
     """DataLoader worker processes per rank; 0 reads in the calling process."""
     epochs: int | None = None
     """Passes over the split; None: endless for train, one pass for val."""
     max_len: int = 512
-    """Longer sequences are cut to this many tokens, keeping the final [SEP]."""
+    """Longer sentences are cut to this many tokens, keeping the final [SEP]."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """MLM masking proportions."""
     shuffle: bool | None = None
-    """Permute shards and samples; None: on for train, off for val."""
+    """Permute blocks and sentences; None: on for train, off for val."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     pin_memory: bool = False
     """Pin batch memory (faster copies to a GPU)."""
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard file of a split."""
-
-    path: str
-    num_samples: int
-    first_uid: int
-    """Index of its first sample within the split, in manifest order: the sample's id for masking."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples ``start, start + step, ...`` (``count`` of them) of one shard."""
-
-    shard: ShardInfo
-    start: int
-    step: int
-    count: int
-
-    def skip(self, num: int) -> "Segment":
-        return Segment(self.shard, self.start + num * self.step, self.step, self.count - num)
-
+# ---- the manifest and the blocks --------------------------------------------------------------------
 
 def read_shards_manifest(shard_dir: str | Path) -> dict:
-    """The manifest of a shards directory; raises :class:`ds_kd.manifest.MissingStageError` naming it."""
-    return read_manifest(shard_dir, needed_by="the shard reader (ds_kd.reader); write the shards with "
-                                               "`python -m data_prep corpus`")
+    """The manifest of a shards directory, checked to be of the current schema.
+
+    Raises :class:`ds_kd.manifest.MissingStageError` naming it when absent, ValueError naming the command that
+    rewrites the shards when they are of an older schema."""
+    manifest = read_manifest(shard_dir, needed_by="the shard reader (ds_kd.reader); write the shards with "
+                                                  "`python -m data_prep corpus`")
+    version = manifest.get("schema_version", 1)
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{Path(shard_dir) / MANIFEST}: shards of schema version {version} (one sentence per "
+                         f"tar member), but this reader reads version {SCHEMA_VERSION} (blocks of sentences): "
+                         f"{REWRITE_HINT}")
+    return manifest
 
 
 def check_vocab(shard_dir: str | Path, vocab_size: int, what: str = "model") -> None:
     """Raise ValueError naming the manifest when ``vocab_size`` differs from the one the shards hold."""
     manifest = read_shards_manifest(shard_dir)
-    path = Path(shard_dir) / MANIFEST
-    if "vocab_size" not in manifest:
-        raise ValueError(f"{path}: no vocab_size recorded, cannot check the {what}'s vocabulary against it")
     if int(manifest["vocab_size"]) != int(vocab_size):
         raise ValueError(f"the {what} has a vocabulary of {vocab_size} tokens but the shards were written "
-                         f"with {manifest['vocab_size']} (see {path}); use the corpus's own tokenizer or "
-                         f"rewrite the shards")
+                         f"with {manifest['vocab_size']} (see {Path(shard_dir) / MANIFEST}); use the corpus's "
+                         f"own tokenizer or rewrite the shards")
 
 
 def special_ids(manifest: dict) -> dict[str, int]:
-    """Special token ids by short name (pad, unk, cls, sep, mask).
+    """Special token ids by short name (pad, unk, cls, sep, mask), from the manifest's ``special_token_ids``.
 
     The corpus manifest keys them by token (``"[PAD]": 0``); both spellings are accepted. A manifest without
     them gets the schema's order (ids 0..4), which is what the corpus tokenizer assigns.
@@ -129,333 +130,410 @@ def special_ids(manifest: dict) -> dict[str, int]:
     return {name.strip("[]").lower(): int(i) for name, i in given.items()}
 
 
-def list_shards(shard_dir: str | Path, split: str, manifest: dict | None = None) -> list[ShardInfo]:
-    """The split's shards in manifest order, with their sample counts; empty shards are left out."""
-    shard_dir = Path(shard_dir)
-    manifest = read_shards_manifest(shard_dir) if manifest is None else manifest
-    entries = ((manifest.get("splits") or {}).get(split) or {}).get("shards")
-    if entries is None:
-        # A manifest without a shard list: take the split's files on disk in name order.
-        entries = [{"file": p.name} for p in sorted((shard_dir / split).glob(SHARD_PATTERN.replace("{:06d}", "*")))]
-    if not entries:
-        raise ValueError(f"{shard_dir / MANIFEST}: no {split} shards listed (and none in {shard_dir / split})")
-    shards, first_uid = [], 0
-    for entry in entries:
-        entry = {"file": entry} if isinstance(entry, str) else entry
-        path = resolve_shard_path(shard_dir, split, entry["file"])
-        # A count-less entry is counted from the tar itself (one pass over its headers).
-        num = entry.get("num_samples")
-        num = count_samples(path) if num is None else int(num)
-        if num > 0:
-            shards.append(ShardInfo(str(path), num, first_uid))
-            first_uid += num
-    return shards
+class Block(NamedTuple):
+    """One block's arrays: ``tokens`` [num_tokens], ``offsets`` [num_sentences + 1], ``langs`` [num_sentences]."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    langs: np.ndarray
 
 
-def resolve_shard_path(shard_dir: Path, split: str, name: str) -> Path:
-    """Manifest file names are relative to the split directory (``shard-000000.tar``) or to ``shard_dir``."""
-    for path in (shard_dir / split / name, shard_dir / name):
-        if path.is_file():
-            return path
-    raise ShardError(f"{shard_dir / split / name}: shard listed in {shard_dir / MANIFEST} does not exist")
+@dataclass(frozen=True)
+class BlockTable:
+    """Every block of one split: its shard file, byte range, crc32 and sentence count, in manifest order.
 
+    Opening checks that every shard exists with the size the manifest lists; :meth:`read` checks a block's
+    crc32 and structure and raises :class:`ShardError` naming the shard and the block."""
 
-def count_samples(path: str | Path) -> int:
-    with open_shard(path) as tf:
-        return sum(1 for _ in iter_sample_members(tf, str(path)))
+    paths: tuple[str, ...]
+    shard: np.ndarray
+    """[num_blocks] index into ``paths``."""
+    local: np.ndarray
+    """[num_blocks] index of the block within its shard."""
+    start: np.ndarray
+    """[num_blocks] byte offset of the block's first member header in its shard."""
+    end: np.ndarray
+    """[num_blocks] byte offset one past the block's last member."""
+    crc32: np.ndarray
+    num_sentences: np.ndarray
+    """[num_blocks] sentences per block."""
+    first_sentence: np.ndarray
+    """[num_blocks + 1] sentence id of each block's first sentence; the last entry is the split's total."""
+    vocab_size: int
+    cls_id: int
+    sep_id: int
 
+    @classmethod
+    def open(cls, shard_dir: str | Path, split: str, manifest: dict) -> "BlockTable":
+        shard_dir = Path(shard_dir)
+        entries = ((manifest.get("splits") or {}).get(split) or {}).get("shards")
+        if not entries:
+            raise ValueError(f"{shard_dir / MANIFEST}: no {split} shards listed")
+        paths, columns = [], {k: [] for k in ("shard", "local", "start", "end", "crc32", "num_sentences")}
+        for index, entry in enumerate(entries):
+            path = shard_dir / split / entry["file"]
+            check_shard_file(path, entry, shard_dir / MANIFEST)
+            blocks = entry["blocks"]
+            starts = list(blocks["offset"])
+            ends = starts[1:] + [entry["num_bytes"] - 1024]  # the last block ends at the end-of-archive marker
+            for name, values in (("shard", [index] * len(starts)), ("local", range(len(starts))),
+                                 ("start", starts), ("end", ends), ("crc32", blocks["crc32"]),
+                                 ("num_sentences", blocks["num_samples"])):
+                columns[name].extend(values)
+            paths.append(str(path))
+        counts = np.asarray(columns["num_sentences"], dtype=np.int64)
+        special = special_ids(manifest)
+        return cls(tuple(paths), np.asarray(columns["shard"], np.int32), np.asarray(columns["local"], np.int32),
+                   np.asarray(columns["start"], np.int64), np.asarray(columns["end"], np.int64),
+                   np.asarray(columns["crc32"], np.uint32), counts,
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(manifest["vocab_size"]),
+                   special["cls"], special["sep"])
 
-def open_shard(path: str | Path) -> tarfile.TarFile:
-    try:
-        return tarfile.open(path, mode="r:")
-    except FileNotFoundError:
-        raise ShardError(f"{path}: shard file does not exist") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{path}: not a readable tar shard ({e})") from None
+    @property
+    def num_blocks(self) -> int:
+        return len(self.num_sentences)
 
+    @property
+    def num_sentences_total(self) -> int:
+        return int(self.first_sentence[-1])
 
-def iter_sample_members(tf: tarfile.TarFile, path: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """(key, {extension: member}) per sample, grouping consecutive members by key as webdataset does."""
-    key, members = None, {}
-    while True:
+    def block_of(self, sentence_ids: np.ndarray) -> np.ndarray:
+        """The block holding each sentence id."""
+        return np.searchsorted(self.first_sentence, sentence_ids, side="right") - 1
+
+    def where(self, block: int) -> str:
+        return f"{self.paths[self.shard[block]]}: block {self.local[block]} ({block_key(block)})"
+
+    def read(self, block: int) -> Block:
+        """Read, check and decode one block (zero-copy views of the bytes read)."""
+        start, end = int(self.start[block]), int(self.end[block])
         try:
-            info = tf.next()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ShardError(f"{path}: corrupt or truncated shard after sample {key!r} ({e})") from None
-        if info is None:
-            break
-        if not info.isfile():
-            continue
-        folder, _, base = info.name.rpartition("/")
-        stem, dot, ext = base.partition(".")
-        if not dot:
-            raise ShardError(f"{path}: member {info.name!r} has no extension; not a webdataset shard")
-        name = f"{folder}/{stem}" if folder else stem
-        if name != key:
-            if key is not None:
-                yield key, members
-            key, members = name, {}
-        members[ext] = info
-    if key is not None:
-        yield key, members
+            with open(self.paths[self.shard[block]], "rb") as f:
+                f.seek(start)
+                raw = f.read(end - start)
+        except OSError as e:
+            raise ShardError(f"{self.where(block)}: cannot be read ({e})") from None
+        if len(raw) != end - start:
+            raise ShardError(f"{self.where(block)}: truncated, {len(raw)} of its {end - start} bytes present")
+        if zlib.crc32(raw) != int(self.crc32[block]):
+            raise ShardError(f"{self.where(block)}: its bytes do not match the manifest's crc32: the shard is "
+                             f"corrupt or was rewritten after the manifest")
+        members = split_members(raw, self.where(block))
+        expected = [f"{block_key(block)}.{name}" for name in BLOCK_MEMBERS]
+        if list(members) != expected:
+            raise ShardError(f"{self.where(block)}: holds members {list(members)}, expected {expected}")
+        try:
+            arrays = Block(*(load_npy(members[name]) for name in expected))
+        except ValueError as e:
+            raise ShardError(f"{self.where(block)}: a member is not a 1-D .npy array ({e})") from None
+        self.check(block, arrays)
+        return arrays
+
+    def check(self, block: int, b: Block) -> None:
+        """Raise ShardError unless the arrays form the block the manifest describes."""
+        num = int(self.num_sentences[block])
+        problem = None
+        if b.tokens.dtype.kind != "u" or b.offsets.dtype.kind != "u" or b.langs.dtype.kind != "u":
+            problem = f"dtypes {b.tokens.dtype}/{b.offsets.dtype}/{b.langs.dtype}, expected unsigned integers"
+        elif len(b.offsets) != num + 1 or len(b.langs) != num:
+            problem = (f"{len(b.offsets)} offsets and {len(b.langs)} languages, the manifest lists {num} "
+                       f"sentences (expected {num + 1} offsets)")
+        elif b.offsets[0] != 0 or b.offsets[-1] != len(b.tokens) or (np.diff(b.offsets.astype(np.int64)) < 2).any():
+            problem = (f"offsets disagree with the tokens: they must rise by at least 2 from 0 to the "
+                       f"{len(b.tokens)} tokens, got {b.offsets[:3].tolist()}...{b.offsets[-2:].tolist()}")
+        elif (b.tokens[b.offsets[:-1]] != self.cls_id).any() or (b.tokens[b.offsets[1:] - 1] != self.sep_id).any():
+            problem = "offsets disagree with the tokens: a sentence does not start with [CLS] and end with [SEP]"
+        elif len(b.tokens) and int(b.tokens.max()) >= self.vocab_size:
+            problem = f"token id {int(b.tokens.max())} outside the manifest's vocabulary of {self.vocab_size}"
+        elif len(b.langs) and int(b.langs.max()) >= len(LANGS):
+            problem = f"language index {int(b.langs.max())} outside the {len(LANGS)} language codes"
+        if problem:
+            raise ShardError(f"{self.where(block)}: {problem}")
 
 
-def decode_sample(tf: tarfile.TarFile, path: str, key: str, members: dict[str, tarfile.TarInfo],
-                  vocab_size: int) -> tuple[np.ndarray, int]:
-    """Token ids and language id of one sample, checked against the schema and the vocabulary."""
-    missing = [ext for ext in (SAMPLE_IDS, SAMPLE_LANG) if ext not in members]
-    if missing:
-        raise ShardError(f"{path}: sample {key!r} lacks {missing} (has {sorted(members)})")
-    try:
-        ids = load_npy(tf.extractfile(members[SAMPLE_IDS]).read())
-        lang = tf.extractfile(members[SAMPLE_LANG]).read().decode("utf-8").strip()
-    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: sample {key!r} is corrupt or truncated ({e})") from None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) < 2:
-        raise ShardError(f"{path}: sample {key!r}: {SAMPLE_IDS} must be a 1-D integer array of at least "
-                         f"[CLS] [SEP], got shape {ids.shape} dtype {ids.dtype}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ShardError(f"{path}: sample {key!r} holds token id {int(ids.max())} outside the manifest's "
-                         f"vocabulary of {vocab_size}")
-    if lang not in LANG_TO_ID:
-        raise ShardError(f"{path}: sample {key!r} has unknown language {lang!r}")
-    return ids, LANG_TO_ID[lang]
+def check_shard_file(path: Path, entry: dict, manifest_path: Path) -> None:
+    """A listed shard must exist with the listed size (a stat, not a read)."""
+    if not path.is_file():
+        raise ShardError(f"{path}: shard listed in {manifest_path} does not exist")
+    size = path.stat().st_size
+    if size != entry["num_bytes"]:
+        raise ShardError(f"{path}: holds {size} bytes but {manifest_path} lists {entry['num_bytes']}: the shard is "
+                         f"truncated or was rewritten after the manifest")
+
+
+def verify_shards(shard_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> int:
+    """Hash every shard in full and compare with the manifest's sha256; returns the bytes hashed.
+
+    Reading checks each block's crc32 as it goes; this checks whole files, e.g. after copying a corpus."""
+    shard_dir = Path(shard_dir)
+    manifest = read_shards_manifest(shard_dir)
+    total = 0
+    for split in splits:
+        for entry in (manifest["splits"].get(split) or {}).get("shards", []):
+            path = shard_dir / split / entry["file"]
+            check_shard_file(path, entry, shard_dir / MANIFEST)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                raise ShardError(f"{path}: sha256 {digest.hexdigest()} differs from the {entry['sha256']} listed in "
+                                 f"{shard_dir / MANIFEST}: the shard is corrupt or was rewritten")
+            total += entry["num_bytes"]
+    return total
+
+
+def split_members(raw: bytes, where: str) -> dict[str, bytes]:
+    """The (name, data) of the ustar members in ``raw``, in order."""
+    members, pos = {}, 0
+    while pos + 512 <= len(raw):
+        header = raw[pos:pos + 512]
+        try:
+            name = header[:100].rstrip(b"\0").decode("utf-8")
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except (UnicodeDecodeError, ValueError):
+            raise ShardError(f"{where}: no tar member header at byte {pos} of the block") from None
+        if pos + 512 + size > len(raw):
+            raise ShardError(f"{where}: member {name!r} runs past the end of the block")
+        members[name] = raw[pos + 512:pos + 512 + size]
+        pos += 512 + size + (-size % 512)
+    return members
 
 
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[iu][1248])', 'fortran_order': False, 'shape': \((\d+),\), \}")
 
 
 def load_npy(raw: bytes) -> np.ndarray:
-    """A 1-D integer array from ``.npy`` bytes.
+    """A 1-D integer array from ``.npy`` bytes, as a view of them.
 
-    ``np.load`` parses the header with ``ast.literal_eval``, which costs more than everything else done with
-    a sample; the headers ``np.save`` writes for 1-D integer arrays are parsed here with one pattern, and
-    anything else goes to ``np.load``.
-    """
-    if raw[:8] == b"\x93NUMPY\x01\x00" and len(raw) >= 10:
-        header_len = int.from_bytes(raw[8:10], "little")
-        match = _NPY_HEADER.match(raw[10:10 + header_len].decode("latin1"))
-        if match:
-            dtype, length = np.dtype(match.group(1)), int(match.group(2))
-            if len(raw) != 10 + header_len + length * dtype.itemsize:
-                raise ValueError(f"npy data holds {len(raw) - 10 - header_len} bytes, header says {length} x {dtype}")
-            return np.frombuffer(raw, dtype=dtype, count=length, offset=10 + header_len)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
-
-
-def read_segment(segment: Segment, vocab_size: int) -> Iterator[tuple[int, np.ndarray, int]]:
-    """(sample id, token ids, language id) of a segment; reads the shard to its end to check its count."""
-    shard, path = segment.shard, segment.shard.path
-    last = segment.start + (segment.count - 1) * segment.step
-    num_found = 0
-    with open_shard(path) as tf:
-        for index, (key, members) in enumerate(iter_sample_members(tf, path)):
-            num_found += 1
-            if segment.start <= index <= last and (index - segment.start) % segment.step == 0:
-                ids, lang_id = decode_sample(tf, path, key, members, vocab_size)
-                yield shard.first_uid + index, ids, lang_id
-    # tarfile takes a header it cannot parse past the first for the end of the archive: the count is
-    # what tells a truncated or damaged shard from a short one.
-    if num_found != shard.num_samples:
-        raise ShardError(f"{path}: holds {num_found} readable samples but the manifest lists "
-                         f"{shard.num_samples}: the shard is truncated or corrupt (or the manifest is stale)")
+    ``np.load`` parses the header with ``ast.literal_eval``; the headers written for 1-D integer arrays are
+    parsed here with one pattern, and anything else is refused."""
+    if raw[:8] not in (b"\x93NUMPY\x01\x00",) or len(raw) < 10:
+        raise ValueError("not a version 1.0 .npy file")
+    header_len = int.from_bytes(raw[8:10], "little")
+    match = _NPY_HEADER.match(raw[10:10 + header_len].decode("latin1"))
+    if not match:
+        raise ValueError(f"not a 1-D integer array: header {raw[10:10 + header_len][:80]!r}")
+    dtype, length = np.dtype(match.group(1)), int(match.group(2))
+    if len(raw) != 10 + header_len + length * dtype.itemsize:
+        raise ValueError(f"holds {len(raw) - 10 - header_len} data bytes, header says {length} x {dtype}")
+    return np.frombuffer(raw, dtype=dtype, count=length, offset=10 + header_len)
 
 
-@dataclass(frozen=True)
+# ---- the order --------------------------------------------------------------------------------------
+
+class SentenceOrder:
+    """The sentence id at each position of the stream: a pure function of (seed, epoch, position).
+
+    Shuffled: per epoch a permutation of the blocks (seed, epoch), cut into windows of ``window`` blocks whose
+    sentences are permuted together (seed, epoch, window). Unshuffled: position = sentence id. Keeps the
+    layout of the last epoch and the last two windows it was asked about."""
+
+    def __init__(self, block_sizes: np.ndarray, seed: int, shuffle: bool, window: int):
+        self.block_sizes, self.seed, self.shuffle, self.window = block_sizes, seed, shuffle, window
+        self.first = np.concatenate([[0], np.cumsum(block_sizes)]).astype(np.int64)
+        self.num_sentences = int(self.first[-1])
+        self._epoch: tuple | None = None
+        self._windows: OrderedDict = OrderedDict()
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, sentence id) of each stream position [n]."""
+        epochs, within = np.divmod(np.asarray(positions, dtype=np.int64), self.num_sentences)
+        if not self.shuffle:
+            return epochs, within
+        ids = np.empty_like(within)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            blocks, bounds = self._layout(int(epoch))
+            windows = np.searchsorted(bounds, within[here], side="right") - 1
+            part = np.empty(int(here.sum()), dtype=np.int64)
+            for w in np.unique(windows):
+                at = windows == w
+                part[at] = self._window(int(epoch), int(w), blocks, bounds)[within[here][at] - bounds[w]]
+            ids[here] = part
+        return epochs, ids
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's block order [num_blocks] and window bounds in positions [num_windows + 1]."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            blocks = np.random.default_rng([self.seed, _BLOCK_ORDER, epoch]).permutation(len(self.block_sizes))
+            sizes = self.block_sizes[blocks]
+            ends = np.cumsum(sizes)[self.window - 1::self.window]
+            bounds = np.unique(np.concatenate([[0], ends, [self.num_sentences]]))
+            self._epoch = (epoch, blocks, bounds)
+        return self._epoch[1], self._epoch[2]
+
+    def _window(self, epoch: int, w: int, blocks: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """Sentence ids of window ``w`` of ``epoch``, in stream order."""
+        key = (epoch, w)
+        if key not in self._windows:
+            members = blocks[w * self.window:(w + 1) * self.window]
+            ids = np.concatenate([np.arange(self.first[b], self.first[b + 1]) for b in members])
+            rng = np.random.default_rng([self.seed, _WINDOW_ORDER, epoch, w])
+            self._windows[key] = ids[rng.permutation(len(ids))]
+            while len(self._windows) > 2:
+                self._windows.popitem(last=False)
+        return self._windows[key]
+
+
+# ---- the stream of one rank ----------------------------------------------------------------------------
+
+Sentence = tuple[int, np.ndarray, int]
+"""(sentence id, token ids [n], language id) after masking: see :meth:`StreamPlan.sentences`."""
+
+
+@dataclass
 class StreamPlan:
-    """Everything that decides which samples a worker of a rank yields, in which order, in which batches."""
+    """Everything a worker needs to produce its rank's micro-batches: the blocks, the order, the slicing."""
 
-    shards: tuple[ShardInfo, ...]
+    table: BlockTable
     rank: int
     world_size: int
-    num_workers: int
-    """Logical workers per rank (at least 1; the calling process counts as one)."""
     micro_batch_size: int
     seed: int
     shuffle: bool
-    shuffle_buffer: int
+    shuffle_window: int
     epochs: int | None
     fixed_masks: bool
     max_len: int
-    vocab_size: int
     special: dict
+    masker: Masker
+    collate: Callable[[list[Sentence], list[np.ndarray]], dict] | None = None
+    """Turns the masked sentences (with their labels) into a batch; None: pad to the longest (MLM)."""
 
-    def stream_index(self, worker: int) -> int:
-        return self.rank * self.num_workers + worker
+    def __post_init__(self) -> None:
+        self.order = SentenceOrder(self.table.num_sentences, self.seed, self.shuffle, self.shuffle_window)
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = 2 * self.shuffle_window + 2
 
-    def segments(self, epoch: int, worker: int) -> list[Segment]:
-        shards = list(self.shards)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, _SHARD_ORDER, epoch]).permutation(len(shards))
-            shards = [shards[i] for i in order]
-        num_streams, index = self.world_size * self.num_workers, self.stream_index(worker)
-        if len(shards) >= num_streams:
-            return [Segment(s, 0, 1, s.num_samples) for s in shards[index::num_streams]]
-        segments, offset = [], 0
-        for s in shards:
-            start = (index - offset) % num_streams
-            count = len(range(start, s.num_samples, num_streams))
-            if count:
-                segments.append(Segment(s, start, num_streams, count))
-            offset += s.num_samples
-        return segments
+    @property
+    def step_size(self) -> int:
+        """Sentences of one micro-step of the whole job (all ranks)."""
+        return self.world_size * self.micro_batch_size
 
-    def num_batches(self, epoch: int, worker: int) -> int:
-        return math.ceil(sum(s.count for s in self.segments(epoch, worker)) / self.micro_batch_size)
+    @property
+    def stream_length(self) -> float:
+        return float("inf") if self.epochs is None else self.epochs * self.order.num_sentences
 
-    def total_batches(self, worker: int) -> float:
-        """Batches this worker yields over the whole run (infinite for an endless stream with data)."""
-        if self.epochs is None:
-            return math.inf if self.num_batches(0, worker) else 0
-        return sum(self.num_batches(e, worker) for e in range(self.epochs))
+    def positions(self, step: int) -> np.ndarray:
+        """This rank's stream positions in micro-step ``step`` (fewer, or none, at the end of a finite stream)."""
+        first = step * self.step_size + self.rank * self.micro_batch_size
+        last = min(first + self.micro_batch_size, self.stream_length)
+        return np.arange(first, max(first, last), dtype=np.int64)
 
-    def samples(self, epoch: int, worker: int, skip: int) -> Iterator[tuple[int, np.ndarray, int]]:
-        """The worker's samples of one epoch after the first ``skip``, decoding none of the skipped blocks."""
-        block_size = self.shuffle_buffer
-        # Unshuffled, every skipped sample is dropped by position; shuffled, whole blocks are, and the
-        # rest of the block that was being emitted is read, permuted and cut.
-        block, offset = divmod(skip, block_size) if self.shuffle else (0, 0)
-        segments, to_drop = self.segments(epoch, worker), block * block_size if self.shuffle else skip
-        while segments and segments[0].count <= to_drop:  # whole shards (or their parts) never opened
-            to_drop -= segments.pop(0).count
-        if segments:
-            segments[0] = segments[0].skip(to_drop)
-        source = chain.from_iterable(read_segment(s, self.vocab_size) for s in segments)
-        if not self.shuffle:
-            yield from source
-            return
-        while items := list(islice(source, block_size)):
-            order = np.random.default_rng([self.seed, _BLOCK_ORDER, epoch, self.stream_index(worker), block])
-            for i in order.permutation(len(items))[offset:]:
-                yield items[i]
-            block, offset = block + 1, 0
+    def block(self, index: int) -> Block:
+        if index not in self._cache:
+            self._cache[index] = self.table.read(index)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return self._cache[index]
 
-    def batches(self, worker: int, skip_batches: int, masker: Masker) -> Iterator[tuple[int, dict]]:
-        """(epoch, batch) for one worker, after its first ``skip_batches`` batches."""
-        epoch = 0
-        while self.epochs is None or epoch < self.epochs:
-            num = self.num_batches(epoch, worker)
-            if num == 0 and self.epochs is None:
-                return  # more sub-streams than samples: this one has none, in every epoch
-            if skip_batches >= num:
-                skip_batches -= num
-            else:
-                source = self.samples(epoch, worker, skip_batches * self.micro_batch_size)
-                skip_batches = 0
-                while chunk := list(islice(source, self.micro_batch_size)):
-                    yield epoch, self.collate(chunk, epoch, masker)
-            epoch += 1
-
-    def collate(self, chunk: list[tuple[int, np.ndarray, int]], epoch: int, masker: Masker) -> dict:
-        inputs, labels, langs = [], [], []
-        mask_epoch = 0 if self.fixed_masks else epoch
-        for uid, ids, lang_id in chunk:
-            if len(ids) > self.max_len:
-                ids = np.concatenate([ids[: self.max_len - 1], [self.special["sep"]]])
-            x, y = masker.mask(ids, np.random.default_rng([self.seed, _MASKS, mask_epoch, uid]))
-            inputs.append(x)
+    def sentences(self, positions: np.ndarray) -> tuple[list[Sentence], list[np.ndarray]]:
+        """The masked sentences at ``positions``: ([(sentence id, input ids, language id)], [labels])."""
+        epochs, ids = self.order.lookup(positions)
+        blocks = self.table.block_of(ids)
+        out, labels = [], []
+        for epoch, sid, b in zip(epochs.tolist(), ids.tolist(), blocks.tolist()):
+            arrays = self.block(b)
+            i = sid - int(self.table.first_sentence[b])
+            tokens = arrays.tokens[arrays.offsets[i]:arrays.offsets[i + 1]]
+            if len(tokens) > self.max_len:
+                tokens = np.concatenate([tokens[: self.max_len - 1], [self.special["sep"]]])
+            mask_epoch = 0 if self.fixed_masks else epoch
+            x, y = self.masker.mask(tokens, np.random.default_rng([self.seed, _MASKS, mask_epoch, sid]))
+            out.append((sid, x, int(arrays.langs[i])))
             labels.append(y)
-            langs.append(lang_id)
-        return pad_batch(inputs, labels, langs, self.special["pad"])
+        return out, labels
+
+    def batch(self, step: int) -> dict | None:
+        """This rank's batch of micro-step ``step``, or None past the end of the stream."""
+        positions = self.positions(step)
+        if not len(positions):
+            return None
+        sentences, labels = self.sentences(positions)
+        if self.collate is not None:
+            batch = self.collate(sentences, labels)
+        else:
+            batch = pad_batch([x for _, x, _ in sentences], labels, [lang for _, _, lang in sentences],
+                              self.special["pad"])
+        batch["sentence_ids"] = torch.tensor([sid for sid, _, _ in sentences], dtype=torch.long)
+        seed = np.random.SeedSequence([self.seed, _DROPOUT, int(positions[0])]).generate_state(1, np.uint32)
+        batch["dropout_seed"] = int(seed[0])
+        return batch
 
 
 class ShardStream(IterableDataset):
-    """The dataset each DataLoader worker runs: yields (logical worker, epoch, batch)."""
+    """What each DataLoader worker runs: yields (micro-step, batch) for micro-steps ``start + worker + k x workers``."""
 
-    def __init__(self, plan: StreamPlan, masker: Masker, skip_batches: list[int], first_worker: int):
-        self.plan, self.masker = plan, masker
-        self.skip_batches, self.first_worker = skip_batches, first_worker
+    def __init__(self, plan: StreamPlan, start: int):
+        self.plan, self.start = plan, start
 
     def __iter__(self):
         info = get_worker_info()
-        # Rotating the workers makes the DataLoader's round robin resume at the worker that was due next.
-        worker = ((info.id if info else 0) + self.first_worker) % self.plan.num_workers
-        for epoch, batch in self.plan.batches(worker, self.skip_batches[worker], self.masker):
-            yield worker, epoch, batch
-
-
-def resume_point(totals: list[float], num_batches: int) -> tuple[list[int], int]:
-    """Per-worker batch counts after ``num_batches`` taken round robin, and the worker due next.
-
-    Workers that have run out are passed over, as the DataLoader does.
-    """
-    counts, left, num_workers = [0] * len(totals), num_batches, len(totals)
-    due = 0
-    while left > 0:
-        active = [w for w in range(num_workers) if totals[w] - counts[w] > 0]
-        if not active:
-            raise ValueError(f"the state is {num_batches} batches in, but the stream holds only "
-                             f"{sum(counts)}")
-        rounds = min(left // len(active), min(totals[w] - counts[w] for w in active))
-        if rounds:
-            for w in active:
-                counts[w] += int(rounds)
-            left -= int(rounds) * len(active)
-            continue
-        for w in active:  # fewer batches left than active workers: a part of one round
-            if left == 0:
-                break
-            counts[w], left, due = counts[w] + 1, left - 1, w + 1
-    active = [w for w in range(num_workers) if totals[w] - counts[w] > 0]
-    after = [w for w in active if w >= due] + [w for w in active if w < due]
-    return counts, (after[0] if after else 0)
+        step, stride = (self.start + info.id, info.num_workers) if info else (self.start, 1)
+        while (batch := self.plan.batch(step)) is not None:
+            yield step, batch
+            step += stride
 
 
 class ShardReader:
-    """Iterable of MLM batches for one global rank; resumable with :meth:`state_dict`.
+    """Iterable of MLM batches for one global rank; resumable on any topology with :meth:`state_dict`.
 
-    Each batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where not predicted),
-    all ``[B, T]`` long tensors with T the longest sequence of the batch, and ``lang_ids`` ``[B]`` (indices
-    into :data:`ds_kd.schema.LANGS`). Iterating again continues where the last iteration stopped.
+    Each batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where not predicted), all
+    ``[B, T]`` long tensors with T the longest sentence of the batch, ``lang_ids`` ``[B]`` (indices into
+    :data:`ds_kd.schema.LANGS`), ``sentence_ids`` ``[B]`` and ``dropout_seed`` (an int). Iterating again
+    continues where the last iteration stopped. ``collate`` replaces the padding (e.g. by packing): it gets
+    the masked sentences [(sentence id, input ids, language id)] and their labels and returns the batch.
     """
 
-    def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1,
+                 collate: Callable[[list[Sentence], list[np.ndarray]], dict] | None = None):
         check_config(cfg, rank, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = read_shards_manifest(cfg.shard_dir)
-        shards = list_shards(cfg.shard_dir, cfg.split, self.manifest)
-        self.vocab_size = manifest_vocab_size(self.manifest, cfg.shard_dir, shards)
         special = special_ids(self.manifest)
         missing = {"pad", "cls", "sep", "mask"} - set(special)
         if missing:
             raise ValueError(f"{Path(cfg.shard_dir) / MANIFEST}: special token ids lack {sorted(missing)}")
+        table = BlockTable.open(cfg.shard_dir, cfg.split, self.manifest)
+        self.vocab_size = table.vocab_size
         shuffle = cfg.split == "train" if cfg.shuffle is None else cfg.shuffle
         epochs = cfg.epochs if cfg.epochs is not None or cfg.split == "train" else 1
-        self._plan = StreamPlan(tuple(shards), rank, world_size, max(cfg.num_workers, 1), cfg.micro_batch_size,
-                                cfg.seed, shuffle, cfg.shuffle_buffer, epochs, cfg.split != "train", cfg.max_len,
-                                self.vocab_size, special)
-        self._masker = Masker(cfg.masking, self.vocab_size, special.values(), special["mask"])
-        self._totals = [self._plan.total_batches(w) for w in range(self._plan.num_workers)]
-        if epochs is None and not any(self._totals):
-            raise ValueError(f"rank {rank} of {world_size} gets no {cfg.split} samples: the split holds "
-                             f"{self.num_samples}, fewer than ranks x workers")
-        self._num_batches, self.epoch = 0, 0
-        self._batches_per_worker = [0] * self._plan.num_workers
+        masker = Masker(cfg.masking, self.vocab_size, special.values(), special["mask"])
+        self._plan = StreamPlan(table, rank, world_size, cfg.micro_batch_size, cfg.seed, shuffle, cfg.shuffle_window,
+                                epochs, cfg.split != "train", cfg.max_len, special, masker, collate)
+        self._steps = 0  # micro-steps of the whole job handed out
+        self._log = sentence_log(cfg.split, rank)
 
     @property
     def num_samples(self) -> int:
-        """Samples of this split in the manifest (all ranks together)."""
-        return sum(s.num_samples for s in self._plan.shards)
+        """Sentences of this split (all ranks together)."""
+        return self._plan.order.num_sentences
 
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        """Batches this rank yields in ``epoch`` (ranks can differ by a few when shards are uneven)."""
-        return sum(self._plan.num_batches(epoch, w) for w in range(self._plan.num_workers))
+    @property
+    def sentences_consumed(self) -> int:
+        """Sentences of the stream handed out by every rank together (assuming ranks step together)."""
+        return int(min(self._steps * self._plan.step_size, self._plan.stream_length))
+
+    @property
+    def epoch(self) -> int:
+        return self.sentences_consumed // self.num_samples
 
     def __iter__(self) -> Iterator[dict]:
-        skip, first_worker = resume_point(self._totals, self._num_batches)
-        stream = ShardStream(self._plan, self._masker, skip, first_worker)
         num_workers = self.cfg.num_workers
-        # Workers seed themselves from the reader's own seeds; a private generator keeps DataLoader from
-        # drawing its base seed from the global RNG, which would shift dropout after a resume.
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=self.cfg.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if num_workers else None,
-                            generator=torch.Generator())
+        # Workers seed nothing from the global RNG; a private generator keeps DataLoader from drawing its base
+        # seed from it, which would shift dropout after a resume.
+        loader = DataLoader(ShardStream(self._plan, self._steps), batch_size=None, num_workers=num_workers,
+                            pin_memory=self.cfg.pin_memory, generator=torch.Generator(),
+                            prefetch_factor=self.cfg.prefetch_factor if num_workers else None)
         batches = iter(loader)
         try:
-            for worker, epoch, batch in batches:
-                self._num_batches += 1
-                self._batches_per_worker[worker] += 1
-                self.epoch = epoch
+            for step, batch in batches:
+                if step != self._steps:  # the round robin is the order: anything else is a bug, not data
+                    raise RuntimeError(f"micro-step {step} arrived where {self._steps} was due")
+                self._steps += 1
+                if self._log is not None:
+                    self._record(step, batch)
                 yield batch
         finally:
             # Stop the workers now, also after an error or an early break. Left to the garbage collector
@@ -465,34 +543,56 @@ class ShardReader:
             if shutdown is not None:
                 shutdown()
 
-    def _fingerprint(self) -> dict:
+    def _record(self, step: int, batch: dict) -> None:
+        positions = self._plan.positions(step)
+        with open(self._log, "a", encoding="utf-8") as f:
+            f.writelines(f"{p}\t{s}\n" for p, s in zip(positions.tolist(), batch["sentence_ids"].tolist()))
+
+    def fingerprint(self) -> dict:
+        """What the stream's order and content depend on besides the seed: the corpus and the settings."""
+        corpus = hashlib.sha256(json.dumps(
+            [[s["file"], s["num_bytes"], s["sha256"]] for s in self.manifest["splits"][self.cfg.split]["shards"]]
+        ).encode()).hexdigest()[:16]
         p = self._plan
-        return {"split": self.cfg.split, "seed": p.seed, "world_size": p.world_size, "num_workers": p.num_workers,
-                "micro_batch_size": p.micro_batch_size, "shuffle": p.shuffle, "shuffle_buffer": p.shuffle_buffer,
-                "max_len": p.max_len, "masking": asdict(self.cfg.masking), "num_samples": self.num_samples,
-                "num_shards": len(p.shards)}
+        return {"corpus": corpus, "shuffle": p.shuffle, "shuffle_window": p.shuffle_window, "max_len": p.max_len,
+                "masking": list(asdict(self.cfg.masking).values())}
 
     def state_dict(self) -> dict:
-        """Position in the stream (JSON-serialisable): the batches this rank has handed out, and the settings.
-
-        Ranks that step together hold the same ``num_batches``, so one rank's state resumes every rank.
-        """
-        return {"version": STATE_VERSION, "num_batches": self._num_batches, "epoch": self.epoch,
-                "rank": self.rank, "batches_per_worker": list(self._batches_per_worker), **self._fingerprint()}
+        """The position in the stream (JSON-serialisable, a few hundred bytes, the same on every rank and for every
+        topology): sentences consumed by the whole job, with the seed and the fingerprint to check against."""
+        return {"version": STATE_VERSION, "split": self.cfg.split, "seed": self.cfg.seed, "epoch": self.epoch,
+                "sentences_consumed": self.sentences_consumed, **self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after ``state["num_batches"]`` batches; the settings that shape the stream must match."""
-        mine = self._fingerprint()
+        """Continue after ``state["sentences_consumed"]`` sentences.
+
+        The seed, corpus and settings must match; the position must fall on a micro-step of this topology,
+        which holds whenever the global batch is the one of the run that saved it. Raises ValueError saying
+        what differs."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"reader state of version {state.get('version')}, this reader reads {STATE_VERSION}: "
+                             f"the checkpoint was written by an older version of the code")
+        mine = {"split": self.cfg.split, "seed": self.cfg.seed, **self.fingerprint()}
         differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"cannot resume the {self.cfg.split} stream of {self.cfg.shard_dir} exactly: {detail}")
-        counts, _ = resume_point(self._totals, int(state["num_batches"]))
-        if state.get("rank") == self.rank and state.get("batches_per_worker", counts) != counts:
-            raise ValueError(f"saved per-worker batch counts {state['batches_per_worker']} do not follow from "
-                             f"{state['num_batches']} batches ({counts}): the state belongs to another stream")
-        self._num_batches, self.epoch = int(state["num_batches"]), int(state.get("epoch", 0))
-        self._batches_per_worker = counts
+        consumed = int(state["sentences_consumed"])
+        steps, rest = divmod(consumed, self._plan.step_size)
+        if rest:
+            raise ValueError(f"the saved position, {consumed} sentences, is not a whole number of micro-steps of "
+                             f"{self.world_size} ranks x {self.cfg.micro_batch_size} sentences: keep the global "
+                             f"batch (micro batch x accumulation x ranks) of the run that saved it")
+        self._steps = steps
+
+
+def sentence_log(split: str, rank: int) -> Path | None:
+    """Where this rank logs the sentences it hands out (``$DS_KD_SENTENCE_LOG``), or None."""
+    directory = os.environ.get(SENTENCE_LOG_ENV)
+    if not directory:
+        return None
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return Path(directory) / f"{split}-rank{rank}.tsv"
 
 
 def check_config(cfg: ReaderConfig, rank: int, world_size: int) -> None:
@@ -500,7 +600,7 @@ def check_config(cfg: ReaderConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    for name in ("micro_batch_size", "shuffle_buffer"):
+    for name in ("micro_batch_size", "shuffle_window"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.num_workers < 0:
@@ -509,16 +609,3 @@ def check_config(cfg: ReaderConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"max_len must be at least 2 ([CLS] and [SEP]), got {cfg.max_len}")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ValueError(f"epochs must be at least 1 or None (endless), got {cfg.epochs}")
-
-
-def manifest_vocab_size(manifest: dict, shard_dir: str | Path, shards: list[ShardInfo]) -> int:
-    if "vocab_size" in manifest:
-        return int(manifest["vocab_size"])
-    # No vocabulary size recorded: the largest id in the shards bounds it from below. Random replacement
-    # tokens then come from the ids the corpus uses, which is all it can know.
-    warnings.warn(f"{Path(shard_dir) / MANIFEST} has no vocab_size; scanning the shards for the largest id")
-    largest = 0
-    for shard in shards:
-        for _, ids, _ in read_segment(Segment(shard, 0, 1, shard.num_samples), vocab_size=2**31 - 1):
-            largest = max(largest, int(ids.max()))
-    return largest + 1

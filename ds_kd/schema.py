@@ -1,31 +1,61 @@
 """Schemas shared by ``data_prep`` and ``ds_kd``: languages and the WebDataset shard layout.
 
-Shard layout (written by ``python -m data_prep corpus``, read by :mod:`ds_kd.reader`), readable with
-plain ``webdataset``::
+Shard layout, schema version 2 (written by ``python -m data_prep corpus``, read by :mod:`ds_kd.reader`),
+readable with plain ``webdataset`` (one sample per block)::
 
-    <corpus>/shards/manifest.json            languages, vocab size, tokenizer hash, shard lists and counts
-    <corpus>/shards/train/shard-000000.tar   one sample per sentence, languages interleaved (shuffled)
+    <corpus>/shards/manifest.json            schema_version, languages, vocab size, tokenizer hash, special
+                                             token ids, and per split and shard: counts, bytes, sha256 and
+                                             the block table (sentences, byte offset and crc32 of each block)
+    <corpus>/shards/train/shard-000000.tar   blocks of many sentences each, languages interleaved (shuffled)
     <corpus>/shards/val/shard-000000.tar
 
-Each sample in a tar holds::
+Each sample (tar members sharing one key) is a **block** of up to ``block_size`` consecutive sentences::
 
-    __key__    "<lang>-<10-digit index>"            unique within the split
-    ids.npy    numpy int32 1-D: [CLS] token ids [SEP]  (special tokens included, no padding)
-    lang.txt   language code, e.g. "hi"
+    __key__      "block-<9-digit index of the block in the split>"
+    tokens.npy   1-D uint16 (vocabularies of up to 65,536 ids) or uint32: the sentences' token ids
+                 concatenated, each sentence [CLS] ... [SEP] (special tokens included, no padding)
+    offsets.npy  1-D uint32, one more than the block's sentences: sentence i is tokens[offsets[i]:offsets[i+1]];
+                 offsets[0] == 0 and offsets[-1] == len(tokens)
+    langs.npy    1-D uint8, one per sentence: an index into ``lang_codes`` of the manifest (= :data:`LANGS`)
+
+A sentence's id is its index in the split: blocks are numbered in manifest order (shards in order, blocks in
+order within a shard) and sentence ``i`` of a block is ``first sentence of the block + i``.
+
+Schema version 1 (one sentence per tar member, ``ids.npy`` + ``lang.txt``) is no longer read: such shards
+are refused with the command that rewrites them (:data:`REWRITE_HINT`).
 """
 from __future__ import annotations
 
-# The paper's eight languages, in the paper's order. Language ids in batches index this tuple.
+# The paper's eight languages, in the paper's order. Language ids in batches and in blocks index this tuple.
 LANGS: tuple[str, ...] = ("en", "fr", "de", "ja", "hi", "it", "es", "pt")
 LANG_TO_ID = {lang: i for i, lang in enumerate(LANGS)}
 
-SAMPLE_IDS = "ids.npy"
-SAMPLE_LANG = "lang.txt"
+SCHEMA_VERSION = 2
+BLOCK_TOKENS = "tokens.npy"
+BLOCK_OFFSETS = "offsets.npy"
+BLOCK_LANGS = "langs.npy"
+BLOCK_MEMBERS = (BLOCK_TOKENS, BLOCK_OFFSETS, BLOCK_LANGS)
+"""The members of a block in the order they are written."""
 SHARD_PATTERN = "shard-{:06d}.tar"
 SPLITS = ("train", "val")
+REWRITE_HINT = ("rewrite them with `python -m data_prep corpus --raw <raw dir> --out <corpus dir>` into a new "
+                "--out (or delete <corpus dir>/shards and run the same command again)")
+"""What to do with shards of an older schema: the corpus command writes the current one."""
 
 # BERT special tokens, in the order the tokenizer gives them ids 0..4.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def block_key(index: int) -> str:
+    """The ``__key__`` of block ``index`` of a split."""
+    return f"block-{index:09d}"
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned numpy dtype that holds every id of a vocabulary: ``<u2`` up to 65,536 ids, else ``<u4``."""
+    if not 0 < vocab_size <= 2**32:
+        raise ValueError(f"vocabulary size {vocab_size} outside 1..2^32")
+    return "<u2" if vocab_size <= 2**16 else "<u4"
 
 
 def check_langs(langs: list[str] | tuple[str, ...]) -> None:

@@ -1,17 +1,20 @@
-"""Tiny generated corpora in the shard schema of :mod:`ds_kd.schema`, for the reader's tests.
+"""Tiny generated corpora in the block-shard schema of :mod:`ds_kd.schema`, for the reader's tests.
 
-Every sample is unique: its second and third tokens spell its index in the split, so a test can tell which
-samples a batch holds after undoing the masking (labels hold the original token wherever one was changed).
+Written with the corpus command's own block encoder and shard writer (:mod:`data_prep.shard`), with the
+shard boundaries and block size chosen by the test. Every sentence is unique: its second and third tokens
+spell its id (index in the split), so a test can tell which sentences a batch holds after undoing the
+masking (labels hold the original token wherever one was changed).
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
+from data_prep.shard import PROGRESS_DIR, ShardConfig, ShardWriter, encode_block, layout_fields, summarize
 from ds_kd.manifest import write_manifest
-from ds_kd.schema import LANGS, SHARD_PATTERN, SPECIAL_TOKENS
+from ds_kd.schema import LANGS, SPECIAL_TOKENS, token_dtype
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 NUM_SPECIAL = len(SPECIAL_TOKENS)
@@ -24,37 +27,40 @@ def make_sample(uid: int, vocab_size: int, rng: np.random.Generator, min_len: in
     if len(body) > 3 and rng.random() < 0.3:
         body[-1] = UNK  # an unknown word: a special token inside the sentence, never to be masked
     head = [NUM_SPECIAL + uid // span, NUM_SPECIAL + uid % span]
-    return np.array([CLS, *head, *body, SEP], dtype=np.int32)
+    return np.array([CLS, *head, *body, SEP], dtype=np.int64)
 
 
 def write_corpus(shard_dir: str | Path, shard_sizes: dict[str, list[int]], vocab_size: int = 300, seed: int = 0,
-                 min_len: int = 1, max_len: int = 20, write_manifest_file: bool = True) -> dict[str, list[np.ndarray]]:
-    """Write ``shard_dir/<split>/shard-NNNNNN.tar`` with the given samples per shard and the manifest.
-
-    Returns the samples of each split in written order (sample id = position in that list).
-    """
+                 min_len: int = 1, max_len: int = 20, block_size: int = 7) -> dict[str, list[np.ndarray]]:
+    """Write ``shard_dir/<split>/shard-NNNNNN.tar`` with the given sentences per shard (cut into blocks of
+    ``block_size``) and the manifest. Returns the sentences of each split in written order (id = position)."""
     shard_dir = Path(shard_dir)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
     splits = {}
     for split, sizes in shard_sizes.items():
         (shard_dir / split).mkdir(parents=True, exist_ok=True)
-        samples[split], records = [], []
-        for index, size in enumerate(sizes):
-            name = SHARD_PATTERN.format(index)
-            with wds.TarWriter(str(shard_dir / split / name)) as sink:
-                for _ in range(size):
-                    uid = len(samples[split])
-                    ids = make_sample(uid, vocab_size, rng, min_len, max_len)
-                    lang = LANGS[uid % len(LANGS)]
-                    sink.write({"__key__": f"{lang}-{uid:010d}", "ids.npy": ids, "lang.txt": lang})
-                    samples[split].append(ids)
-            records.append({"file": name, "num_samples": size})
-        splits[split] = {"num_samples": sum(sizes), "shards": records}
-    if write_manifest_file:
-        write_manifest(shard_dir, "corpus.shards", languages=list(LANGS), vocab_size=vocab_size,
-                       special_token_ids={token: i for i, token in enumerate(SPECIAL_TOKENS)}, splits=splits)
+        writer = ShardWriter(shard_dir / split, 2**62, {})
+        samples[split], block_index = [], 0
+        for size in sizes:
+            for start in range(0, size, block_size):
+                sentences = [make_sample(len(samples[split]) + i, vocab_size, rng, min_len, max_len)
+                             for i in range(min(block_size, size - start))]
+                langs = [sample_lang(len(samples[split]) + i) for i in range(len(sentences))]
+                writer.add(encode_block(block_index, sentences, langs, token_dtype(vocab_size), vocab_size))
+                samples[split].extend(sentences)
+                block_index += 1
+            writer.close_shard()
+        splits[split] = summarize(writer.records)
+    shutil.rmtree(shard_dir / PROGRESS_DIR)
+    write_manifest(shard_dir, "corpus.shards", languages=list(LANGS), vocab_size=vocab_size,
+                   special_token_ids={token: i for i, token in enumerate(SPECIAL_TOKENS)},
+                   **layout_fields(vocab_size, ShardConfig(block_size=block_size)), splits=splits)
     return samples
+
+
+def sample_lang(uid: int) -> str:
+    return LANGS[uid % len(LANGS)]
 
 
 def sample_lang_id(uid: int) -> int:
