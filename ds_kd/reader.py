@@ -257,8 +257,11 @@ def check_shard_file(path: Path, entry: dict, manifest_path: Path) -> None:
         raise ShardError(f"{path}: shard listed in {manifest_path} does not exist")
     size = path.stat().st_size
     if size != entry["num_bytes"]:
-        raise ShardError(f"{path}: holds {size} bytes but {manifest_path} lists {entry['num_bytes']}: the shard is "
-                         f"truncated or was rewritten after the manifest")
+        ends = entry["blocks"]["offset"][1:] + [entry["num_bytes"] - 1024]
+        cut = next((i for i, end in enumerate(ends) if end > size), None)
+        where = f" (truncated from block {cut} on)" if cut is not None and size < entry["num_bytes"] else ""
+        raise ShardError(f"{path}: holds {size} bytes but {manifest_path} lists {entry['num_bytes']}{where}: the "
+                         f"shard is truncated or was rewritten after the manifest")
 
 
 def verify_shards(shard_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> int:
