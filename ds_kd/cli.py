@@ -24,11 +24,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="tokenizer directory (default: the corpus's tokenizer/); must match the shards")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, curves.png, export/")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in --out (same world size)")
+                   help="continue from the newest complete checkpoint in --out, also on another number of ranks, "
+                        "nodes or --num-workers (same global batch, ZeRO stage and precision)")
     g.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking and dropout")
     g.add_argument("--max-len", type=int, default=128, help="truncate samples to this many tokens")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
-    g.add_argument("--shuffle-buffer", type=int, default=10000, help="samples in each worker's shuffle buffer")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank (0: the rank itself)")
+    g.add_argument("--shuffle-window", type=int, default=8,
+                   help="shard blocks whose sentences are shuffled together, on top of a random block order per "
+                        "epoch (default 8: 64k sentences with the default block size)")
     g.add_argument("--dist-timeout-minutes", type=float, default=10.0,
                    help="how long a rank waits for a dead peer before the job fails")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -68,7 +71,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         ds_overrides=dict(parse_override(o) for o in args.ds_override), max_steps=args.max_steps,
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, decay=args.decay, max_len=args.max_len,
-        num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+        num_workers=args.num_workers, shuffle_window=args.shuffle_window, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,
         wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode))

@@ -72,6 +72,8 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
         tokens = torch.zeros((), device=device)
         for _ in range(accumulation):
             batch = to_device(next(stream), device)
+            if (seed := batch.pop("dropout_seed", None)) is not None:
+                torch.manual_seed(seed)  # dropout follows the data position, not the rank (see ds_kd.reader)
             loss, terms = step_fn(engine, batch)
             _check_finite(loss, step + 1, uses_loss_scaler)
             engine.backward(loss)

@@ -67,8 +67,8 @@ class TrainConfig:
     """Truncate samples to this many tokens (special tokens included)."""
     num_workers: int = 2
     """DataLoader workers per rank (masking and collation run there)."""
-    shuffle_buffer: int = 10000
-    """Samples held in each worker's shuffle buffer."""
+    shuffle_window: int = 8
+    """Shard blocks whose sentences are shuffled together (see ds_kd.reader)."""
     seed: int = 1234
     """Seed of initialisation, data order, masking and dropout."""
     log_every: int = 10
@@ -163,6 +163,15 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     schedule = LRSchedule()  # its length needs the global batch, which only the engine knows
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # The reader and a resume are checked before the engine is built, so a bad resume fails in seconds.
+    resume = checkpoint.plan_resume(ckpt_dir, ds_config, type(optimizer).__name__) if cfg.resume else None
+    reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
+                                      micro_batch_size=checkpoint.batch_settings(ds_config)["micro_batch_per_rank"],
+                                      seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
+                                      max_len=cfg.max_len), dist.rank(), dist.world_size())
+    if resume is not None:
+        reader.load_state_dict(resume.state["reader"])
+        ds_config = checkpoint.prepare(resume, ds_config)
     engine = dist.build_engine(model, ds_config, optimizer, scheduler)
     settings = dist.engine_settings(engine)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_train_samples(data.manifest)
@@ -172,17 +181,10 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     log.info("engine: %s; %d optimizer steps (warmup %d); %d trainable parameters", settings, total_steps, warmup,
              num_trainable)
 
-    reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
-                                      micro_batch_size=settings["micro_batch_per_rank"], seed=cfg.seed,
-                                      shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers,
-                                      max_len=cfg.max_len), dist.rank(), dist.world_size())
     start_step = 0
-    if cfg.resume:
-        extras = checkpoint.load(engine, ckpt_dir)
-        if extras is not None:
-            reader.load_state_dict(extras["reader"])
-            start_step = extras["step"]
-            log.info("resumed from %s at optimizer step %d", checkpoint.latest_tag(ckpt_dir), start_step)
+    if resume is not None:
+        start_step = checkpoint.load(engine, resume)["step"]
+        log.info("resumed from %s at optimizer step %d", resume.tag, start_step)
 
     def evaluate() -> dict[str, float]:
         val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val",

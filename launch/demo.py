@@ -72,7 +72,7 @@ def build_stages(out: Path, cache: Path | None, steps: int, seeds: list[str], ep
         Stage("corpus: mix, BPE, shards (pretraining pages only)",
               [PY, "-m", "data_prep", "corpus", "--raw", str(out / "raw_pretrain"), "--out", str(out / "corpus"),
                "--total", "200000", "--vocab-size", "8000", "--bpe-sentences", "200000",
-               "--val-per-lang", "300", "--shard-size", "20000"], out / "corpus" / "shards" / "manifest.json"),
+               "--val-per-lang", "300"], out / "corpus" / "shards" / "manifest.json"),
         Stage("normalise the demo tasks (the real loaders)",
               [PY, "-m", "data_prep", "tasks", "--task", "all", "--src", str(out / "task_src"),
                "--out", str(out / "tasks")], out / "tasks" / "mtop" / "manifest.json"),

@@ -93,5 +93,6 @@ def tiny_corpus(tmp_path_factory) -> Path:
     write_raw(root / "raw", TINY_SIZES, seed=5)
     run(CorpusConfig(raw=root / "raw", out=root / "corpus", langs=tuple(TINY_SIZES), read=ReadConfig(),
                      sample=SampleConfig(total=2400, seed=1, val_per_lang=24, bucket_mb=1),
-                     bpe=BpeConfig(vocab_size=300), shard=ShardConfig(shard_size=400, num_workers=1, batch_size=64)))
+                     bpe=BpeConfig(vocab_size=300),
+                     shard=ShardConfig(block_size=100, shard_mb=0.02, num_workers=1, batch_size=64)))
     return root / "corpus"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import hashlib
 import gzip
 import json
 import lzma
@@ -20,8 +21,9 @@ from data_prep.bpe import BpeConfig
 from data_prep.corpus import CorpusConfig, run
 from data_prep.read import ReadConfig, normalize, read_file, split_sentences
 from data_prep.sample import SampleConfig, allocate, mix_probabilities, select_flags
-from data_prep.shard import ShardConfig, ShardJob, init_worker, iter_chunks, run_job
+from data_prep.shard import PROGRESS_DIR, ShardConfig, progress_path
 from data_prep.textgen import write_raw
+from ds_kd.manifest import write_manifest
 from ds_kd.schema import SPECIAL_TOKENS, check_tokenizer_matches
 
 LANGS4 = ("en", "fr", "ja", "hi")
@@ -31,7 +33,8 @@ SIZES = {"en": 1200, "fr": 600, "ja": 300, "hi": 60}  # paragraph lines; hi is t
 def make_config(raw: Path, out: Path, **kw) -> CorpusConfig:
     base = dict(raw=raw, out=out, langs=LANGS4, read=ReadConfig(max_chars=60),
                 sample=SampleConfig(total=6000, seed=3, val_per_lang=30, bucket_mb=0.05),
-                bpe=BpeConfig(vocab_size=600), shard=ShardConfig(shard_size=700, num_workers=2, batch_size=64))
+                bpe=BpeConfig(vocab_size=600),
+                shard=ShardConfig(block_size=500, shard_mb=0.04, num_workers=2, batch_size=64))
     base.update(kw)
     return CorpusConfig(**base)
 
@@ -44,10 +47,15 @@ def corpus(tmp_path_factory):
     return config, run(config)
 
 
-def read_split(shard_dir: Path, split: str) -> list[dict]:
-    """Every sample of a split through plain webdataset, in shard order."""
+def read_split(shard_dir: Path, split: str) -> list[tuple[str, list[int]]]:
+    """Every sentence of a split as (language, token ids), through plain webdataset, as the README shows."""
+    lang_codes = json.loads((shard_dir / "manifest.json").read_text())["lang_codes"]
     files = sorted(str(p) for p in (shard_dir / split).glob("*.tar"))
-    return list(wds.WebDataset(files, shardshuffle=False, empty_check=False).decode())
+    sentences = []
+    for block in wds.WebDataset(files, shardshuffle=False, empty_check=False).decode():
+        tokens, offsets, langs = block["tokens.npy"], block["offsets.npy"], block["langs.npy"]
+        sentences += [(lang_codes[lang], tokens[a:b].tolist()) for a, b, lang in zip(offsets, offsets[1:], langs)]
+    return sentences
 
 
 def mix_lines(out: Path, name: str) -> list[tuple[str, str]]:
@@ -132,19 +140,25 @@ def test_shards_round_trip_with_plain_webdataset(corpus):
     config, m = corpus
     tok = Tokenizer.from_file(str(config.out / "tokenizer" / "tokenizer.json"))
     shard_dir = config.out / "shards"
-    for split, name in (("train", "train.tsv"), ("val", "val.tsv")):
-        samples, lines = read_split(shard_dir, split), mix_lines(config.out, name)
-        assert len(samples) == len(lines) == m["shards"]["splits"][split]["num_samples"]
-        assert len({s["__key__"] for s in samples}) == len(samples)
-        for sample, (lang, text) in zip(samples[::7], lines[::7]):
-            assert sample["lang.txt"] == lang and sample["__key__"].startswith(lang + "-")
-            assert sample["ids.npy"].dtype == np.int32
-            assert sample["ids.npy"].tolist() == tok.encode(text).ids
     manifest = m["shards"]
+    for split, name in (("train", "train.tsv"), ("val", "val.tsv")):
+        sentences, lines = read_split(shard_dir, split), mix_lines(config.out, name)
+        assert len(sentences) == len(lines) == manifest["splits"][split]["num_samples"]
+        for (lang, ids), (line_lang, text) in zip(sentences[::7], lines[::7]):
+            assert lang == line_lang and ids == tok.encode(text).ids
+        assert sum(len(ids) for _, ids in sentences) == manifest["splits"][split]["num_tokens"]
+    assert manifest["schema_version"] == 2 and manifest["token_dtype"] == "<u2"  # 600 ids fit 16 bits
     assert manifest["vocab_size"] == m["tokenizer"]["vocab_size"]
     assert manifest["splits"]["train"]["per_lang"] == {
         lang: m["sample"]["languages"][lang]["num_sampled"] for lang in sorted(LANGS4)}
-    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [700] * 8 + [400]
+    shards = manifest["splits"]["train"]["shards"]
+    blocks = [n for s in shards for n in s["blocks"]["num_samples"]]
+    assert blocks == [500] * 12  # 6000 sentences in blocks of 500, grouped into shards of ~0.04 MiB
+    assert len(shards) > 2
+    for shard in shards:
+        data = (shard_dir / "train" / shard["file"]).read_bytes()
+        assert len(data) == shard["num_bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+        assert len(data) - 1024 >= 0.04 * 2**20 or shard is shards[-1]  # closed once full
     check_tokenizer_matches(shard_dir, config.out / "tokenizer")
 
 
@@ -160,16 +174,16 @@ def test_interrupted_shard_step_resumes_without_redoing_or_duplicating(corpus, t
     out = tmp_path / "out"
     for step in ("read", "sample", "tokenizer"):
         shutil.copytree(config.out / step, out / step)
-    # An interrupted run: shards 0 and 2 of train finished, shard 1 half-written, no manifest.
-    tok_file = out / "tokenizer" / "tokenizer.json"
-    init_worker(str(tok_file))
+    # An interrupted run: train shards 0 and 1 finished (with their progress records), shard 2 half-written,
+    # no manifest.
     split_dir = out / "shards" / "train"
     split_dir.mkdir(parents=True)
-    (out / "shards" / ".progress").mkdir()
-    for index, first, lines in iter_chunks(out / "sample" / "train.tsv", 700):
-        if index in (0, 2):
-            run_job(ShardJob("train", index, first, lines, str(split_dir), m["tokenizer"]["tokenizer_hash"]))
-    (split_dir / ".shard-000001.tar.staging").write_bytes(b"half a shard")
+    (out / "shards" / PROGRESS_DIR).mkdir()
+    settings = {"tokenizer_hash": m["tokenizer"]["tokenizer_hash"], "block_size": 500, "shard_mb": 0.04}
+    for index, shard in enumerate(m["shards"]["splits"]["train"]["shards"][:2]):
+        shutil.copy2(config.out / "shards" / "train" / shard["file"], split_dir / shard["file"])
+        progress_path(split_dir, index).write_text(json.dumps({**shard, **settings}))
+    (split_dir / ".shard-000002.tar.tmp123").write_bytes(b"half a shard")
     os.utime(split_dir / "shard-000000.tar", (1, 1))
     resumed = run(make_config(config.raw, out))
     assert (split_dir / "shard-000000.tar").stat().st_mtime == 1  # not rewritten
@@ -178,7 +192,18 @@ def test_interrupted_shard_step_resumes_without_redoing_or_duplicating(corpus, t
             name = shard["file"]
             assert (out / "shards" / split / name).read_bytes() == (config.out / "shards" / split / name).read_bytes()
     assert resumed["shards"]["splits"] == m["shards"]["splits"]
-    assert sorted(p.name for p in split_dir.glob("*.tar")) == [f"shard-{i:06d}.tar" for i in range(9)]
+    assert sorted(p.name for p in split_dir.glob("*.tar")) == [s["file"] for s in m["shards"]["splits"]["train"]["shards"]]
+
+
+def test_old_schema_shards_are_refused_naming_the_fix(corpus, tmp_path):
+    config, m = corpus
+    out = tmp_path / "out"
+    for step in ("read", "sample", "tokenizer"):
+        shutil.copytree(config.out / step, out / step)
+    old = {k: v for k, v in m["shards"].items() if k not in ("schema_version", "settings", "stage", "finished_at", "code_version")}
+    write_manifest(out / "shards", "corpus.shards", settings={"shard_size": 700}, **old)
+    with pytest.raises(ValueError, match=f"schema version 1.*delete {out / 'shards'} and run the same command"):
+        run(make_config(config.raw, out))
 
 
 def test_bad_language_dirs_and_codes_name_the_problem(tmp_path, capsys):
@@ -221,5 +246,5 @@ def test_existing_bert_vocab_is_used_instead_of_bpe(tmp_path):
     m = run(config)
     assert m["tokenizer"]["vocab_size"] == m["shards"]["vocab_size"] == len(vocab)
     assert m["shards"]["special_token_ids"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    sample = read_split(config.out / "shards", "val")[0]
-    assert sample["ids.npy"][0] == 2 and sample["ids.npy"][-1] == 3
+    _, ids = read_split(config.out / "shards", "val")[0]
+    assert ids[0] == 2 and ids[-1] == 3
