@@ -36,15 +36,15 @@ def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
     return (proc.stdout + proc.stderr)[-n:]
 
 
-def run_until_checkpoint(cmd: list[str], run_dir: Path, step: int, timeout: float = 240) -> int:
-    """Start ``cmd`` and ``kill -9`` the launcher and every rank as soon as a checkpoint of optimizer step
-    ``step`` or later is complete; returns the step of that checkpoint."""
+def run_until_checkpoint(cmd: list[str], run_dir: Path, step: int, timeout: float = 240, env: dict | None = None) -> int:
+    """Start ``cmd`` (with ``env``) and ``kill -9`` the launcher and every rank as soon as a checkpoint of optimizer
+    step ``step`` or later is complete; returns the step of that checkpoint."""
     import os
     import signal
     import time
 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + timeout
     saved = 0
