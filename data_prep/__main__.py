@@ -1,6 +1,7 @@
 """``python -m data_prep <command> ...``: the data preparation commands.
 
 - ``corpus``: raw text per language -> sampled mix -> BPE tokenizer -> WebDataset shards (data_prep.corpus)
+- ``verify``: hash every shard of a corpus and compare with its manifest (data_prep.verify)
 - ``libreoffice``: fetch the default corpus (LibreOffice help in eight languages) into a raw directory
 - ``tasks``: normalise fine-tuning task files (data_prep.tasks.cli), where installed
 - ``demo_tasks``: hold pages of the default corpus out and build derived demo task files (data_prep.demo_tasks)
@@ -15,6 +16,7 @@ import sys
 # dependencies never slow down or break another.
 COMMANDS = {
     "corpus": "data_prep.corpus",
+    "verify": "data_prep.verify",
     "libreoffice": "data_prep.libreoffice",
     "tasks": "data_prep.tasks.cli",
     "demo_tasks": "data_prep.demo_tasks",

@@ -45,15 +45,16 @@ def peak_rss_of(argv: list[str], log: Path) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - start, peak
 
 
-def naive_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_size: int, cache: Path) -> int:
-    """The baseline: datasets.map calling the tokenizer per example, written to the same shard layout."""
+def naive_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, block_size: int, cache: Path) -> int:
+    """The baseline: datasets.map calling the tokenizer per example, written to the same block shards."""
     import datasets
     from tokenizers import Tokenizer
 
-    from data_prep.shard import sample_key, write_shard
-    from ds_kd.schema import SHARD_PATTERN
+    from data_prep.shard import ShardConfig, ShardWriter, encode_block
+    from ds_kd.schema import token_dtype
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
     num = 0
     for split in ("train", "val"):
         ds = datasets.load_dataset("text", data_files=str(sample_dir / f"{split}.tsv"), split="train",
@@ -65,11 +66,11 @@ def naive_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_siz
 
         ds = ds.map(encode, remove_columns=["text"])
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for index, start in enumerate(range(0, len(ds), shard_size)):
-            rows = ds[start:start + shard_size]
-            samples = ((sample_key(lang, start + i), lang, ids)
-                       for i, (lang, ids) in enumerate(zip(rows["lang"], rows["ids"])))
-            write_shard(out_dir / split / SHARD_PATTERN.format(index), samples)
+        writer = ShardWriter(out_dir / split, int(ShardConfig.shard_mb * 2**20), {})
+        for index, start in enumerate(range(0, len(ds), block_size)):
+            rows = ds[start:start + block_size]
+            writer.add(encode_block(index, rows["ids"], rows["lang"], token_dtype(vocab_size), vocab_size))
+        writer.close_shard()
         num += len(ds)
     return num
 
@@ -77,7 +78,7 @@ def naive_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_siz
 def run_ours(raw: Path, out: Path, scale: int, base_lines: int, args, log: Path) -> dict:
     argv = [sys.executable, "-m", "data_prep", "corpus", "--raw", str(raw), "--out", str(out),
             "--vocab-size", str(args.vocab_size), "--bpe-sentences", str(args.bpe_sentences),
-            "--shard-size", str(args.shard_size), "--val-per-lang", "200", "--shuffle-bucket-mb", "4"]
+            "--block-size", str(args.block_size), "--val-per-lang", "200", "--shuffle-bucket-mb", "4"]
     status, wall, peak = peak_rss_of(argv, log)
     if status != 0:
         raise SystemExit(f"corpus command failed (exit {status}); see {log}")
@@ -91,7 +92,7 @@ def run_naive(out: Path, scale: int, args, log: Path, work: Path) -> dict:
     naive_out = work / f"naive-{scale}x"
     shutil.rmtree(naive_out, ignore_errors=True)
     argv = [sys.executable, "-m", "data_prep.bench_corpus", "--naive", str(out), str(naive_out),
-            "--shard-size", str(args.shard_size)]
+            "--block-size", str(args.block_size)]
     status, wall, peak = peak_rss_of(argv, log)
     if status != 0:
         raise SystemExit(f"naive baseline failed (exit {status}); see {log}")
@@ -108,10 +109,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-def naive_main(corpus_dir: Path, out_dir: Path, shard_size: int) -> int:
+def naive_main(corpus_dir: Path, out_dir: Path, block_size: int) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    num = naive_shards(corpus_dir / "sample", corpus_dir / "tokenizer", out_dir, shard_size, out_dir / "hf-cache")
+    num = naive_shards(corpus_dir / "sample", corpus_dir / "tokenizer", out_dir, block_size, out_dir / "hf-cache")
     seconds = time.perf_counter() - start
     (out_dir / "result.json").write_text(json.dumps({"sentences": num, "sentences_per_s": num / seconds}))
     return 0
@@ -123,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4000, help="BPE vocabulary (default: %(default)s)")
     p.add_argument("--bpe-sentences", type=int, default=20000,
                    help="BPE learns on this many sentences at every size (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=10000, help="sentences per shard (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=8192, help="sentences per shard block (default: %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one, removed)")
     p.add_argument("--naive", nargs=2, type=Path, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.naive:
-        return naive_main(args.naive[0], args.naive[1], args.shard_size)
+        return naive_main(args.naive[0], args.naive[1], args.block_size)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_corpus-"))
     rows = []
     try:

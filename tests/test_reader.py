@@ -286,7 +286,7 @@ def test_garbled_block_is_named_with_its_shard(tmp_path, num_workers):
         verify_shards(shard_dir)
 
 
-def test_verify_shards_checks_every_byte(tmp_path):
+def test_verify_shards_checks_every_byte(tmp_path, capsys):
     shard_dir = bad_corpus(tmp_path)
     assert verify_shards(shard_dir) == sum((shard_dir / "train" / f"shard-00000{i}.tar").stat().st_size
                                            for i in range(3))
@@ -295,6 +295,10 @@ def test_verify_shards_checks_every_byte(tmp_path):
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="shard-000002.tar: sha256"):
         verify_shards(shard_dir)
+    from data_prep.verify import main
+
+    assert main(["--shards", str(shard_dir)]) == 2
+    assert "shard-000002.tar: sha256" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)

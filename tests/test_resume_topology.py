@@ -47,7 +47,7 @@ def launch(args: list[str], ranks: int) -> list[str]:
 
 
 def env_logging_to(directory: Path) -> dict:
-    return {**os.environ, SENTENCE_LOG_ENV: str(directory)}
+    return {**os.environ, SENTENCE_LOG_ENV: str(directory), "OMP_NUM_THREADS": "1"}
 
 
 def sentence_log(directory: Path) -> dict[int, int]:
