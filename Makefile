@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 OUT    ?= out/demo
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test setup clean-venv bench
+.PHONY: demo test setup clean-venv bench bench-shards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: setup
 
 bench: setup
 	$(PY) -m data_prep.bench_corpus
+
+# mosaicml-streaming pins numpy<2.2 and transformers<5 and pulls torchvision and cloud SDKs: it is installed
+# without its dependencies, next to the few it imports (the `bench` extra).
+bench-shards: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q --no-deps 'mosaicml-streaming==0.13.0'
+	$(PY) -m data_prep.bench_shards
 
 clean-venv:
 	rm -rf $(VENV)

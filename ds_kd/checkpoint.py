@@ -84,8 +84,7 @@ def save(engine, ckpt_dir: Path, step: int, extras: dict, keep_last: int) -> str
 
 def optimizer_name(engine) -> str:
     """The class of the optimizer inside the engine's ZeRO wrapper (``AdamW``, ``Lamb``)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return type(inner).__name__
+    return type(base_optimizer(engine)).__name__
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
@@ -214,7 +213,24 @@ def prepare(plan: ResumePlan, ds_config: dict) -> dict:
 def load(engine, plan: ResumePlan) -> dict:
     """Restore model, optimizer and scheduler from ``plan`` into ``engine``; returns the saved run state (with
     ``step`` and the reader's position)."""
+    groups = param_group_settings(engine)
     load_path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"{plan.load_dir / plan.tag}: DeepSpeed could not load this checkpoint")
+    if plan.universal and engine.zero_optimization_stage() == 3:
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader gives every parameter group the hyperparameters of the
+        # first (so biases and LayerNorm would get the matrices' weight decay); put each group's own back.
+        # The learning rate, the same schedule for every group, stays as loaded.
+        for group, own in zip(base_optimizer(engine).param_groups, groups):
+            group.update(own)
     return plan.state
+
+
+def base_optimizer(engine):
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def param_group_settings(engine) -> list[dict]:
+    """Each parameter group's hyperparameters other than its parameters and learning rate."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+            for group in base_optimizer(engine).param_groups]
