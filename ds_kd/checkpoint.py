@@ -42,6 +42,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ds_kd import engine as dist
 from ds_kd.manifest import atomic_write_text
 
@@ -218,12 +220,22 @@ def load(engine, plan: ResumePlan) -> dict:
     if load_path is None:
         raise RuntimeError(f"{plan.load_dir / plan.tag}: DeepSpeed could not load this checkpoint")
     if plan.universal and engine.zero_optimization_stage() == 3:
-        # DeepSpeed 0.19.8's ZeRO-3 universal loader gives every parameter group the hyperparameters of the
-        # first (so biases and LayerNorm would get the matrices' weight decay); put each group's own back.
-        # The learning rate, the same schedule for every group, stays as loaded.
-        for group, own in zip(base_optimizer(engine).param_groups, groups):
-            group.update(own)
+        repair_zero3_universal(base_optimizer(engine), groups)
     return plan.state
+
+
+def repair_zero3_universal(optimizer, groups: list[dict]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader, which would make the resumed run differ.
+
+    It gives every parameter group the hyperparameters of the first (so biases and LayerNorm would get the
+    matrices' weight decay): each group gets its own back (``groups``; the learning rate, one schedule for all
+    groups, stays as loaded). And it gives every group's state one shared ``step`` tensor, which torch's Adam
+    increments in place once per group: each state gets its own copy."""
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update(own)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def base_optimizer(engine):

@@ -6,11 +6,12 @@ accumulation: the same global batch), ``kill -9`` again, resume on 2 ranks x 0 w
 position is ``position // global batch + 1``. The pieces kept by the checkpoints must give exactly the
 uninterrupted run's sequence of (step, sentence id): no sentence twice, none dropped.
 
-Loss tolerance. In fp32 the resumed runs compute the same micro-batches (same sentences, masks and dropout,
-which follow the data position) on the same weights; what differs is the order of floating-point sums (an
-all-reduce over two ranks against accumulation on one, thread counts in the matmuls), about 1e-7 relative per
-step. Twelve AdamW steps do not grow that past 1e-5; the tests allow 1e-4. In bf16 (ZeRO-2 test) every
-matmul rounds to 8 mantissa bits and the sum orders differ in bf16 gradients: 2%, as between ZeRO-2 and ZeRO-3.
+Loss tolerance. The resumed runs compute the same micro-batches (same sentences, masks and dropout, which
+follow the data position) on the same weights, and with one thread per rank, in fp32, a run on 1 rank with
+twice the accumulation gives bitwise the losses of one on 2 ranks (checked: all 12 steps equal). What is left
+is the order of the sum in the global gradient norm (seen at 1e-15 relative), which feeds clipping: the fp32
+tests allow 1e-6 relative. Without the repair of DeepSpeed's ZeRO-3 universal loader (ds_kd.checkpoint) the
+losses drift by 3e-4 within three steps of the resume.
 """
 from __future__ import annotations
 
@@ -112,13 +113,13 @@ def test_pretraining_resumes_on_1_rank_then_2_ranks_0_workers_exactly_once(unint
     assert "as a universal checkpoint" in last.stderr  # 1 rank -> 2 ranks
     check_pieces([(tmp_path / "log1", 0, saved1), (tmp_path / "log2", saved1, saved2),
                   (tmp_path / "log3", saved2, STEPS)], sentence_log(whole_log))
-    check_losses(step_metrics(out), step_metrics(whole), rel=1e-4)
+    check_losses(step_metrics(out), step_metrics(whole), rel=1e-6)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["val"]["val_ppl"] == pytest.approx(
-        json.loads((whole / "manifest.json").read_text())["val"]["val_ppl"], rel=1e-4)
+        json.loads((whole / "manifest.json").read_text())["val"]["val_ppl"], rel=1e-6)
 
 
-def test_zero2_bf16_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
+def test_zero2_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
     whole = tmp_path / "whole"
     proc = run_cmd(launch(pretrain_args(tiny_corpus, whole, "zero2", 2, 2), 2),
                    env=env_logging_to(tmp_path / "whole_log"), timeout=600)
@@ -133,7 +134,7 @@ def test_zero2_bf16_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
     assert "as a universal checkpoint" in resumed.stderr
     check_pieces([(tmp_path / "log1", 0, saved), (tmp_path / "log2", saved, STEPS)],
                  sentence_log(tmp_path / "whole_log"))
-    check_losses(step_metrics(out), step_metrics(whole), rel=0.02)
+    check_losses(step_metrics(out), step_metrics(whole), rel=1e-6)
 
 
 def test_impossible_resumes_are_refused_before_the_engine_is_built(uninterrupted_zero3, tiny_corpus, tmp_path):
@@ -187,7 +188,7 @@ def test_distillation_resumes_on_1_rank_exactly_once(tiny_corpus, teacher, tmp_p
     assert "as a universal checkpoint" in resumed.stderr
     check_pieces([(tmp_path / "log1", 0, saved), (tmp_path / "log2", saved, STEPS)],
                  sentence_log(tmp_path / "whole_log"))
-    check_losses(step_metrics(out), step_metrics(whole), rel=1e-4,
+    check_losses(step_metrics(out), step_metrics(whole), rel=1e-6,
                  terms=("loss", "loss_mlm", "loss_output", "loss_hidden", "loss_attention"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher_digest"] == manifest["teacher_digest_after"]
