@@ -148,10 +148,13 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
-        seq_len = input_ids_BT.shape[1]
-        positions_T = torch.arange(seq_len, device=input_ids_BT.device)
-        x_BTD = self.word_embeddings(input_ids_BT) + self.position_embeddings(positions_T)[None]
+    def forward(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None,
+                position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids_BT is None:
+            positions = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)[None]  # [1, T]
+        else:
+            positions = position_ids_BT
+        x_BTD = self.word_embeddings(input_ids_BT) + self.position_embeddings(positions)
         if token_type_ids_BT is None:
             x_BTD = x_BTD + self.token_type_embeddings.weight[0]
         else:
@@ -173,17 +176,17 @@ class BertSelfAttention(nn.Module):
         b, t, _ = x_BTD.shape
         return x_BTD.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x_BTD: torch.Tensor, bias_B11T: torch.Tensor, want_scores: bool):
+    def forward(self, x_BTD: torch.Tensor, bias_B1QT: torch.Tensor, want_scores: bool):
         q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
         dropout_p = self.dropout_p if self.training else 0.0
         scores_BHTT = None
         if want_scores:
             # Explicit path: distillation needs the pre-softmax scores (TinyBERT's attention loss).
             scores_BHTT = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            probs = torch.softmax(scores_BHTT + bias_B11T, dim=-1)
+            probs = torch.softmax(scores_BHTT + bias_B1QT, dim=-1)
             ctx = F.dropout(probs, dropout_p, self.training) @ v
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B11T, dropout_p=dropout_p)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B1QT, dropout_p=dropout_p)
         b, h, t, dh = ctx.shape
         return ctx.transpose(1, 2).reshape(b, t, h * dh), scores_BHTT
 
@@ -205,8 +208,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)  # the name gives HF's "attention.self.query" parameter path
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x_BTD, bias_B11T, want_scores):
-        ctx_BTD, scores = self.self(x_BTD, bias_B11T, want_scores)
+    def forward(self, x_BTD, bias_B1QT, want_scores):
+        ctx_BTD, scores = self.self(x_BTD, bias_B1QT, want_scores)
         return self.output(ctx_BTD, x_BTD), scores
 
 
@@ -237,8 +240,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x_BTD, bias_B11T, want_scores):
-        attn_BTD, scores = self.attention(x_BTD, bias_B11T, want_scores)
+    def forward(self, x_BTD, bias_B1QT, want_scores):
+        attn_BTD, scores = self.attention(x_BTD, bias_B1QT, want_scores)
         return self.output(self.intermediate(attn_BTD), attn_BTD), scores
 
 
@@ -259,21 +262,49 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attention_scores: bool = False) -> EncoderOutput:
-        x_BTD = self.embeddings(input_ids, token_type_ids)
+                output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None) -> EncoderOutput:
+        """``input_ids`` [B, T]; ``attention_mask`` [B, T] (1 = real token; default all real).
+
+        Packed rows (several sentences in one row) pass ``sequence_ids`` [B, T] (1, 2, ... for the sentences of
+        a row, 0 at padding) and ``position_ids`` [B, T] (restarting at 0 for each sentence): attention is then
+        block-diagonal, a token attending only to the tokens of its own sentence, so every sentence gets the
+        same outputs as when it is run alone (packed BERT, Krell et al. 2021)."""
+        x_BTD = self.embeddings(input_ids, token_type_ids, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Additive key mask in the activations' dtype: 0 where attended, the dtype's minimum at padding.
-        bias_B11T = (1.0 - attention_mask[:, None, None, :].to(x_BTD.dtype)) * torch.finfo(x_BTD.dtype).min
+        bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
         hidden = [x_BTD] if output_hidden_states else None
         scores = [] if output_attention_scores else None
         for layer in self.encoder.layer:
-            x_BTD, layer_scores = layer(x_BTD, bias_B11T, output_attention_scores)
+            x_BTD, layer_scores = layer(x_BTD, bias_B1QT, output_attention_scores)
             if hidden is not None:
                 hidden.append(x_BTD)
             if scores is not None:
                 scores.append(layer_scores)
         return EncoderOutput(x_BTD, tuple(hidden) if hidden else None, tuple(scores) if scores else None)
+
+
+def attention_bias(attention_mask_BT: torch.Tensor, sequence_ids_BT: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask in ``dtype``: 0 where a query may attend to a key, the dtype's minimum elsewhere.
+
+    Without ``sequence_ids_BT``: a key mask [B, 1, 1, T] from ``attention_mask_BT`` (padding keys masked).
+    With it: a block-diagonal mask [B, 1, T, T], key j visible to query i when both belong to the same
+    sentence (equal nonzero ids). A padding query sees nothing; its output is never used. The minimum rather
+    than -inf keeps such rows finite under softmax.
+    """
+    if sequence_ids_BT is None:
+        keep = attention_mask_BT[:, None, None, :].bool()
+    else:
+        keep = same_sequence_pairs(sequence_ids_BT)[:, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def same_sequence_pairs(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool: (query i, key j) belong to one sentence. ``sequence_ids_BT`` holds 0 at padding and equal
+    positive ids for the tokens of one sentence; a 0/1 attention mask is the one-sentence-per-row case."""
+    return (sequence_ids_BT[:, :, None] == sequence_ids_BT[:, None, :]) & (sequence_ids_BT[:, None, :] > 0)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -337,16 +368,17 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 predicted: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attention_scores: bool = False) -> MLMOutput:
+                output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None) -> MLMOutput:
         """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` [B,T] bool overrides where
-        logits are computed (default: ``labels != -100``; all positions if neither is given)."""
-        enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores)
+        logits are computed (default: ``labels != -100``; all positions if neither is given). Packed rows
+        pass ``position_ids`` and ``sequence_ids`` (see :meth:`BertModel.forward`)."""
+        enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores,
+                        position_ids, sequence_ids)
         if predicted is None:
             predicted = labels.ne(-100) if labels is not None else torch.ones_like(input_ids, dtype=torch.bool)
         logits_NV = self.cls.predictions(enc.last_hidden_state[predicted])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits_NV.float(), labels[predicted])
+        loss = masked_lm_loss(logits_NV, labels[predicted]) if labels is not None else None
         return MLMOutput(loss, logits_NV, predicted, enc)
 
     # ---- Hugging Face directories -------------------------------------------------------------------
@@ -397,6 +429,25 @@ class BertForMaskedLM(nn.Module):
 
 
 TIED_DECODER = "cls.predictions.decoder.weight"
+
+
+def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
+                   denominator: torch.Tensor | float | None = None,
+                   log_probs_NV: torch.Tensor | None = None) -> torch.Tensor:
+    """MLM cross-entropy of the N predicted positions, in float32: the sum over them divided by
+    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1).
+
+    ``logits_NV`` [N, V] are the logits at the predicted positions, ``labels_N`` [N] their token ids (-100
+    entries are ignored); ``log_probs_NV``, the log-softmax of the logits computed already, may replace them.
+    The training loop passes the masked-token count of the whole global batch as ``denominator`` (see
+    :func:`ds_kd.loop.loss_denominators`), so micro-batch and rank splits do not change the objective.
+    """
+    if log_probs_NV is None:
+        log_probs_NV = logits_NV.float().log_softmax(-1)
+    total = F.nll_loss(log_probs_NV, labels_N, reduction="sum")
+    count = torch.as_tensor(labels_N.ne(-100).sum() if denominator is None else denominator,
+                            dtype=total.dtype, device=total.device)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.model import BertForMaskedLM, make_config
+from ds_kd.model import BertForMaskedLM, make_config, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
 
 log = logging.getLogger("ds_kd")
@@ -133,9 +133,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mlm_step(engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-    return out.loss, {"mlm": out.loss}
+def mlm_step(engine, batch: dict, denominators: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MLM cross-entropy at the masked positions, summed and divided by the global batch's masked-token share
+    ``denominators["masked"]`` (see :func:`ds_kd.loop.global_denominators`)."""
+    masked_BT = batch["labels"].ne(-100)
+    out = engine(batch["input_ids"], batch["attention_mask"], predicted=masked_BT,
+                 position_ids=batch.get("position_ids"), sequence_ids=batch.get("sequence_ids"))
+    loss = masked_lm_loss(out.logits, batch["labels"][masked_BT], denominators["masked"])
+    return loss, {"mlm": loss}
 
 
 def build_ds_config(cfg: TrainConfig) -> dict:
@@ -144,14 +149,35 @@ def build_ds_config(cfg: TrainConfig) -> dict:
     return resolve_precision(apply_overrides(load_ds_config(cfg.deepspeed_config), cfg.ds_overrides))
 
 
+def check_max_len(max_len: int, **models) -> None:
+    """Raise ValueError (naming ``--max-len``) when a sample of ``max_len`` tokens would not fit the position
+    table of one of ``models`` (name -> BertConfig); checked before any work, since on a shuffled corpus the
+    first sentence that long may come hours in."""
+    for name, config in models.items():
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"--max-len {max_len} exceeds the {name}'s {config.max_position_embeddings} position "
+                             f"embeddings (max_position_embeddings); use --max-len {config.max_position_embeddings}"
+                             f" or less")
+
+
+def check_resume_identity(saved: dict, identity: dict, ckpt_dir: Path) -> None:
+    """Raise ValueError when a fact the checkpoint was written under (e.g. the teacher's digest) differs now."""
+    differ = [k for k, v in identity.items() if k in saved and saved[k] != v]
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {identity[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume {ckpt_dir}: it was written under other inputs ({detail})")
+
+
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
                  data: CorpusData, ds_config: dict, stage: str, extra_manifest: dict,
-                 final_check: Callable[[], dict] | None = None) -> RunResult:
+                 final_check: Callable[[], dict] | None = None, identity: dict | None = None) -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
     ``model`` is what the engine trains; ``mlm_model`` (the model itself, or the student inside it) is
-    validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may raise, or return more
-    manifest fields."""
+    validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may
+    raise, or return more manifest fields. ``identity`` holds facts about inputs that are not in the
+    checkpoint (the teacher's digest): stored in every checkpoint, and a resume under other values is refused
+    before the first step."""
     from ds_kd.reader import ReaderConfig, ShardReader
 
     out = Path(cfg.out)
@@ -180,6 +206,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if cfg.resume:
         extras = checkpoint.load(engine, ckpt_dir)
         if extras is not None:
+            check_resume_identity(extras, identity or {}, ckpt_dir)
             reader.load_state_dict(extras["reader"])
             start_step = extras["step"]
             log.info("resumed from %s at optimizer step %d", checkpoint.latest_tag(ckpt_dir), start_step)
@@ -196,7 +223,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     try:
         loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last)
         result = train(engine, reader, step_fn, evaluate, logbook, ckpt_dir, loop_cfg, start_step,
-                       reader.state_dict)
+                       reader.state_dict, identity)
     finally:
         logbook.close()
     digests = dist.replica_digests(engine.module)
@@ -251,6 +278,7 @@ def run(cfg: PretrainConfig) -> RunResult:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
     model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
+    check_max_len(cfg.max_len, model=model_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank

@@ -29,12 +29,15 @@ def main() -> int:
     for term, what in [("mlm", "MLM cross-entropy on the labels"),
                        ("output", "soft cross-entropy against the teacher's predictions at masked positions"),
                        ("embedding", "MSE of the (projected) embedding outputs"),
-                       ("hidden", "MSE of the (projected) hidden states over the layer map"),
-                       ("attention", "MSE of the pre-softmax attention scores over the layer map")]:
+                       ("hidden", "MSE of the (projected) hidden states, summed over the layer map"),
+                       ("attention", "MSE of the pre-softmax attention scores, summed over the layer map")]:
         g.add_argument(f"--{term}-weight", type=float, default=1.0, help=f"weight of the {what} (0 skips it)")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the output loss (default 1)")
     g.add_argument("--layer-map", type=int, nargs="+", default=None, metavar="L",
                    help="teacher layer (1-based) for each student layer; default: every L_teacher/L_student-th")
+    g.add_argument("--layer-reduction", choices=["sum", "mean"], default="sum",
+                   help="combine the hidden-state and attention terms over the layer map by their sum (TinyBERT, "
+                        "the paper; default) or their mean (each weighs 1/L_student as much)")
     add_train_args(p)
     args = p.parse_args()
     setup_logging()
@@ -43,7 +46,7 @@ def main() -> int:
 
     def go():
         losses = DistillConfig(args.mlm_weight, args.output_weight, args.embedding_weight, args.hidden_weight,
-                               args.attention_weight, args.temperature, args.layer_map)
+                               args.attention_weight, args.temperature, args.layer_map, args.layer_reduction)
         run(DistillRunConfig(teacher=args.teacher, student=args.student, teacher_dtype=args.teacher_dtype,
                              losses=losses, **train_kwargs(args)))
 

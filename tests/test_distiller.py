@@ -219,3 +219,36 @@ def test_configuration_errors_and_explicit_map():
     other_vocab = BertForMaskedLM(make_config("tiny-leanbert", vocab_size=VOCAB + 1))
     with pytest.raises(ValueError, match="vocabulary"):
         Distiller(teacher, other_vocab)
+
+
+def test_no_state_dict_of_the_distiller_holds_a_teacher_tensor():
+    """The teacher's decoder is tied to its word embeddings: both names stay out (ZeRO-2 checkpoints held one)."""
+    teacher, student = _model("tiny-large", 0), _model("tiny-leanbert", 1)
+    assert teacher.cls.predictions.decoder.weight is teacher.bert.embeddings.word_embeddings.weight
+    distiller = Distiller(teacher, student, DistillConfig())
+    state = distiller.state_dict()
+    assert not [k for k in state if k.startswith("teacher.")]
+    assert {f"student.{k}" for k in student.state_dict()} <= set(state)
+    assert any(k.startswith("projections.") for k in state)
+    # a nested prefix (the module inside a wrapper) is handled too
+    wrapper = torch.nn.ModuleDict({"inner": distiller})
+    assert not [k for k in wrapper.state_dict() if k.startswith("inner.teacher.")]
+    # and a state without the teacher loads back (strict=False, as DeepSpeed resumes)
+    result = Distiller(_model("tiny-large", 0), _model("tiny-leanbert", 5)).load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("teacher.") for k in result.missing_keys)
+
+
+def test_global_denominators_make_the_loss_the_mean_over_the_whole_batch():
+    """Two halves of a batch, each with the whole batch's counts halved, sum to the loss of the whole batch."""
+    from ds_kd.loop import global_denominators
+
+    teacher, student = _model("tiny-large", 0), _model("tiny-leanbert", 1)
+    distiller = Distiller(teacher, student, DistillConfig())
+    batch = _batch(b=4, t=16, seed=3)
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]  # uneven: 1 and 3 rows
+    whole = distiller(batch)
+    denominators = global_denominators(halves)
+    parts = [distiller(h, denominators) for h in halves]
+    for name in ("mlm", "output", "embedding", "hidden", "attention"):
+        assert (parts[0].terms[name] + parts[1].terms[name]).item() / 2 == pytest.approx(
+            whole.terms[name].item(), rel=2e-5), name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,91 @@ def test_overrides_and_precision_fallback_are_applied_to_a_copy():
     assert resolve_precision(base, "cuda") == base  # a GPU keeps fp16
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_override("stage")
+
+
+def test_max_len_beyond_the_position_table_fails_before_any_work(tiny_corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"--max-len 300 exceeds the model's 256 position embeddings"):
+        run(config(tiny_corpus, tmp_path, max_len=300))
+    assert not (tmp_path / "run").exists()
+
+
+def test_distillation_checks_max_len_against_teacher_and_student(tiny_corpus, tmp_path):
+    from ds_kd.distill.run import DistillRunConfig
+    from ds_kd.distill.run import run as distill
+    from ds_kd.model import BertForMaskedLM, make_config
+    import json
+
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    teacher = tmp_path / "teacher"
+    BertForMaskedLM(make_config("tiny-base", vocab_size=vocab, max_position_embeddings=64)).save_pretrained(teacher)
+    for f in (tiny_corpus / "tokenizer").iterdir():
+        shutil.copy2(f, teacher / f.name)
+    cfg = DistillRunConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "kd"),
+                           teacher=str(teacher), student="tiny-leanbert", max_steps=2, max_len=100)
+    with pytest.raises(ValueError, match=r"--max-len 100 exceeds the teacher's 64 position embeddings"):
+        distill(cfg)
+    assert not (tmp_path / "kd").exists()
+
+
+class _Fp16Engine:
+    """The engine surface the loop uses; ``overflow_at`` lists the optimizer-step attempts (1-based) whose
+    update DeepSpeed's loss scaler skips."""
+
+    def __init__(self, overflow_at, accumulation=2):
+        self.overflow_at, self.accumulation = set(overflow_at), accumulation
+        self.attempts = self.micro = self.applied = self.skipped_steps = self.global_samples = 0
+        self.optimizer = type("Opt", (), {"cur_scale": 2.0 ** 16})()
+
+    def gradient_accumulation_steps(self): return self.accumulation
+    def fp16_enabled(self): return True
+    def train_batch_size(self): return 4 * self.accumulation
+    def backward(self, loss): pass
+    def get_global_grad_norm(self): return 1.0
+    def get_lr(self): return [0.1]
+    def save_checkpoint(self, directory, tag, **kw): (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accumulation == 0:
+            self.attempts += 1
+            self.global_samples += self.train_batch_size()
+            self._applied = self.attempts not in self.overflow_at
+            self.applied += self._applied
+            self.skipped_steps += not self._applied
+
+    def was_step_applied(self): return self._applied
+
+
+def _fp16_loop(engine, tmp_path, max_steps):
+    from ds_kd.logbook import Logbook, WandbConfig
+    from ds_kd.loop import LoopConfig, train
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 7, -100], [5, -100, -100]])}
+    step_fn = lambda eng, b, d: (torch.tensor(1.0), {"mlm": torch.tensor(1.0)})
+    book = Logbook(tmp_path, True, WandbConfig(mode="disabled"), {}, max_steps)
+    try:
+        return train(engine, iter(lambda: batch, None), step_fn, dict, book, tmp_path / "ckpt",
+                     LoopConfig(max_steps, log_every=1), 0, dict)
+    finally:
+        book.close()
+
+
+def test_fp16_overflow_skipped_steps_do_not_count_toward_the_budget(tmp_path):
+    from ds_kd.logbook import read_metrics
+
+    engine = _Fp16Engine(overflow_at=[2, 3])
+    result = _fp16_loop(engine, tmp_path, max_steps=5)
+    assert result.steps == 5 and engine.applied == 5 and engine.attempts == 7  # 5 updates, 2 skipped on top
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["optimizer_step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["skipped_steps"] == 2 and rows[-1]["samples_seen"] == 7 * 8
+
+
+def test_fp16_overflow_that_never_recovers_stops_the_run(tmp_path):
+    from ds_kd.loop import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError
+
+    engine = _Fp16Engine(overflow_at=range(2, 2 + MAX_CONSECUTIVE_SKIPS))
+    with pytest.raises(NonFiniteLossError, match="in a row overflowed"):
+        _fp16_loop(engine, tmp_path, max_steps=5)
+    assert engine.applied == 1

@@ -15,8 +15,8 @@ import torch
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.model import BertForMaskedLM, make_config
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, finished_run, resolve_data, run_training,
-                            seed_everything)
+from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, finished_run, resolve_data,
+                            run_training, seed_everything)
 
 log = logging.getLogger("ds_kd")
 
@@ -74,6 +74,7 @@ def run(cfg: DistillRunConfig) -> RunResult:
     data = resolve_data(cfg.data, cfg.tokenizer)
     student_cfg = make_config(cfg.student, vocab_size=data.vocab_size)
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+    check_max_len(cfg.max_len, teacher=teacher.config, student=student_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     ds_config = build_ds_config(cfg)
@@ -90,8 +91,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     summary = distiller.summary()
     log.info("distillation: %s", summary)
 
-    def step(engine, batch):
-        out = engine(batch)
+    def step(engine, batch, denominators):
+        out = engine(batch, denominators)
         return out.loss, {k: v for k, v in out.terms.items() if k != "total"}
 
     def check_teacher() -> dict:
@@ -103,4 +104,4 @@ def run(cfg: DistillRunConfig) -> RunResult:
     return run_training(cfg, distiller, step, distiller.student, data, ds_config,
                         "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
                                     "student_config": asdict(student_cfg), "distillation": summary,
-                                    "teacher_digest": before}, check_teacher)
+                                    "teacher_digest": before}, check_teacher, identity={"teacher_digest": before})
