@@ -49,9 +49,12 @@ class LoopConfig:
     eval_every: int = 0
     """Validate every this many optimizer steps (0: only at the end)."""
     save_every: int = 0
-    """Checkpoint every this many optimizer steps (0: only at the end)."""
+    """Checkpoint every this many optimizer steps (0: only by time and at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted once a newer one is complete)."""
+    save_every_minutes: float = 0.0
+    """Also checkpoint once this many minutes of wall time passed since the last checkpoint (0: never by time).
+    Rank 0's clock decides, so every rank saves at the same step."""
 
 
 @dataclass
@@ -62,6 +65,10 @@ class LoopResult:
     """The mean training loss of each optimizer step run by this process (all ranks averaged)."""
     val: dict[str, float] = field(default_factory=dict)
     """The last validation metrics."""
+    tokens: int = 0
+    """Real tokens trained on by this process's steps, all ranks together."""
+    seconds: float = 0.0
+    """Wall time of this process's steps, validation and checkpoints included."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -109,15 +116,24 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
     """Run optimizer steps ``start_step+1 .. cfg.max_steps``; ``reader_state()`` gives the data position for
     checkpoints, ``checkpoint_extras`` more facts to store in each. Every rank runs this; only rank 0's logbook
     writes. A step that DeepSpeed skips (fp16 overflow: no update, no LR step) does not count: the run applies
-    exactly ``cfg.max_steps`` updates."""
+    exactly ``cfg.max_steps`` updates. Logged training metrics are means over the steps since the last log."""
     device = dist.device()
     accumulation = engine.gradient_accumulation_steps()
     uses_loss_scaler = engine.fp16_enabled()
     result = LoopResult(steps=start_step)
     stream: Iterator[dict] = iter(batches)
     step, skipped_in_a_row = start_step, 0
-    save = lambda: checkpoint.save(engine, ckpt_dir, step, {"reader": reader_state(), **(checkpoint_extras or {})},
-                                   cfg.keep_last)
+    window = _Window()
+    started = last_save = time.perf_counter()
+
+    def save() -> None:
+        nonlocal last_save
+        t0 = time.perf_counter()
+        extras = {"reader": reader_state(), "elapsed_s": logbook.elapsed(), **(checkpoint_extras or {})}
+        tag = checkpoint.save(engine, ckpt_dir, step, extras, cfg.keep_last)
+        last_save = time.perf_counter()
+        log.info("checkpoint %s written to %s (%.1f s)", tag, ckpt_dir / tag, last_save - t0)
+
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro_batches = [to_device(next(stream), device) for _ in range(accumulation)]
@@ -141,16 +157,50 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
         reduced = dist.all_reduce(torch.stack([sums[n] for n in names] + [tokens]))
         metrics = {n: float(v) / dist.world_size() for n, v in zip(names, reduced[:-1])}
         result.losses.append(metrics["loss"])
-        _log_step(engine, logbook, cfg, step, metrics, float(reduced[-1]), time.perf_counter() - t0)
+        result.tokens += int(reduced[-1])
+        window.add(metrics, float(reduced[-1]), time.perf_counter() - t0)
+        _log_step(engine, logbook, cfg, step, window)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+        if step < cfg.max_steps and _save_due(cfg, step, time.perf_counter() - last_save):
             save()
     result.steps = step
     result.val = _validate(evaluate, logbook, step)
     if step > start_step:
         save()
+    result.seconds = time.perf_counter() - started
     return result
+
+
+class _Window:
+    """Training metrics summed over the steps since the last log, and their tokens and seconds."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps, self.tokens, self.seconds = 0, 0.0, 0.0
+
+    def add(self, metrics: dict[str, float], tokens: float, seconds: float) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+    def take(self) -> dict[str, float]:
+        """The window's means and throughput; the window starts again empty."""
+        means = {name: value / self.steps for name, value in self.sums.items()}
+        means["tokens_per_s"] = self.tokens / max(self.seconds, 1e-9)
+        self.__init__()
+        return means
+
+
+def _save_due(cfg: LoopConfig, step: int, seconds_since_save: float) -> bool:
+    """Every ``save_every`` steps, or once ``save_every_minutes`` passed by rank 0's clock (an all-reduce,
+    so every rank agrees)."""
+    if cfg.save_every and step % cfg.save_every == 0:
+        return True
+    if not cfg.save_every_minutes:
+        return False
+    late = float(dist.is_main() and seconds_since_save >= 60 * cfg.save_every_minutes)
+    return bool(dist.all_reduce(torch.tensor(late, device=dist.device()), "max").item())
 
 
 def _count_skip(engine, step: int, skipped_in_a_row: int) -> int:
@@ -174,19 +224,18 @@ def _check_finite(loss: torch.Tensor, step: int, uses_loss_scaler: bool) -> None
             f"intact: lower the learning rate or check the data, then resume with --resume.")
 
 
-def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, metrics: dict, tokens: float,
-              seconds: float) -> None:
-    if "loss_mlm" in metrics:
-        metrics["train_ppl"] = math.exp(min(metrics["loss_mlm"], 50.0))
-    postfix = {"loss": metrics["loss"], "tok/s": tokens / max(seconds, 1e-9)}
-    logbook.advance(step, postfix)
+def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window) -> None:
+    logbook.advance(step, {"loss": window.sums["loss"] / window.steps,
+                           "tok/s": window.tokens / max(window.seconds, 1e-9)})
     if step % cfg.log_every and step != cfg.max_steps:
         return
+    metrics = window.take()
+    if "loss_mlm" in metrics:
+        metrics["train_ppl"] = math.exp(min(metrics["loss_mlm"], 50.0))
     grad_norm = engine.get_global_grad_norm()
     metrics.update({
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
         "samples_seen": engine.global_samples,  # skipped fp16 steps consumed their samples too
         "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0,
         "skipped_steps": float(engine.skipped_steps),
@@ -197,6 +246,10 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, metrics: dic
 def _validate(evaluate: Callable[[], dict[str, float]], logbook: Logbook, step: int) -> dict[str, float]:
     val = evaluate()
     logbook.log(step, val)
+    per_lang = " ".join(f"{k[len('val_ppl_'):]} {v:.2f}" for k, v in sorted(val.items())
+                        if k.startswith("val_ppl_"))
+    if "val_ppl" in val:
+        log.info("validation at step %d: perplexity %.3f (%s)", step, val["val_ppl"], per_lang)
     return val
 
 

@@ -17,7 +17,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.model import BertForMaskedLM, make_config, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
+
+if TYPE_CHECKING:
+    from ds_kd.ds_config import OptimizerSpec
 
 log = logging.getLogger("ds_kd")
 
@@ -51,18 +54,19 @@ class TrainConfig:
     """Optimizer steps to train for; exclusive with ``epochs``."""
     epochs: float | None = None
     """Passes over the training shards (converted to optimizer steps with the engine's global batch)."""
-    optimizer: str = "adamw"
-    """adamw or lamb."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (not on biases and LayerNorm)."""
-    warmup_steps: int = 0
-    """Linear warmup steps (default: 6% of the run when 0 and ``warmup_ratio`` > 0)."""
-    warmup_ratio: float = 0.06
-    """Warmup as a fraction of the run, used when ``warmup_steps`` is 0."""
-    decay: str = "linear"
-    """Decay after warmup: linear, cosine or constant."""
+    optimizer: str | None = None
+    """adamw or lamb (None: the DeepSpeed JSON's optimizer block, else adamw)."""
+    lr: float | None = None
+    """Peak learning rate (None: the JSON's optimizer block, else 1e-4)."""
+    weight_decay: float | None = None
+    """Decoupled weight decay on matrices, not on biases and LayerNorm (None: the JSON's, else 0.01)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (None or 0: ``warmup_ratio`` of the run). Exclusive with a JSON scheduler block,
+    like ``warmup_ratio`` and ``decay``."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the run, used when ``warmup_steps`` is 0 (None: 0.06)."""
+    decay: str | None = None
+    """Decay after warmup: linear, cosine or constant (None: linear)."""
     max_len: int = 128
     """Truncate samples to this many tokens (special tokens included)."""
     num_workers: int = 2
@@ -75,8 +79,11 @@ class TrainConfig:
     """Log training metrics every N optimizer steps."""
     eval_every: int = 0
     """Validate every N optimizer steps (0: only at the end)."""
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_every: int = 1000
+    """Checkpoint every N optimizer steps (0: only by time and at the end)."""
+    save_every_minutes: float = 30.0
+    """Also checkpoint when this many minutes of wall time passed since the last checkpoint (0: never by
+    time), so a crash loses at most this much work."""
     keep_last: int = 2
     """Checkpoints to keep."""
     resume: bool = False
@@ -143,10 +150,62 @@ def mlm_step(engine, batch: dict, denominators: dict) -> tuple[torch.Tensor, dic
     return loss, {"mlm": loss}
 
 
-def build_ds_config(cfg: TrainConfig) -> dict:
+@dataclass
+class EngineSetup:
+    """The checked DeepSpeed config and what the run builds beside it."""
+
+    ds_config: dict
+    """What ``deepspeed.initialize`` gets: the JSON after overrides and the precision fallback, without its
+    optimizer block (the optimizer is built here)."""
+    optimizer: "OptimizerSpec"
+    ds_scheduler: bool
+    """True: the JSON's scheduler block, built by DeepSpeed; False: ``ds_kd.optim.LRSchedule``."""
+
+
+def check_train_flags(cfg: TrainConfig) -> None:
+    """One-line errors naming the flag, before anything is built or created."""
+    if (cfg.max_steps is None) == (cfg.epochs is None):
+        raise ValueError("give exactly one of --max-steps and --epochs")
+    positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
+                "--shuffle-buffer": cfg.shuffle_buffer, "--log-every": cfg.log_every, "--lr": cfg.lr,
+                "--dist-timeout-minutes": cfg.dist_timeout_minutes}
+    not_negative = {"--num-workers": cfg.num_workers, "--eval-every": cfg.eval_every,
+                    "--save-every": cfg.save_every, "--save-every-minutes": cfg.save_every_minutes,
+                    "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps,
+                    "--weight-decay": cfg.weight_decay}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    for flag, value in not_negative.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must not be negative, got {value}")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
+
+
+def build_ds_config(cfg: TrainConfig) -> EngineSetup:
+    """Load the DeepSpeed JSON, apply the overrides and the precision fallback, and check it all (unknown keys,
+    DeepSpeed's own validation, the optimizer and scheduler blocks against the flags) before any work.
+    Raises ValueError naming the file, the override or the flag."""
+    from ds_kd.ds_config import check_ds_config, check_keys, check_scheduler, resolve_optimizer
     from ds_kd.engine import apply_overrides, load_ds_config, resolve_precision
 
-    return resolve_precision(apply_overrides(load_ds_config(cfg.deepspeed_config), cfg.ds_overrides))
+    source = str(cfg.deepspeed_config)
+    check_keys([key.split(".")[0] for key in cfg.ds_overrides], "--ds-override")
+    config = resolve_precision(apply_overrides(load_ds_config(source), cfg.ds_overrides))
+    check_ds_config(config, source)
+    optimizer, config = resolve_optimizer(
+        config, {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}, source)
+    ds_scheduler = check_scheduler(
+        config, {"warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "decay": cfg.decay}, source)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if optimizer.name == "lamb" and stage > 0:
+        # ZeRO hands the optimizer flat partitions of many tensors: a trust ratio ||w|| / ||update|| taken there
+        # mixes layers, which is not LAMB. Only stage 0 keeps whole tensors.
+        raise ValueError(f"LAMB needs whole tensors for its layer-wise trust ratio, but ZeRO stage {stage} ({source}) "
+                         f"hands the optimizer flat partitions; use --ds-override zero_optimization.stage=0, or "
+                         f"AdamW")
+    return EngineSetup(config, optimizer, ds_scheduler)
 
 
 def check_max_len(max_len: int, **models) -> None:
@@ -169,7 +228,7 @@ def check_resume_identity(saved: dict, identity: dict, ckpt_dir: Path) -> None:
 
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
-                 data: CorpusData, ds_config: dict, stage: str, extra_manifest: dict,
+                 data: CorpusData, setup: EngineSetup, stage: str, extra_manifest: dict,
                  final_check: Callable[[], dict] | None = None, identity: dict | None = None) -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
@@ -186,29 +245,38 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
         raise FileExistsError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
                               f"or choose a new --out")
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    spec = setup.optimizer
+    optimizer = build_optimizer(model, spec.name, spec.lr, spec.weight_decay, spec.betas, spec.eps)
     schedule = LRSchedule()  # its length needs the global batch, which only the engine knows
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine = dist.build_engine(model, ds_config, optimizer, scheduler)
+    scheduler = None if setup.ds_scheduler else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine = dist.build_engine(model, setup.ds_config, optimizer, scheduler)
     settings = dist.engine_settings(engine)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_train_samples(data.manifest)
                                                     / settings["global_batch"]))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    schedule.set(warmup, total_steps, cfg.decay, scheduler)
-    log.info("engine: %s; %d optimizer steps (warmup %d); %d trainable parameters", settings, total_steps, warmup,
-             num_trainable)
+    if setup.ds_scheduler:
+        schedule_text = f"the config's {setup.ds_config['scheduler']['type']} schedule"
+    else:
+        warmup = cfg.warmup_steps or int((0.06 if cfg.warmup_ratio is None else cfg.warmup_ratio) * total_steps)
+        schedule.set(warmup, total_steps, cfg.decay or "linear", scheduler)
+        schedule_text = f"warmup {warmup}, {cfg.decay or 'linear'} decay"
+    log.info("engine: %s; %s (%s); %d optimizer steps (%s); %d trainable parameters", settings, spec.name,
+             spec.source, total_steps, schedule_text, num_trainable)
+    if dist.is_main():
+        from ds_kd.ds_config import write_effective_config
+
+        write_effective_config(setup.ds_config, spec, out / "ds_config.json")
 
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
                                       micro_batch_size=settings["micro_batch_per_rank"], seed=cfg.seed,
                                       shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers,
                                       max_len=cfg.max_len), dist.rank(), dist.world_size())
-    start_step = 0
+    start_step, elapsed_before = 0, 0.0
     if cfg.resume:
         extras = checkpoint.load(engine, ckpt_dir)
         if extras is not None:
             check_resume_identity(extras, identity or {}, ckpt_dir)
             reader.load_state_dict(extras["reader"])
-            start_step = extras["step"]
+            start_step, elapsed_before = extras["step"], extras.get("elapsed_s", 0.0)
             log.info("resumed from %s at optimizer step %d", checkpoint.latest_tag(ckpt_dir), start_step)
 
     def evaluate() -> dict[str, float]:
@@ -219,9 +287,10 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
 
     run_config = {"stage": stage, **_jsonable(asdict(cfg)), "engine": settings, "total_steps": total_steps,
                   "num_trainable_params": num_trainable}
-    logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step)
+    logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step, elapsed_before)
     try:
-        loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last)
+        loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last,
+                              cfg.save_every_minutes)
         result = train(engine, reader, step_fn, evaluate, logbook, ckpt_dir, loop_cfg, start_step,
                        reader.state_dict, identity)
     finally:
@@ -237,6 +306,10 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
                        **extra_manifest)
     dist.barrier()
+    log.info("finished %s: %d optimizer steps (%d in this process), %s tokens in %.1f s (%.0f tokens/s), "
+             "validation perplexity %.3f; export: %s", out, result.steps, result.steps - start_step,
+             f"{result.tokens:,}", result.seconds, result.tokens / max(result.seconds, 1e-9),
+             result.val.get("val_ppl", math.nan), export_dir)
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
 
 
@@ -262,9 +335,8 @@ def _jsonable(d: dict) -> dict:
 
 def finished_run(cfg: TrainConfig, what: str) -> RunResult | None:
     """The result of an already finished run in ``cfg.out`` (then the run is skipped), else None; checks the
-    budget flags first so a bad command line fails before any work."""
-    if (cfg.max_steps is None) == (cfg.epochs is None):
-        raise ValueError("give exactly one of --max-steps and --epochs")
+    flags first so a bad command line fails before any work."""
+    check_train_flags(cfg)
     if not has_manifest(cfg.out):
         return None
     log.info("%s/manifest.json exists: %s already finished, skipping", cfg.out, what)
@@ -280,9 +352,10 @@ def run(cfg: PretrainConfig) -> RunResult:
     model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
     check_max_len(cfg.max_len, model=model_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
+    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = BertForMaskedLM(model_cfg)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
-    return run_training(cfg, model, mlm_step, model, data, build_ds_config(cfg),
+    return run_training(cfg, model, mlm_step, model, data, setup,
                         "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)})

@@ -76,10 +76,10 @@ def run(cfg: DistillRunConfig) -> RunResult:
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
     check_max_len(cfg.max_len, teacher=teacher.config, student=student_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
+    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    ds_config = build_ds_config(cfg)
     teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, dist.accelerator_name())
-    engine_dtype = dist.precision_dtype(ds_config)
+    engine_dtype = dist.precision_dtype(setup.ds_config)
     if engine_dtype != torch.float32 and teacher_dtype != engine_dtype:
         # DeepSpeed casts the whole module, teacher included, to the engine's half precision.
         log.warning("the engine runs in %s, so the teacher does too (not %s)", engine_dtype, teacher_dtype)
@@ -101,7 +101,7 @@ def run(cfg: DistillRunConfig) -> RunResult:
             raise RuntimeError(f"the teacher's weights changed during distillation ({before} -> {after})")
         return {"teacher_digest_after": after}
 
-    return run_training(cfg, distiller, step, distiller.student, data, ds_config,
+    return run_training(cfg, distiller, step, distiller.student, data, setup,
                         "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
                                     "student_config": asdict(student_cfg), "distillation": summary,
                                     "teacher_digest": before}, check_teacher, identity={"teacher_digest": before})
