@@ -12,8 +12,8 @@ A brought tokenizer keeps its own numbering: mBERT's WordPiece has ``[PAD]``=0, 
 
 A tokenizer without a pad, mask, cls or sep token is refused, naming it: MLM cannot mask or pad without
 them. Every sequence must come out as ``cls ... sep`` (the reader and fine-tuning rely on it): a tokenizer
-without a post-processor gets the template ``cls $A sep`` in the corpus copy (said in the log and the
-manifest); one whose post-processor adds something else is refused.
+whose post-processor adds no special token (or that has none) gets the template ``cls $A sep`` in the corpus
+copy (said in the log and the manifest); one whose post-processor adds something else is refused.
 """
 from __future__ import annotations
 
@@ -115,21 +115,21 @@ def add_template(tok: Tokenizer, ids: dict[str, int]) -> None:
 
 def copy_existing(tokenizer_dir: Path, out_dir: Path) -> dict:
     """Bring an existing tokenizer into the corpus as ``out_dir`` (``tokenizer.json`` + transformers files
-    naming its special tokens). Returns ``{"post_processor_added": bool}``. Raises ValueError naming
+    naming its special tokens). Returns ``{"post_processor_added": bool}`` (True: the copy got ``cls $A sep``). Raises ValueError naming
     ``tokenizer_dir`` for a missing special token or a post-processor that does not give ``cls ... sep``."""
     fast = load_existing(tokenizer_dir)
     ids = special_token_ids(fast, tokenizer_dir)
     backend = fast.backend_tokenizer
     added = False
     if not wraps_with_cls_sep(backend, ids):
-        if backend.post_processor is not None:
-            enc = backend.encode(PROBE)
+        enc = backend.encode(PROBE)
+        if any(enc.special_tokens_mask):
             raise ValueError(f"{tokenizer_dir}: its post-processor encodes {PROBE!r} as {enc.tokens}, not "
                              f"{backend.id_to_token(ids['cls'])} ... {backend.id_to_token(ids['sep'])}; "
                              f"MLM shards need every sentence between its cls and sep tokens")
         add_template(backend, ids)
         added = True
-        print(f"[corpus] {tokenizer_dir}: no post-processor; every sentence is encoded as "
+        print(f"[corpus] {tokenizer_dir}: its post-processor adds no special token; every sentence is encoded as "
               f"{backend.id_to_token(ids['cls'])} ... {backend.id_to_token(ids['sep'])}", flush=True)
     for role in ("pad", "unk", "cls", "sep", "mask", "bos", "eos"):
         if role in ids and getattr(fast, f"{role}_token", None) is None:
