@@ -82,6 +82,15 @@ def unigram_dir(root: Path, post_processor: bool = True, specials=("<s>", "<pad>
     return out
 
 
+def xlmr_files_dir(root: Path) -> Path:
+    """The unigram tokenizer with transformers files as XLM-R ships them (bos/eos named too)."""
+    out = unigram_dir(root)
+    names = {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>",
+             "pad_token": "<pad>", "mask_token": "<mask>"}
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer", **names}))
+    return out
+
+
 def corpus_config(raw: Path, out: Path, tokenizer: Path | None) -> CorpusConfig:
     return CorpusConfig(raw=raw, out=out, langs=("en", "fr"), read=ReadConfig(),
                         sample=SampleConfig(total=800, seed=1, val_per_lang=20, bucket_mb=0.05),
@@ -109,9 +118,9 @@ def all_masked(shard_dir: Path, split: str) -> list[dict]:
     return list(ShardReader(cfg))
 
 
-@pytest.mark.parametrize("shape", ["wordpiece", "unigram", "unigram_bare"])
+@pytest.mark.parametrize("shape", ["wordpiece", "unigram", "unigram_bare", "xlmr_files"])
 def test_brought_tokenizer_masks_pads_and_wraps_with_its_own_ids(raw, tmp_path, shape):
-    tok_dir = {"wordpiece": wordpiece_dir, "unigram": unigram_dir,
+    tok_dir = {"wordpiece": wordpiece_dir, "unigram": unigram_dir, "xlmr_files": xlmr_files_dir,
                "unigram_bare": lambda r: unigram_dir(r, post_processor=False)}[shape](tmp_path)
     expected = WORDPIECE_IDS if shape == "wordpiece" else unigram_ids(tok_dir)
     comma = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).token_to_id(",")
@@ -221,6 +230,20 @@ def test_model_built_for_training_and_its_export_use_the_tokenizers_pad_id(unigr
     assert config["pad_token_id"] == tok.pad_token_id == 1
     assert AutoConfig.from_pretrained(str(out)).pad_token_id == 1
     assert BertForMaskedLM.from_pretrained(out).config.pad_token_id == 1
+
+
+def test_export_of_an_xlmr_shaped_tokenizer_carries_its_bos_and_eos(raw, tmp_path):
+    from transformers import AutoConfig
+
+    from ds_kd.model import BertForMaskedLM
+    from ds_kd.pretrain import export, model_config, resolve_data
+
+    run(corpus_config(raw, tmp_path / "corpus", xlmr_files_dir(tmp_path)))
+    data = resolve_data(tmp_path / "corpus", None)
+    out = export(BertForMaskedLM(model_config("tiny-leanbert", data)), data.tokenizer_dir, tmp_path / "export",
+                 data.special_ids)
+    config = AutoConfig.from_pretrained(str(out))
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (1, 0, 2)
 
 
 def test_fine_tuned_model_config_takes_its_tokenizers_pad_id(unigram_corpus, tmp_path):
