@@ -3,14 +3,15 @@
 Shard layout (written by ``python -m data_prep corpus``, read by :mod:`ds_kd.reader`), readable with
 plain ``webdataset``::
 
-    <corpus>/shards/manifest.json            languages, vocab size, tokenizer hash, shard lists and counts
+    <corpus>/shards/manifest.json            languages, vocab size, tokenizer hash, special token ids by role,
+                                             shard lists and counts
     <corpus>/shards/train/shard-000000.tar   one sample per sentence, languages interleaved (shuffled)
     <corpus>/shards/val/shard-000000.tar
 
 Each sample in a tar holds::
 
     __key__    "<lang>-<10-digit index>"            unique within the split
-    ids.npy    numpy int32 1-D: [CLS] token ids [SEP]  (special tokens included, no padding)
+    ids.npy    numpy int32 1-D: cls token ids sep  (the tokenizer's own special tokens, no padding)
     lang.txt   language code, e.g. "hi"
 """
 from __future__ import annotations
