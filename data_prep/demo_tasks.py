@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.tasks import TASKS
+from ds_kd.textfile import read_text
 
 ROLES = ("train", "dev", "test")
 # Share of held-out pages per role: most go to test, as test sets are per language and Hindi is scarce.
@@ -114,8 +115,8 @@ def read_language(raw: Path, lang: str) -> list[tuple[str, str, str]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; --raw must be a directory written by "
                                     "`python -m data_prep libreoffice` (<lang>/help.txt, alignment/<lang>.tsv)")
-    texts = text_path.read_text(encoding="utf-8").split("\n")
-    keys = key_path.read_text(encoding="utf-8").split("\n")
+    texts = read_text(text_path).split("\n")
+    keys = read_text(key_path).split("\n")
     texts, keys = texts[:-1] if texts[-1] == "" else texts, keys[:-1] if keys[-1] == "" else keys
     if len(texts) != len(keys):
         raise ValueError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
@@ -199,7 +200,7 @@ def read_heldout(heldout: Path, langs: tuple[str, ...]) -> tuple[dict[str, str],
     if not has_manifest(heldout) or not pages_file.is_file():
         raise FileNotFoundError(f"{heldout}: no finished held-out split (manifest.json, pages.tsv); run "
                                 "`python -m data_prep demo_tasks --raw RAW --pretrain-raw DIR --heldout DIR` first")
-    roles = dict(line.split("\t") for line in pages_file.read_text(encoding="utf-8").splitlines() if line)
+    roles = dict(line.split("\t") for line in read_text(pages_file).splitlines() if line)
     return roles, {lang: [Paragraph(*r) for r in read_language(heldout, lang)] for lang in langs}
 
 

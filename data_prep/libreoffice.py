@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
+from ds_kd.textfile import read_text
 
 # language code -> (Debian package suffix, directory under usr/share/libreoffice/help)
 PACKAGES = {"en": ("en-us", "en-US"), "fr": ("fr", "fr"), "de": ("de", "de"), "ja": ("ja", "ja"),
@@ -80,7 +81,7 @@ class ParagraphParser(HTMLParser):
 def parse_page(path: Path) -> list[tuple[str, str]]:
     """(paragraph id, text) of one help page, first occurrence of each id, empty texts left out."""
     parser = ParagraphParser()
-    parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+    parser.feed(read_text(path, errors="replace"))
     seen, out = set(), []
     for pid, text in parser.paragraphs:
         if text and pid not in seen:

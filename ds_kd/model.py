@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_kd.textfile import read_json
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -52,7 +54,8 @@ class BertConfig:
     initializer_range: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
     pad_token_id: int = 0
-    """Id of [PAD]."""
+    """Id of the tokenizer's pad token (its embedding row starts at zero and gets no gradient); a model built for
+    training takes it from the shards' special ids (XLM-R's tokenizer pads with 1)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -62,9 +65,13 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def to_hf_dict(self) -> dict:
-        return {**asdict(self), "model_type": "bert", "architectures": ["BertForMaskedLM"],
-                "hidden_act": "gelu", "tie_word_embeddings": True, "position_embedding_type": "absolute"}
+    def to_hf_dict(self, special_token_ids: dict[str, int] | None = None) -> dict:
+        """The ``config.json`` of ``transformers.BertConfig``. ``special_token_ids`` are the config fields of the
+        tokenizer saved alongside (``pad_token_id``, ``bos_token_id``/``eos_token_id`` where it has them; see
+        :func:`ds_kd.schema.config_special_ids`): the tokenizer is what every consumer pads with, so they win."""
+        return {**asdict(self), **(special_token_ids or {}), "model_type": "bert",
+                "architectures": ["BertForMaskedLM"], "hidden_act": "gelu", "tie_word_embeddings": True,
+                "position_embedding_type": "absolute"}
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "BertConfig":
@@ -383,10 +390,12 @@ class BertForMaskedLM(nn.Module):
 
     # ---- Hugging Face directories -------------------------------------------------------------------
 
-    def save_pretrained(self, directory: Path | str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, directory: Path | str, state_dict: dict[str, torch.Tensor] | None = None,
+                        special_token_ids: dict[str, int] | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` loadable by ``AutoModelForMaskedLM``.
 
-        ``state_dict`` lets a caller pass weights gathered elsewhere (ZeRO-3) in this module's naming."""
+        ``state_dict`` lets a caller pass weights gathered elsewhere (ZeRO-3) in this module's naming;
+        ``special_token_ids``: the config fields of the tokenizer saved with it (see :meth:`BertConfig.to_hf_dict`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -398,7 +407,7 @@ class BertForMaskedLM(nn.Module):
         tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
         with open(directory / "config.json", "w", encoding="utf-8") as f:
-            json.dump(self.config.to_hf_dict(), f, indent=2)
+            json.dump(self.config.to_hf_dict(special_token_ids), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, **config_overrides) -> "BertForMaskedLM":
@@ -408,8 +417,7 @@ class BertForMaskedLM(nn.Module):
         cfg_path = directory / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: not a checkpoint directory (no config.json)")
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = replace(BertConfig.from_hf_dict(json.load(f)), **config_overrides)
+        cfg = replace(BertConfig.from_hf_dict(read_json(cfg_path)), **config_overrides)
         model = cls(cfg)
         state = load_hf_state_dict(directory)
         own = model.state_dict()

@@ -27,7 +27,7 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.model import BertForMaskedLM, make_config, masked_lm_loss
+from ds_kd.model import BertConfig, BertForMaskedLM, make_config, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
 
 if TYPE_CHECKING:
@@ -116,10 +116,14 @@ class CorpusData:
     tokenizer_dir: Path
     manifest: dict
     vocab_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)
+    """The tokenizer's special ids by role (pad, cls, sep, mask, ...), from the shards manifest."""
 
 
 def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
-    """Find the shards and the tokenizer and check they belong together, before anything is built."""
+    """Find the shards and the tokenizer and check they belong together, and that the shards record the
+    tokenizer's special ids, before anything is built."""
+    from ds_kd.reader import special_ids
     from ds_kd.schema import check_tokenizer_matches
 
     data = Path(data)
@@ -127,7 +131,12 @@ def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
     manifest = read_manifest(shard_dir, needed_by="training")
     tokenizer_dir = Path(tokenizer) if tokenizer else shard_dir.parent / "tokenizer"
     check_tokenizer_matches(manifest, tokenizer_dir)
-    return CorpusData(shard_dir, tokenizer_dir, manifest, int(manifest["vocab_size"]))
+    return CorpusData(shard_dir, tokenizer_dir, manifest, int(manifest["vocab_size"]), special_ids(manifest, shard_dir))
+
+
+def model_config(preset: str, data: CorpusData) -> BertConfig:
+    """The preset's config for training on ``data``: its vocabulary size and pad id are the tokenizer's."""
+    return make_config(preset, vocab_size=data.vocab_size, pad_token_id=data.special_ids["pad"])
 
 
 def num_train_samples(manifest: dict) -> int:
@@ -300,7 +309,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
         raise RuntimeError(f"the ranks' weights differ after training (digests {digests}): replicas diverged")
     if final_check is not None:
         extra_manifest = {**extra_manifest, **final_check()}
-    export_dir = export(mlm_model, data.tokenizer_dir, out / "export")
+    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids)
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
@@ -313,13 +322,22 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
 
 
-def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path) -> Path | None:
-    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0."""
+def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
+           special_ids: dict[str, int]) -> Path | None:
+    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
+
+    ``special_ids``: the tokenizer's by role (:attr:`CorpusData.special_ids`); ``config.json`` carries them
+    (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them)."""
+    from ds_kd.schema import config_special_ids
+
+    if model.config.pad_token_id != special_ids["pad"]:
+        log.warning("the model was built with pad id %d but its tokenizer pads with %d: the export says %d",
+                    model.config.pad_token_id, special_ids["pad"], special_ids["pad"])
     state = dist.gather_full_state_dict(model)
     if dist.is_main():
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state, special_token_ids=config_special_ids(special_ids))
         for f in tokenizer_dir.iterdir():
             if f.is_file() and f.name != "manifest.json":
                 shutil.copy2(f, tmp / f.name)
@@ -349,7 +367,7 @@ def run(cfg: PretrainConfig) -> RunResult:
     if (done := finished_run(cfg, "pretraining")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
+    model_cfg = model_config(cfg.model, data)  # validates the preset before any work
     check_max_len(cfg.max_len, model=model_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
     setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists

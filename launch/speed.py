@@ -14,13 +14,14 @@ from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
 from ds_kd.speed import SpeedConfig, run
+from ds_kd.textfile import read_text
 
 
 def read_texts(heldout: Path, lang: str) -> list[str]:
     path = heldout / lang / "help.txt"
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found (--heldout must hold <lang>/help.txt, one text per line)")
-    return path.read_text(encoding="utf-8").splitlines()
+    return read_text(path).splitlines()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ TASK_NAMES = ("xnli", "pawsx", "wikiann", "matis", "mtop")
 
 
 def load_task(task: str, src: Path | str, choice: LangChoice = LangChoice(), *, wikiann_format: str = "auto",
-              mtop_uncopyable: str = "error") -> TaskData:
-    """Read one benchmark release from ``src``."""
+              wikiann_whitespace: str = "keep", mtop_uncopyable: str = "error") -> TaskData:
+    """Read one benchmark release from ``src`` (``wikiann_whitespace``: see ``data_prep.tasks.wikiann``)."""
     from data_prep.tasks import matis, mtop, pawsx, wikiann, xnli
 
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
     if task == "wikiann":
-        return wikiann.load(src, choice, wikiann_format)
+        return wikiann.load(src, choice, wikiann_format, wikiann_whitespace)
     if task == "mtop":
         return mtop.load(src, choice, mtop_uncopyable)
     loaders = {"xnli": xnli.load, "pawsx": pawsx.load, "matis": matis.load}

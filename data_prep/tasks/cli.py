@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from data_prep.tasks import TASK_NAMES, LangChoice, TaskDataError, prepare_task
+from data_prep.tasks.wikiann import WHITESPACE_RULES
 from ds_kd.manifest import has_manifest
 
 DESCRIPTION = """\
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wikiann-format", choices=("auto", "xtreme", "hf"), default="auto",
                    help="WikiANN source: XTREME/Rahimi files, a `datasets` save_to_disk folder, or auto-detect "
                         "(hf where a dataset_dict.json exists)")
+    p.add_argument("--wikiann-whitespace-tokens", choices=tuple(WHITESPACE_RULES), default="keep",
+                   help="WikiANN tokens that are only whitespace (e.g. an ideographic space, U+3000, in Japanese "
+                        "files): " + "; ".join(f"{k}: {v}" for k, v in WHITESPACE_RULES.items()))
     p.add_argument("--mtop-uncopyable", choices=("error", "remove"), default="error",
                    help="mTOP rows whose logical form copies a token absent from the source tokens: stop with an "
                         "error (default) or remove and count them in the manifest")
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if has_manifest(args.out / task) and not args.force:
             print(f"{task}: {args.out / task}/manifest.json exists, skipping (--force rebuilds)")
             continue
-        options = {"wikiann_format": args.wikiann_format} if task == "wikiann" else {}
+        options = ({"wikiann_format": args.wikiann_format, "wikiann_whitespace": args.wikiann_whitespace_tokens}
+                   if task == "wikiann" else {})
         if task == "mtop":
             options["mtop_uncopyable"] = args.mtop_uncopyable
         try:

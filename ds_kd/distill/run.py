@@ -14,9 +14,9 @@ import torch
 
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
-from ds_kd.model import BertForMaskedLM, make_config
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, finished_run, resolve_data,
-                            run_training, seed_everything)
+from ds_kd.model import BertForMaskedLM
+from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, finished_run, model_config,
+                            resolve_data, run_training, seed_everything)
 
 log = logging.getLogger("ds_kd")
 
@@ -72,7 +72,7 @@ def run(cfg: DistillRunConfig) -> RunResult:
     if (done := finished_run(cfg, "distillation")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    student_cfg = make_config(cfg.student, vocab_size=data.vocab_size)
+    student_cfg = model_config(cfg.student, data)
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
     check_max_len(cfg.max_len, teacher=teacher.config, student=student_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
