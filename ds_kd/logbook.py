@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Logbook:
 
             # A resumed run continues the same W&B run: its id is kept in the run directory.
             id_file = self.run_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=wandb_cfg.project or os.environ.get("WANDB_PROJECT", "ds-kd"),

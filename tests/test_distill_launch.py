@@ -147,9 +147,9 @@ def test_resuming_with_another_teacher_is_refused_before_the_first_step(zero2_di
     other = make_teacher(tiny_corpus, tmp_path / "other", seed=12)  # same shape, other weights
     args = distill_args(tiny_corpus, other, out, "zero2", "--resume")
     args[args.index("--max-steps") + 1] = "12"
-    proc = run_cmd([sys.executable, "launch/distill.py", *args])
+    proc = run_cmd(deepspeed_cmd("launch/distill.py", args))
     assert proc.returncode == 2, tail(proc)
-    assert "written under other inputs (teacher_digest" in proc.stderr
+    assert "written under other inputs (teacher_digest" in proc.stdout + proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == rows  # no step was taken
 
 

@@ -226,6 +226,12 @@ def test_no_state_dict_of_the_distiller_holds_a_teacher_tensor():
     teacher, student = _model("tiny-large", 0), _model("tiny-leanbert", 1)
     assert teacher.cls.predictions.decoder.weight is teacher.bert.embeddings.word_embeddings.weight
     distiller = Distiller(teacher, student, DistillConfig())
+    # inside the Distiller the decoder reads the embeddings without a Parameter of its own (DeepSpeed lists a
+    # tied pair as shared params), and the teacher's logits are unchanged
+    assert not list(teacher.cls.predictions.decoder.parameters())
+    assert len({id(p) for p in teacher.parameters()}) == len(list(teacher.named_parameters(remove_duplicate=False)))
+    x = torch.randn(3, teacher.config.hidden_size)
+    assert torch.equal(teacher.cls.predictions.decoder(x), x @ teacher.bert.embeddings.word_embeddings.weight.T)
     state = distiller.state_dict()
     assert not [k for k in state if k.startswith("teacher.")]
     assert {f"student.{k}" for k in student.state_dict()} <= set(state)

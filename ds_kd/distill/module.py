@@ -164,6 +164,7 @@ class Distiller(nn.Module):
         teacher.requires_grad_(False)
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
+        _untie_decoder(teacher)
         self.teacher = teacher.eval()
         self.student = student
         self.projections = build_projections(s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers, config,
@@ -256,3 +257,29 @@ def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metada
     """State-dict post-hook of :class:`Distiller`: remove every ``teacher.`` entry (tied names included)."""
     for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
         del state_dict[key]
+
+
+def _untie_decoder(teacher: BertForMaskedLM) -> None:
+    """Replace the frozen teacher's tied MLM decoder by :class:`_EmbeddingDecoder`, which reads the word
+    embeddings at call time. A tied pair of Parameters is what DeepSpeed records as "shared params" in every
+    checkpoint (naming teacher tensors the checkpoint does not hold, which breaks its own converters), and two
+    untied Parameters over one storage would be copied apart by the engine's ``.to(device)``."""
+    decoder = teacher.cls.predictions.decoder
+    embeddings = teacher.bert.embeddings.word_embeddings
+    if isinstance(decoder, nn.Linear) and decoder.weight is embeddings.weight:
+        teacher.cls.predictions.decoder = _EmbeddingDecoder(embeddings)
+
+
+class _EmbeddingDecoder(nn.Module):
+    """``x @ word_embeddings.weight.T`` ([N, D] -> [N, V]) with no Parameter of its own. Under ZeRO-3 the
+    embedding weight is registered as an external parameter of this module, so it is gathered when it runs."""
+
+    def __init__(self, embeddings: nn.Embedding):
+        from deepspeed.runtime.zero import register_external_parameter
+
+        super().__init__()
+        self._embeddings = [embeddings]  # a list: not registered as a child module (its weight is not ours)
+        register_external_parameter(self, embeddings.weight)  # only ZeRO-3 reads this
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x_ND, self._embeddings[0].weight)
