@@ -54,14 +54,23 @@ def teacher_digest(teacher: torch.nn.Module) -> str:
 
 
 def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) -> BertForMaskedLM:
+    """The teacher checkpoint, checked against the shards: its embedding must have a row for every token id of
+    the shards' tokenizer (``data_vocab_size``). More rows are fine (public checkpoints often pad the matrix,
+    e.g. multilingual-e5-small: 250,037 rows for 250,002 pieces); those rows are never looked up, and the
+    teacher's MLM logits are cut to the tokenizer's ids. Raises ValueError naming ``config.json`` when the
+    embedding is smaller, or when the directory's tokenizer is not the shards' one."""
     from ds_kd.schema import check_tokenizer_matches
 
     directory = Path(directory)
     teacher = BertForMaskedLM.from_pretrained(directory)
-    if teacher.config.vocab_size != data_vocab_size:
-        raise ValueError(f"{directory}/config.json: teacher vocabulary of {teacher.config.vocab_size} tokens, but "
-                         f"the shards were written with {data_vocab_size}: distil on shards made with the "
-                         f"teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
+    rows = teacher.config.vocab_size
+    if rows < data_vocab_size:
+        raise ValueError(f"{directory}/config.json: teacher vocabulary of {rows} tokens (embedding rows), fewer than "
+                         f"the {data_vocab_size} of the tokenizer the shards were written with: distil on shards "
+                         f"made with the teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
+    if rows > data_vocab_size:
+        log.info("teacher embedding has %d rows for a %d-token tokenizer: the %d rows above are never used",
+                 rows, data_vocab_size, rows - data_vocab_size)
     if (directory / "tokenizer.json").is_file():
         check_tokenizer_matches(shards_manifest, directory)
     return teacher
