@@ -27,8 +27,9 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.model import BertForMaskedLM, make_config
+from ds_kd.model import BertForMaskedLM
 from ds_kd.optim import LRSchedule, build_optimizer
+from ds_kd.warmstart import init_model, student_config
 
 log = logging.getLogger("ds_kd")
 
@@ -85,12 +86,17 @@ class TrainConfig:
     """How long a rank waits for a peer in a collective before the job fails."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
+    init_from: str | None = None
+    """Checkpoint directory (HF BERT) whose weights the trained model starts from (see ds_kd.warmstart)."""
+    init_layers: list[int] | None = None
+    """1-based layers of ``init_from`` to copy, in order, with its embeddings (None: the whole checkpoint)."""
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "mbert8-base"
-    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert)."""
+    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), or from-init:
+    the shape of ``init_from`` (with ``len(init_layers)`` layers)."""
 
 
 @dataclass
@@ -250,11 +256,15 @@ def run(cfg: PretrainConfig) -> RunResult:
     if (done := finished_run(cfg, "pretraining")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
+    # validates the preset (or the --init-from shape) before any work
+    model_cfg = student_config(cfg.model, data.vocab_size, cfg.init_from, cfg.init_layers)
     dist.init_distributed(cfg.dist_timeout_minutes)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = BertForMaskedLM(model_cfg)
+    init = None
+    if cfg.init_from:
+        init = init_model(model, BertForMaskedLM.from_pretrained(cfg.init_from), cfg.init_layers)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
     return run_training(cfg, model, mlm_step, model, data, build_ds_config(cfg),
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)})
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg), "init": init})
