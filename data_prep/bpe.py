@@ -109,7 +109,11 @@ def copy_existing(tokenizer_dir: Path, out_dir: Path) -> None:
         raise ValueError(f"{tokenizer_dir}: tokenizer lacks BERT special tokens {missing}")
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
-    if not (out_dir / TOKENIZER_FILE).is_file():
+    if (tokenizer_dir / TOKENIZER_FILE).is_file():
+        # the brought file byte for byte: a re-serialised one differs (float digits, or a pipeline transformers
+        # rebuilt), and the teacher's tokenizer.json must hash like the shards' (ds_kd.schema)
+        shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    elif not (out_dir / TOKENIZER_FILE).is_file():
         fast.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
 
 

@@ -137,7 +137,7 @@ def convert(model_file: Path, out: Path) -> dict:
                num_attention_heads=h["heads"], intermediate_size=h["ffn"], max_position_embeddings=h["max_positions"],
                type_vocab_size=h["type_vocab"], layer_norm_eps=float(f"{h['eps']:.7g}"), hidden_act="gelu",
                pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-               architectures=["BertModel"], tokenizer_class="XLMRobertaTokenizer").to_json_file(out / "config.json")
+               architectures=["BertModel"]).to_json_file(out / "config.json")
     tok = build_unigram_tokenizer(q4.pieces, q4.scores, ids["unk"], q4.norm_map, specials)
     save_unigram_tokenizer(tok, out, specials, model_max_length=h["max_positions"])
     num_params = sum(t.numel() for t in tensors.values())

@@ -119,13 +119,21 @@ def build_unigram_tokenizer(pieces: list[str], scores: list[float], unk_id: int,
 
 def save_unigram_tokenizer(tok: Tokenizer, out_dir: Path, specials: dict[str, str] = XLMR_SPECIALS,
                            model_max_length: int = 512) -> None:
-    """``tokenizer.json`` plus the transformers files (XLM-R's class, ``<s>``/``</s>`` as cls/sep), so that
-    ``AutoTokenizer.from_pretrained(out_dir)`` loads it without sentencepiece."""
-    from transformers import XLMRobertaTokenizerFast
+    """``tokenizer.json`` plus the transformers files, so that ``AutoTokenizer.from_pretrained(out_dir)`` loads it
+    (``<s>``/``</s>`` as cls/sep) without sentencepiece. The class written is ``PreTrainedTokenizerFast``, which
+    transformers 4 and 5 both know and which takes ``tokenizer.json`` as it is (transformers 5's XLM-R class
+    would rebuild the normaliser and pre-tokenizer from the vocabulary)."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast = XLMRobertaTokenizerFast(tokenizer_object=tok, cls_token=specials["bos_token"],
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token=specials["bos_token"],
                                    sep_token=specials["eos_token"], model_max_length=model_max_length, **specials)
     fast.save_pretrained(str(out_dir))
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tok.save(str(out_dir / TOKENIZER_FILE))  # the exact object built here
