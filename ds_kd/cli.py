@@ -53,6 +53,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decay", choices=["linear", "cosine", "constant"], default=None,
                    help=f"learning-rate decay after warmup (default linear{from_json})")
 
+    g = p.add_argument_group("starting weights (default: random)")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this HF BERT checkpoint directory: the whole of it (continued pretraining), "
+                        "or with --init-layers its embeddings and those layers (default: random weights)")
+    g.add_argument("--init-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="1-based layers of --init-from to copy, in order, e.g. 3 6 9 12 (DistilBERT's recipe); "
+                        "the model gets that many layers (default: all layers)")
+
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="log metrics every N optimizer steps")
     g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
@@ -82,7 +90,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,
-        wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode))
+        wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode),
+        init_from=args.init_from, init_layers=args.init_layers)
 
 
 def name_value(text: str) -> tuple[str, str]:

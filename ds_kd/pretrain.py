@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -27,8 +27,9 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.model import BertConfig, BertForMaskedLM, make_config, masked_lm_loss
+from ds_kd.model import BertConfig, BertForMaskedLM, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
+from ds_kd.warmstart import init_model, student_config
 
 if TYPE_CHECKING:
     from ds_kd.ds_config import OptimizerSpec
@@ -92,12 +93,17 @@ class TrainConfig:
     """How long a rank waits for a peer in a collective before the job fails."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
+    init_from: str | None = None
+    """Checkpoint directory (HF BERT) whose weights the trained model starts from (see ds_kd.warmstart)."""
+    init_layers: list[int] | None = None
+    """1-based layers of ``init_from`` to copy, in order, with its embeddings (None: the whole checkpoint)."""
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "mbert8-base"
-    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert)."""
+    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), or from-init:
+    the shape of ``init_from`` (with ``len(init_layers)`` layers)."""
 
 
 @dataclass
@@ -134,9 +140,13 @@ def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
     return CorpusData(shard_dir, tokenizer_dir, manifest, int(manifest["vocab_size"]), special_ids(manifest, shard_dir))
 
 
-def model_config(preset: str, data: CorpusData) -> BertConfig:
-    """The preset's config for training on ``data``: its vocabulary size and pad id are the tokenizer's."""
-    return make_config(preset, vocab_size=data.vocab_size, pad_token_id=data.special_ids["pad"])
+def model_config(shape: str, data: CorpusData, init_from: str | None = None,
+                 init_layers: list[int] | None = None) -> BertConfig:
+    """The config for training on ``data``: a preset, or the ``--init-from`` checkpoint's shape (see
+    :func:`ds_kd.warmstart.student_config`, which raises ValueError for a bad combination), with the
+    tokenizer's vocabulary size and pad id."""
+    return replace(student_config(shape, data.vocab_size, init_from, init_layers),
+                   pad_token_id=data.special_ids["pad"])
 
 
 def num_train_samples(manifest: dict) -> int:
@@ -176,11 +186,11 @@ def check_train_flags(cfg: TrainConfig) -> None:
     if (cfg.max_steps is None) == (cfg.epochs is None):
         raise ValueError("give exactly one of --max-steps and --epochs")
     positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
-                "--shuffle-buffer": cfg.shuffle_buffer, "--log-every": cfg.log_every, "--lr": cfg.lr,
+                "--shuffle-buffer": cfg.shuffle_buffer, "--log-every": cfg.log_every,
                 "--dist-timeout-minutes": cfg.dist_timeout_minutes}
     not_negative = {"--num-workers": cfg.num_workers, "--eval-every": cfg.eval_every,
                     "--save-every": cfg.save_every, "--save-every-minutes": cfg.save_every_minutes,
-                    "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps,
+                    "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps, "--lr": cfg.lr,
                     "--weight-decay": cfg.weight_decay}
     for flag, value in positive.items():
         if value is not None and not value > 0:
@@ -367,13 +377,17 @@ def run(cfg: PretrainConfig) -> RunResult:
     if (done := finished_run(cfg, "pretraining")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    model_cfg = model_config(cfg.model, data)  # validates the preset before any work
+    # validates the preset (or the --init-from shape) before any work
+    model_cfg = model_config(cfg.model, data, cfg.init_from, cfg.init_layers)
     check_max_len(cfg.max_len, model=model_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
     setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = BertForMaskedLM(model_cfg)
+    init = None
+    if cfg.init_from:
+        init = init_model(model, BertForMaskedLM.from_pretrained(cfg.init_from), cfg.init_layers)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
     return run_training(cfg, model, mlm_step, model, data, setup,
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)})
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg), "init": init})

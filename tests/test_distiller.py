@@ -258,3 +258,32 @@ def test_global_denominators_make_the_loss_the_mean_over_the_whole_batch():
     for name in ("mlm", "output", "embedding", "hidden", "attention"):
         assert (parts[0].terms[name] + parts[1].terms[name]).item() / 2 == pytest.approx(
             whole.terms[name].item(), rel=2e-5), name
+
+
+def test_teacher_with_padded_vocabulary_rows_gives_the_losses_of_the_same_teacher_without_them():
+    """Rows past the tokenizer (public checkpoints pad the embedding) are never looked up, and the output loss
+    is taken over the student's ids: the terms equal those of the teacher cut to the tokenizer's size."""
+    torch.manual_seed(0)
+    padded = BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0))
+    cut = BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+    cut.load_state_dict({k: v[:VOCAB] if v.shape[:1] == (VOCAB + 35,) else v
+                         for k, v in padded.state_dict().items()})
+    batch = _batch()
+    got = Distiller(padded, _model("tiny-leanbert", 1)).eval()(batch).terms
+    want = Distiller(cut, _model("tiny-leanbert", 1)).eval()(batch).terms
+    assert set(got) == {"mlm", "output", "embedding", "hidden", "attention", "total"}
+    for term in want:
+        torch.testing.assert_close(got[term], want[term], rtol=1e-6, atol=1e-7)
+
+
+def test_load_teacher_accepts_more_embedding_rows_than_tokens_and_refuses_fewer(tmp_path):
+    from ds_kd.distill.run import load_teacher
+
+    BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35)).save_pretrained(tmp_path / "padded")
+    assert load_teacher(str(tmp_path / "padded"), VOCAB, {}).config.vocab_size == VOCAB + 35
+    BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB - 1)).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'small'}/config.json: teacher vocabulary of {VOCAB - 1} "
+                                         f"tokens .* fewer than the {VOCAB} of the tokenizer"):
+        load_teacher(str(tmp_path / "small"), VOCAB, {})

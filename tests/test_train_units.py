@@ -215,7 +215,7 @@ def test_bad_deepspeed_json_fails_in_one_line_before_anything_is_created(tiny_co
     ({"max_steps": 0}, "--max-steps must be positive, got 0"),
     ({"max_steps": None, "epochs": 0.0}, "--epochs must be positive, got 0.0"),
     ({"save_every": -1}, "--save-every must not be negative"),
-    ({"lr": -1e-4}, "--lr must be positive"),
+    ({"lr": -1e-4}, "--lr must not be negative"),
     ({"warmup_ratio": 1.5}, r"--warmup-ratio must lie in \[0, 1\)"),
 ])
 def test_bad_flag_values_name_the_flag_before_anything_is_created(tiny_corpus, tmp_path, flags, message):

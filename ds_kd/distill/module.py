@@ -143,7 +143,9 @@ class Distiller(nn.Module):
     ``teacher`` stays frozen: its parameters never require gradients, it stays in eval mode whatever
     ``.train()`` is called with (no dropout, so its targets are deterministic), and ``trainable_parameters()``
     (student and projections) is what the optimizer should get. ``teacher_dtype`` casts the teacher (fp16 on
-    GPU, bf16 on CPU); its outputs are cast to float32 before the losses.
+    GPU, bf16 on CPU); its outputs are cast to float32 before the losses. A teacher with more vocabulary rows
+    than the student (padded embedding rows past the tokenizer) has its logits cut to the student's ids; one
+    with fewer is refused (ValueError).
     """
 
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, config: DistillConfig | None = None,
@@ -151,9 +153,11 @@ class Distiller(nn.Module):
         super().__init__()
         self.config = config = config or DistillConfig()
         t_cfg, s_cfg = teacher.config, student.config
-        if t_cfg.vocab_size != s_cfg.vocab_size:
-            raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size}) and student vocabulary ({s_cfg.vocab_size}) "
-                             f"differ: the teacher must use the shards' tokenizer")
+        if t_cfg.vocab_size < s_cfg.vocab_size:
+            raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size}) is smaller than the student's "
+                             f"({s_cfg.vocab_size}): the teacher must use the shards' tokenizer")
+        # A teacher embedding may have padded rows past the tokenizer (never looked up): its logits are cut.
+        self.vocab_size = s_cfg.vocab_size
         self.mapped_layers = layer_map(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, config.layer_map)
         self.output_enabled = config.output_weight > 0 and getattr(teacher, "has_mlm_head", True)
         if config.output_weight > 0 and not self.output_enabled:
@@ -242,7 +246,7 @@ class Distiller(nn.Module):
                                        output_hidden_states=want_hidden, output_attention_scores=want_scores,
                                        **packing)
             if self.output_enabled:
-                terms["output"] = soft_cross_entropy(student.logits, teacher.logits, cfg.temperature,
+                terms["output"] = soft_cross_entropy(student.logits, teacher.logits[:, :self.vocab_size], cfg.temperature,
                                                      log_probs if cfg.temperature == 1.0 else None,
                                                      denominators.get("masked"))
             terms.update(intermediate_terms(student.encoder, teacher.encoder, attention_mask, self.mapped_layers,
