@@ -90,7 +90,8 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "mbert8-base"
-    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert)."""
+    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), or the path of a
+    Hugging Face BERT ``config.json`` (any shape; its vocabulary is replaced by the tokenizer's)."""
 
 
 @dataclass
