@@ -29,6 +29,7 @@ from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.model import BertForMaskedLM, make_config, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
+from ds_kd.tokenizer_files import make_portable
 
 log = logging.getLogger("ds_kd")
 
@@ -251,6 +252,7 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path) -> Pat
         for f in tokenizer_dir.iterdir():
             if f.is_file() and f.name != "manifest.json":
                 shutil.copy2(f, tmp / f.name)
+        make_portable(tmp, merges=False)  # tokenizer.json stays byte-identical: its hash ties it to the shards
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     dist.barrier()
