@@ -11,6 +11,9 @@ be the file's language. Tags must be BIO over PER/LOC/ORG.
 the tags), ``langs``, ``spans``. Either one saved ``DatasetDict`` per language directory (``<src>/<lang>/``),
 or one ``DatasetDict`` at ``<src>`` whose language is read from ``langs``.
 
+``xtreme-tsv``: XTREME's processed ``panx/{train,dev,test}-<lang>.tsv`` (``download_data.sh`` output), read by
+:mod:`.xtreme`.
+
 Every malformed line or row is an error naming the file and line (or split and row).
 """
 from __future__ import annotations
@@ -175,14 +178,37 @@ def load_hf(src: Path, choice: LangChoice) -> TaskData:
     return data
 
 
+# --- XTREME download_data.sh output ---------------------------------------------------------------------------
+
+def load_xtreme_tsv(src: Path, choice: LangChoice) -> TaskData:
+    """XTREME's processed ``panx/<split>-<lang>.tsv`` under ``src`` (or ``src`` itself)."""
+    from data_prep.tasks import xtreme
+
+    root = xtreme.find_task_dir(src, "panx")
+    if root is None:
+        raise FileNotFoundError(f"{src}: no XTREME <split>-<lang>.tsv files (nor under panx/)")
+    return xtreme.load_panx(root, src, choice, TAGS)
+
+
+def detect_format(src: Path) -> str:
+    from data_prep.tasks import xtreme
+
+    if is_saved_dataset(src):
+        return "hf"
+    return "xtreme-tsv" if xtreme.find_task_dir(src, "panx") is not None else "xtreme"
+
+
 def load(src: Path, choice: LangChoice = LangChoice(), source_format: str = "auto") -> TaskData:
-    """``source_format``: ``xtreme``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json`` is found)."""
+    """``source_format``: ``xtreme``, ``xtreme-tsv``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json``
+    is found, ``xtreme-tsv`` where ``<split>-<lang>.tsv`` files are)."""
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
     if source_format == "auto":
-        source_format = "hf" if is_saved_dataset(src) else "xtreme"
+        source_format = detect_format(src)
     if source_format == "hf":
         return load_hf(src, choice)
     if source_format == "xtreme":
         return load_xtreme(src, choice)
-    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme or hf")
+    if source_format == "xtreme-tsv":
+        return load_xtreme_tsv(src, choice)
+    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme, xtreme-tsv or hf")
