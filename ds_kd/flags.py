@@ -51,7 +51,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if text is argparse.SUPPRESS:
             return text
         shown = default_text(action.default).replace("%", "%%")
-        text = plain_text(text).replace("%(default)s", shown)
+        text = plain_text(text)
+        if "%(default)s" in text:  # the help places the default itself
+            return text.replace("%(default)s", shown)
         if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
                 or "default" in text.lower() or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text

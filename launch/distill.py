@@ -1,6 +1,6 @@
 """Online distillation of a frozen teacher into a LeanBERT student, both in one DeepSpeed engine.
 
-    deepspeed launch/distill.py --deepspeed_config ds_configs/zero3.json --teacher <teacher dir> \
+    deepspeed launch/distill.py --deepspeed_config ds_configs/zero3.json --teacher <teacher dir> \\
         --student leanbert --data <corpus dir> --out <run dir> --epochs 4
 
 Loss = MLM + output (soft cross-entropy at masked positions) + embedding, hidden-state and attention-score MSE
@@ -13,16 +13,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs  # noqa: E402
+from ds_kd.flags import HelpFormatter  # noqa: E402
 from ds_kd.model import PRESETS  # noqa: E402
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True,
                    help="teacher directory: an export of launch/pretrain.py or any HF BERT checkpoint "
                         "(BertForMaskedLM, or BertModel: then the output loss is off) with the shards' tokenizer")
-    g.add_argument("--student", default="leanbert", choices=sorted(PRESETS), help="student preset (default leanbert)")
+    g.add_argument("--student", default="leanbert", choices=sorted(PRESETS), help="student preset")
     g.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="teacher precision; auto: fp16 where supported (GPU), else bf16, else fp32 (logged)")
     g = p.add_argument_group("losses")
@@ -32,14 +33,18 @@ def main() -> int:
                        ("hidden", "MSE of the (projected) hidden states, summed over the layer map"),
                        ("attention", "MSE of the pre-softmax attention scores, summed over the layer map")]:
         g.add_argument(f"--{term}-weight", type=float, default=1.0, help=f"weight of the {what} (0 skips it)")
-    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the output loss (default 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the output loss")
     g.add_argument("--layer-map", type=int, nargs="+", default=None, metavar="L",
                    help="teacher layer (1-based) for each student layer; default: every L_teacher/L_student-th")
     g.add_argument("--layer-reduction", choices=["sum", "mean"], default="sum",
                    help="combine the hidden-state and attention terms over the layer map by their sum (TinyBERT, "
                         "the paper; default) or their mean (each weighs 1/L_student as much)")
     add_train_args(p)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging()
     from ds_kd.distill.module import DistillConfig
     from ds_kd.distill.run import DistillRunConfig, run

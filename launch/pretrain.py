@@ -1,8 +1,8 @@
 """MLM pretraining of a BERT teacher (or the Vanilla LeanBERT student) under DeepSpeed ZeRO-2/3.
 
-    deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero3.json --model mbert8-large \
+    deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero3.json --model mbert8-large \\
         --data <corpus dir> --out <run dir> --epochs 2
-    deepspeed launch/pretrain.py --deepspeed --deepspeed_config ds_configs/zero2.json \
+    deepspeed launch/pretrain.py --deepspeed --deepspeed_config ds_configs/zero2.json \\
         --model-config my_bert/config.json --data <corpus dir> --out <run dir> --max-steps 10000
 """
 import argparse
