@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=d.max_len, help="longest sentence in sub-words (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=d.num_warmup, help="untimed passes (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.num_repeats, help="timed passes, median reported (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads; 0: as many as torch chooses (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads; 0: as many as torch chooses (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of sentences and token ids (default: %(default)s)")
     return p
 
