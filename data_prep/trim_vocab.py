@@ -30,6 +30,7 @@ import numpy as np
 
 from data_prep.read import open_binary
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.flags import HelpFormatter
 
 TEXT_FILES = (".txt", ".tsv", ".txt.gz", ".txt.bz2", ".txt.xz", ".tsv.gz", ".tsv.bz2", ".tsv.xz")
 VOCAB_TENSORS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight",
@@ -287,8 +288,8 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
                           checked_lines=len(head), tokenizer_model=spec["model"]["type"], **counts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep trim_vocab",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep trim_vocab", formatter_class=HelpFormatter,
                                 description="Trim a checkpoint and its tokenizer to the pieces that occur in a corpus "
                                             "(plus the special tokens); the trimmed model gives the same outputs on "
                                             "that corpus's text.")
@@ -299,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="text (.txt, one sentence per line) or corpus-mix TSV (lang<TAB>sentence) files, plain or "
                         ".gz/.bz2/.xz, or directories holding them, e.g. <corpus>/sample")
     p.add_argument("--out", type=Path, required=True, help="trimmed checkpoint directory to write")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         trim(args.model, args.corpus, args.out, args.tokenizer)
     except (ValueError, FileNotFoundError) as err:

@@ -15,6 +15,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
                    help="DeepSpeed JSON: ZeRO stage, precision (fp16/bf16, with a logged fallback where the "
                         "hardware lacks it), micro batch, gradient accumulation, clipping (see ds_configs/)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted for DeepSpeedExamples' command lines (deepspeed.add_config_arguments); training "
+                        "always runs under DeepSpeed, so it changes nothing")
     g.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override one DeepSpeed JSON value by dotted key, e.g. train_micro_batch_size_per_gpu=8 "
                         "or zero_optimization.stage=2 (repeatable; each change is logged)")

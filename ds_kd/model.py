@@ -7,9 +7,10 @@
   (what distillation needs), computed by the explicit path.
 - The MLM head computes vocabulary logits only at the predicted positions: with a 120k vocabulary a dense
   head costs about as much as the whole BERT-Base encoder. Input and output embeddings are tied.
-- ``save_pretrained``/``from_pretrained`` read and write Hugging Face ``BertForMaskedLM`` directories, so any
-  HF BERT checkpoint (``BertModel`` or ``BertForMaskedLM``) loads, and our exports load with
-  ``transformers.AutoModelForMaskedLM``.
+- ``save_pretrained``/``from_pretrained`` write and read Hugging Face ``BertForMaskedLM`` directories: our
+  exports load with ``transformers.AutoModelForMaskedLM``, and any BERT checkpoint that transformers loads
+  (``BertModel``, ``BertForMaskedLM``, ``BertForPreTraining``; sharded; old ``gamma``/``beta`` names) loads
+  here, read through transformers itself.
 
 This module knows nothing of DeepSpeed, ranks or devices.
 """
@@ -99,12 +100,31 @@ PRESETS: dict[str, BertConfig] = {
 
 
 def make_config(preset: str, vocab_size: int | None = None, **overrides) -> BertConfig:
-    """The preset's config, with the vocabulary (normally the tokenizer's) and any field overridden."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    """The config of a preset name or of a Hugging Face ``config.json`` file (any BERT shape; a checkpoint
+    directory means its config.json), with the vocabulary (normally the tokenizer's) and any field overridden.
+
+    Raises ValueError for an unknown preset or a config that is not BERT's, FileNotFoundError for a missing
+    file (the file is what ``launch/pretrain.py --model-config`` names)."""
+    if preset in PRESETS:
+        base = PRESETS[preset]
+    elif preset.endswith(".json") or Path(preset).exists():
+        base = config_from_file(Path(preset))
+    else:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} (or a config.json file)")
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    return replace(PRESETS[preset], **overrides)
+    return replace(base, **overrides)
+
+
+def config_from_file(path: Path) -> BertConfig:
+    """A :class:`BertConfig` from a Hugging Face ``config.json`` (or a directory holding one); errors name it."""
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model config file not found")
+    try:
+        return BertConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # bad JSON, a non-BERT model_type, heads not dividing the width, ...
+        raise ValueError(f"{path}: {e}") from None
 
 
 class Record(dict):
@@ -411,21 +431,18 @@ class BertForMaskedLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, **config_overrides) -> "BertForMaskedLM":
-        """Load a HF BERT directory (``BertForMaskedLM`` or bare ``BertModel``; an absent MLM head stays
-        freshly initialised and ``model.has_mlm_head`` is False)."""
+        """Load a BERT checkpoint directory, read by ``transformers`` (see :func:`load_hf_state_dict`: any
+        layout it loads works). ``config_overrides`` replace fields of the directory's config (e.g. dropout).
+
+        ``BertForMaskedLM`` and ``BertForPreTraining`` checkpoints bring their MLM head; a bare ``BertModel``
+        has none: the head stays freshly initialised and ``model.has_mlm_head`` is False.
+        Raises FileNotFoundError (no directory, config.json or weights) and ValueError naming the directory
+        (not a BERT checkpoint, a shape or activation this model lacks, encoder weights missing)."""
         directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: not a checkpoint directory (no config.json)")
-        cfg = replace(BertConfig.from_hf_dict(read_json(cfg_path)), **config_overrides)
-        model = cls(cfg)
+        model = cls(replace(read_hf_config(directory), **config_overrides))
         state = load_hf_state_dict(directory)
         own = model.state_dict()
-        mapped = {}
-        for name, tensor in state.items():
-            key = name if name.startswith(("bert.", "cls.")) else f"bert.{name}"
-            if key in own:
-                mapped[key] = tensor
+        mapped = {k: v for k, v in state.items() if k in own and k != TIED_DECODER}
         missing = [k for k in own if k not in mapped and k != TIED_DECODER]
         if [k for k in missing if not k.startswith("cls.")]:
             raise ValueError(f"{directory}: checkpoint lacks encoder weights, e.g. {missing[:3]}")
@@ -458,22 +475,53 @@ def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
-def load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a HF checkpoint directory (safetensors, sharded or not, or ``pytorch_model.bin``)."""
-    from safetensors.torch import load_file
+def read_hf_config(directory: Path | str) -> BertConfig:
+    """The :class:`BertConfig` of a checkpoint directory's ``config.json``.
 
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for name in files for k, v in load_file(str(directory / name)).items()}
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    Raises FileNotFoundError when the directory or its config.json is missing, ValueError naming the directory
+    when the config is not a BERT one this model can run (``model_type``, ``hidden_act``, position embeddings)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory does not exist")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not a checkpoint directory (no config.json)")
+    try:
+        return BertConfig.from_hf_dict(read_json(cfg_path))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
+def load_hf_state_dict(directory: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors a BERT checkpoint directory holds, in this module's naming (``bert.*``, ``cls.*``).
+
+    Read by ``transformers.BertForMaskedLM.from_pretrained`` from local files only, so every layout that
+    transformers loads works: ``model.safetensors`` or ``pytorch_model.bin``, either sharded with its
+    ``*.index.json``, old-style ``LayerNorm.gamma/beta`` names, and ``BertModel``, ``BertForMaskedLM`` or
+    ``BertForPreTraining`` checkpoints (pooler and next-sentence head are dropped). Tensors the checkpoint lacks
+    (the MLM head of a ``BertModel``) are left out, not randomly filled. Raises as :func:`read_hf_config`, and
+    ValueError for a decoder not tied to the word embeddings (this model ties them)."""
+    import transformers
+
+    directory = Path(directory)
+    read_hf_config(directory)  # a clear error for a missing or non-BERT directory before transformers reads it
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists the pooler etc.; has_mlm_head says it
+    try:
+        config = transformers.BertConfig.from_dict(read_json(directory / "config.json"))  # BOM-tolerant read
+        hf, info = transformers.BertForMaskedLM.from_pretrained(str(directory), config=config, local_files_only=True,
+                                                                output_loading_info=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{directory}: {e}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    state = {k: v for k, v in hf.state_dict().items() if k not in missing}
+    decoder, embeddings = state.get(TIED_DECODER), state["bert.embeddings.word_embeddings.weight"]
+    if decoder is not None and not torch.equal(decoder, embeddings):
+        raise ValueError(f"{directory}: the MLM decoder is not tied to the word embeddings "
+                         "(tie_word_embeddings false); this model ties them")
+    return state
 
 
 def count_parameters(model: nn.Module, with_embeddings: bool = True) -> int:

@@ -29,6 +29,7 @@ from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.model import BertConfig, BertForMaskedLM, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
+from ds_kd.tokenizer_files import make_portable
 from ds_kd.warmstart import init_model, student_config
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "mbert8-base"
-    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), or from-init:
+    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), the path of a
+    Hugging Face BERT ``config.json`` (any shape; its vocabulary is replaced by the tokenizer's), or from-init:
     the shape of ``init_from`` (with ``len(init_layers)`` layers)."""
 
 
@@ -351,6 +353,7 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
         for f in tokenizer_dir.iterdir():
             if f.is_file() and f.name != "manifest.json":
                 shutil.copy2(f, tmp / f.name)
+        make_portable(tmp, merges=False)  # tokenizer.json stays byte-identical: its hash ties it to the shards
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     dist.barrier()

@@ -1,6 +1,6 @@
 """Online distillation of a frozen teacher into a LeanBERT student, both in one DeepSpeed engine.
 
-    deepspeed launch/distill.py --deepspeed_config ds_configs/zero3.json --teacher <teacher dir> \
+    deepspeed launch/distill.py --deepspeed_config ds_configs/zero3.json --teacher <teacher dir> \\
         --student leanbert --data <corpus dir> --out <run dir> --epochs 4
     deepspeed launch/distill.py ... --teacher <teacher dir> --init-from <teacher dir> --init-layers 3 6 9 12
         # DistilBERT's start: a 4-layer student of the teacher's width from its embeddings and layers 3 6 9 12
@@ -15,12 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs  # noqa: E402
+from ds_kd.flags import HelpFormatter  # noqa: E402
 from ds_kd.model import PRESETS  # noqa: E402
 from ds_kd.warmstart import FROM_INIT  # noqa: E402
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True,
                    help="teacher directory: an export of launch/pretrain.py or any HF BERT checkpoint "
@@ -37,7 +38,7 @@ def main() -> int:
                        ("hidden", "MSE of the (projected) hidden states, summed over the layer map"),
                        ("attention", "MSE of the pre-softmax attention scores, summed over the layer map")]:
         g.add_argument(f"--{term}-weight", type=float, default=1.0, help=f"weight of the {what} (0 skips it)")
-    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the output loss (default 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the output loss")
     g.add_argument("--layer-map", type=int, nargs="+", default=None, metavar="L",
                    help="teacher layer (1-based) for each student layer; default: --init-layers when the student "
                         "starts from the teacher's layers, else every L_teacher/L_student-th")
@@ -45,7 +46,11 @@ def main() -> int:
                    help="combine the hidden-state and attention terms over the layer map by their sum (TinyBERT, "
                         "the paper; default) or their mean (each weighs 1/L_student as much)")
     add_train_args(p)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.student is None:
         args.student = FROM_INIT if args.init_from else "leanbert"
     setup_logging()

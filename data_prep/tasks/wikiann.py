@@ -14,6 +14,8 @@ or one ``DatasetDict`` at ``<src>`` whose language is read from ``langs``.
 Every malformed line or row is an error naming the file and line (or split and row). A token that is only
 whitespace (a real Japanese file has ideographic spaces, U+3000, as tokens, often inside a name) is data, not a
 malformed line: ``whitespace_tokens`` decides, in both formats, as :data:`WHITESPACE_RULES` says.
+``xtreme-tsv``: XTREME's processed ``panx/{train,dev,test}-<lang>.tsv`` (``download_data.sh`` output), read by
+:mod:`.xtreme`.
 """
 from __future__ import annotations
 
@@ -214,17 +216,40 @@ def load_hf(src: Path, choice: LangChoice, whitespace_tokens: str = "keep") -> T
     return data
 
 
+# --- XTREME download_data.sh output ---------------------------------------------------------------------------
+
+def load_xtreme_tsv(src: Path, choice: LangChoice) -> TaskData:
+    """XTREME's processed ``panx/<split>-<lang>.tsv`` under ``src`` (or ``src`` itself)."""
+    from data_prep.tasks import xtreme
+
+    root = xtreme.find_task_dir(src, "panx")
+    if root is None:
+        raise FileNotFoundError(f"{src}: no XTREME <split>-<lang>.tsv files (nor under panx/)")
+    return xtreme.load_panx(root, src, choice, TAGS)
+
+
+def detect_format(src: Path) -> str:
+    from data_prep.tasks import xtreme
+
+    if is_saved_dataset(src):
+        return "hf"
+    return "xtreme-tsv" if xtreme.find_task_dir(src, "panx") is not None else "xtreme"
+
+
 def load(src: Path, choice: LangChoice = LangChoice(), source_format: str = "auto",
          whitespace_tokens: str = "keep") -> TaskData:
-    """``source_format``: ``xtreme``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json`` is found);
-    ``whitespace_tokens``: a key of :data:`WHITESPACE_RULES`."""
+    """``source_format``: ``xtreme``, ``xtreme-tsv``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json``
+    is found, ``xtreme-tsv`` where ``<split>-<lang>.tsv`` files are); ``whitespace_tokens``: a key of
+    :data:`WHITESPACE_RULES` (not read for ``xtreme-tsv``, whose loader keeps tokens as they are)."""
     check_rule(whitespace_tokens)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
     if source_format == "auto":
-        source_format = "hf" if is_saved_dataset(src) else "xtreme"
+        source_format = detect_format(src)
     if source_format == "hf":
         return load_hf(src, choice, whitespace_tokens)
     if source_format == "xtreme":
         return load_xtreme(src, choice, whitespace_tokens)
-    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme or hf")
+    if source_format == "xtreme-tsv":
+        return load_xtreme_tsv(src, choice)
+    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme, xtreme-tsv or hf")

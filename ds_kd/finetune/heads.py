@@ -165,7 +165,9 @@ def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **i
     (directory / TASK_MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     (directory / "config.json").write_text(json.dumps(encoder_config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+        from ds_kd.tokenizer_files import save_tokenizer_files
+
+        save_tokenizer_files(tokenizer, directory)
 
 
 def load_task_model(directory: Path | str) -> tuple[TaskModel, dict]:
