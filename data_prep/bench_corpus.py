@@ -118,8 +118,11 @@ def naive_main(corpus_dir: Path, out_dir: Path, block_size: int) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from ds_kd.flags import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.bench_corpus", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-lines", type=int, default=4000, help="paragraph lines of English at 1x (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=4000, help="BPE vocabulary (default: %(default)s)")
     p.add_argument("--bpe-sentences", type=int, default=20000,
@@ -127,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=8192, help="sentences per shard block (default: %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one, removed)")
     p.add_argument("--naive", nargs=2, type=Path, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.naive:
         return naive_main(args.naive[0], args.naive[1], args.block_size)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_corpus-"))

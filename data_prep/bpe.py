@@ -1,17 +1,18 @@
 """Step 3 of the corpus: the BPE tokenizer, learned on the training mix or taken from an existing directory.
 
 The tokenizer directory holds ``tokenizer.json`` (``tokenizers.Tokenizer.from_file``) and the files of
-``PreTrainedTokenizerFast.save_pretrained`` (``transformers.AutoTokenizer.from_pretrained(dir)``).
+``PreTrainedTokenizerFast.save_pretrained`` (``transformers.AutoTokenizer.from_pretrained(dir)``), written so
+that every transformers version the project allows loads them (:mod:`ds_kd.tokenizer_files`).
 
 A learned tokenizer: NFKC (plus lower-casing and punctuation removal in spoken mode, so fine-tuning text
 gets the pretraining form), SentencePiece-style word boundaries (``▁``; works for Japanese, which has no
 spaces, and decodes back to the text), BPE, and ``[CLS] ... [SEP]`` added around every encoding. The BERT
-special tokens take ids 0..4 in the order of :data:`ds_kd.schema.SPECIAL_TOKENS`.
+special tokens take ids 0..4 in the order of :data:`ds_kd.schema.SPECIAL_TOKENS`. A brought tokenizer is
+:mod:`data_prep.existing_tokenizer`'s.
 """
 from __future__ import annotations
 
 import itertools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,7 @@ from typing import Iterator
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ds_kd.schema import SPECIAL_TOKENS, tokenizer_hash
+from ds_kd.tokenizer_files import make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -81,50 +83,16 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
                                    model_max_length=512)
     fast.save_pretrained(str(out_dir))
     tok.save(str(out_dir / TOKENIZER_FILE))  # the exact object, so its hash is that of what we trained
-
-
-def load_existing(tokenizer_dir: Path) -> "PreTrainedTokenizerFast":  # noqa: F821
-    """An existing tokenizer directory (``tokenizer.json`` or a BERT ``vocab.txt``) as a fast tokenizer."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"{tokenizer_dir}: --tokenizer directory does not exist")
-    if (tokenizer_dir / TOKENIZER_FILE).is_file() and not (tokenizer_dir / "tokenizer_config.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / TOKENIZER_FILE))
-    if (tokenizer_dir / TOKENIZER_FILE).is_file() or (tokenizer_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if (tokenizer_dir / "vocab.txt").is_file():
-        return BertTokenizerFast.from_pretrained(str(tokenizer_dir))  # a local directory: nothing downloaded
-    raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer_config.json or vocab.txt in it")
-
-
-def copy_existing(tokenizer_dir: Path, out_dir: Path) -> None:
-    """Bring an existing tokenizer into the corpus as ``out_dir`` (tokenizer.json + transformers files)."""
-    fast = load_existing(tokenizer_dir)
-    missing = [name for name in ("cls_token", "sep_token", "pad_token", "mask_token")
-               if getattr(fast, name, None) is None]
-    if missing:
-        raise ValueError(f"{tokenizer_dir}: tokenizer lacks BERT special tokens {missing}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    if not (out_dir / TOKENIZER_FILE).is_file():
-        fast.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
-
-
-def special_token_ids(tok: Tokenizer) -> dict[str, int]:
-    ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
-    return {name: i for name, i in ids.items() if i is not None}
+    make_portable(out_dir)  # before describe() hashes tokenizer.json
 
 
 def describe(tokenizer_dir: Path) -> dict:
-    """Manifest fields of a tokenizer directory: vocab size, hash, special token ids."""
+    """Manifest fields of a corpus tokenizer directory: vocab size, hash, special token ids and tokens by role
+    (:func:`data_prep.existing_tokenizer.corpus_special_ids`; raises ValueError naming a missing role)."""
+    from data_prep.existing_tokenizer import corpus_special_ids
+
     tok = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
+    ids, tokens = corpus_special_ids(tokenizer_dir)
     return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
             "tokenizer_hash": tokenizer_hash(tokenizer_dir / TOKENIZER_FILE),
-            "special_token_ids": special_token_ids(tok)}
-
-
-def remove_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+            "special_token_ids": ids, "special_tokens": tokens}

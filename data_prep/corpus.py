@@ -4,11 +4,14 @@ Each step writes one directory under ``--out`` with a ``manifest.json`` written 
 
     <out>/read/        <lang>.txt: normalised sentences, one per line; drop counts per language
     <out>/sample/      train.tsv (shuffled mix), val.tsv: "lang<TAB>sentence"; n_i, p_i, q_i, sampled counts
-    <out>/tokenizer/   tokenizer.json + transformers files
-    <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar: blocks of sentences (schema: ds_kd.schema)
+    <out>/tokenizer/   tokenizer.json + transformers files; special token ids and tokens by role
+    <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar: blocks of sentences (schema: ds_kd.schema);
+                       special token ids
 
 A step whose manifest exists with the same settings is skipped; with other settings it is an error (a
 corpus directory holds one corpus). An interrupted shard step resumes at the first unwritten shard.
+Manifests of an older version without the tokenizer's special token ids get them on a re-run with the same
+flags (:func:`record_special_ids`), without rewriting the shards.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
 
-from data_prep.bpe import BpeConfig, copy_existing, describe, save_tokenizer, train_bpe
+from data_prep.bpe import BpeConfig, describe, save_tokenizer, train_bpe
+from data_prep.existing_tokenizer import copy_existing
 from data_prep.read import DROP_REASONS, ReadConfig, check_lang_dir, read_language_job
 from data_prep.sample import TRAIN_FILE, SampleConfig, write_mix
 from data_prep.shard import PROGRESS_DIR, ShardConfig, write_shards
@@ -95,14 +100,32 @@ def tokenizer_step(config: CorpusConfig) -> dict:
     source = str(config.tokenizer.resolve()) if config.tokenizer else "bpe"
     settings = {"source": source, **(asdict(config.bpe) if not config.tokenizer else {})}
 
+    fresh: dict = {}
+
     def work() -> dict:
+        added = {}
         if config.tokenizer:
-            copy_existing(config.tokenizer, out)
+            added = copy_existing(config.tokenizer, out)
         else:
             save_tokenizer(train_bpe(config.out / "sample" / TRAIN_FILE, config.bpe), out)
-        return describe(out)
+        fresh.update(describe(out))
+        return {**fresh, **added}
 
-    return run_step(out, "corpus.tokenizer", settings, work)
+    manifest = run_step(out, "corpus.tokenizer", settings, work)
+    fresh = fresh or describe(out)  # a finished step: check its manifest has the special ids (older ones lack them)
+    return record_special_ids(out, manifest, {k: fresh[k] for k in ("special_token_ids", "special_tokens")})
+
+
+def record_special_ids(directory: Path, manifest: dict, fields: dict) -> dict:
+    """Write ``fields`` (the tokenizer's special ids) into a finished step's manifest that lacks or differs
+    in them: a manifest of an older version recorded none for a brought tokenizer, and the shards reader
+    refuses it. The step's other files are unchanged."""
+    if all(manifest.get(k) == v for k, v in fields.items()):
+        return manifest
+    print(f"[corpus] {directory / 'manifest.json'}: recording the tokenizer's special token ids "
+          f"{fields['special_token_ids']} (was {manifest.get('special_token_ids')})", flush=True)
+    kept = {k: v for k, v in manifest.items() if k not in ("stage", "finished_at", "code_version")}
+    return write_manifest(directory, manifest["stage"], **{**kept, **fields})
 
 
 def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) -> dict:
@@ -127,7 +150,8 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
                 "vocab_size": tok_manifest["vocab_size"], "tokenizer_hash": tok_manifest["tokenizer_hash"],
                 "special_token_ids": tok_manifest["special_token_ids"], **result}
 
-    return run_step(out, "corpus.shards", settings, work)
+    manifest = run_step(out, "corpus.shards", settings, work)
+    return record_special_ids(out, manifest, {"special_token_ids": tok_manifest["special_token_ids"]})
 
 
 def run(config: CorpusConfig) -> dict:
@@ -159,13 +183,13 @@ def format_summary(m: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep corpus",
+        prog="python -m data_prep corpus", formatter_class=HelpFormatter,
         description="Raw text per language -> upsampled language mix -> BPE tokenizer -> WebDataset shards. "
                     "Each step writes <out>/<step>/manifest.json last and is skipped when it exists.")
     p.add_argument("--raw", type=Path, required=True, help="directory with <raw>/<lang>/ text files per language "
                    "(.txt/.gz/.bz2/.xz, one sentence or paragraph per line, or WikiExtractor output)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory to write")
-    p.add_argument("--langs", default=" ".join(LANGS), help="languages, space- or comma-separated (default: %(default)s)")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", help="languages, space- or comma-separated")
     p.add_argument("--max-chars", type=int, default=256, help="drop sentences longer than this (default: %(default)s)")
     p.add_argument("--spoken", action="store_true", help="spoken form: lower-case and strip punctuation (after NFKC)")
     p.add_argument("--alpha", type=float, default=0.5, help="mix exponent: q_i ~ p_i^alpha (default: %(default)s)")
@@ -181,17 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn BPE on at most this many sentences of the mix (default: %(default)s)")
     p.add_argument("--min-frequency", type=int, default=2, help="BPE minimum merge frequency (default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="existing tokenizer directory (tokenizer.json or BERT vocab.txt) to use instead of BPE")
+                   help="existing tokenizer directory (tokenizer.json, transformers files or a BERT vocab.txt) "
+                        "to use instead of BPE; its own special token ids (pad, unk, cls, sep, mask) are kept "
+                        "and recorded; one without pad, mask, cls or sep is refused (default: learn BPE)")
     p.add_argument("--block-size", type=int, default=ShardConfig.block_size,
-                   help="sentences per block, the unit of a shard that is read at once (default: %(default)s)")
+                   help="sentences per block, the unit of a shard that is read at once")
     p.add_argument("--shard-mb", type=float, default=ShardConfig.shard_mb,
-                   help="a shard file is closed once it holds this many MiB (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core")
+                   help="a shard file is closed once it holds this many MiB")
+    p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core (default: 0)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> CorpusConfig:
-    langs = tuple(x for x in args.langs.replace(",", " ").split() if x)
+    langs = tuple(args.langs)
     return CorpusConfig(
         raw=args.raw, out=args.out, langs=langs,
         read=ReadConfig(max_chars=args.max_chars, spoken=args.spoken),

@@ -1,5 +1,5 @@
 """``python -m data_prep demo_tasks``: held-out aligned help pages -> small task files in the five benchmarks'
-released formats, with labels *derived* from the text (they are not XNLI, PAWS-X, WikiANN, MultiATIS++ or mTOP).
+released formats, with labels derived from the text (they are not XNLI, PAWS-X, WikiANN, MultiATIS++ or mTOP).
 
 Two steps, each writing a directory with a ``manifest.json`` written last (a re-run skips a finished step):
 
@@ -34,9 +34,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.tasks import TASKS
+from ds_kd.textfile import read_text
 
 ROLES = ("train", "dev", "test")
 # Share of held-out pages per role: most go to test, as test sets are per language and Hindi is scarce.
@@ -114,8 +116,8 @@ def read_language(raw: Path, lang: str) -> list[tuple[str, str, str]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; --raw must be a directory written by "
                                     "`python -m data_prep libreoffice` (<lang>/help.txt, alignment/<lang>.tsv)")
-    texts = text_path.read_text(encoding="utf-8").split("\n")
-    keys = key_path.read_text(encoding="utf-8").split("\n")
+    texts = read_text(text_path).split("\n")
+    keys = read_text(key_path).split("\n")
     texts, keys = texts[:-1] if texts[-1] == "" else texts, keys[:-1] if keys[-1] == "" else keys
     if len(texts) != len(keys):
         raise ValueError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
@@ -199,7 +201,7 @@ def read_heldout(heldout: Path, langs: tuple[str, ...]) -> tuple[dict[str, str],
     if not has_manifest(heldout) or not pages_file.is_file():
         raise FileNotFoundError(f"{heldout}: no finished held-out split (manifest.json, pages.tsv); run "
                                 "`python -m data_prep demo_tasks --raw RAW --pretrain-raw DIR --heldout DIR` first")
-    roles = dict(line.split("\t") for line in pages_file.read_text(encoding="utf-8").splitlines() if line)
+    roles = dict(line.split("\t") for line in read_text(pages_file).splitlines() if line)
     return roles, {lang: [Paragraph(*r) for r in read_language(heldout, lang)] for lang in langs}
 
 
@@ -537,17 +539,20 @@ def build_tasks(heldout: Path, out: Path, sizes: Sizes = Sizes(), seed: int = 0)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep demo_tasks", description=__doc__.split("\n\n")[0],
-                                epilog=DERIVATION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=DERIVATION, formatter_class=HelpFormatter)
     p.add_argument("--raw", type=Path, help="raw directory of `python -m data_prep libreoffice` to split "
-                                            "(leave out to build from an existing --heldout)")
+                                            "(default: none; build from an existing --heldout)")
     p.add_argument("--pretrain-raw", type=Path, help="where the pages not held out are written (with --raw); "
-                                                     "run the corpus command on this directory")
+                                                     "run the corpus command on this directory (default: none; "
+                                                     "needed with --raw)")
     p.add_argument("--heldout", type=Path, required=True, help="held-out pages (written with --raw, read otherwise)")
     p.add_argument("--out", type=Path, help="task source folder to write: OUT/{xnli,pawsx,wikiann,matis,mtop}/, "
-                                            "for `python -m data_prep tasks --task all --src OUT`")
+                                            "for `python -m data_prep tasks --task all --src OUT` (default: none; "
+                                            "no task files)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of help pages held out (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the page choice and the examples (default %(default)s)")
-    p.add_argument("--langs", default=" ".join(LANGS), help="languages to split, space- or comma-separated")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG",
+                      help="languages to split, space- or comma-separated")
     p.add_argument("--num-train", type=int, default=Sizes.num_train, help="English train examples per task")
     p.add_argument("--num-dev", type=int, default=Sizes.num_dev, help="dev examples per task and language")
     p.add_argument("--num-test", type=int, default=Sizes.num_test, help="test examples per task and language")
@@ -560,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.raw is not None:
             if args.pretrain_raw is None:
                 raise ValueError("--raw needs --pretrain-raw (where the pretraining pages go)")
-            langs = tuple(x for x in args.langs.replace(",", " ").split() if x)
+            langs = tuple(args.langs)
             m = split_heldout(args.raw, args.pretrain_raw, args.heldout, args.holdout, args.seed, langs)
             print("[demo_tasks] held out: " + "  ".join(f"{lang}={c['num_heldout']}"
                                                          for lang, c in m["languages"].items()), flush=True)

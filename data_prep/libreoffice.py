@@ -24,8 +24,10 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
+from ds_kd.textfile import read_text
 
 # language code -> (Debian package suffix, directory under usr/share/libreoffice/help)
 PACKAGES = {"en": ("en-us", "en-US"), "fr": ("fr", "fr"), "de": ("de", "de"), "ja": ("ja", "ja"),
@@ -80,7 +82,7 @@ class ParagraphParser(HTMLParser):
 def parse_page(path: Path) -> list[tuple[str, str]]:
     """(paragraph id, text) of one help page, first occurrence of each id, empty texts left out."""
     parser = ParagraphParser()
-    parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+    parser.feed(read_text(path, errors="replace"))
     seen, out = set(), []
     for pid, text in parser.paragraphs:
         if text and pid not in seen:
@@ -180,16 +182,20 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ds_kd" / "libreoffice"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep libreoffice",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep libreoffice", formatter_class=HelpFormatter,
                                 description="Fetch the default corpus (LibreOffice help pages in eight languages, "
                                             "Debian packages) into a raw directory for the corpus command.")
     p.add_argument("--raw", type=Path, required=True, help="raw directory to write (<raw>/<lang>/help.txt)")
     p.add_argument("--cache", type=Path, default=default_cache(),
                    help="where the .deb packages are kept and unpacked (default: %(default)s)")
-    p.add_argument("--langs", default=" ".join(LANGS), help="languages, space- or comma-separated")
-    args = p.parse_args(argv)
-    fetch(args.raw, args.cache, tuple(x for x in args.langs.replace(",", " ").split() if x))
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", help="languages, space- or comma-separated")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fetch(args.raw, args.cache, tuple(args.langs))
     return 0
 
 

@@ -9,6 +9,9 @@ Input files, found recursively and read in sorted order:
 
 Every line is decoded strictly as UTF-8 (undecodable lines are skipped and counted), split into sentences,
 normalised (NFKC; ``spoken``: lower-case and without punctuation) and kept if 1..max_chars characters long.
+A byte-order mark at the start of a file is dropped (:mod:`ds_kd.textfile`), and so is U+FEFF anywhere in a
+line (files joined with ``cat`` carry one at each join; it is an invisible format character, never text),
+so it never reaches the vocabulary.
 Output: ``<out>/read/<lang>.txt`` and a manifest with per-language counts of kept and dropped lines by reason.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from ds_kd.textfile import BOM, iter_byte_lines
 
 TEXT_SUFFIXES = {".txt", ".json", ".jsonl", ""}
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -97,9 +102,9 @@ def extract_paragraphs(line: str) -> tuple[list[str], str | None]:
 def read_file(path: Path, config: ReadConfig, drops: Counter) -> Iterator[str]:
     """Yield the kept sentences of one file, streaming, adding drop reasons to ``drops``."""
     with open_binary(path) as f:
-        for raw in f:
+        for raw in iter_byte_lines(f):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").replace(BOM, "")  # a BOM at a join of files: see the module doc
             except UnicodeDecodeError:
                 drops["undecodable"] += 1
                 continue

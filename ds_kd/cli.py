@@ -15,6 +15,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
                    help="DeepSpeed JSON: ZeRO stage, precision (fp16/bf16, with a logged fallback where the "
                         "hardware lacks it), micro batch, gradient accumulation, clipping (see ds_configs/)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted for DeepSpeedExamples' command lines (deepspeed.add_config_arguments); training "
+                        "always runs under DeepSpeed, so it changes nothing")
     g.add_argument("--ds-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override one DeepSpeed JSON value by dotted key, e.g. train_micro_batch_size_per_gpu=8 "
                         "or zero_optimization.stage=2 (repeatable; each change is logged)")
@@ -41,19 +44,37 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     budget = g.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimizer steps to train for")
     budget.add_argument("--epochs", type=float, help="passes over the training shards")
-    g.add_argument("--optimizer", choices=["adamw", "lamb"], default="adamw", help="optimizer (default adamw)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay on matrices (default 0.01)")
-    g.add_argument("--warmup-steps", type=int, default=0,
-                   help="linear warmup steps (default: --warmup-ratio of the run)")
-    g.add_argument("--warmup-ratio", type=float, default=0.06, help="warmup fraction when --warmup-steps is 0")
-    g.add_argument("--decay", choices=["linear", "cosine", "constant"], default="linear",
-                   help="learning-rate decay after warmup")
+    from_json = "; an optimizer block in the DeepSpeed JSON sets it instead (giving both is an error)"
+    g.add_argument("--optimizer", choices=["adamw", "lamb"], default=None,
+                   help=f"optimizer (default adamw{from_json}); LAMB needs ZeRO stage 0, since ZeRO's flat "
+                        f"partitions have no per-layer trust ratio")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default 1e-4{from_json})")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay on matrices (default 0.01{from_json})")
+    from_json = "; a scheduler block in the DeepSpeed JSON sets the schedule instead (giving both is an error)"
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warmup steps (default: --warmup-ratio of the run{from_json})")
+    g.add_argument("--warmup-ratio", type=float, default=None,
+                   help=f"warmup fraction when --warmup-steps is 0 (default 0.06{from_json})")
+    g.add_argument("--decay", choices=["linear", "cosine", "constant"], default=None,
+                   help=f"learning-rate decay after warmup (default linear{from_json})")
+
+    g = p.add_argument_group("starting weights (default: random)")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this HF BERT checkpoint directory: the whole of it (continued pretraining), "
+                        "or with --init-layers its embeddings and those layers (default: random weights)")
+    g.add_argument("--init-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="1-based layers of --init-from to copy, in order, e.g. 3 6 9 12 (DistilBERT's recipe); "
+                        "the model gets that many layers (default: all layers)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="log metrics every N optimizer steps")
     g.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--save-every", type=int, default=1000,
+                   help="checkpoint every N optimizer steps (default 1000; 0: only by time and at the end)")
+    g.add_argument("--save-every-minutes", type=float, default=30.0,
+                   help="also checkpoint when this many minutes passed since the last one, so a crash loses at "
+                        "most that much work (default 30; 0: never by time)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
     g.add_argument("--wandb-project", default=None, help="W&B project (default $WANDB_PROJECT or ds-kd)")
     g.add_argument("--wandb-name", default=None, help="W&B run name (default $WANDB_NAME or the --out name)")
@@ -73,8 +94,10 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, decay=args.decay, max_len=args.max_len,
         num_workers=args.num_workers, shuffle_window=args.shuffle_window, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
+        save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,
-        wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode))
+        wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode),
+        init_from=args.init_from, init_layers=args.init_layers)
 
 
 def name_value(text: str) -> tuple[str, str]:

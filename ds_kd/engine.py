@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ds_kd.textfile import read_json
+
 log = logging.getLogger("ds_kd")
 
 
@@ -111,7 +113,7 @@ def load_ds_config(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 

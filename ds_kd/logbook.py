@@ -10,10 +10,13 @@ import json
 import logging
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ds_kd")
+WANDB_ID_FILE = "wandb_run_id"
 
 
 @dataclass
@@ -39,11 +42,14 @@ class Logbook:
     """Writes metrics keyed by optimizer step. On ranks other than 0 every method does nothing."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, run_config: dict,
-                 total_steps: int, initial_step: int = 0):
+                 total_steps: int, initial_step: int = 0, elapsed_before: float = 0.0):
+        """``elapsed_before``: seconds the run had trained before this process (restored from a checkpoint),
+        so ``elapsed_s`` counts the whole run over resumes."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.wandb_run = None
         self.bar = None
+        self.started = time.time() - elapsed_before
         if not enabled:
             return
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -53,11 +59,15 @@ class Logbook:
         if mode != "disabled":
             import wandb
 
+            # A resumed run continues the same W&B run: its id is kept in the run directory.
+            id_file = self.run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=wandb_cfg.project or os.environ.get("WANDB_PROJECT", "ds-kd"),
                 name=wandb_cfg.name or os.environ.get("WANDB_NAME", self.run_dir.name),
                 group=wandb_cfg.group or os.environ.get("WANDB_RUN_GROUP"),
-                dir=str(self.run_dir), mode=mode, config=run_config, resume="allow")
+                dir=str(self.run_dir), mode=mode, config=run_config, id=run_id, resume="allow")
             self.wandb_run.define_metric("optimizer_step")
             self.wandb_run.define_metric("*", step_metric="optimizer_step")
             log.info("W&B run %s (mode %s)", self.wandb_run.name, mode)
@@ -66,14 +76,22 @@ class Logbook:
         self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                         desc=self.run_dir.name)
 
+    def elapsed(self) -> float:
+        """Seconds since the run first started, over resumes."""
+        return time.time() - self.started
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One ``metrics.jsonl`` row (with wall-clock ``time`` and ``elapsed_s``); in W&B grouped as
+        ``train/...`` and ``val/...``."""
         if not self.enabled:
             return
-        record = {"optimizer_step": step, **{k: float(v) for k, v in metrics.items()}}
+        record = {"optimizer_step": step, **{k: float(v) for k, v in metrics.items()},
+                  "time": round(time.time(), 3), "elapsed_s": round(self.elapsed(), 3)}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log(record)
+            self.wandb_run.log({"optimizer_step": step, **{wandb_key(k): v for k, v in record.items()
+                                                           if k != "optimizer_step"}})
 
     def advance(self, step: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:
@@ -89,6 +107,15 @@ class Logbook:
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def wandb_key(name: str) -> str:
+    """``val_ppl_fr`` -> ``val/ppl_fr``; training metrics -> ``train/<name>``; times -> ``time/<name>``."""
+    if name.startswith("val_"):
+        return "val/" + name[len("val_"):]
+    if name in ("time", "elapsed_s"):
+        return "time/" + name
+    return "train/" + name
 
 
 def read_metrics(path: Path) -> list[dict]:

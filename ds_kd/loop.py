@@ -1,11 +1,20 @@
 """The training loop shared by pretraining and distillation; what differs between them is the step function.
 
-A step function maps (engine, batch) to (loss, terms): the loss to back-propagate and named scalar terms to
-log (``mlm`` among them gives the training perplexity). The loop owns micro-batches and accumulation (read
-from the engine), the non-finite-loss policy, logging, periodic validation and checkpoints.
+A step function maps (engine, batch, denominators) to (loss, terms): the loss to back-propagate and named
+scalar terms to log (``mlm`` among them gives the training perplexity). The loop owns micro-batches and
+accumulation (read from the engine), the loss denominators, the non-finite-loss policy, fp16 skipped steps,
+logging, periodic validation and checkpoints.
+
+Every per-token loss is the mean over the whole global batch: before an optimizer step the loop reads all of
+its micro-batches, counts what each loss averages over (masked tokens, real tokens, real attention pairs) on
+every rank, and hands each micro-batch the global count divided by accumulation x ranks. DeepSpeed averages
+the micro-batches' gradients over both, so the step's gradient is that of sum(loss) / global count, the same
+for micro batch 8 x accumulation 1, 4 x 2, or 2 ranks x 4. A mean per micro-batch would weigh the tokens of a
+short micro-batch more.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +29,11 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook
 from ds_kd.schema import LANGS
 
-StepFn = Callable[[object, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+log = logging.getLogger("ds_kd")
+
+StepFn = Callable[[object, dict, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+MAX_CONSECUTIVE_SKIPS = 50
+"""fp16 steps skipped in a row (loss-scale overflow) after which the run stops: the scale cannot recover."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,66 +49,172 @@ class LoopConfig:
     eval_every: int = 0
     """Validate every this many optimizer steps (0: only at the end)."""
     save_every: int = 0
-    """Checkpoint every this many optimizer steps (0: only at the end)."""
+    """Checkpoint every this many optimizer steps (0: only by time and at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted once a newer one is complete)."""
+    save_every_minutes: float = 0.0
+    """Also checkpoint once this many minutes of wall time passed since the last checkpoint (0: never by time).
+    Rank 0's clock decides, so every rank saves at the same step."""
 
 
 @dataclass
 class LoopResult:
     steps: int
-    """Optimizer steps completed (in total, over resumes)."""
+    """Optimizer steps applied (in total, over resumes); fp16 overflow-skipped steps do not count."""
     losses: list[float] = field(default_factory=list)
     """The mean training loss of each optimizer step run by this process (all ranks averaged)."""
     val: dict[str, float] = field(default_factory=dict)
     """The last validation metrics."""
+    tokens: int = 0
+    """Real tokens trained on by this process's steps, all ranks together."""
+    seconds: float = 0.0
+    """Wall time of this process's steps, validation and checkpoints included."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def loss_denominators(batch: dict) -> dict[str, torch.Tensor]:
+    """What the per-token losses of one micro-batch average over, as float64 scalars.
+
+    ``masked``: predicted positions (``labels`` != -100; MLM and output loss); ``tokens``: real tokens
+    (``attention_mask``; embedding and hidden-state MSE); ``pairs``: (query, key) pairs within one sentence,
+    the attention-score MSE's count: the sum of squared sentence lengths (a row's length, unpacked; each packed
+    sentence's, from ``sequence_ids``).
+    """
+    lengths = sentence_lengths(batch).double()
+    return {"masked": batch["labels"].ne(-100).sum().double(), "tokens": lengths.sum(),
+            "pairs": lengths.square().sum()}
+
+
+def sentence_lengths(batch: dict) -> torch.Tensor:
+    """Token count of every sentence in the batch (1-D): per row, or per packed sentence (``sequence_ids``)."""
+    sequence_ids = batch.get("sequence_ids")
+    if sequence_ids is None:
+        return batch["attention_mask"].sum(dim=1)
+    rows, width = sequence_ids.shape
+    slot = torch.arange(rows, device=sequence_ids.device)[:, None] * (int(sequence_ids.max()) + 1) + sequence_ids
+    counts = torch.bincount(slot[sequence_ids > 0])
+    return counts[counts > 0]
+
+
+def global_denominators(micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The counts of :func:`loss_denominators` over every micro-batch of the step on every rank, divided by
+    (micro-batches x ranks): the denominator each micro-batch's loss uses so that DeepSpeed's averaging over
+    accumulation and ranks yields the mean over the global batch. Every rank must call it (an all-reduce)."""
+    counts = [loss_denominators(b) for b in micro_batches]
+    names = sorted(counts[0])
+    total = dist.all_reduce(torch.stack([sum(c[n] for c in counts) for n in names]))
+    share = total / (len(micro_batches) * dist.world_size())
+    return {n: share[i].float() for i, n in enumerate(names)}
+
+
 def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[], dict[str, float]],
           logbook: Logbook, ckpt_dir: Path, cfg: LoopConfig, start_step: int,
-          reader_state: Callable[[], dict]) -> LoopResult:
+          reader_state: Callable[[], dict], checkpoint_extras: dict | None = None) -> LoopResult:
     """Run optimizer steps ``start_step+1 .. cfg.max_steps``; ``reader_state()`` gives the data position for
-    checkpoints. Every rank runs this; only rank 0's logbook writes."""
+    checkpoints, ``checkpoint_extras`` more facts to store in each. Every rank runs this; only rank 0's logbook
+    writes. A step that DeepSpeed skips (fp16 overflow: no update, no LR step) does not count: the run applies
+    exactly ``cfg.max_steps`` updates. Logged training metrics are means over the steps since the last log."""
     device = dist.device()
     accumulation = engine.gradient_accumulation_steps()
     uses_loss_scaler = engine.fp16_enabled()
     result = LoopResult(steps=start_step)
     stream: Iterator[dict] = iter(batches)
-    step = start_step
+    step, skipped_in_a_row = start_step, 0
+    window = _Window()
+    started = last_save = time.perf_counter()
+
+    def save() -> None:
+        nonlocal last_save
+        t0 = time.perf_counter()
+        extras = {"reader": reader_state(), "elapsed_s": logbook.elapsed(), **(checkpoint_extras or {})}
+        tag = checkpoint.save(engine, ckpt_dir, step, extras, cfg.keep_last)
+        last_save = time.perf_counter()
+        log.info("checkpoint %s written to %s (%.1f s)", tag, ckpt_dir / tag, last_save - t0)
+
     while step < cfg.max_steps:
         t0 = time.perf_counter()
+        micro_batches = [to_device(next(stream), device) for _ in range(accumulation)]
+        denominators = global_denominators(micro_batches)
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=device)
-        for _ in range(accumulation):
-            batch = to_device(next(stream), device)
+        for batch in micro_batches:
             if (seed := batch.pop("dropout_seed", None)) is not None:
                 torch.manual_seed(seed)  # dropout follows the data position, not the rank (see ds_kd.reader)
-            loss, terms = step_fn(engine, batch)
+            loss, terms = step_fn(engine, batch, denominators)
             _check_finite(loss, step + 1, uses_loss_scaler)
             engine.backward(loss)
             engine.step()
             for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / accumulation
             tokens += batch["attention_mask"].sum()
+        if not engine.was_step_applied():
+            skipped_in_a_row = _count_skip(engine, step + 1, skipped_in_a_row)
+            continue
+        skipped_in_a_row = 0
         step += 1
         names = sorted(sums)
         reduced = dist.all_reduce(torch.stack([sums[n] for n in names] + [tokens]))
         metrics = {n: float(v) / dist.world_size() for n, v in zip(names, reduced[:-1])}
         result.losses.append(metrics["loss"])
-        _log_step(engine, logbook, cfg, step, metrics, float(reduced[-1]), time.perf_counter() - t0)
+        result.tokens += int(reduced[-1])
+        window.add(metrics, float(reduced[-1]), time.perf_counter() - t0)
+        _log_step(engine, logbook, cfg, step, window)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, {"reader": reader_state()}, cfg.keep_last)
+        if step < cfg.max_steps and _save_due(cfg, step, time.perf_counter() - last_save):
+            save()
     result.steps = step
     result.val = _validate(evaluate, logbook, step)
     if step > start_step:
-        checkpoint.save(engine, ckpt_dir, step, {"reader": reader_state()}, cfg.keep_last)
+        save()
+    result.seconds = time.perf_counter() - started
     return result
+
+
+class _Window:
+    """Training metrics summed over the steps since the last log, and their tokens and seconds."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps, self.tokens, self.seconds = 0, 0.0, 0.0
+
+    def add(self, metrics: dict[str, float], tokens: float, seconds: float) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+    def take(self) -> dict[str, float]:
+        """The window's means and throughput; the window starts again empty."""
+        means = {name: value / self.steps for name, value in self.sums.items()}
+        means["tokens_per_s"] = self.tokens / max(self.seconds, 1e-9)
+        self.__init__()
+        return means
+
+
+def _save_due(cfg: LoopConfig, step: int, seconds_since_save: float) -> bool:
+    """Every ``save_every`` steps, or once ``save_every_minutes`` passed by rank 0's clock (an all-reduce,
+    so every rank agrees)."""
+    if cfg.save_every and step % cfg.save_every == 0:
+        return True
+    if not cfg.save_every_minutes:
+        return False
+    late = float(dist.is_main() and seconds_since_save >= 60 * cfg.save_every_minutes)
+    return bool(dist.all_reduce(torch.tensor(late, device=dist.device()), "max").item())
+
+
+def _count_skip(engine, step: int, skipped_in_a_row: int) -> int:
+    """Log an fp16 overflow-skipped step; stop the run when the loss scale cannot recover."""
+    skipped_in_a_row += 1
+    log.warning("optimizer step %d skipped by the fp16 loss scaler (overflow; scale now %s); it does not count "
+                "toward the run's steps", step, getattr(engine.optimizer, "cur_scale", "?"))
+    if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+        raise NonFiniteLossError(f"{skipped_in_a_row} optimizer steps in a row overflowed in fp16 before step "
+                                 f"{step}; stopping. The last good checkpoint is intact: lower the learning rate, "
+                                 f"use bf16, or check the data, then resume with --resume.")
+    return skipped_in_a_row
 
 
 def _check_finite(loss: torch.Tensor, step: int, uses_loss_scaler: bool) -> None:
@@ -107,20 +226,19 @@ def _check_finite(loss: torch.Tensor, step: int, uses_loss_scaler: bool) -> None
             f"intact: lower the learning rate or check the data, then resume with --resume.")
 
 
-def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, metrics: dict, tokens: float,
-              seconds: float) -> None:
-    if "loss_mlm" in metrics:
-        metrics["train_ppl"] = math.exp(min(metrics["loss_mlm"], 50.0))
-    postfix = {"loss": metrics["loss"], "tok/s": tokens / max(seconds, 1e-9)}
-    logbook.advance(step, postfix)
+def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window) -> None:
+    logbook.advance(step, {"loss": window.sums["loss"] / window.steps,
+                           "tok/s": window.tokens / max(window.seconds, 1e-9)})
     if step % cfg.log_every and step != cfg.max_steps:
         return
+    metrics = window.take()
+    if "loss_mlm" in metrics:
+        metrics["train_ppl"] = math.exp(min(metrics["loss_mlm"], 50.0))
     grad_norm = engine.get_global_grad_norm()
     metrics.update({
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
-        "samples_seen": step * engine.train_batch_size(),
+        "samples_seen": engine.global_samples,  # skipped fp16 steps consumed their samples too
         "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0,
         "skipped_steps": float(engine.skipped_steps),
     })
@@ -130,6 +248,10 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, metrics: dic
 def _validate(evaluate: Callable[[], dict[str, float]], logbook: Logbook, step: int) -> dict[str, float]:
     val = evaluate()
     logbook.log(step, val)
+    per_lang = " ".join(f"{k[len('val_ppl_'):]} {v:.2f}" for k, v in sorted(val.items())
+                        if k.startswith("val_ppl_"))
+    if "val_ppl" in val:
+        log.info("validation at step %d: perplexity %.3f (%s)", step, val["val_ppl"], per_lang)
     return val
 
 
@@ -156,12 +278,14 @@ def mlm_perplexity(model, batches: Iterable[dict]) -> dict[str, float]:
             filler = batch if filler is None else filler
         else:  # a repeat of an earlier batch, or a one-token stand-in if this rank never had one
             batch = filler if filler is not None else _stand_in_batch(device)
-        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                    position_ids=batch.get("position_ids"), sequence_ids=batch.get("sequence_ids"))
         if not real:
             continue
         labels = batch["labels"][out.predicted]
         ce = F.cross_entropy(out.logits.float(), labels, reduction="none").double()
-        lang = batch["lang_ids"][:, None].expand_as(batch["labels"])[out.predicted]
+        lang_ids = batch["lang_ids"]  # [B] per row, or [B, T] per token in packed rows
+        lang = (lang_ids if lang_ids.dim() == 2 else lang_ids[:, None].expand_as(batch["labels"]))[out.predicted]
         loss_sum.index_add_(0, lang, ce)
         count.index_add_(0, lang, torch.ones_like(ce))
     dist.all_reduce(loss_sum)

@@ -7,9 +7,10 @@
   (what distillation needs), computed by the explicit path.
 - The MLM head computes vocabulary logits only at the predicted positions: with a 120k vocabulary a dense
   head costs about as much as the whole BERT-Base encoder. Input and output embeddings are tied.
-- ``save_pretrained``/``from_pretrained`` read and write Hugging Face ``BertForMaskedLM`` directories, so any
-  HF BERT checkpoint (``BertModel`` or ``BertForMaskedLM``) loads, and our exports load with
-  ``transformers.AutoModelForMaskedLM``.
+- ``save_pretrained``/``from_pretrained`` write and read Hugging Face ``BertForMaskedLM`` directories: our
+  exports load with ``transformers.AutoModelForMaskedLM``, and any BERT checkpoint that transformers loads
+  (``BertModel``, ``BertForMaskedLM``, ``BertForPreTraining``; sharded; old ``gamma``/``beta`` names) loads
+  here, read through transformers itself.
 
 This module knows nothing of DeepSpeed, ranks or devices.
 """
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ds_kd.textfile import read_json
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class BertConfig:
     initializer_range: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
     pad_token_id: int = 0
-    """Id of [PAD]."""
+    """Id of the tokenizer's pad token (its embedding row starts at zero and gets no gradient); a model built for
+    training takes it from the shards' special ids (XLM-R's tokenizer pads with 1)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -62,9 +66,13 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def to_hf_dict(self) -> dict:
-        return {**asdict(self), "model_type": "bert", "architectures": ["BertForMaskedLM"],
-                "hidden_act": "gelu", "tie_word_embeddings": True, "position_embedding_type": "absolute"}
+    def to_hf_dict(self, special_token_ids: dict[str, int] | None = None) -> dict:
+        """The ``config.json`` of ``transformers.BertConfig``. ``special_token_ids`` are the config fields of the
+        tokenizer saved alongside (``pad_token_id``, ``bos_token_id``/``eos_token_id`` where it has them; see
+        :func:`ds_kd.schema.config_special_ids`): the tokenizer is what every consumer pads with, so they win."""
+        return {**asdict(self), **(special_token_ids or {}), "model_type": "bert",
+                "architectures": ["BertForMaskedLM"], "hidden_act": "gelu", "tie_word_embeddings": True,
+                "position_embedding_type": "absolute"}
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "BertConfig":
@@ -92,12 +100,31 @@ PRESETS: dict[str, BertConfig] = {
 
 
 def make_config(preset: str, vocab_size: int | None = None, **overrides) -> BertConfig:
-    """The preset's config, with the vocabulary (normally the tokenizer's) and any field overridden."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    """The config of a preset name or of a Hugging Face ``config.json`` file (any BERT shape; a checkpoint
+    directory means its config.json), with the vocabulary (normally the tokenizer's) and any field overridden.
+
+    Raises ValueError for an unknown preset or a config that is not BERT's, FileNotFoundError for a missing
+    file (the file is what ``launch/pretrain.py --model-config`` names)."""
+    if preset in PRESETS:
+        base = PRESETS[preset]
+    elif preset.endswith(".json") or Path(preset).exists():
+        base = config_from_file(Path(preset))
+    else:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} (or a config.json file)")
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    return replace(PRESETS[preset], **overrides)
+    return replace(base, **overrides)
+
+
+def config_from_file(path: Path) -> BertConfig:
+    """A :class:`BertConfig` from a Hugging Face ``config.json`` (or a directory holding one); errors name it."""
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model config file not found")
+    try:
+        return BertConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # bad JSON, a non-BERT model_type, heads not dividing the width, ...
+        raise ValueError(f"{path}: {e}") from None
 
 
 class Record(dict):
@@ -148,10 +175,13 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
-        seq_len = input_ids_BT.shape[1]
-        positions_T = torch.arange(seq_len, device=input_ids_BT.device)
-        x_BTD = self.word_embeddings(input_ids_BT) + self.position_embeddings(positions_T)[None]
+    def forward(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None,
+                position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids_BT is None:
+            positions = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)[None]  # [1, T]
+        else:
+            positions = position_ids_BT
+        x_BTD = self.word_embeddings(input_ids_BT) + self.position_embeddings(positions)
         if token_type_ids_BT is None:
             x_BTD = x_BTD + self.token_type_embeddings.weight[0]
         else:
@@ -173,17 +203,17 @@ class BertSelfAttention(nn.Module):
         b, t, _ = x_BTD.shape
         return x_BTD.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x_BTD: torch.Tensor, bias_B11T: torch.Tensor, want_scores: bool):
+    def forward(self, x_BTD: torch.Tensor, bias_B1QT: torch.Tensor, want_scores: bool):
         q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
         dropout_p = self.dropout_p if self.training else 0.0
         scores_BHTT = None
         if want_scores:
             # Explicit path: distillation needs the pre-softmax scores (TinyBERT's attention loss).
             scores_BHTT = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            probs = torch.softmax(scores_BHTT + bias_B11T, dim=-1)
+            probs = torch.softmax(scores_BHTT + bias_B1QT, dim=-1)
             ctx = F.dropout(probs, dropout_p, self.training) @ v
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B11T, dropout_p=dropout_p)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B1QT, dropout_p=dropout_p)
         b, h, t, dh = ctx.shape
         return ctx.transpose(1, 2).reshape(b, t, h * dh), scores_BHTT
 
@@ -205,8 +235,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)  # the name gives HF's "attention.self.query" parameter path
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x_BTD, bias_B11T, want_scores):
-        ctx_BTD, scores = self.self(x_BTD, bias_B11T, want_scores)
+    def forward(self, x_BTD, bias_B1QT, want_scores):
+        ctx_BTD, scores = self.self(x_BTD, bias_B1QT, want_scores)
         return self.output(ctx_BTD, x_BTD), scores
 
 
@@ -237,8 +267,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x_BTD, bias_B11T, want_scores):
-        attn_BTD, scores = self.attention(x_BTD, bias_B11T, want_scores)
+    def forward(self, x_BTD, bias_B1QT, want_scores):
+        attn_BTD, scores = self.attention(x_BTD, bias_B1QT, want_scores)
         return self.output(self.intermediate(attn_BTD), attn_BTD), scores
 
 
@@ -259,21 +289,49 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attention_scores: bool = False) -> EncoderOutput:
-        x_BTD = self.embeddings(input_ids, token_type_ids)
+                output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None) -> EncoderOutput:
+        """``input_ids`` [B, T]; ``attention_mask`` [B, T] (1 = real token; default all real).
+
+        Packed rows (several sentences in one row) pass ``sequence_ids`` [B, T] (1, 2, ... for the sentences of
+        a row, 0 at padding) and ``position_ids`` [B, T] (restarting at 0 for each sentence): attention is then
+        block-diagonal, a token attending only to the tokens of its own sentence, so every sentence gets the
+        same outputs as when it is run alone (packed BERT, Krell et al. 2021)."""
+        x_BTD = self.embeddings(input_ids, token_type_ids, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Additive key mask in the activations' dtype: 0 where attended, the dtype's minimum at padding.
-        bias_B11T = (1.0 - attention_mask[:, None, None, :].to(x_BTD.dtype)) * torch.finfo(x_BTD.dtype).min
+        bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
         hidden = [x_BTD] if output_hidden_states else None
         scores = [] if output_attention_scores else None
         for layer in self.encoder.layer:
-            x_BTD, layer_scores = layer(x_BTD, bias_B11T, output_attention_scores)
+            x_BTD, layer_scores = layer(x_BTD, bias_B1QT, output_attention_scores)
             if hidden is not None:
                 hidden.append(x_BTD)
             if scores is not None:
                 scores.append(layer_scores)
         return EncoderOutput(x_BTD, tuple(hidden) if hidden else None, tuple(scores) if scores else None)
+
+
+def attention_bias(attention_mask_BT: torch.Tensor, sequence_ids_BT: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask in ``dtype``: 0 where a query may attend to a key, the dtype's minimum elsewhere.
+
+    Without ``sequence_ids_BT``: a key mask [B, 1, 1, T] from ``attention_mask_BT`` (padding keys masked).
+    With it: a block-diagonal mask [B, 1, T, T], key j visible to query i when both belong to the same
+    sentence (equal nonzero ids). A padding query sees nothing; its output is never used. The minimum rather
+    than -inf keeps such rows finite under softmax.
+    """
+    if sequence_ids_BT is None:
+        keep = attention_mask_BT[:, None, None, :].bool()
+    else:
+        keep = same_sequence_pairs(sequence_ids_BT)[:, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def same_sequence_pairs(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool: (query i, key j) belong to one sentence. ``sequence_ids_BT`` holds 0 at padding and equal
+    positive ids for the tokens of one sentence; a 0/1 attention mask is the one-sentence-per-row case."""
+    return (sequence_ids_BT[:, :, None] == sequence_ids_BT[:, None, :]) & (sequence_ids_BT[:, None, :] > 0)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -337,24 +395,27 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 predicted: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attention_scores: bool = False) -> MLMOutput:
+                output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None) -> MLMOutput:
         """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` [B,T] bool overrides where
-        logits are computed (default: ``labels != -100``; all positions if neither is given)."""
-        enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores)
+        logits are computed (default: ``labels != -100``; all positions if neither is given). Packed rows
+        pass ``position_ids`` and ``sequence_ids`` (see :meth:`BertModel.forward`)."""
+        enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores,
+                        position_ids, sequence_ids)
         if predicted is None:
             predicted = labels.ne(-100) if labels is not None else torch.ones_like(input_ids, dtype=torch.bool)
         logits_NV = self.cls.predictions(enc.last_hidden_state[predicted])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits_NV.float(), labels[predicted])
+        loss = masked_lm_loss(logits_NV, labels[predicted]) if labels is not None else None
         return MLMOutput(loss, logits_NV, predicted, enc)
 
     # ---- Hugging Face directories -------------------------------------------------------------------
 
-    def save_pretrained(self, directory: Path | str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, directory: Path | str, state_dict: dict[str, torch.Tensor] | None = None,
+                        special_token_ids: dict[str, int] | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` loadable by ``AutoModelForMaskedLM``.
 
-        ``state_dict`` lets a caller pass weights gathered elsewhere (ZeRO-3) in this module's naming."""
+        ``state_dict`` lets a caller pass weights gathered elsewhere (ZeRO-3) in this module's naming;
+        ``special_token_ids``: the config fields of the tokenizer saved with it (see :meth:`BertConfig.to_hf_dict`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -366,26 +427,22 @@ class BertForMaskedLM(nn.Module):
         tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
         with open(directory / "config.json", "w", encoding="utf-8") as f:
-            json.dump(self.config.to_hf_dict(), f, indent=2)
+            json.dump(self.config.to_hf_dict(special_token_ids), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, **config_overrides) -> "BertForMaskedLM":
-        """Load a HF BERT directory (``BertForMaskedLM`` or bare ``BertModel``; an absent MLM head stays
-        freshly initialised and ``model.has_mlm_head`` is False)."""
+        """Load a BERT checkpoint directory, read by ``transformers`` (see :func:`load_hf_state_dict`: any
+        layout it loads works). ``config_overrides`` replace fields of the directory's config (e.g. dropout).
+
+        ``BertForMaskedLM`` and ``BertForPreTraining`` checkpoints bring their MLM head; a bare ``BertModel``
+        has none: the head stays freshly initialised and ``model.has_mlm_head`` is False.
+        Raises FileNotFoundError (no directory, config.json or weights) and ValueError naming the directory
+        (not a BERT checkpoint, a shape or activation this model lacks, encoder weights missing)."""
         directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: not a checkpoint directory (no config.json)")
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = replace(BertConfig.from_hf_dict(json.load(f)), **config_overrides)
-        model = cls(cfg)
+        model = cls(replace(read_hf_config(directory), **config_overrides))
         state = load_hf_state_dict(directory)
         own = model.state_dict()
-        mapped = {}
-        for name, tensor in state.items():
-            key = name if name.startswith(("bert.", "cls.")) else f"bert.{name}"
-            if key in own:
-                mapped[key] = tensor
+        mapped = {k: v for k, v in state.items() if k in own and k != TIED_DECODER}
         missing = [k for k in own if k not in mapped and k != TIED_DECODER]
         if [k for k in missing if not k.startswith("cls.")]:
             raise ValueError(f"{directory}: checkpoint lacks encoder weights, e.g. {missing[:3]}")
@@ -399,22 +456,72 @@ class BertForMaskedLM(nn.Module):
 TIED_DECODER = "cls.predictions.decoder.weight"
 
 
-def load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a HF checkpoint directory (safetensors, sharded or not, or ``pytorch_model.bin``)."""
-    from safetensors.torch import load_file
+def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
+                   denominator: torch.Tensor | float | None = None,
+                   log_probs_NV: torch.Tensor | None = None) -> torch.Tensor:
+    """MLM cross-entropy of the N predicted positions, in float32: the sum over them divided by
+    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1).
 
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for name in files for k, v in load_file(str(directory / name)).items()}
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    ``logits_NV`` [N, V] are the logits at the predicted positions, ``labels_N`` [N] their token ids (-100
+    entries are ignored); ``log_probs_NV``, the log-softmax of the logits computed already, may replace them.
+    The training loop passes the masked-token count of the whole global batch as ``denominator`` (see
+    :func:`ds_kd.loop.loss_denominators`), so micro-batch and rank splits do not change the objective.
+    """
+    if log_probs_NV is None:
+        log_probs_NV = logits_NV.float().log_softmax(-1)
+    total = F.nll_loss(log_probs_NV, labels_N, reduction="sum")
+    count = torch.as_tensor(labels_N.ne(-100).sum() if denominator is None else denominator,
+                            dtype=total.dtype, device=total.device)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def read_hf_config(directory: Path | str) -> BertConfig:
+    """The :class:`BertConfig` of a checkpoint directory's ``config.json``.
+
+    Raises FileNotFoundError when the directory or its config.json is missing, ValueError naming the directory
+    when the config is not a BERT one this model can run (``model_type``, ``hidden_act``, position embeddings)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory does not exist")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not a checkpoint directory (no config.json)")
+    try:
+        return BertConfig.from_hf_dict(read_json(cfg_path))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
+def load_hf_state_dict(directory: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors a BERT checkpoint directory holds, in this module's naming (``bert.*``, ``cls.*``).
+
+    Read by ``transformers.BertForMaskedLM.from_pretrained`` from local files only, so every layout that
+    transformers loads works: ``model.safetensors`` or ``pytorch_model.bin``, either sharded with its
+    ``*.index.json``, old-style ``LayerNorm.gamma/beta`` names, and ``BertModel``, ``BertForMaskedLM`` or
+    ``BertForPreTraining`` checkpoints (pooler and next-sentence head are dropped). Tensors the checkpoint lacks
+    (the MLM head of a ``BertModel``) are left out, not randomly filled. Raises as :func:`read_hf_config`, and
+    ValueError for a decoder not tied to the word embeddings (this model ties them)."""
+    import transformers
+
+    directory = Path(directory)
+    read_hf_config(directory)  # a clear error for a missing or non-BERT directory before transformers reads it
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists the pooler etc.; has_mlm_head says it
+    try:
+        config = transformers.BertConfig.from_dict(read_json(directory / "config.json"))  # BOM-tolerant read
+        hf, info = transformers.BertForMaskedLM.from_pretrained(str(directory), config=config, local_files_only=True,
+                                                                output_loading_info=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{directory}: {e}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    state = {k: v for k, v in hf.state_dict().items() if k not in missing}
+    decoder, embeddings = state.get(TIED_DECODER), state["bert.embeddings.word_embeddings.weight"]
+    if decoder is not None and not torch.equal(decoder, embeddings):
+        raise ValueError(f"{directory}: the MLM decoder is not tied to the word embeddings "
+                         "(tie_word_embeddings false); this model ties them")
+    return state
 
 
 def count_parameters(model: nn.Module, with_embeddings: bool = True) -> int:

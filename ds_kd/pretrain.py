@@ -15,9 +15,9 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -27,8 +27,13 @@ from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.model import BertForMaskedLM, make_config
+from ds_kd.model import BertConfig, BertForMaskedLM, masked_lm_loss
 from ds_kd.optim import LRSchedule, build_optimizer
+from ds_kd.tokenizer_files import make_portable
+from ds_kd.warmstart import init_model, student_config
+
+if TYPE_CHECKING:
+    from ds_kd.ds_config import OptimizerSpec
 
 log = logging.getLogger("ds_kd")
 
@@ -51,18 +56,19 @@ class TrainConfig:
     """Optimizer steps to train for; exclusive with ``epochs``."""
     epochs: float | None = None
     """Passes over the training shards (converted to optimizer steps with the engine's global batch)."""
-    optimizer: str = "adamw"
-    """adamw or lamb."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (not on biases and LayerNorm)."""
-    warmup_steps: int = 0
-    """Linear warmup steps (default: 6% of the run when 0 and ``warmup_ratio`` > 0)."""
-    warmup_ratio: float = 0.06
-    """Warmup as a fraction of the run, used when ``warmup_steps`` is 0."""
-    decay: str = "linear"
-    """Decay after warmup: linear, cosine or constant."""
+    optimizer: str | None = None
+    """adamw or lamb (None: the DeepSpeed JSON's optimizer block, else adamw)."""
+    lr: float | None = None
+    """Peak learning rate (None: the JSON's optimizer block, else 1e-4)."""
+    weight_decay: float | None = None
+    """Decoupled weight decay on matrices, not on biases and LayerNorm (None: the JSON's, else 0.01)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (None or 0: ``warmup_ratio`` of the run). Exclusive with a JSON scheduler block,
+    like ``warmup_ratio`` and ``decay``."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the run, used when ``warmup_steps`` is 0 (None: 0.06)."""
+    decay: str | None = None
+    """Decay after warmup: linear, cosine or constant (None: linear)."""
     max_len: int = 128
     """Truncate samples to this many tokens (special tokens included)."""
     num_workers: int = 2
@@ -75,8 +81,11 @@ class TrainConfig:
     """Log training metrics every N optimizer steps."""
     eval_every: int = 0
     """Validate every N optimizer steps (0: only at the end)."""
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_every: int = 1000
+    """Checkpoint every N optimizer steps (0: only by time and at the end)."""
+    save_every_minutes: float = 30.0
+    """Also checkpoint when this many minutes of wall time passed since the last checkpoint (0: never by
+    time), so a crash loses at most this much work."""
     keep_last: int = 2
     """Checkpoints to keep."""
     resume: bool = False
@@ -85,12 +94,18 @@ class TrainConfig:
     """How long a rank waits for a peer in a collective before the job fails."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
+    init_from: str | None = None
+    """Checkpoint directory (HF BERT) whose weights the trained model starts from (see ds_kd.warmstart)."""
+    init_layers: list[int] | None = None
+    """1-based layers of ``init_from`` to copy, in order, with its embeddings (None: the whole checkpoint)."""
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "mbert8-base"
-    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert)."""
+    """Model preset (mbert8-large, mbert8-base, leanbert, tiny-large, tiny-base, tiny-leanbert), the path of a
+    Hugging Face BERT ``config.json`` (any shape; its vocabulary is replaced by the tokenizer's), or from-init:
+    the shape of ``init_from`` (with ``len(init_layers)`` layers)."""
 
 
 @dataclass
@@ -109,10 +124,14 @@ class CorpusData:
     tokenizer_dir: Path
     manifest: dict
     vocab_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)
+    """The tokenizer's special ids by role (pad, cls, sep, mask, ...), from the shards manifest."""
 
 
 def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
-    """Find the shards and the tokenizer and check they belong together, before anything is built."""
+    """Find the shards and the tokenizer and check they belong together, and that the shards record the
+    tokenizer's special ids, before anything is built."""
+    from ds_kd.reader import special_ids
     from ds_kd.schema import check_tokenizer_matches
 
     data = Path(data)
@@ -120,7 +139,16 @@ def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
     manifest = read_manifest(shard_dir, needed_by="training")
     tokenizer_dir = Path(tokenizer) if tokenizer else shard_dir.parent / "tokenizer"
     check_tokenizer_matches(manifest, tokenizer_dir)
-    return CorpusData(shard_dir, tokenizer_dir, manifest, int(manifest["vocab_size"]))
+    return CorpusData(shard_dir, tokenizer_dir, manifest, int(manifest["vocab_size"]), special_ids(manifest, shard_dir))
+
+
+def model_config(shape: str, data: CorpusData, init_from: str | None = None,
+                 init_layers: list[int] | None = None) -> BertConfig:
+    """The config for training on ``data``: a preset, or the ``--init-from`` checkpoint's shape (see
+    :func:`ds_kd.warmstart.student_config`, which raises ValueError for a bad combination), with the
+    tokenizer's vocabulary size and pad id."""
+    return replace(student_config(shape, data.vocab_size, init_from, init_layers),
+                   pad_token_id=data.special_ids["pad"])
 
 
 def num_train_samples(manifest: dict) -> int:
@@ -133,25 +161,103 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mlm_step(engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-    return out.loss, {"mlm": out.loss}
+def mlm_step(engine, batch: dict, denominators: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MLM cross-entropy at the masked positions, summed and divided by the global batch's masked-token share
+    ``denominators["masked"]`` (see :func:`ds_kd.loop.global_denominators`)."""
+    masked_BT = batch["labels"].ne(-100)
+    out = engine(batch["input_ids"], batch["attention_mask"], predicted=masked_BT,
+                 position_ids=batch.get("position_ids"), sequence_ids=batch.get("sequence_ids"))
+    loss = masked_lm_loss(out.logits, batch["labels"][masked_BT], denominators["masked"])
+    return loss, {"mlm": loss}
 
 
-def build_ds_config(cfg: TrainConfig) -> dict:
+@dataclass
+class EngineSetup:
+    """The checked DeepSpeed config and what the run builds beside it."""
+
+    ds_config: dict
+    """What ``deepspeed.initialize`` gets: the JSON after overrides and the precision fallback, without its
+    optimizer block (the optimizer is built here)."""
+    optimizer: "OptimizerSpec"
+    ds_scheduler: bool
+    """True: the JSON's scheduler block, built by DeepSpeed; False: ``ds_kd.optim.LRSchedule``."""
+
+
+def check_train_flags(cfg: TrainConfig) -> None:
+    """One-line errors naming the flag, before anything is built or created."""
+    if (cfg.max_steps is None) == (cfg.epochs is None):
+        raise ValueError("give exactly one of --max-steps and --epochs")
+    positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
+                "--shuffle-window": cfg.shuffle_window, "--log-every": cfg.log_every,
+                "--dist-timeout-minutes": cfg.dist_timeout_minutes}
+    not_negative = {"--num-workers": cfg.num_workers, "--eval-every": cfg.eval_every,
+                    "--save-every": cfg.save_every, "--save-every-minutes": cfg.save_every_minutes,
+                    "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps, "--lr": cfg.lr,
+                    "--weight-decay": cfg.weight_decay}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    for flag, value in not_negative.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must not be negative, got {value}")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
+
+
+def build_ds_config(cfg: TrainConfig) -> EngineSetup:
+    """Load the DeepSpeed JSON, apply the overrides and the precision fallback, and check it all (unknown keys,
+    DeepSpeed's own validation, the optimizer and scheduler blocks against the flags) before any work.
+    Raises ValueError naming the file, the override or the flag."""
+    from ds_kd.ds_config import check_ds_config, check_keys, check_scheduler, resolve_optimizer
     from ds_kd.engine import apply_overrides, load_ds_config, resolve_precision
 
-    return resolve_precision(apply_overrides(load_ds_config(cfg.deepspeed_config), cfg.ds_overrides))
+    source = str(cfg.deepspeed_config)
+    check_keys([key.split(".")[0] for key in cfg.ds_overrides], "--ds-override")
+    config = resolve_precision(apply_overrides(load_ds_config(source), cfg.ds_overrides))
+    check_ds_config(config, source)
+    optimizer, config = resolve_optimizer(
+        config, {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}, source)
+    ds_scheduler = check_scheduler(
+        config, {"warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "decay": cfg.decay}, source)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if optimizer.name == "lamb" and stage > 0:
+        # ZeRO hands the optimizer flat partitions of many tensors: a trust ratio ||w|| / ||update|| taken there
+        # mixes layers, which is not LAMB. Only stage 0 keeps whole tensors.
+        raise ValueError(f"LAMB needs whole tensors for its layer-wise trust ratio, but ZeRO stage {stage} ({source}) "
+                         f"hands the optimizer flat partitions; use --ds-override zero_optimization.stage=0, or "
+                         f"AdamW")
+    return EngineSetup(config, optimizer, ds_scheduler)
+
+
+def check_max_len(max_len: int, **models) -> None:
+    """Raise ValueError (naming ``--max-len``) when a sample of ``max_len`` tokens would not fit the position
+    table of one of ``models`` (name -> BertConfig); checked before any work, since on a shuffled corpus the
+    first sentence that long may come hours in."""
+    for name, config in models.items():
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"--max-len {max_len} exceeds the {name}'s {config.max_position_embeddings} position "
+                             f"embeddings (max_position_embeddings); use --max-len {config.max_position_embeddings}"
+                             f" or less")
+
+
+def check_resume_identity(saved: dict, identity: dict, ckpt_dir: Path) -> None:
+    """Raise ValueError when a fact the checkpoint was written under (e.g. the teacher's digest) differs now."""
+    differ = [k for k, v in identity.items() if k in saved and saved[k] != v]
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {identity[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume {ckpt_dir}: it was written under other inputs ({detail})")
 
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
-                 data: CorpusData, ds_config: dict, stage: str, extra_manifest: dict,
-                 final_check: Callable[[], dict] | None = None) -> RunResult:
+                 data: CorpusData, setup: EngineSetup, stage: str, extra_manifest: dict,
+                 final_check: Callable[[], dict] | None = None, identity: dict | None = None) -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
     ``model`` is what the engine trains; ``mlm_model`` (the model itself, or the student inside it) is
-    validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may raise, or return more
-    manifest fields."""
+    validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may
+    raise, or return more manifest fields. ``identity`` holds facts about inputs that are not in the
+    checkpoint (the teacher's digest): stored in every checkpoint, and a resume under other values is refused
+    before the first step."""
     from ds_kd.reader import ReaderConfig, ShardReader
 
     out = Path(cfg.out)
@@ -160,9 +266,11 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
         raise FileExistsError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
                               f"or choose a new --out")
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    spec = setup.optimizer
+    optimizer = build_optimizer(model, spec.name, spec.lr, spec.weight_decay, spec.betas, spec.eps)
     schedule = LRSchedule()  # its length needs the global batch, which only the engine knows
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = None if setup.ds_scheduler else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = setup.ds_config
     # The reader and a resume are checked before the engine is built, so a bad resume fails in seconds.
     resume = checkpoint.plan_resume(ckpt_dir, ds_config, type(optimizer).__name__) if cfg.resume else None
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
@@ -170,20 +278,30 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
                                       seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
                                       max_len=cfg.max_len), dist.rank(), dist.world_size())
     if resume is not None:
+        check_resume_identity(resume.state, identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])
         ds_config = checkpoint.prepare(resume, ds_config)
     engine = dist.build_engine(model, ds_config, optimizer, scheduler)
     settings = dist.engine_settings(engine)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_train_samples(data.manifest)
                                                     / settings["global_batch"]))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    schedule.set(warmup, total_steps, cfg.decay, scheduler)
-    log.info("engine: %s; %d optimizer steps (warmup %d); %d trainable parameters", settings, total_steps, warmup,
-             num_trainable)
+    if setup.ds_scheduler:
+        schedule_text = f"the config's {setup.ds_config['scheduler']['type']} schedule"
+    else:
+        warmup = cfg.warmup_steps or int((0.06 if cfg.warmup_ratio is None else cfg.warmup_ratio) * total_steps)
+        schedule.set(warmup, total_steps, cfg.decay or "linear", scheduler)
+        schedule_text = f"warmup {warmup}, {cfg.decay or 'linear'} decay"
+    log.info("engine: %s; %s (%s); %d optimizer steps (%s); %d trainable parameters", settings, spec.name,
+             spec.source, total_steps, schedule_text, num_trainable)
+    if dist.is_main():
+        from ds_kd.ds_config import write_effective_config
 
-    start_step = 0
+        write_effective_config(setup.ds_config, spec, out / "ds_config.json")
+
+    start_step, elapsed_before = 0, 0.0
     if resume is not None:
         start_step = checkpoint.load(engine, resume)["step"]
+        elapsed_before = resume.state.get("elapsed_s", 0.0)
         log.info("resumed from %s at optimizer step %d", resume.tag, start_step)
 
     def evaluate() -> dict[str, float]:
@@ -194,11 +312,12 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
 
     run_config = {"stage": stage, **_jsonable(asdict(cfg)), "engine": settings, "total_steps": total_steps,
                   "num_trainable_params": num_trainable}
-    logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step)
+    logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step, elapsed_before)
     try:
-        loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last)
+        loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last,
+                              cfg.save_every_minutes)
         result = train(engine, reader, step_fn, evaluate, logbook, ckpt_dir, loop_cfg, start_step,
-                       reader.state_dict)
+                       reader.state_dict, identity)
     finally:
         logbook.close()
     digests = dist.replica_digests(engine.module)
@@ -206,25 +325,39 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
         raise RuntimeError(f"the ranks' weights differ after training (digests {digests}): replicas diverged")
     if final_check is not None:
         extra_manifest = {**extra_manifest, **final_check()}
-    export_dir = export(mlm_model, data.tokenizer_dir, out / "export")
+    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids)
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
                        **extra_manifest)
     dist.barrier()
+    log.info("finished %s: %d optimizer steps (%d in this process), %s tokens in %.1f s (%.0f tokens/s), "
+             "validation perplexity %.3f; export: %s", out, result.steps, result.steps - start_step,
+             f"{result.tokens:,}", result.seconds, result.tokens / max(result.seconds, 1e-9),
+             result.val.get("val_ppl", math.nan), export_dir)
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
 
 
-def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path) -> Path | None:
-    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0."""
+def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
+           special_ids: dict[str, int]) -> Path | None:
+    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
+
+    ``special_ids``: the tokenizer's by role (:attr:`CorpusData.special_ids`); ``config.json`` carries them
+    (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them)."""
+    from ds_kd.schema import config_special_ids
+
+    if model.config.pad_token_id != special_ids["pad"]:
+        log.warning("the model was built with pad id %d but its tokenizer pads with %d: the export says %d",
+                    model.config.pad_token_id, special_ids["pad"], special_ids["pad"])
     state = dist.gather_full_state_dict(model)
     if dist.is_main():
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state, special_token_ids=config_special_ids(special_ids))
         for f in tokenizer_dir.iterdir():
             if f.is_file() and f.name != "manifest.json":
                 shutil.copy2(f, tmp / f.name)
+        make_portable(tmp, merges=False)  # tokenizer.json stays byte-identical: its hash ties it to the shards
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     dist.barrier()
@@ -237,9 +370,8 @@ def _jsonable(d: dict) -> dict:
 
 def finished_run(cfg: TrainConfig, what: str) -> RunResult | None:
     """The result of an already finished run in ``cfg.out`` (then the run is skipped), else None; checks the
-    budget flags first so a bad command line fails before any work."""
-    if (cfg.max_steps is None) == (cfg.epochs is None):
-        raise ValueError("give exactly one of --max-steps and --epochs")
+    flags first so a bad command line fails before any work."""
+    check_train_flags(cfg)
     if not has_manifest(cfg.out):
         return None
     log.info("%s/manifest.json exists: %s already finished, skipping", cfg.out, what)
@@ -252,11 +384,17 @@ def run(cfg: PretrainConfig) -> RunResult:
     if (done := finished_run(cfg, "pretraining")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
+    # validates the preset (or the --init-from shape) before any work
+    model_cfg = model_config(cfg.model, data, cfg.init_from, cfg.init_layers)
+    check_max_len(cfg.max_len, model=model_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
+    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = BertForMaskedLM(model_cfg)
+    init = None
+    if cfg.init_from:
+        init = init_model(model, BertForMaskedLM.from_pretrained(cfg.init_from), cfg.init_layers)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
-    return run_training(cfg, model, mlm_step, model, data, build_ds_config(cfg),
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)})
+    return run_training(cfg, model, mlm_step, model, data, setup,
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg), "init": init})

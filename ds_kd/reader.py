@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_kd.manifest import MANIFEST, read_manifest
 from ds_kd.masking import Masker, MaskingConfig, pad_batch
-from ds_kd.schema import (BLOCK_MEMBERS, LANGS, REWRITE_HINT, SCHEMA_VERSION, SPECIAL_TOKENS, SPLITS,
-                          block_key)
+from ds_kd.schema import (BLOCK_MEMBERS, LANGS, REQUIRED_ROLES, REWRITE_HINT, SCHEMA_VERSION, SPLITS,
+                          block_key, bpe_special_ids, role_of)
 
 STATE_VERSION = 2
 SENTENCE_LOG_ENV = "DS_KD_SENTENCE_LOG"
@@ -118,16 +118,42 @@ def check_vocab(shard_dir: str | Path, vocab_size: int, what: str = "model") -> 
                          f"own tokenizer or rewrite the shards")
 
 
-def special_ids(manifest: dict) -> dict[str, int]:
-    """Special token ids by short name (pad, unk, cls, sep, mask), from the manifest's ``special_token_ids``.
+def special_ids(manifest: dict, shard_dir: str | Path | None = None) -> dict[str, int]:
+    """Special token ids by role (pad, unk, cls, sep, mask; bos, eos where the tokenizer has them).
 
-    The corpus manifest keys them by token (``"[PAD]": 0``); both spellings are accepted. A manifest without
-    them gets the schema's order (ids 0..4), which is what the corpus tokenizer assigns.
+    The shards manifest records them by role (``"pad": 1``), or, written by an older version, by BERT token
+    (``"[PAD]": 0``). They are the tokenizer's own: a brought tokenizer numbers them its own way (XLM-R: pad 1),
+    so no ids are assumed for a manifest that records none, except for the project's own BPE (ids 0..4, known
+    from ``<corpus>/tokenizer/manifest.json``). Raises ValueError naming the manifest and the command that
+    records them when pad, cls, sep or mask is missing.
     """
-    given = manifest.get("special_token_ids") or manifest.get("special_ids")
-    if not given:
-        return {token.strip("[]").lower(): i for i, token in enumerate(SPECIAL_TOKENS)}
-    return {name.strip("[]").lower(): int(i) for name, i in given.items()}
+    given = manifest.get("special_token_ids") or manifest.get("special_ids") or {}
+    ids = {role_of(name): int(i) for name, i in given.items()}
+    corpus = Path(shard_dir).parent if shard_dir is not None else None
+    source = _step_setting(corpus, "tokenizer", "source")
+    if not ids and source == "bpe":
+        ids = bpe_special_ids()
+    missing = [role for role in REQUIRED_ROLES if role not in ids]
+    if missing:
+        where = Path(shard_dir) / MANIFEST if shard_dir is not None else "the shards manifest"
+        flags = (f"--raw {_step_setting(corpus, 'read', 'raw') or 'RAW'} --out {corpus}"
+                 + (f" --tokenizer {source}" if source and source != "bpe" else ""))
+        raise ValueError(f"{where}: no special token ids recorded for {', '.join(missing)} (needed to mask and "
+                         f"pad; a brought tokenizer numbers them its own way, so ids 0..4 are not assumed). "
+                         f"Re-run the corpus command that wrote it, with the same flags (python -m data_prep "
+                         f"corpus {flags} ...): it records the tokenizer's ids without rewriting the shards")
+    return ids
+
+
+def _step_setting(corpus: Path | None, step: str, name: str) -> str | None:
+    """A setting of a corpus step's manifest (the tokenizer's ``source``: ``bpe`` or the brought tokenizer's
+    directory; the read step's ``raw``), or None where there is none."""
+    if corpus is None:
+        return None
+    try:
+        return (read_manifest(corpus / step).get("settings") or {}).get(name)
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 class Block(NamedTuple):
@@ -182,7 +208,7 @@ class BlockTable:
                 columns[name].extend(values)
             paths.append(str(path))
         counts = np.asarray(columns["num_sentences"], dtype=np.int64)
-        special = special_ids(manifest)
+        special = special_ids(manifest, shard_dir)
         return cls(tuple(paths), np.asarray(columns["shard"], np.int32), np.asarray(columns["local"], np.int32),
                    np.asarray(columns["start"], np.int64), np.asarray(columns["end"], np.int64),
                    np.asarray(columns["crc32"], np.uint32), counts,
@@ -494,10 +520,7 @@ class ShardReader:
         check_config(cfg, rank, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = read_shards_manifest(cfg.shard_dir)
-        special = special_ids(self.manifest)
-        missing = {"pad", "cls", "sep", "mask"} - set(special)
-        if missing:
-            raise ValueError(f"{Path(cfg.shard_dir) / MANIFEST}: special token ids lack {sorted(missing)}")
+        special = special_ids(self.manifest, cfg.shard_dir)
         table = BlockTable.open(cfg.shard_dir, cfg.split, self.manifest)
         self.vocab_size = table.vocab_size
         shuffle = cfg.split == "train" if cfg.shuffle is None else cfg.shuffle

@@ -18,6 +18,7 @@ from pathlib import Path
 from ds_kd import paper_results as paper
 from ds_kd.grid import GRID_JSON, RESULT, default_role
 from ds_kd.tasks import TASKS, zero_shot_langs
+from ds_kd.textfile import read_text
 
 TASK_TITLES = {"xnli": "XNLI", "pawsx": "PAWS-X", "wikiann": "WikiANN", "matis": "MultiATIS++", "mtop": "mTOP"}
 METRIC_TITLES = {"accuracy": "accuracy", "f1": "span F1", "exact_match": "exact match"}
@@ -309,7 +310,7 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
         write_csv(table, path)
         report.files.append(path)
     for section in extra:
-        parts += ["", Path(section).read_text(encoding="utf-8").strip(), ""]
+        parts += ["", read_text(section).strip(), ""]
     md = out / "report.md"
     md.write_text("\n".join(parts), encoding="utf-8")
     report.files.insert(0, md)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ds_kd.manifest import atomic_write_text
+from ds_kd.textfile import read_text
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ def read_keyed_text(root: Path, lang: str) -> list[tuple[tuple[str, str], str]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (expected <dir>/<lang>/help.txt and <dir>/alignment/"
                                     f"<lang>.tsv, as `python -m data_prep demo_tasks` writes for --heldout)")
-    texts = text_path.read_text(encoding="utf-8").splitlines()
-    keys = key_path.read_text(encoding="utf-8").splitlines()
+    texts = read_text(text_path).splitlines()
+    keys = read_text(key_path).splitlines()
     if len(texts) != len(keys):
         raise ValueError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
     out = []

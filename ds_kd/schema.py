@@ -4,7 +4,7 @@ Shard layout, schema version 2 (written by ``python -m data_prep corpus``, read 
 readable with plain ``webdataset`` (one sample per block)::
 
     <corpus>/shards/manifest.json            schema_version, languages, vocab size, tokenizer hash, special
-                                             token ids, and per split and shard: counts, bytes, sha256 and
+                                             token ids by role, and per split and shard: counts, bytes, sha256 and
                                              the block table (sentences, byte offset and crc32 of each block)
     <corpus>/shards/train/shard-000000.tar   blocks of many sentences each, languages interleaved (shuffled)
     <corpus>/shards/val/shard-000000.tar
@@ -42,8 +42,53 @@ REWRITE_HINT = ("rewrite them with `python -m data_prep corpus --raw <raw dir> -
                 "--out (or delete <corpus dir>/shards and run the same command again)")
 """What to do with shards of an older schema: the corpus command writes the current one."""
 
-# BERT special tokens, in the order the tokenizer gives them ids 0..4.
+# BERT special tokens of the project's own BPE, in the order it gives them ids 0..4. A brought tokenizer
+# (``corpus --tokenizer DIR``) keeps its own ids, recorded by role in the shards manifest.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Roles of special tokens, as keys of ``special_token_ids`` in the shards manifest: pad, unk, cls (or the
+# tokenizer's bos where it has no cls), sep (or eos), mask; and bos/eos where the tokenizer names them.
+SPECIAL_ROLES = ("pad", "unk", "cls", "sep", "mask")
+REQUIRED_ROLES = ("pad", "cls", "sep", "mask")
+"""Roles MLM masking and padding cannot do without."""
+
+
+def role_of(name: str) -> str:
+    """Role of a manifest key: ``"pad"``, or the older spelling by BERT token, ``"[PAD]"``."""
+    return name.strip("[]").lower()
+
+
+def bpe_special_ids() -> dict[str, int]:
+    """Special ids by role of the project's own BPE (ids 0..4 in the order of :data:`SPECIAL_TOKENS`)."""
+    return {role_of(token): i for i, token in enumerate(SPECIAL_TOKENS)}
+
+
+def config_special_ids(special: dict[str, int]) -> dict[str, int]:
+    """The ``config.json`` fields of special ids by role: ``pad_token_id``, and ``bos_token_id``/``eos_token_id``
+    where the tokenizer has bos/eos tokens (XLM-R: 0 and 2; a BERT tokenizer has none)."""
+    fields = {"pad_token_id": int(special["pad"])}
+    for role in ("bos", "eos"):
+        if role in special:
+            fields[f"{role}_token_id"] = int(special[role])
+    return fields
+
+
+def tokenizer_special_ids(tokenizer) -> dict[str, int]:
+    """Special ids by role of a ``transformers`` tokenizer (pad, unk, cls, sep, mask; bos, eos where set).
+
+    cls falls back to bos and sep to eos. A role is taken only when its token is in the vocabulary (a BERT
+    tokenizer built from a ``vocab.txt`` without ``[MASK]`` would otherwise report ``[UNK]``'s id for it).
+    """
+    vocab = tokenizer.get_vocab()
+    ids = {}
+    for role in (*SPECIAL_ROLES, "bos", "eos"):
+        token = getattr(tokenizer, f"{role}_token", None)
+        if token is not None and str(token) in vocab:
+            ids[role] = int(vocab[str(token)])
+    for role, fallback in (("cls", "bos"), ("sep", "eos")):
+        if role not in ids and fallback in ids:
+            ids[role] = ids[fallback]
+    return ids
 
 
 def block_key(index: int) -> str:

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_kd.textfile import open_text
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -62,5 +64,5 @@ def load_split(root: Path | str, task: str, split: str, lang: str) -> list[dict]
     path = split_path(root, task, split, lang)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {split} data for {task}/{lang} (run `python -m data_prep tasks` first)")
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         return [json.loads(line) for line in f if line.strip()]

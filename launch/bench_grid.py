@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ds_kd.flags import HelpFormatter  # noqa: E402
 
 
 def tiny_inputs(work: Path) -> tuple[Path, Path]:
@@ -38,8 +41,8 @@ def timed(command: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="encoder directory (default: a tiny generated one)")
     p.add_argument("--data", help="normalised task-data root (default: tiny generated pawsx data)")
     p.add_argument("--task", default="pawsx", help="task to fine-tune (default: pawsx)")
@@ -47,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="measurements per side; the median is reported (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job on both sides (default: 1)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per job (default: 1)")
-    p.add_argument("--max-train-examples", type=int, default=None, help="cap on English training records per job")
+    p.add_argument("--max-train-examples", type=int, default=None,
+                   help="cap on English training records per job (default: all of them)")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_grid_"))
     work.mkdir(parents=True, exist_ok=True)

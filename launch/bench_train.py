@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from ds_kd.flags import HelpFormatter  # noqa: E402
 from ds_kd.model import BertConfig, BertForMaskedLM  # noqa: E402
 
 
@@ -115,19 +116,24 @@ def report(steps: dict, args, tokens: int, baseline: str, shape) -> None:
         print(f"{name:40s} {seconds * 1e3:10.1f} {tokens / seconds:10.0f} {seconds / times[baseline]:28.3f}x time")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("which", choices=["mlm", "distill"], help="which benchmark")
     p.add_argument("--vocab", type=int, default=120000, help="vocabulary (default: the paper's 120k)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden width (default 256)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width")
     p.add_argument("--layers", type=int, default=4, help="layers (the distillation teacher gets 3x)")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="sequence length (padded; real lengths vary)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats of each step")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    args = p.parse_args()
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: as many as torch chooses")
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    args.threads = args.threads or torch.get_num_threads()
     (bench_mlm if args.which == "mlm" else bench_distill)(args)
     return 0
 

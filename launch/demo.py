@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ds_kd.flags import HelpFormatter, add_list_argument  # noqa: E402
+
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
 
@@ -144,22 +148,27 @@ def check_resources(out: Path, need_disk_gb: float, need_memory_gb: float) -> st
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output root (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=None,
                    help="where downloaded packages are kept (default: ~/.cache/ds_kd/libreoffice)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of each pretraining and distillation")
-    p.add_argument("--seeds", nargs="+", default=["1"],
-                   help="fine-tuning seeds per model and task (default: one, to stay within minutes; the paper: 1 2 3 4)")
+    add_list_argument(p, "--seeds", item_type=int, default=[1],
+                      help="fine-tuning seeds per model and task, space- or comma-separated (default: 1, to stay "
+                           "within minutes; the paper: 1 2 3 4)")
     p.add_argument("--epochs", default="5", help="fine-tuning epochs per job")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = args.out.resolve()
     problem = check_resources(out, need_disk_gb=3, need_memory_gb=4)
     if problem:
         print(f"demo: {problem}", file=sys.stderr)
         return 2
-    stages = build_stages(out, args.cache, args.steps, args.seeds, args.epochs)
+    stages = build_stages(out, args.cache, args.steps, [str(s) for s in args.seeds], args.epochs)
     start = time.perf_counter()
     for number, stage in enumerate(stages, 1):
         if stage.done is not None and stage.done.exists():

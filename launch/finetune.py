@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 
 from ds_kd.finetune.job import FinetuneConfig, run
+from ds_kd.flags import HelpFormatter
 from ds_kd.tasks import TASKS
 
 
@@ -27,8 +28,9 @@ def field_doc(name: str) -> str:
     return ""
 
 
-def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per FinetuneConfig field, its docstring as help (the formatter adds the default)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     required = {"model", "task", "data", "out"}
     for f in fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -41,10 +43,13 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
             p.add_argument(flag, action="store_true", help=doc)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-            default = None if f.name in required else f.default
-            p.add_argument(flag, type=kind, required=f.name in required, default=default,
-                           help=f"{doc} (default: {default})" if default is not None else doc)
-    return FinetuneConfig(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=kind, required=f.name in required,
+                           default=None if f.name in required else f.default, help=doc)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    return FinetuneConfig(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

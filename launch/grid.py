@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import field_doc  # noqa: E402  (launch/finetune.py: --help text from FinetuneConfig's docstrings)
 
 from ds_kd.cli import name_value  # noqa: E402
+from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
 from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
 from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
 from ds_kd.tasks import TASKS  # noqa: E402
@@ -36,7 +37,7 @@ KD_OPTIONS = {  # --kd-* flag -> (DistillConfig field, type, help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("grid")
     g.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
                    type=name_value,
@@ -47,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ft-distill rows: the encoder of row STUDENT fine-tuned with distillation from row "
                         "TEACHER's fine-tuned job of the same task and seed; the row is named 'STUDENT (ft-distill)' "
                         "and TEACHER's jobs save their model and run first")
-    g.add_argument("--tasks", nargs="+", default=["all"], metavar="TASK",
-                   help=f"tasks to run, or 'all' ({', '.join(TASKS)}) (default: all)")
+    add_list_argument(g, "--tasks", default=["all"], metavar="TASK",
+                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)})")
     g.add_argument("--data", required=True, help="normalised task-data root (python -m data_prep tasks ...)")
-    g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4],
-                   help="seeds per (row, task) (default: 1 2 3 4)")
+    add_list_argument(g, "--seeds", item_type=int, default=[1, 2, 3, 4],
+                      help="seeds per (row, task), space- or comma-separated")
     g.add_argument("--out", required=True, help="grid directory (jobs/, grid.json)")
     g.add_argument("--workers", type=int, default=None,
                    help="jobs at a time (default: one per GPU; on CPU half the cores, at least 1)")
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
             f.add_argument(flag, action="store_const", const=True, default=None, help=doc)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(fld.type, str)
-            f.add_argument(flag, type=kind, default=None, help=f"{doc} (default: {default})")
+            shown = doc if "default" in doc.lower() else f"{doc} (default: {default_text(default)})"
+            f.add_argument(flag, type=kind, default=None, help=shown)
     k = p.add_argument_group("ft-distill options (ds_kd.distill.DistillConfig)")
     for flag, (name, kind, doc) in KD_OPTIONS.items():
         k.add_argument(f"--kd-{flag}", dest=f"kd_{name}", type=kind, default=None,

@@ -11,11 +11,12 @@ import argparse
 import sys
 
 from ds_kd.cli import name_value
+from ds_kd.flags import HelpFormatter
 from ds_kd.report import write_report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("grid_dir", help="grid directory written by launch/grid.py (any folder of result.json files works)")
     p.add_argument("--out", default=None, help="output folder (default: GRID_DIR/report)")
     p.add_argument("--students", nargs="+", default=None, metavar="NAME",
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                         "val.val_ppl); overrides the grid's record (default: the parent of a model dir named export)")
     p.add_argument("--extra", nargs="+", default=[], metavar="FILE.md",
                    help="Markdown files appended to report.md after the tables (e.g. retrieval.md, speed.md)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra)
     for path in report.files:
         print(path)

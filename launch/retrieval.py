@@ -13,20 +13,21 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.retrieval import RetrievalConfig, run
 from ds_kd.schema import LANGS
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     d = RetrievalConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", type=name_value, help="encoders to evaluate")
     p.add_argument("--heldout", type=Path, required=True,
                    help="held-out aligned text (<dir>/<lang>/help.txt + <dir>/alignment/<lang>.tsv), as "
                         "`python -m data_prep demo_tasks --heldout` writes")
     p.add_argument("--out", type=Path, required=True, help="folder for retrieval.json and retrieval.md")
-    p.add_argument("--langs", nargs="+", default=[lang for lang in LANGS if lang != "en"],
-                   help="languages to retrieve against the pivot (default: %(default)s)")
+    add_list_argument(p, "--langs", default=[lang for lang in LANGS if lang != "en"],
+                      help="languages to retrieve against the pivot, space- or comma-separated")
     p.add_argument("--layer", default=d.layer, help='hidden layer to mean-pool: "xtreme" (round(2L/3), layer 8 of '
                                                     '12 as XTREME), "last", or a number (0 = embeddings)')
     p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="pairs per language at most (default: %(default)s)")
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the pair sample (default: %(default)s)")
     p.add_argument("--pivot", default=d.pivot, help="language the others are aligned to (default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
                           args.pivot)
     try:

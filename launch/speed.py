@@ -13,19 +13,21 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
+from ds_kd.flags import HelpFormatter
 from ds_kd.speed import SpeedConfig, run
+from ds_kd.textfile import read_text
 
 
 def read_texts(heldout: Path, lang: str) -> list[str]:
     path = heldout / lang / "help.txt"
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found (--heldout must hold <lang>/help.txt, one text per line)")
-    return path.read_text(encoding="utf-8").splitlines()
+    return read_text(path).splitlines()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     d = SpeedConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", type=name_value,
                    help="HF BERT checkpoint directories to time (with a tokenizer where --heldout is used)")
     p.add_argument("--teacher-of", nargs="*", default=[], metavar="STUDENT=TEACHER", type=name_value,
@@ -41,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=d.max_len, help="longest sentence in sub-words (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=d.num_warmup, help="untimed passes (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.num_repeats, help="timed passes, median reported (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads; 0 = torch's default (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads; 0: as many as torch chooses (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of sentences and token ids (default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     models = checkpoint_dirs(args.models)
     cfg = SpeedConfig(num_sentences=len(args.lengths) if args.lengths else args.num_sentences,
                       batch_size=args.batch_size, max_len=args.max_len, num_warmup=args.warmup,

@@ -16,10 +16,11 @@ from ds_kd.model import BertForMaskedLM, count_parameters, make_config
 STEPS = 10
 
 
-def make_teacher(corpus: Path, directory: Path, preset: str = "tiny-large", bare: bool = False) -> Path:
+def make_teacher(corpus: Path, directory: Path, preset: str = "tiny-large", bare: bool = False,
+                 seed: int = 11) -> Path:
     """A randomly initialised teacher with the corpus's tokenizer (its quality does not matter here)."""
     vocab = json.loads((corpus / "shards" / "manifest.json").read_text())["vocab_size"]
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     model = BertForMaskedLM(make_config(preset, vocab_size=vocab))
     if bare:  # a BertModel checkpoint: encoder weights only, no MLM head
         import transformers
@@ -113,11 +114,47 @@ def test_export_is_the_student_alone(zero3_distill):
     assert (export / "tokenizer.json").is_file()
 
 
-def test_zero2_and_zero3_give_the_same_losses(zero3_distill, tiny_corpus, teacher, tmp_path):
-    out = tmp_path / "zero2"
+@pytest.fixture(scope="module")
+def zero2_distill(tiny_corpus, teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kd") / "zero2"
     proc = run_cmd(deepspeed_cmd("launch/distill.py", distill_args(tiny_corpus, teacher, out, "zero2")))
     assert proc.returncode == 0, tail(proc)
-    z2, z3 = step_metrics(out), step_metrics(zero3_distill)
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoints_hold_no_teacher_tensor(stage, zero2_distill, zero3_distill):
+    """Under ZeRO-2 the teacher's decoder, tied to its embeddings, used to slip past exclude_frozen_parameters."""
+    ckpt = (zero2_distill if stage == 2 else zero3_distill) / "checkpoints" / "step00000010"
+    files = list(ckpt.glob("*.pt"))
+    assert files
+    for f in files:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        teacher_keys = [k for k in state.get("module") or {} if k.startswith("teacher.")]
+        assert not teacher_keys, (f.name, teacher_keys[:3])
+        for key in ("shared_params", "frozen_param_shapes", "frozen_param_fragments", "param_shapes"):
+            names = [n for group in ([state[key]] if isinstance(state.get(key), dict) else state.get(key) or [])
+                     for n in group]
+            assert not [n for n in names if str(n).startswith("teacher.")], (f.name, key)
+    assert sum(f.stat().st_size for f in files) < 4_000_000  # the tiny-large teacher alone is ~9 MB in fp32
+
+
+def test_resuming_with_another_teacher_is_refused_before_the_first_step(zero2_distill, tiny_corpus, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(zero2_distill, out)
+    (out / "manifest.json").unlink()  # an interrupted run, checkpointed at step 10
+    rows = len((out / "metrics.jsonl").read_text().splitlines())
+    other = make_teacher(tiny_corpus, tmp_path / "other", seed=12)  # same shape, other weights
+    args = distill_args(tiny_corpus, other, out, "zero2", "--resume")
+    args[args.index("--max-steps") + 1] = "12"
+    proc = run_cmd(deepspeed_cmd("launch/distill.py", args))
+    assert proc.returncode == 2, tail(proc)
+    assert "written under other inputs (teacher_digest" in proc.stdout + proc.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == rows  # no step was taken
+
+
+def test_zero2_and_zero3_give_the_same_losses(zero2_distill, zero3_distill):
+    z2, z3 = step_metrics(zero2_distill), step_metrics(zero3_distill)
     for step in range(1, STEPS + 1):  # bf16 forward passes round differently per stage: 2% tolerance
         assert z2[step]["loss"] == pytest.approx(z3[step]["loss"], rel=0.02), step
 

@@ -184,3 +184,70 @@ def test_layer_map_errors():
         layer_map(12, 4, explicit=[3, 6, 9, 13])
     with pytest.raises(ValueError, match="positive"):
         layer_map(12, 0)
+
+
+def test_non_finite_values_at_padding_poison_neither_loss_nor_gradient():
+    """The difference is masked before it is squared: inf/NaN at a padded position gives a finite gradient."""
+    g = torch.Generator().manual_seed(6)
+    mask = _mask()
+    pad = ~mask.bool()
+    s = torch.randn(3, 7, 5, generator=g)
+    t = torch.randn(3, 7, 5, generator=g)
+    t[pad] = float("inf")
+    t[0, -1, 0] = float("nan") if pad[0, -1] else t[0, -1, 0]
+    s = s.requires_grad_()
+    loss = hidden_mse(s, t, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert (s.grad[pad] == 0).all()
+    assert loss.item() == pytest.approx(_ref_hidden(s.detach(), torch.where(pad[..., None], 0.0, t), mask), rel=1e-5)
+
+    sa = torch.randn(3, 2, 7, 7, generator=g)
+    ta = torch.randn(3, 2, 7, 7, generator=g)
+    for b in range(3):
+        ta[b, :, :, pad[b]] = float("-inf")
+        ta[b, :, pad[b], :] = float("nan")
+    sa = sa.requires_grad_()
+    loss = attention_mse(sa, ta, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sa.grad).all()
+
+
+def test_a_given_denominator_replaces_the_batch_count():
+    """Sum over the batch divided by the given count: the per-micro-batch share of a global-batch mean."""
+    g = torch.Generator().manual_seed(7)
+    mask = _mask()
+    s, t = torch.randn(3, 7, 5, generator=g), torch.randn(3, 7, 5, generator=g)
+    tokens = mask.sum()
+    assert hidden_mse(s, t, mask, denominator=2 * tokens).item() == pytest.approx(hidden_mse(s, t, mask).item() / 2)
+    sa, ta = torch.randn(3, 2, 7, 7, generator=g), torch.randn(3, 2, 7, 7, generator=g)
+    pairs = (mask.sum(1) ** 2).sum()
+    assert attention_mse(sa, ta, mask, denominator=pairs / 4).item() == pytest.approx(
+        attention_mse(sa, ta, mask).item() * 4, rel=1e-6)
+    sl, tl = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    assert soft_cross_entropy(sl, tl, denominator=12.0).item() == pytest.approx(
+        soft_cross_entropy(sl, tl).item() / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_intermediate_terms_sum_over_the_layer_map_as_tinybert(reduction):
+    from ds_kd.distill.module import DistillConfig, intermediate_terms
+    from ds_kd.model import EncoderOutput
+
+    g = torch.Generator().manual_seed(8)
+    mask = _mask()
+    student = EncoderOutput(torch.zeros(1), tuple(torch.randn(3, 7, 4, generator=g) for _ in range(3)),
+                            tuple(torch.randn(3, 2, 7, 7, generator=g) for _ in range(2)))
+    teacher = EncoderOutput(torch.zeros(1), tuple(torch.randn(3, 7, 4, generator=g) for _ in range(5)),
+                            tuple(torch.randn(3, 2, 7, 7, generator=g) for _ in range(4)))
+    cfg = DistillConfig(layer_reduction=reduction)
+    terms = intermediate_terms(student, teacher, mask, [2, 4], torch.nn.ModuleDict(), cfg)
+    hidden = [hidden_mse(student.hidden_states[m], teacher.hidden_states[t], mask) for m, t in ((1, 2), (2, 4))]
+    attention = [attention_mse(student.attention_scores[m], teacher.attention_scores[t], mask)
+                 for m, t in ((0, 1), (1, 3))]
+    combine = sum if reduction == "sum" else (lambda xs: sum(xs) / len(xs))
+    assert terms["hidden"].item() == pytest.approx(combine(hidden).item(), rel=1e-6)
+    assert terms["attention"].item() == pytest.approx(combine(attention).item(), rel=1e-6)
+    assert DistillConfig().layer_reduction == "sum"  # the paper follows TinyBERT
+    with pytest.raises(ValueError, match="layer_reduction"):
+        DistillConfig(layer_reduction="max")

@@ -219,3 +219,71 @@ def test_configuration_errors_and_explicit_map():
     other_vocab = BertForMaskedLM(make_config("tiny-leanbert", vocab_size=VOCAB + 1))
     with pytest.raises(ValueError, match="vocabulary"):
         Distiller(teacher, other_vocab)
+
+
+def test_no_state_dict_of_the_distiller_holds_a_teacher_tensor():
+    """The teacher's decoder is tied to its word embeddings: both names stay out (ZeRO-2 checkpoints held one)."""
+    teacher, student = _model("tiny-large", 0), _model("tiny-leanbert", 1)
+    assert teacher.cls.predictions.decoder.weight is teacher.bert.embeddings.word_embeddings.weight
+    distiller = Distiller(teacher, student, DistillConfig())
+    # inside the Distiller the decoder reads the embeddings without a Parameter of its own (DeepSpeed lists a
+    # tied pair as shared params), and the teacher's logits are unchanged
+    assert not list(teacher.cls.predictions.decoder.parameters())
+    assert len({id(p) for p in teacher.parameters()}) == len(list(teacher.named_parameters(remove_duplicate=False)))
+    x = torch.randn(3, teacher.config.hidden_size)
+    assert torch.equal(teacher.cls.predictions.decoder(x), x @ teacher.bert.embeddings.word_embeddings.weight.T)
+    state = distiller.state_dict()
+    assert not [k for k in state if k.startswith("teacher.")]
+    assert {f"student.{k}" for k in student.state_dict()} <= set(state)
+    assert any(k.startswith("projections.") for k in state)
+    # a nested prefix (the module inside a wrapper) is handled too
+    wrapper = torch.nn.ModuleDict({"inner": distiller})
+    assert not [k for k in wrapper.state_dict() if k.startswith("inner.teacher.")]
+    # and a state without the teacher loads back (strict=False, as DeepSpeed resumes)
+    result = Distiller(_model("tiny-large", 0), _model("tiny-leanbert", 5)).load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("teacher.") for k in result.missing_keys)
+
+
+def test_global_denominators_make_the_loss_the_mean_over_the_whole_batch():
+    """Two halves of a batch, each with the whole batch's counts halved, sum to the loss of the whole batch."""
+    from ds_kd.loop import global_denominators
+
+    teacher, student = _model("tiny-large", 0), _model("tiny-leanbert", 1)
+    distiller = Distiller(teacher, student, DistillConfig())
+    batch = _batch(b=4, t=16, seed=3)
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]  # uneven: 1 and 3 rows
+    whole = distiller(batch)
+    denominators = global_denominators(halves)
+    parts = [distiller(h, denominators) for h in halves]
+    for name in ("mlm", "output", "embedding", "hidden", "attention"):
+        assert (parts[0].terms[name] + parts[1].terms[name]).item() / 2 == pytest.approx(
+            whole.terms[name].item(), rel=2e-5), name
+
+
+def test_teacher_with_padded_vocabulary_rows_gives_the_losses_of_the_same_teacher_without_them():
+    """Rows past the tokenizer (public checkpoints pad the embedding) are never looked up, and the output loss
+    is taken over the student's ids: the terms equal those of the teacher cut to the tokenizer's size."""
+    torch.manual_seed(0)
+    padded = BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0))
+    cut = BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+    cut.load_state_dict({k: v[:VOCAB] if v.shape[:1] == (VOCAB + 35,) else v
+                         for k, v in padded.state_dict().items()})
+    batch = _batch()
+    got = Distiller(padded, _model("tiny-leanbert", 1)).eval()(batch).terms
+    want = Distiller(cut, _model("tiny-leanbert", 1)).eval()(batch).terms
+    assert set(got) == {"mlm", "output", "embedding", "hidden", "attention", "total"}
+    for term in want:
+        torch.testing.assert_close(got[term], want[term], rtol=1e-6, atol=1e-7)
+
+
+def test_load_teacher_accepts_more_embedding_rows_than_tokens_and_refuses_fewer(tmp_path):
+    from ds_kd.distill.run import load_teacher
+
+    BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35)).save_pretrained(tmp_path / "padded")
+    assert load_teacher(str(tmp_path / "padded"), VOCAB, {}).config.vocab_size == VOCAB + 35
+    BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB - 1)).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'small'}/config.json: teacher vocabulary of {VOCAB - 1} "
+                                         f"tokens .* fewer than the {VOCAB} of the tokenizer"):
+        load_teacher(str(tmp_path / "small"), VOCAB, {})

@@ -213,3 +213,27 @@ def test_student_moves_towards_the_teacher(encoders, kind):
         loss.backward()
         opt.step()
     assert kl_to_teacher() < 0.5 * start
+
+
+def test_ft_distill_accepts_a_teacher_with_padded_vocabulary_rows_and_refuses_fewer(encoders, tmp_path):
+    """As in the first stage: more embedding rows than the tokenizer (padding) are fine, fewer are not."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ds_kd.finetune.heads import save_task_model
+    from ds_kd.model import BertModel
+
+    labels = build_labels("pair", RECORDS["pair"](4, seed=1))
+    tokenizer = AutoTokenizer.from_pretrained(str(encoders["lean"]))
+    student = TaskModel(BertForMaskedLM.from_pretrained(encoders["lean"]).bert, "pair", labels)
+    vocab = student.encoder.config.vocab_size
+    job = SimpleNamespace(spec=SimpleNamespace(name="pawsx"), data=SimpleNamespace(labels=labels), model=student,
+                          tokenizer=tokenizer, device="cpu")
+    for rows in (vocab + 5, vocab - 1):
+        save_task_model(TaskModel(BertModel(replace(student.encoder.config, vocab_size=rows)), "pair", labels),
+                        tmp_path / str(rows), tokenizer, task="pawsx")
+    assert ft_distill.load_teacher(tmp_path / str(vocab + 5), job).encoder.config.vocab_size == vocab + 5
+    with pytest.raises(ValueError, match=f"{tmp_path / str(vocab - 1)}: cannot distil .* fewer than the student's"):
+        ft_distill.load_teacher(tmp_path / str(vocab - 1), job)

@@ -75,6 +75,91 @@ def test_bare_bert_model_checkpoint_loads_without_head(tmp_path):
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
 
 
+HF_TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64)
+
+
+def _hf_mlm(seed: int) -> transformers.BertForMaskedLM:
+    torch.manual_seed(seed)
+    return transformers.BertForMaskedLM(transformers.BertConfig(**HF_TINY)).eval()
+
+
+def _assert_same_mlm(ours: BertForMaskedLM, hf) -> None:
+    """Same MLM logits at the labelled positions and the same loss as the transformers model."""
+    ids, mask, labels = _batch()
+    out = ours.eval()(ids, mask, labels=labels)
+    ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits[labels.ne(-100)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_old_style_gamma_beta_names_load(tmp_path):
+    """Checkpoints converted from the original TF BERT name LayerNorm parameters gamma/beta."""
+    hf = _hf_mlm(5)
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in hf.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    assert sum(".gamma" in k for k in old) == 2 * HF_TINY["num_hidden_layers"] + 2
+    torch.save(old, tmp_path / "pytorch_model.bin")
+    hf.config.save_pretrained(tmp_path)
+    ours = BertForMaskedLM.from_pretrained(tmp_path)
+    assert ours.has_mlm_head
+    _assert_same_mlm(ours, hf)
+
+
+def test_sharded_safetensors_checkpoint_loads(tmp_path):
+    hf = _hf_mlm(6)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ours = BertForMaskedLM.from_pretrained(tmp_path)
+    assert ours.has_mlm_head
+    _assert_same_mlm(ours, hf)
+
+
+def test_sharded_pytorch_bin_checkpoint_loads(tmp_path):
+    """pytorch_model-0000i-of-0000n.bin files with their pytorch_model.bin.index.json (older HF saves)."""
+    hf = _hf_mlm(7)
+    state = {k: v.clone() for k, v in hf.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        shard = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, tmp_path / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hf.config.save_pretrained(tmp_path)
+    ours = BertForMaskedLM.from_pretrained(tmp_path)
+    assert ours.has_mlm_head
+    _assert_same_mlm(ours, hf)
+
+
+def test_bert_for_pretraining_checkpoint_loads_with_its_mlm_head(tmp_path):
+    """A BertForPreTraining checkpoint (MLM + next-sentence heads, pooler): the MLM head is kept."""
+    torch.manual_seed(8)
+    pre = transformers.BertForPreTraining(transformers.BertConfig(**HF_TINY)).eval()
+    pre.save_pretrained(tmp_path)
+    ours = BertForMaskedLM.from_pretrained(tmp_path)
+    assert ours.has_mlm_head
+    ids, mask, labels = _batch()
+    ref_NV = pre(input_ids=ids, attention_mask=mask).prediction_logits[labels.ne(-100)]
+    torch.testing.assert_close(ours.eval()(ids, mask, labels=labels).logits, ref_NV, rtol=1e-4, atol=1e-4)
+
+
+def test_non_bert_checkpoint_is_refused_naming_the_directory(tmp_path):
+    transformers.RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path}: not a BERT checkpoint: model_type='roberta'"):
+        BertForMaskedLM.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BertForMaskedLM.from_pretrained(tmp_path / "absent")
+
+
+def test_checkpoint_without_weights_is_a_clear_error(tmp_path):
+    transformers.BertConfig(**HF_TINY).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        BertForMaskedLM.from_pretrained(tmp_path)
+
+
 def test_masked_only_head_loss_equals_dense_head_loss():
     torch.manual_seed(3)
     model = BertForMaskedLM(TINY).eval()

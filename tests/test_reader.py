@@ -16,9 +16,11 @@ from ds_kd.manifest import MissingStageError, write_manifest
 from ds_kd.masking import IGNORE_INDEX, Masker, MaskingConfig
 from ds_kd.reader import (BlockTable, ReaderConfig, ShardError, ShardReader, check_vocab, read_shards_manifest,
                           verify_shards)
+from ds_kd.schema import SPECIAL_TOKENS
 from shardgen import CLS, MASK, PAD, SEP, UNK, sample_lang_id, uid_of, unmask, write_corpus
 
 VOCAB = 300
+BERT_IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}  # shardgen's ids, by token as older manifests
 SPECIALS = {PAD, UNK, CLS, SEP, MASK}
 TRAIN = [30, 25, 40, 10, 17, 33]  # 155 sentences in 6 shards of blocks of 7
 NUM_TRAIN = sum(TRAIN)

@@ -112,6 +112,66 @@ def test_wikiann_saved_by_datasets(tmp_path, per_language):
     assert rec["tokens"][:2] == ["Angela", "Merkel"] and rec["tags"] == ["B-PER", "I-PER", "O", "O"]
 
 
+JA_SENTENCES = [[("ジョン", "B-PER"), ("\u3000", "I-PER"), ("スミス", "I-PER"), ("は", "O")],
+                [("東京", "B-LOC"), ("に", "O"), ("いる", "O")]]
+
+
+def write_ja_wikiann(root: Path) -> Path:
+    """Japanese train and test files as released: an ideographic space (U+3000) is a token, inside a name
+    (line 2)."""
+    src = root / "wikiann_ja"
+    src.mkdir()
+    lines = [line for sentence in JA_SENTENCES for line in [*(f"ja:{t}\t{tag}" for t, tag in sentence), ""]]
+    for split in ("train", "test"):
+        (src / f"ja-{split}").write_text("\n".join(lines), encoding="utf-8")
+    return src
+
+
+JA_ONLY = LangChoice(frozenset({"ja"}), frozenset())
+
+
+def test_wikiann_whitespace_token_is_kept_by_default_and_counted(tmp_path):
+    data = load_task("wikiann", write_ja_wikiann(tmp_path), JA_ONLY)
+    first, second = data.records[("test", "ja")]
+    assert first["tokens"] == ["ジョン", "\u3000", "スミス", "は"]
+    assert first["tags"] == ["B-PER", "I-PER", "I-PER", "O"]  # the name stays one entity
+    assert second["tokens"] == ["東京", "に", "いる"]
+    assert data.normalised == {"test.ja": {"whitespace-only token kept": 1}} and not data.removed
+
+
+def test_wikiann_whitespace_token_can_remove_its_sentence_or_stop(tmp_path):
+    src = write_ja_wikiann(tmp_path)
+    data = load_task("wikiann", src, JA_ONLY, wikiann_whitespace="remove")
+    assert [r["tokens"] for r in data.records[("test", "ja")]] == [["東京", "に", "いる"]]
+    assert [(r.file, r.line, r.reason, r.id) for r in data.removed] == [
+        (str(src / "ja-test"), 2, "whitespace-only token", "ja-test:1")]
+    with pytest.raises(TaskDataError, match=f"{src / 'ja-test'}:2: token is only whitespace"):
+        load_task("wikiann", src, JA_ONLY, wikiann_whitespace="error")
+    (src / "ja-test").write_text("ja:\tO\n", encoding="utf-8")  # nothing at all after the prefix: malformed
+    with pytest.raises(TaskDataError, match=f"{src / 'ja-test'}:1: empty token"):
+        load_task("wikiann", src, JA_ONLY)
+
+
+def test_wikiann_whitespace_rule_in_the_datasets_format_and_the_command(tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    src = tmp_path / "hf_ja"
+    rows = {"tokens": [[t for t, _ in s] for s in JA_SENTENCES], "ner_tags": [[tag for _, tag in s] for s in JA_SENTENCES],
+            "langs": [["ja"] * len(s) for s in JA_SENTENCES]}
+    DatasetDict({"test": Dataset.from_dict(rows)}).save_to_disk(str(src))
+    kept = load_task("wikiann", src, JA_ONLY)
+    assert kept.records[("test", "ja")][0]["tokens"][1] == "\u3000"
+    removed = load_task("wikiann", src, JA_ONLY, wikiann_whitespace="remove")
+    assert len(removed.records[("test", "ja")]) == 1 and removed.removed[0].id == "test-0"
+    out = tmp_path / "out"
+    assert main(["--task", "wikiann", "--src", str(write_ja_wikiann(tmp_path)), "--out", str(out), "--langs", "ja",
+                 "--train-langs", "ja", "--wikiann-whitespace-tokens", "remove"]) == 0
+    manifest = read_manifest(out / "wikiann")
+    assert manifest["counts"] == {"train": {"ja": 1}, "test": {"ja": 1}}
+    assert manifest["removed"] == {split: {"ja": {"whitespace-only token": 1}} for split in ("train", "test")}
+    assert manifest["options"]["wikiann_whitespace"] == "remove"
+
+
 # --- MultiATIS++ ---------------------------------------------------------------------------------------------
 
 def test_matis_removes_test_tag_count_mismatch(tmp_path):
@@ -229,6 +289,6 @@ def test_cli_help_explains_every_option(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--task", "--src", "--out", "--langs", "--train-langs", "--wikiann-format", "--mtop-uncopyable",
-                   "--force"):
+    for option in ("--task", "--src", "--out", "--langs", "--train-langs", "--wikiann-format",
+                   "--wikiann-whitespace-tokens", "--mtop-uncopyable", "--force"):
         assert option in text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,223 @@ def test_overrides_and_precision_fallback_are_applied_to_a_copy():
     assert resolve_precision(base, "cuda") == base  # a GPU keeps fp16
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_override("stage")
+
+
+def test_max_len_beyond_the_position_table_fails_before_any_work(tiny_corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"--max-len 300 exceeds the model's 256 position embeddings"):
+        run(config(tiny_corpus, tmp_path, max_len=300))
+    assert not (tmp_path / "run").exists()
+
+
+def test_distillation_checks_max_len_against_teacher_and_student(tiny_corpus, tmp_path):
+    from ds_kd.distill.run import DistillRunConfig
+    from ds_kd.distill.run import run as distill
+    from ds_kd.model import BertForMaskedLM, make_config
+    import json
+
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    teacher = tmp_path / "teacher"
+    BertForMaskedLM(make_config("tiny-base", vocab_size=vocab, max_position_embeddings=64)).save_pretrained(teacher)
+    for f in (tiny_corpus / "tokenizer").iterdir():
+        shutil.copy2(f, teacher / f.name)
+    cfg = DistillRunConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "kd"),
+                           teacher=str(teacher), student="tiny-leanbert", max_steps=2, max_len=100)
+    with pytest.raises(ValueError, match=r"--max-len 100 exceeds the teacher's 64 position embeddings"):
+        distill(cfg)
+    assert not (tmp_path / "kd").exists()
+
+
+class _Fp16Engine:
+    """The engine surface the loop uses; ``overflow_at`` lists the optimizer-step attempts (1-based) whose
+    update DeepSpeed's loss scaler skips."""
+
+    def __init__(self, overflow_at, accumulation=2):
+        self.overflow_at, self.accumulation = set(overflow_at), accumulation
+        self.attempts = self.micro = self.applied = self.skipped_steps = self.global_samples = 0
+        self.optimizer = type("Opt", (), {"cur_scale": 2.0 ** 16})()
+
+    def gradient_accumulation_steps(self): return self.accumulation
+    def fp16_enabled(self): return True
+    def bfloat16_enabled(self): return False
+    def zero_optimization_stage(self): return 0
+    def train_micro_batch_size_per_gpu(self): return 4
+    def gradient_clipping(self): return 1.0
+    def train_batch_size(self): return 4 * self.accumulation
+    def backward(self, loss): pass
+    def get_global_grad_norm(self): return 1.0
+    def get_lr(self): return [0.1]
+    def save_checkpoint(self, directory, tag, **kw): (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accumulation == 0:
+            self.attempts += 1
+            self.global_samples += self.train_batch_size()
+            self._applied = self.attempts not in self.overflow_at
+            self.applied += self._applied
+            self.skipped_steps += not self._applied
+
+    def was_step_applied(self): return self._applied
+
+
+def _fp16_loop(engine, tmp_path, max_steps):
+    from ds_kd.logbook import Logbook, WandbConfig
+    from ds_kd.loop import LoopConfig, train
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 7, -100], [5, -100, -100]])}
+    step_fn = lambda eng, b, d: (torch.tensor(1.0), {"mlm": torch.tensor(1.0)})
+    book = Logbook(tmp_path, True, WandbConfig(mode="disabled"), {}, max_steps)
+    try:
+        return train(engine, iter(lambda: batch, None), step_fn, dict, book, tmp_path / "ckpt",
+                     LoopConfig(max_steps, log_every=1), 0, dict)
+    finally:
+        book.close()
+
+
+def test_fp16_overflow_skipped_steps_do_not_count_toward_the_budget(tmp_path):
+    from ds_kd.logbook import read_metrics
+
+    engine = _Fp16Engine(overflow_at=[2, 3])
+    result = _fp16_loop(engine, tmp_path, max_steps=5)
+    assert result.steps == 5 and engine.applied == 5 and engine.attempts == 7  # 5 updates, 2 skipped on top
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["optimizer_step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["skipped_steps"] == 2 and rows[-1]["samples_seen"] == 7 * 8
+
+
+def test_fp16_overflow_that_never_recovers_stops_the_run(tmp_path):
+    from ds_kd.loop import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError
+
+    engine = _Fp16Engine(overflow_at=range(2, 2 + MAX_CONSECUTIVE_SKIPS))
+    with pytest.raises(NonFiniteLossError, match="in a row overflowed"):
+        _fp16_loop(engine, tmp_path, max_steps=5)
+    assert engine.applied == 1
+
+
+def _json_config(tmp_path, **changes) -> str:
+    import json
+
+    config = json.loads(Path("ds_configs/zero2.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, overrides, message", [
+    ({"zero_optimisation": {"stage": 3}}, {}, r"unknown DeepSpeed config key 'zero_optimisation' \(did you mean "
+                                              r"'zero_optimization'\?\)"),
+    ({}, {"zero_optimisation.stage": 3}, r"--ds-override: unknown DeepSpeed config key 'zero_optimisation'"),
+    ({"train_micro_batch_size_per_gpu": None}, {}, r"ds.json: DeepSpeed rejects the config: .*train_batch_size"),
+    ({}, {"train_micro_batch_size_per_gpu": -4}, r"ds.json: DeepSpeed rejects the config: .*-4"),
+    ({"optimizer": {"type": "OneBitAdam", "params": {}}}, {}, r"optimizer type 'OneBitAdam' is not supported"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "max_coeff": 3}}}, {}, r"\['max_coeff'\] not supported"),
+    ({"scheduler": {"type": "WarmupLinear", "params": {}}}, {}, r"scheduler type 'WarmupLinear' unknown"),
+])
+def test_bad_deepspeed_json_fails_in_one_line_before_anything_is_created(tiny_corpus, tmp_path, changes, overrides,
+                                                                        message):
+    cfg = config(tiny_corpus, tmp_path, deepspeed_config=_json_config(tmp_path, **changes), ds_overrides=overrides)
+    with pytest.raises(ValueError, match=message) as err:
+        run(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"max_steps": 0}, "--max-steps must be positive, got 0"),
+    ({"max_steps": None, "epochs": 0.0}, "--epochs must be positive, got 0.0"),
+    ({"save_every": -1}, "--save-every must not be negative"),
+    ({"lr": -1e-4}, "--lr must not be negative"),
+    ({"warmup_ratio": 1.5}, r"--warmup-ratio must lie in \[0, 1\)"),
+])
+def test_bad_flag_values_name_the_flag_before_anything_is_created(tiny_corpus, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(config(tiny_corpus, tmp_path, **flags))
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_that_contradict_the_json_blocks_are_refused(tiny_corpus, tmp_path):
+    optimizer = {"type": "AdamW", "params": {"lr": 3e-4}}
+    with pytest.raises(ValueError, match=r"optimizer block sets the optimizer; --lr would contradict it"):
+        run(config(tiny_corpus, tmp_path, deepspeed_config=_json_config(tmp_path, optimizer=optimizer), lr=1e-3))
+    scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}
+    with pytest.raises(ValueError, match=r"scheduler block sets .* --decay would contradict it"):
+        run(config(tiny_corpus, tmp_path, deepspeed_config=_json_config(tmp_path, scheduler=scheduler),
+                   decay="cosine"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_lamb_under_zero_partitions_is_refused_before_any_work(tiny_corpus, tmp_path):
+    with pytest.raises(ValueError, match="LAMB needs whole tensors .* ZeRO stage 2"):
+        run(config(tiny_corpus, tmp_path, optimizer="lamb"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_optimizer_and_scheduler_blocks_are_honoured_and_the_effective_config_written(tiny_corpus, tmp_path):
+    import json
+
+    from ds_kd.logbook import read_metrics
+
+    optimizer = {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.8, 0.99], "weight_decay": 0.0}}
+    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 4,
+                                                "warmup_type": "linear"}}
+    cfg = config(tiny_corpus, tmp_path, deepspeed_config=_json_config(tmp_path, optimizer=optimizer,
+                                                                      scheduler=scheduler),
+                 ds_overrides={"train_micro_batch_size_per_gpu": 4}, max_steps=3, log_every=1, num_workers=0)
+    run(cfg)
+    effective = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert effective["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.8, 0.99], "eps": 1e-6,
+                                                                  "weight_decay": 0.0}}
+    assert effective["scheduler"] == scheduler
+    assert effective["train_micro_batch_size_per_gpu"] == 4 and effective["bf16"]["enabled"]  # override, fallback
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    reference = WarmupLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **scheduler["params"])
+    want = []
+    for _ in range(3):  # DeepSpeed's own schedule, stepped once per optimizer step
+        reference.step()
+        want.append(reference.get_lr()[0])
+    assert lrs == pytest.approx(want, rel=1e-6) and want[-1] > want[0]
+
+
+def test_logged_training_metrics_are_window_means_with_wall_clock(tmp_path):
+    from ds_kd.logbook import Logbook, WandbConfig, read_metrics
+    from ds_kd.loop import LoopConfig, train
+
+    engine = _Fp16Engine(overflow_at=[])
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 7, -100], [5, -100, -100]])}
+    calls = iter(range(100))
+    step_fn = lambda eng, b, d: (lambda v: (v, {"mlm": v}))(torch.tensor(float(next(calls) // 2)))  # step s: s-1
+    book = Logbook(tmp_path, True, WandbConfig(mode="disabled"), {}, 6, elapsed_before=100.0)
+    try:
+        train(engine, iter(lambda: batch, None), step_fn, dict, book, tmp_path / "ckpt",
+              LoopConfig(6, log_every=3, save_every=0, save_every_minutes=1e-9), 0, dict)
+    finally:
+        book.close()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["optimizer_step"] for r in rows] == [3, 6]
+    assert [r["loss"] for r in rows] == [1.0, 4.0]  # means of steps 1-3 (0, 1, 2) and 4-6 (3, 4, 5)
+    assert all(r["elapsed_s"] >= 100.0 and r["time"] > 1.7e9 for r in rows)
+    # the minutes-based checkpoint fired after every step (keep_last 2 leaves the newest two)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step*")) == ["step00000005", "step00000006"]
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    from ds_kd.logbook import WANDB_ID_FILE, Logbook, WandbConfig, wandb_key
+
+    ids = []
+    for _ in range(2):
+        book = Logbook(tmp_path, True, WandbConfig(mode="offline"), {"a": 1}, 2)
+        book.log(1, {"loss": 1.0, "val_ppl": 3.0})
+        ids.append(book.wandb_run.id)
+        book.close()
+    assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+    assert (wandb_key("loss"), wandb_key("val_ppl_fr"), wandb_key("elapsed_s")) == (
+        "train/loss", "val/ppl_fr", "time/elapsed_s")

@@ -14,18 +14,23 @@ TASK_NAMES = ("xnli", "pawsx", "wikiann", "matis", "mtop")
 
 
 def load_task(task: str, src: Path | str, choice: LangChoice = LangChoice(), *, wikiann_format: str = "auto",
-              mtop_uncopyable: str = "error") -> TaskData:
-    """Read one benchmark release from ``src``."""
+              wikiann_whitespace: str = "keep", mtop_uncopyable: str = "error",
+              matis_misaligned: str = "error") -> TaskData:
+    """Read one benchmark from ``src``: its release layout, XTREME's ``download_data.sh`` output (xnli, pawsx,
+    wikiann) or a ``datasets`` save_to_disk folder (xnli, pawsx, wikiann), recognised by their files
+    (``wikiann_whitespace``: see ``data_prep.tasks.wikiann``)."""
     from data_prep.tasks import matis, mtop, pawsx, wikiann, xnli
 
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
     if task == "wikiann":
-        return wikiann.load(src, choice, wikiann_format)
+        return wikiann.load(src, choice, wikiann_format, wikiann_whitespace)
     if task == "mtop":
         return mtop.load(src, choice, mtop_uncopyable)
-    loaders = {"xnli": xnli.load, "pawsx": pawsx.load, "matis": matis.load}
+    if task == "matis":
+        return matis.load(src, choice, matis_misaligned)
+    loaders = {"xnli": xnli.load, "pawsx": pawsx.load}
     if task not in loaders:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_NAMES)}")
     return loaders[task](src, choice)

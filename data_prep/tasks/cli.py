@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from data_prep.tasks import TASK_NAMES, LangChoice, TaskDataError, prepare_task
+from data_prep.tasks.wikiann import WHITESPACE_RULES
+from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import has_manifest
 
 DESCRIPTION = """\
@@ -14,38 +16,59 @@ Read a benchmark as released and write normalised task data:
 The manifest (written last) records counts per split and language, label sets, removed rows and the
 release quirks that were normalised. A malformed row stops the run with an error naming file and line.
 
-What --src holds, per task:
+What --src holds, per task (each layout is recognised by its files):
   xnli     XNLI-1.0/xnli.{dev,test}.tsv and XNLI-MT-1.0/multinli/multinli.train.<lang>.tsv
   pawsx    [x-final/]<lang>/{dev_2k,test_2k}.tsv, en/train.tsv, <lang>/translated_train.tsv
   wikiann  [panx_dataset/]<lang>/{train,dev,test}, <lang>-<split> or <lang>.tar.gz (lang:token<TAB>tag lines),
-           or the wikiann dataset saved by `datasets` (save_to_disk: one DatasetDict, or one per <lang>/)
+           or the wikiann dataset saved by datasets (save_to_disk: one DatasetDict, or one per <lang>/)
   matis    {train,dev,test}_<LANG>.tsv anywhere below --src
   mtop     [mtop/]<lang>/{train,eval,test}.txt (eval is written as dev)
-  all      one folder per task named as above: SRC/xnli, SRC/pawsx, SRC/wikiann, SRC/matis, SRC/mtop
+  all      one folder per task named as above: SRC/xnli, SRC/pawsx, SRC/wikiann (or SRC/panx), SRC/matis, SRC/mtop
+xnli, pawsx and wikiann may also be
+  - XTREME's download_data.sh output: [xnli/|pawsx/|panx/]{train,dev,test}-<lang>.tsv (test files without
+    labels, as later XTREME versions ship them, are not written; the manifest notes them)
+  - datasets save_to_disk folders, one DatasetDict per language: SRC/<lang>/ (load_dataset("xnli", lang),
+    load_dataset("paws-x", lang), load_dataset("wikiann", lang))
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep tasks", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=(*TASK_NAMES, "all"),
                    help="benchmark to normalise; 'all' reads SRC/<task> for each of the five")
     p.add_argument("--src", required=True, type=Path, help="folder holding the release files (see above)")
     p.add_argument("--out", required=True, type=Path, help="root of the normalised task data; writes OUT/<task>/")
-    p.add_argument("--langs", nargs="+", metavar="LANG",
-                   help="dev/test languages to write (default: every language the release has)")
-    p.add_argument("--train-langs", nargs="+", metavar="LANG", default=["en"],
-                   help="training languages to write (default: en, as the paper fine-tunes on English only; "
-                        "others are the releases' translated or native train sets)")
-    p.add_argument("--wikiann-format", choices=("auto", "xtreme", "hf"), default="auto",
-                   help="WikiANN source: XTREME/Rahimi files, a `datasets` save_to_disk folder, or auto-detect "
-                        "(hf where a dataset_dict.json exists)")
+    add_list_argument(p, "--langs", metavar="LANG",
+                      help="dev/test languages to write, space- or comma-separated (default: every language the "
+                           "source has)")
+    add_list_argument(p, "--train-langs", metavar="LANG", default=["en"],
+                      help="training languages to write, space- or comma-separated (default: en, as the paper "
+                           "fine-tunes on English only; others are the releases' translated or native train sets)")
+    p.add_argument("--wikiann-format", choices=("auto", "xtreme", "xtreme-tsv", "hf"), default="auto",
+                   help="WikiANN source: XTREME/Rahimi panx_dataset files (xtreme), XTREME's processed "
+                        "panx/<split>-<lang>.tsv (xtreme-tsv), a datasets save_to_disk folder (hf), or auto: hf "
+                        "where a dataset_dict.json exists, xtreme-tsv where <split>-<lang>.tsv files do")
+    p.add_argument("--wikiann-whitespace-tokens", choices=tuple(WHITESPACE_RULES), default="keep",
+                   help="WikiANN tokens that are only whitespace (e.g. an ideographic space, U+3000, in Japanese "
+                        "files): " + "; ".join(f"{k}: {v}" for k, v in WHITESPACE_RULES.items()))
     p.add_argument("--mtop-uncopyable", choices=("error", "remove"), default="error",
                    help="mTOP rows whose logical form copies a token absent from the source tokens: stop with an "
                         "error (default) or remove and count them in the manifest")
+    p.add_argument("--matis-misaligned", choices=("error", "remove"), default="error",
+                   help="MultiATIS++ train/dev rows whose slot labels and words differ in number (the public "
+                        "Spanish train file has some): stop with an error (default) or remove and count them in "
+                        "the manifest; such test rows are always removed and counted, as in the paper")
     p.add_argument("--force", action="store_true",
                    help="rebuild a task whose OUT/<task>/manifest.json exists (by default it is skipped)")
     return p
+
+
+def task_source(src: Path, task: str) -> Path:
+    """``SRC/<task>`` of ``--task all``; WikiANN may be XTREME's ``SRC/panx``."""
+    if task == "wikiann" and not (src / task).is_dir() and (src / "panx").is_dir():
+        return src / "panx"
+    return src / task
 
 
 def _summary(manifest: dict) -> str:
@@ -61,7 +84,7 @@ def _summary(manifest: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = TASK_NAMES if args.task == "all" else (args.task,)
-    sources = {t: args.src / t if args.task == "all" else args.src for t in tasks}
+    sources = {t: task_source(args.src, t) if args.task == "all" else args.src for t in tasks}
     missing = [str(s) for s in sources.values() if not s.is_dir()]
     if missing:
         print(f"error: source folder(s) not found: {', '.join(missing)}", file=sys.stderr)
@@ -71,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         if has_manifest(args.out / task) and not args.force:
             print(f"{task}: {args.out / task}/manifest.json exists, skipping (--force rebuilds)")
             continue
-        options = {"wikiann_format": args.wikiann_format} if task == "wikiann" else {}
+        options = ({"wikiann_format": args.wikiann_format, "wikiann_whitespace": args.wikiann_whitespace_tokens}
+                   if task == "wikiann" else {})
         if task == "mtop":
             options["mtop_uncopyable"] = args.mtop_uncopyable
+        if task == "matis":
+            options["matis_misaligned"] = args.matis_misaligned
         try:
             manifest = prepare_task(task, sources[task], args.out, choice, **options)
         except (TaskDataError, FileNotFoundError) as e:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ds_kd.manifest import write_manifest
 from ds_kd.tasks import get_task, split_path
+from ds_kd.textfile import iter_byte_lines
 
 SPLITS = ("train", "dev", "test")
 REMOVED_FILE = "removed.jsonl"
@@ -35,18 +36,17 @@ def iter_lines(stream: IO[bytes], name: str, total_bytes: int | None = None) -> 
     """Yield ``(line number, text without the line ending)``; decoding per line so a bad byte names its line.
 
     Lines are split on ``\\n`` only (a stray ``\\r`` inside a field stays in the field, as with
-    ``csv.QUOTE_NONE``); a UTF-8 byte-order mark on the first line is dropped.
+    ``csv.QUOTE_NONE``); a UTF-8 byte-order mark at the start of the stream is dropped
+    (:func:`ds_kd.textfile.iter_byte_lines`).
     """
     bar = tqdm(total=total_bytes, desc=Path(name).name, unit="B", unit_scale=True, leave=False, disable=None)
     with bar:
-        for lineno, raw in enumerate(stream, 1):
+        for lineno, raw in enumerate(iter_byte_lines(stream), 1):
             bar.update(len(raw))
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise row_error(name, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if lineno == 1:
-                text = text.removeprefix("\ufeff")
             yield lineno, text.rstrip("\r\n")
 
 

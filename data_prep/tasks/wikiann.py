@@ -11,7 +11,11 @@ be the file's language. Tags must be BIO over PER/LOC/ORG.
 the tags), ``langs``, ``spans``. Either one saved ``DatasetDict`` per language directory (``<src>/<lang>/``),
 or one ``DatasetDict`` at ``<src>`` whose language is read from ``langs``.
 
-Every malformed line or row is an error naming the file and line (or split and row).
+Every malformed line or row is an error naming the file and line (or split and row). A token that is only
+whitespace (a real Japanese file has ideographic spaces, U+3000, as tokens, often inside a name) is data, not a
+malformed line: ``whitespace_tokens`` decides, in both formats, as :data:`WHITESPACE_RULES` says.
+``xtreme-tsv``: XTREME's processed ``panx/{train,dev,test}-<lang>.tsv`` (``download_data.sh`` output), read by
+:mod:`.xtreme`.
 """
 from __future__ import annotations
 
@@ -24,20 +28,30 @@ from data_prep.tasks.taskdata import LangChoice, TaskData, TaskDataError, iter_l
 TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 XTREME_SPLITS = ("train", "dev", "test")
 HF_SPLITS = {"train": "train", "validation": "dev", "test": "test"}
+WHITESPACE_RULES = {
+    "keep": "keep the token as it is, with its tag (default: the sentence and its entities stay whole, as "
+            "released; each kept token is counted in the manifest's 'normalised')",
+    "remove": "remove the sentence holding it, counted in the manifest and listed in removed.jsonl",
+    "error": "stop with an error naming the file and line",
+}
+WHITESPACE_QUIRK = "whitespace-only token kept"
 
 
 # --- XTREME / Rahimi files -------------------------------------------------------------------------------
 
-def parse_sentences(lines: Iterator[tuple[int, str]], name: str, lang: str) -> Iterator[tuple[int, list, list]]:
-    """``(first line, tokens, tags)`` per sentence of a ``lang:token<TAB>tag`` file."""
+def parse_sentences(lines: Iterator[tuple[int, str]], name: str,
+                    lang: str) -> Iterator[tuple[int, list, list, list]]:
+    """``(first line, tokens, tags, lines of whitespace-only tokens)`` per sentence of a ``lang:token<TAB>tag``
+    file. Tokens are stripped, except one that is only whitespace, which is kept as it is."""
     tokens: list[str] = []
     tags: list[str] = []
+    blank: list[int] = []
     start = 0
     for lineno, line in lines:
         if not line.strip():
             if tokens:
-                yield start, tokens, tags
-            tokens, tags = [], []
+                yield start, tokens, tags, blank
+            tokens, tags, blank = [], [], []
             continue
         fields = line.split("\t")
         if len(fields) != 2:
@@ -45,9 +59,11 @@ def parse_sentences(lines: Iterator[tuple[int, str]], name: str, lang: str) -> I
         prefix, sep, token = fields[0].partition(":")
         if not sep or prefix != lang:
             raise row_error(name, lineno, f"token {fields[0]!r} lacks the language prefix '{lang}:'")
-        token, tag = token.strip(), fields[1].strip()
         if not token:
             raise row_error(name, lineno, "empty token")
+        token, tag = token.strip() or token, fields[1].strip()
+        if not token.strip():
+            blank.append(lineno)
         if tag not in TAGS:
             raise row_error(name, lineno, f"tag {tag!r} is not one of {' '.join(TAGS)}")
         if not tokens:
@@ -55,7 +71,29 @@ def parse_sentences(lines: Iterator[tuple[int, str]], name: str, lang: str) -> I
         tokens.append(token)
         tags.append(tag)
     if tokens:
-        yield start, tokens, tags
+        yield start, tokens, tags, blank
+
+
+def add_sentence(data: TaskData, split: str, lang: str, record: dict, blank: list[tuple[str, int | None]],
+                 rule: str) -> None:
+    """Add ``record`` to ``data`` under the whitespace-token ``rule``; ``blank``: (file, line) of each of its
+    whitespace-only tokens. Raises :class:`TaskDataError` naming the first under ``error``."""
+    if blank and rule == "error":
+        name, line = blank[0]
+        raise row_error(name, line, "token is only whitespace; --wikiann-whitespace-tokens keep or remove "
+                                    "decides what to do with such tokens")
+    if blank and rule == "remove":
+        name, line = blank[0]
+        data.remove(split, lang, name, line, "whitespace-only token", record["id"])
+        return
+    for _ in blank:
+        data.normalise(split, lang, WHITESPACE_QUIRK)
+    data.add(split, lang, record)
+
+
+def check_rule(rule: str) -> None:
+    if rule not in WHITESPACE_RULES:
+        raise ValueError(f"unknown whitespace-token rule {rule!r}; expected {', '.join(WHITESPACE_RULES)}")
 
 
 def xtreme_sources(src: Path) -> dict[str, dict[str, object]]:
@@ -82,7 +120,7 @@ def xtreme_sources(src: Path) -> dict[str, dict[str, object]]:
     return found
 
 
-def _read_source(source: object, lang: str) -> tuple[str, list[tuple[int, list, list]]]:
+def _read_source(source: object, lang: str) -> tuple[str, list[tuple[int, list, list, list]]]:
     if isinstance(source, tuple):
         tarball, member = source
         name = f"{tarball}!{member}"
@@ -92,7 +130,7 @@ def _read_source(source: object, lang: str) -> tuple[str, list[tuple[int, list, 
     return str(source), list(parse_sentences(read_lines(source), str(source), lang))
 
 
-def load_xtreme(src: Path, choice: LangChoice) -> TaskData:
+def load_xtreme(src: Path, choice: LangChoice, whitespace_tokens: str = "keep") -> TaskData:
     sources = xtreme_sources(src)
     choice.check_available([lang for lang, s in sources.items() if "dev" in s or "test" in s], src,
                            train_available=[lang for lang, s in sources.items() if "train" in s])
@@ -102,8 +140,9 @@ def load_xtreme(src: Path, choice: LangChoice) -> TaskData:
             if not choice.wants(split, lang):
                 continue
             name, sentences = _read_source(source, lang)
-            for start, tokens, tags in sentences:
-                data.add(split, lang, {"id": f"{Path(name).name}:{start}", "tokens": tokens, "tags": tags})
+            for start, tokens, tags, blank in sentences:
+                record = {"id": f"{Path(name).name}:{start}", "tokens": tokens, "tags": tags}
+                add_sentence(data, split, lang, record, [(name, line) for line in blank], whitespace_tokens)
             data.source_files.append(name)
     data.notes.append("XTREME/Rahimi files; record id '<file>:<first line of the sentence>'")
     return data
@@ -146,7 +185,7 @@ def _hf_rows(ds, where: str, lang: str | None) -> Iterator[tuple[int, str, list,
         yield i, row_lang, tokens, tags
 
 
-def load_hf(src: Path, choice: LangChoice) -> TaskData:
+def load_hf(src: Path, choice: LangChoice, whitespace_tokens: str = "keep") -> TaskData:
     from datasets import load_from_disk  # slow to import; only this format needs it
 
     if (src / "dataset_dict.json").is_file():
@@ -167,7 +206,9 @@ def load_hf(src: Path, choice: LangChoice) -> TaskData:
             for i, lang, tokens, tags in _hf_rows(ds, where, dir_lang):
                 (found_train if split == "train" else found_eval).add(lang)
                 if choice.wants(split, lang):
-                    data.add(split, lang, {"id": f"{hf_split}-{i}", "tokens": tokens, "tags": tags})
+                    record = {"id": f"{hf_split}-{i}", "tokens": tokens, "tags": tags}
+                    blank = [(f"{where} row {i} token {k}", None) for k, t in enumerate(tokens) if not t.strip()]
+                    add_sentence(data, split, lang, record, blank, whitespace_tokens)
             data.source_files.append(where)
     choice.check_available(found_eval, src, train_available=found_train)
     data.notes.append("datasets save_to_disk layout; split 'validation' written as dev; "
@@ -175,14 +216,40 @@ def load_hf(src: Path, choice: LangChoice) -> TaskData:
     return data
 
 
-def load(src: Path, choice: LangChoice = LangChoice(), source_format: str = "auto") -> TaskData:
-    """``source_format``: ``xtreme``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json`` is found)."""
+# --- XTREME download_data.sh output ---------------------------------------------------------------------------
+
+def load_xtreme_tsv(src: Path, choice: LangChoice) -> TaskData:
+    """XTREME's processed ``panx/<split>-<lang>.tsv`` under ``src`` (or ``src`` itself)."""
+    from data_prep.tasks import xtreme
+
+    root = xtreme.find_task_dir(src, "panx")
+    if root is None:
+        raise FileNotFoundError(f"{src}: no XTREME <split>-<lang>.tsv files (nor under panx/)")
+    return xtreme.load_panx(root, src, choice, TAGS)
+
+
+def detect_format(src: Path) -> str:
+    from data_prep.tasks import xtreme
+
+    if is_saved_dataset(src):
+        return "hf"
+    return "xtreme-tsv" if xtreme.find_task_dir(src, "panx") is not None else "xtreme"
+
+
+def load(src: Path, choice: LangChoice = LangChoice(), source_format: str = "auto",
+         whitespace_tokens: str = "keep") -> TaskData:
+    """``source_format``: ``xtreme``, ``xtreme-tsv``, ``hf`` or ``auto`` (``hf`` where a ``dataset_dict.json``
+    is found, ``xtreme-tsv`` where ``<split>-<lang>.tsv`` files are); ``whitespace_tokens``: a key of
+    :data:`WHITESPACE_RULES` (not read for ``xtreme-tsv``, whose loader keeps tokens as they are)."""
+    check_rule(whitespace_tokens)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
     if source_format == "auto":
-        source_format = "hf" if is_saved_dataset(src) else "xtreme"
+        source_format = detect_format(src)
     if source_format == "hf":
-        return load_hf(src, choice)
+        return load_hf(src, choice, whitespace_tokens)
     if source_format == "xtreme":
-        return load_xtreme(src, choice)
-    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme or hf")
+        return load_xtreme(src, choice, whitespace_tokens)
+    if source_format == "xtreme-tsv":
+        return load_xtreme_tsv(src, choice)
+    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme, xtreme-tsv or hf")

@@ -1,4 +1,5 @@
-"""XNLI as released: ``XNLI-1.0/xnli.{dev,test}.tsv`` and ``XNLI-MT-1.0/multinli/multinli.train.<lang>.tsv``.
+"""XNLI as released: ``XNLI-1.0/xnli.{dev,test}.tsv`` and ``XNLI-MT-1.0/multinli/multinli.train.<lang>.tsv``;
+also XTREME's ``download_data.sh`` output and ``datasets`` save_to_disk folders (:mod:`.xtreme`, :mod:`.hfdisk`).
 
 - ``xnli.{dev,test}.tsv``: a header row, then one row per (pair, language); we read the columns
   ``language``, ``gold_label``, ``sentence1``, ``sentence2`` and ``pairID`` (the id of a record).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_prep.tasks import hfdisk, xtreme
 from data_prep.tasks.taskdata import LangChoice, TaskData, read_tsv_with_header, row_error
 
 LABELS = ("contradiction", "entailment", "neutral")
@@ -24,8 +26,20 @@ def find_dirs(src: Path) -> tuple[Path, Path]:
     xnli, mt = src / "XNLI-1.0", src / "XNLI-MT-1.0"
     for d in (xnli, mt):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d}: not found; --src must hold the XNLI-1.0 and XNLI-MT-1.0 folders")
+            raise FileNotFoundError(f"{d}: not found; --src must hold the XNLI-1.0 and XNLI-MT-1.0 folders, "
+                                    "XTREME's xnli/{train,dev,test}-<lang>.tsv, or datasets save_to_disk "
+                                    "folders <lang>/")
     return xnli, mt
+
+
+def add_pair(data: TaskData, split: str, lang: str, where: Path | str, line: int, row_id: str, premise: str,
+             hypothesis: str, label: str) -> None:
+    """Check one pair (an error naming ``where:line``) and add it; the MT spelling of a label is normalised."""
+    if label in MT_LABEL_SPELLING:
+        label = MT_LABEL_SPELLING[label]
+        data.normalise(split, lang, QUIRK_CONTRADICTORY)
+    _check_pair(where, line, premise, hypothesis, label)
+    data.add(split, lang, {"id": row_id, "text_a": premise, "text_b": hypothesis, "label": label})
 
 
 def _check_pair(path: Path, lineno: int, premise: str, hypothesis: str, label: str) -> None:
@@ -63,6 +77,11 @@ def read_mt_train(path: Path, lang: str, data: TaskData) -> None:
 
 
 def load(src: Path, choice: LangChoice = LangChoice()) -> TaskData:
+    """The release layout, XTREME's processed files or per-language ``datasets`` folders, found by their files."""
+    if hfdisk.is_saved_dataset(src):
+        return hfdisk.load_pairs(src, choice, "xnli", add_pair, ("premise", "hypothesis"))
+    if (root := xtreme.find_task_dir(src, "xnli")) is not None:
+        return xtreme.load_pairs(root, src, choice, "xnli", add_pair)
     xnli_dir, mt_dir = find_dirs(src)
     data = TaskData("xnli", str(src), "XNLI-1.0 + XNLI-MT-1.0 tsv")
     available: set[str] = set()

@@ -5,14 +5,23 @@ positions of an MLM batch) and fine-tuning distillation (task logits). Every los
 whatever the inputs' dtype, because a half-precision teacher's outputs meet a student of another dtype here.
 
 Shape suffixes: B batch, T time, D width, H heads, N rows, V classes (vocabulary).
+
+Every loss is a mean over what it counts (rows, real tokens, real attention pairs). By default the count is
+this batch's own; a ``denominator`` replaces it with a count taken elsewhere. The training loop passes the
+count of the whole global batch (every micro-batch of the step on every rank, divided by their number,
+because DeepSpeed averages the micro-batches' gradients), so the objective is the mean over the global
+batch however it is split into micro-batches and ranks (see :func:`ds_kd.loop.loss_denominators`).
 """
 from __future__ import annotations
 
 import torch
 
+from ds_kd.model import same_sequence_pairs
+
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       temperature: float = 1.0, student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+                       temperature: float = 1.0, student_log_probs: torch.Tensor | None = None,
+                       denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean over rows of ``-softmax(teacher/T) . log_softmax(student/T)``, multiplied by ``T**2``.
 
     ``student_logits`` and ``teacher_logits`` are ``[N, V]`` (or any ``[..., V]``; all leading dimensions are rows).
@@ -22,7 +31,8 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     factor is 1 and the loss is exactly the paper's ``-z_t . log z_s``. The teacher's side carries no gradient.
     No rows (nothing masked in a batch) gives a zero that still belongs to the student's graph.
     ``student_log_probs``, ``log_softmax(student_logits / T)`` computed already (the MLM loss needs the same at
-    ``T = 1``), saves a pass over the vocabulary forwards and backwards.
+    ``T = 1``), saves a pass over the vocabulary forwards and backwards. ``denominator`` (rows) replaces the
+    row count of the mean.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -37,44 +47,50 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     if student_log_probs is None:
         student_log_probs = torch.log_softmax(student_NV / temperature, dim=-1)
     per_row_N = -(target_NV * student_log_probs.reshape(student_NV.shape)).sum(dim=-1)
-    return per_row_N.mean() * temperature ** 2
+    return _mean(per_row_N.sum(), per_row_N.shape[0], denominator) * temperature ** 2
 
 
-def hidden_mse(student_BTD: torch.Tensor, teacher_BTD: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_mse(student_BTD: torch.Tensor, teacher_BTD: torch.Tensor, attention_mask: torch.Tensor,
+               denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean squared error over the real tokens only (``attention_mask`` ``[B, T]``, nonzero = real token).
 
-    The mean runs over real tokens times width, so padding neither adds error nor dilutes the mean; values at
-    padded positions (even inf or NaN) do not matter.
+    The mean runs over real tokens times width, so padding neither adds error nor dilutes the mean. The
+    difference is masked before it is squared, so values at padded positions (even inf or NaN) reach neither
+    the loss nor the gradient. ``denominator`` (real tokens; the width is multiplied in here) replaces the
+    batch's own token count.
     """
     _check_same_shape("hidden states", student_BTD, teacher_BTD)
     real_BT = attention_mask.bool()
     if real_BT.shape != student_BTD.shape[:2]:
         raise ValueError(f"attention_mask {tuple(real_BT.shape)} does not match hidden states "
                          f"{tuple(student_BTD.shape)}")
-    sq_BTD = (student_BTD.float() - teacher_BTD.detach().float()).square()
-    sq_BTD = torch.where(real_BT[..., None], sq_BTD, torch.zeros_like(sq_BTD))
-    num_values = real_BT.sum() * student_BTD.shape[-1]
-    return sq_BTD.sum() / num_values.clamp(min=1)
+    diff_BTD = student_BTD.float() - teacher_BTD.detach().float()
+    diff_BTD = torch.where(real_BT[..., None], diff_BTD, torch.zeros_like(diff_BTD))
+    width = student_BTD.shape[-1]
+    return _mean(diff_BTD.square().sum(), real_BT.sum(), denominator) / width
 
 
 def attention_mse(student_BHTT: torch.Tensor, teacher_BHTT: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of pre-softmax attention scores over (real query, real key) pairs only.
+                  attention_mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean squared error of pre-softmax attention scores over (real query, real key) pairs of one sentence.
 
-    The scores come without the padding mask added (adding the dtype's minimum would swamp the loss), so the
-    mask is applied here: a pair whose query or key is padding contributes nothing and does not count in the
-    mean. Both sides must have the same head count: see ``match_heads``.
+    ``attention_mask`` [B, T] is a 0/1 mask of real tokens (one sentence per row) or, for packed rows, the
+    sequence ids (1, 2, ... per sentence of the row, 0 at padding): a pair counts when query and key belong to
+    the same sentence, which is all that attention computes in either layout. The scores come without the
+    mask added (adding the dtype's minimum would swamp the loss), so it is applied here, to the difference
+    before it is squared: other pairs contribute nothing to the loss or the gradient (even where a score is inf
+    or NaN) and do not count in the mean. Both sides must have the same head count: see ``match_heads``.
+    ``denominator`` (pairs; the head count is multiplied in here) replaces the batch's own pair count.
     """
     _check_same_shape("attention scores", student_BHTT, teacher_BHTT)
-    real_BT = attention_mask.bool()
-    if real_BT.shape != (student_BHTT.shape[0], student_BHTT.shape[-1]):
-        raise ValueError(f"attention_mask {tuple(real_BT.shape)} does not match attention scores "
+    if attention_mask.shape != (student_BHTT.shape[0], student_BHTT.shape[-1]):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match attention scores "
                          f"{tuple(student_BHTT.shape)}")
-    pair_B1TT = (real_BT[:, :, None] & real_BT[:, None, :])[:, None]  # query i real and key j real
-    sq_BHTT = (student_BHTT.float() - teacher_BHTT.detach().float()).square()
-    sq_BHTT = torch.where(pair_B1TT, sq_BHTT, torch.zeros_like(sq_BHTT))
-    num_values = pair_B1TT.sum() * student_BHTT.shape[1]
-    return sq_BHTT.sum() / num_values.clamp(min=1)
+    pair_B1TT = same_sequence_pairs(attention_mask.long())[:, None]
+    diff_BHTT = student_BHTT.float() - teacher_BHTT.detach().float()
+    diff_BHTT = torch.where(pair_B1TT, diff_BHTT, torch.zeros_like(diff_BHTT))
+    heads = student_BHTT.shape[1]
+    return _mean(diff_BHTT.square().sum(), pair_B1TT.sum(), denominator) / heads
 
 
 def match_heads(teacher_BHTT: torch.Tensor, student_BHTT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +136,13 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, explicit: list[i
                          f"so no uniform layer map; give an explicit one (e.g. --layer-map 3 6 9 12)")
     step = num_teacher_layers // num_student_layers
     return [m * step for m in range(1, num_student_layers + 1)]
+
+
+def _mean(total: torch.Tensor, own_count, denominator) -> torch.Tensor:
+    """``total`` over ``denominator`` when given, else over ``own_count``; a count of 0 divides by 1."""
+    count = torch.as_tensor(own_count if denominator is None else denominator, dtype=total.dtype,
+                            device=total.device)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def _check_same_shape(what: str, student: torch.Tensor, teacher: torch.Tensor) -> None:

@@ -12,15 +12,15 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
-from ds_kd.model import BertForMaskedLM, EncoderOutput
+from ds_kd.model import BertForMaskedLM, EncoderOutput, masked_lm_loss
 
 log = logging.getLogger(__name__)
 
 TERMS = ("mlm", "output", "embedding", "hidden", "attention")
+LAYER_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -38,13 +38,16 @@ class DistillConfig:
     embedding_weight: float = 1.0
     """MSE between the projected student embeddings (layer 0 output) and the teacher's, over real tokens."""
     hidden_weight: float = 1.0
-    """MSE between projected student layer outputs and the mapped teacher layers', averaged over the map."""
+    """MSE between projected student layer outputs and the mapped teacher layers', summed over the map."""
     attention_weight: float = 1.0
-    """MSE of pre-softmax attention scores of mapped layers over real (query, key) pairs, averaged over the map."""
+    """MSE of pre-softmax attention scores of mapped layers over real (query, key) pairs, summed over the map."""
     temperature: float = 1.0
     """Temperature of the output loss (the loss is multiplied by its square; 1 is the paper's setting)."""
     layer_map: list[int] | None = None
     """Teacher layer (1-based) for each student layer; None: uniform, every L_teacher / L_student layers."""
+    layer_reduction: str = "sum"
+    """How the per-layer hidden-state and attention terms combine over the layer map: ``sum`` (TinyBERT's
+    L_model = sum over layers, the paper's setting) or ``mean`` (each term weighs 1/L_student as much)."""
 
     def __post_init__(self) -> None:
         for name in TERMS:
@@ -54,6 +57,9 @@ class DistillConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not any(getattr(self, f"{name}_weight") > 0 for name in TERMS):
             raise ValueError("every loss weight is zero: nothing to train on")
+        if self.layer_reduction not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_reduction must be one of {', '.join(LAYER_REDUCTIONS)}, "
+                             f"got {self.layer_reduction!r}")
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
@@ -95,30 +101,39 @@ def build_projections(student_width: int, teacher_width: int, num_student_layers
 
 def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor,
                        mapped_layers: list[int], projections: nn.ModuleDict,
-                       config: DistillConfig) -> dict[str, torch.Tensor]:
+                       config: DistillConfig, denominators: Mapping[str, torch.Tensor] | None = None,
+                       sequence_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embedding, hidden-state and attention-score MSE terms (unweighted) for the terms with nonzero weight.
 
     ``mapped_layers[m - 1]`` is the teacher layer (1-based) for student layer m; ``hidden_states[0]`` is the
     embeddings on both sides, ``attention_scores[l - 1]`` belongs to layer l. Any encoder pair with the
-    ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model).
+    ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model). The hidden and attention
+    terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them). ``denominators``
+    (``tokens``, ``pairs``; see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts.
+    Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence only.
     """
+    denominators = denominators or {}
+    combine = torch.sum if config.layer_reduction == "sum" else torch.mean
     def project(name: str, x_BTD: torch.Tensor) -> torch.Tensor:
         return projections[name](x_BTD) if name in projections else x_BTD
 
     terms = {}
     if config.embedding_weight > 0:
         terms["embedding"] = hidden_mse(project("embeddings", student.hidden_states[0]),
-                                        teacher.hidden_states[0], attention_mask)
+                                        teacher.hidden_states[0], attention_mask, denominators.get("tokens"))
     if config.hidden_weight > 0:
         per_layer = [hidden_mse(project(f"layer_{m}", student.hidden_states[m]), teacher.hidden_states[g],
-                                attention_mask) for m, g in enumerate(mapped_layers, start=1)]
-        terms["hidden"] = torch.stack(per_layer).mean()
+                                attention_mask, denominators.get("tokens"))
+                     for m, g in enumerate(mapped_layers, start=1)]
+        terms["hidden"] = combine(torch.stack(per_layer), 0)
     if config.attention_weight > 0:
         per_layer = []
         for m, g in enumerate(mapped_layers, start=1):
             teacher_BHTT, student_BHTT = match_heads(teacher.attention_scores[g - 1], student.attention_scores[m - 1])
-            per_layer.append(attention_mse(student_BHTT, teacher_BHTT, attention_mask))
-        terms["attention"] = torch.stack(per_layer).mean()
+            per_layer.append(attention_mse(student_BHTT, teacher_BHTT,
+                                           attention_mask if sequence_ids is None else sequence_ids,
+                                           denominators.get("pairs")))
+        terms["attention"] = combine(torch.stack(per_layer), 0)
     return terms
 
 
@@ -128,7 +143,9 @@ class Distiller(nn.Module):
     ``teacher`` stays frozen: its parameters never require gradients, it stays in eval mode whatever
     ``.train()`` is called with (no dropout, so its targets are deterministic), and ``trainable_parameters()``
     (student and projections) is what the optimizer should get. ``teacher_dtype`` casts the teacher (fp16 on
-    GPU, bf16 on CPU); its outputs are cast to float32 before the losses.
+    GPU, bf16 on CPU); its outputs are cast to float32 before the losses. A teacher with more vocabulary rows
+    than the student (padded embedding rows past the tokenizer) has its logits cut to the student's ids; one
+    with fewer is refused (ValueError).
     """
 
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, config: DistillConfig | None = None,
@@ -136,9 +153,11 @@ class Distiller(nn.Module):
         super().__init__()
         self.config = config = config or DistillConfig()
         t_cfg, s_cfg = teacher.config, student.config
-        if t_cfg.vocab_size != s_cfg.vocab_size:
-            raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size}) and student vocabulary ({s_cfg.vocab_size}) "
-                             f"differ: the teacher must use the shards' tokenizer")
+        if t_cfg.vocab_size < s_cfg.vocab_size:
+            raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size}) is smaller than the student's "
+                             f"({s_cfg.vocab_size}): the teacher must use the shards' tokenizer")
+        # A teacher embedding may have padded rows past the tokenizer (never looked up): its logits are cut.
+        self.vocab_size = s_cfg.vocab_size
         self.mapped_layers = layer_map(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, config.layer_map)
         self.output_enabled = config.output_weight > 0 and getattr(teacher, "has_mlm_head", True)
         if config.output_weight > 0 and not self.output_enabled:
@@ -149,10 +168,16 @@ class Distiller(nn.Module):
         teacher.requires_grad_(False)
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
+        _untie_decoder(teacher)
         self.teacher = teacher.eval()
         self.student = student
         self.projections = build_projections(s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers, config,
                                              s_cfg.initializer_range)
+        # The teacher is an input of the run (loaded from its directory each time, its digest recorded), not
+        # state of it: no state dict of this module holds it, so no checkpoint does under any ZeRO stage.
+        # DeepSpeed's exclude_frozen_parameters is not enough: it drops only the first name of a tensor
+        # shared by two parameters, and the teacher's MLM decoder shares its word embeddings.
+        self.register_state_dict_post_hook(_drop_teacher)
 
     # ---- what the engine needs -----------------------------------------------------------------------
 
@@ -185,15 +210,21 @@ class Distiller(nn.Module):
 
     # ---- the step's loss -----------------------------------------------------------------------------
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> DistillOutput:
+    def forward(self, batch: Mapping[str, torch.Tensor],
+                denominators: Mapping[str, torch.Tensor] | None = None) -> DistillOutput:
         """``batch``: ``input_ids`` and ``labels`` ([B, T], -100 where nothing is predicted), optional
-        ``attention_mask`` (1 = real token) and ``token_type_ids``."""
+        ``attention_mask`` (1 = real token) and ``token_type_ids``; packed rows add ``position_ids`` and
+        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`). ``denominators`` (``masked``, ``tokens``,
+        ``pairs``: see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts in every term's
+        mean; without them each term is the mean over this batch."""
         cfg = self.config
+        denominators = denominators or {}
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_type_ids = batch.get("token_type_ids")
+        packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
         masked_BT = labels.ne(-100)
         nowhere_BT = torch.zeros_like(masked_BT)  # no logits: the MLM head runs on zero rows
         want_hidden = cfg.embedding_weight > 0 or cfg.hidden_weight > 0
@@ -202,21 +233,57 @@ class Distiller(nn.Module):
 
         student = self.student(input_ids, attention_mask, token_type_ids=token_type_ids,
                                predicted=masked_BT if want_logits else nowhere_BT,
-                               output_hidden_states=want_hidden, output_attention_scores=want_scores)
+                               output_hidden_states=want_hidden, output_attention_scores=want_scores, **packing)
         # One log-softmax over the vocabulary serves the MLM loss and, at T = 1, the output loss.
         log_probs = student.logits.float().log_softmax(-1) if want_logits else None
-        terms = {"mlm": F.nll_loss(log_probs, labels[masked_BT])} if cfg.mlm_weight > 0 else {}
+        terms = {}
+        if cfg.mlm_weight > 0:
+            terms["mlm"] = masked_lm_loss(None, labels[masked_BT], denominators.get("masked"), log_probs)
         if self.output_enabled or want_hidden or want_scores:
             with torch.no_grad():
                 teacher = self.teacher(input_ids, attention_mask, token_type_ids=token_type_ids,
                                        predicted=masked_BT if self.output_enabled else nowhere_BT,
-                                       output_hidden_states=want_hidden, output_attention_scores=want_scores)
+                                       output_hidden_states=want_hidden, output_attention_scores=want_scores,
+                                       **packing)
             if self.output_enabled:
-                terms["output"] = soft_cross_entropy(student.logits, teacher.logits, cfg.temperature,
-                                                     log_probs if cfg.temperature == 1.0 else None)
+                terms["output"] = soft_cross_entropy(student.logits, teacher.logits[:, :self.vocab_size], cfg.temperature,
+                                                     log_probs if cfg.temperature == 1.0 else None,
+                                                     denominators.get("masked"))
             terms.update(intermediate_terms(student.encoder, teacher.encoder, attention_mask, self.mapped_layers,
-                                            self.projections, cfg))
+                                            self.projections, cfg, denominators, packing["sequence_ids"]))
         loss = sum(cfg.weight(name) * value for name, value in terms.items())
         logged = {name: value.detach() for name, value in terms.items()}
         logged["total"] = loss.detach()
         return DistillOutput(loss, logged)
+
+
+def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of :class:`Distiller`: remove every ``teacher.`` entry (tied names included)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def _untie_decoder(teacher: BertForMaskedLM) -> None:
+    """Replace the frozen teacher's tied MLM decoder by :class:`_EmbeddingDecoder`, which reads the word
+    embeddings at call time. A tied pair of Parameters is what DeepSpeed records as "shared params" in every
+    checkpoint (naming teacher tensors the checkpoint does not hold, which breaks its own converters), and two
+    untied Parameters over one storage would be copied apart by the engine's ``.to(device)``."""
+    decoder = teacher.cls.predictions.decoder
+    embeddings = teacher.bert.embeddings.word_embeddings
+    if isinstance(decoder, nn.Linear) and decoder.weight is embeddings.weight:
+        teacher.cls.predictions.decoder = _EmbeddingDecoder(embeddings)
+
+
+class _EmbeddingDecoder(nn.Module):
+    """``x @ word_embeddings.weight.T`` ([N, D] -> [N, V]) with no Parameter of its own. Under ZeRO-3 the
+    embedding weight is registered as an external parameter of this module, so it is gathered when it runs."""
+
+    def __init__(self, embeddings: nn.Embedding):
+        from deepspeed.runtime.zero import register_external_parameter
+
+        super().__init__()
+        self._embeddings = [embeddings]  # a list: not registered as a child module (its weight is not ours)
+        register_external_parameter(self, embeddings.weight)  # only ZeRO-3 reads this
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x_ND, self._embeddings[0].weight)

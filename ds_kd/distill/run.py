@@ -7,16 +7,17 @@ checkpoints, validation, export, logging) is pretraining's :func:`ds_kd.pretrain
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
-from ds_kd.model import BertForMaskedLM, make_config
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, finished_run, resolve_data, run_training,
-                            seed_everything)
+from ds_kd.model import BertForMaskedLM
+from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, finished_run, model_config,
+                            resolve_data, run_training, seed_everything)
+from ds_kd.warmstart import init_model
 
 log = logging.getLogger("ds_kd")
 
@@ -28,7 +29,8 @@ class DistillRunConfig(TrainConfig):
     teacher: str = ""
     """Teacher directory: an export of ours or any HF BERT checkpoint (BertForMaskedLM or BertModel)."""
     student: str = "leanbert"
-    """Student preset (leanbert, or tiny-leanbert on CPU)."""
+    """Student preset (leanbert, or tiny-leanbert on CPU), or from-init: the shape of ``init_from`` with
+    ``len(init_layers)`` layers (DistilBERT's recipe when ``init_from`` is the teacher)."""
     teacher_dtype: str = "auto"
     """Teacher precision: auto (fp16 where the accelerator has it, else bf16, else fp32), fp16, bf16 or fp32."""
     losses: DistillConfig = field(default_factory=DistillConfig)
@@ -54,44 +56,74 @@ def teacher_digest(teacher: torch.nn.Module) -> str:
 
 
 def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) -> BertForMaskedLM:
+    """The teacher checkpoint, checked against the shards: its embedding must have a row for every token id of
+    the shards' tokenizer (``data_vocab_size``). More rows are fine (public checkpoints often pad the matrix,
+    e.g. multilingual-e5-small: 250,037 rows for 250,002 pieces); those rows are never looked up, and the
+    teacher's MLM logits are cut to the tokenizer's ids. Raises ValueError naming ``config.json`` when the
+    embedding is smaller, or when the directory's tokenizer is not the shards' one."""
     from ds_kd.schema import check_tokenizer_matches
 
     directory = Path(directory)
     teacher = BertForMaskedLM.from_pretrained(directory)
-    if teacher.config.vocab_size != data_vocab_size:
-        raise ValueError(f"{directory}/config.json: teacher vocabulary of {teacher.config.vocab_size} tokens, but "
-                         f"the shards were written with {data_vocab_size}: distil on shards made with the "
-                         f"teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
+    rows = teacher.config.vocab_size
+    if rows < data_vocab_size:
+        raise ValueError(f"{directory}/config.json: teacher vocabulary of {rows} tokens (embedding rows), fewer than "
+                         f"the {data_vocab_size} of the tokenizer the shards were written with: distil on shards "
+                         f"made with the teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
+    if rows > data_vocab_size:
+        log.info("teacher embedding has %d rows for a %d-token tokenizer: the %d rows above are never used",
+                 rows, data_vocab_size, rows - data_vocab_size)
     if (directory / "tokenizer.json").is_file():
         check_tokenizer_matches(shards_manifest, directory)
     return teacher
 
 
+def same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def default_layer_map(cfg: DistillRunConfig) -> DistillConfig:
+    """The loss settings; a student started from chosen teacher layers is distilled against those same
+    layers unless ``--layer-map`` says otherwise."""
+    if cfg.init_layers and cfg.losses.layer_map is None and cfg.init_from and same_dir(cfg.init_from, cfg.teacher):
+        log.info("layer map: the --init-layers %s (each student layer against the teacher layer it started from)",
+                 cfg.init_layers)
+        return replace(cfg.losses, layer_map=list(cfg.init_layers))
+    return cfg.losses
+
+
 def run(cfg: DistillRunConfig) -> RunResult:
-    """Distil ``cfg.teacher`` into a fresh ``cfg.student``; skipped when ``cfg.out`` has a manifest."""
+    """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); skipped when
+    ``cfg.out`` has a manifest."""
     if (done := finished_run(cfg, "distillation")) is not None:
         return done
     data = resolve_data(cfg.data, cfg.tokenizer)
-    student_cfg = make_config(cfg.student, vocab_size=data.vocab_size)
+    student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+    losses = default_layer_map(cfg)
+    check_max_len(cfg.max_len, teacher=teacher.config, student=student_cfg)
     dist.init_distributed(cfg.dist_timeout_minutes)
+    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    ds_config = build_ds_config(cfg)
     teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, dist.accelerator_name())
-    engine_dtype = dist.precision_dtype(ds_config)
+    engine_dtype = dist.precision_dtype(setup.ds_config)
     if engine_dtype != torch.float32 and teacher_dtype != engine_dtype:
         # DeepSpeed casts the whole module, teacher included, to the engine's half precision.
         log.warning("the engine runs in %s, so the teacher does too (not %s)", engine_dtype, teacher_dtype)
         teacher_dtype = engine_dtype
     seed_everything(cfg.seed)  # identical student and projections on every rank
-    distiller = Distiller(teacher, BertForMaskedLM(student_cfg), cfg.losses, teacher_dtype)
+    student, init = BertForMaskedLM(student_cfg), None
+    if cfg.init_from:  # before the Distiller casts the teacher to half precision
+        source = teacher if same_dir(cfg.init_from, cfg.teacher) else BertForMaskedLM.from_pretrained(cfg.init_from)
+        init = init_model(student, source, cfg.init_layers)
+    distiller = Distiller(teacher, student, losses, teacher_dtype)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())
     before = teacher_digest(distiller.teacher)
     summary = distiller.summary()
     log.info("distillation: %s", summary)
 
-    def step(engine, batch):
-        out = engine(batch)
+    def step(engine, batch, denominators):
+        out = engine(batch, denominators)
         return out.loss, {k: v for k, v in out.terms.items() if k != "total"}
 
     def check_teacher() -> dict:
@@ -100,7 +132,7 @@ def run(cfg: DistillRunConfig) -> RunResult:
             raise RuntimeError(f"the teacher's weights changed during distillation ({before} -> {after})")
         return {"teacher_digest_after": after}
 
-    return run_training(cfg, distiller, step, distiller.student, data, ds_config,
+    return run_training(cfg, distiller, step, distiller.student, data, setup,
                         "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                                    "student_config": asdict(student_cfg), "distillation": summary,
-                                    "teacher_digest": before}, check_teacher)
+                                    "student_config": asdict(student_cfg), "init": init, "distillation": summary,
+                                    "teacher_digest": before}, check_teacher, identity={"teacher_digest": before})

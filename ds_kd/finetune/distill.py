@@ -98,8 +98,8 @@ def load_teacher(directory: Path, job: Job) -> TaskModel:
         problems.append(f"it was fine-tuned on {meta.get('task')!r}, not {job.spec.name!r}")
     if meta["labels"] != job.data.labels.to_dict():
         problems.append("its label sets differ from the student's (different English training data?)")
-    if teacher.encoder.config.vocab_size != job.model.encoder.config.vocab_size:
-        problems.append(f"its vocabulary has {teacher.encoder.config.vocab_size} entries, the student's "
+    if teacher.encoder.config.vocab_size < job.model.encoder.config.vocab_size:  # more rows: padding, never used
+        problems.append(f"its vocabulary has {teacher.encoder.config.vocab_size} entries, fewer than the student's "
                         f"{job.model.encoder.config.vocab_size}")
     elif (directory / "tokenizer.json").is_file() or (directory / "vocab.txt").is_file():
         from transformers import AutoTokenizer

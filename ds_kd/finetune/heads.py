@@ -23,6 +23,7 @@ from torch import nn
 from ds_kd.finetune.data import IGNORE, PAD, TaskLabels
 from ds_kd.finetune.pointer import PointerDecoder
 from ds_kd.model import BertConfig, BertModel, EncoderOutput
+from ds_kd.schema import config_special_ids, tokenizer_special_ids
 
 KINDS = ("pair", "tagging", "intent_slot", "parse")
 
@@ -155,13 +156,18 @@ def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **i
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / TASK_MODEL_WEIGHTS), metadata={"format": "pt"})
+    # config.json carries the special ids of the tokenizer saved with it (an older export may say otherwise)
+    roles = tokenizer_special_ids(tokenizer) if tokenizer is not None else {}
+    special = config_special_ids(roles) if "pad" in roles else None
+    encoder_config = model.encoder.config.to_hf_dict(special)
     meta = {"kind": model.kind, "labels": model.labels.to_dict(), "head": model.head_args,
-            "encoder_config": model.encoder.config.to_hf_dict(), **info}
+            "encoder_config": encoder_config, **info}
     (directory / TASK_MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (directory / "config.json").write_text(json.dumps(model.encoder.config.to_hf_dict(), indent=2) + "\n",
-                                           encoding="utf-8")
+    (directory / "config.json").write_text(json.dumps(encoder_config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+        from ds_kd.tokenizer_files import save_tokenizer_files
+
+        save_tokenizer_files(tokenizer, directory)
 
 
 def load_task_model(directory: Path | str) -> tuple[TaskModel, dict]:

@@ -49,9 +49,9 @@ class FinetuneConfig:
     lr: float = 2e-5
     """Peak learning rate of the encoder (BERT's fine-tuning range)."""
     head_lr: float | None = None
-    """Peak learning rate of the freshly initialised head. None: ``lr`` for the classification and tagging
-    heads, 1e-4 for the mTOP decoder (a randomly initialised 3-layer transformer learns too slowly at 2e-5 in
-    a few epochs; the paper does not state its value)."""
+    """Peak learning rate of the freshly initialised head (default, when unset: ``lr`` for the classification
+    and tagging heads, 1e-4 for the mTOP decoder; a randomly initialised 3-layer transformer learns too slowly at
+    2e-5 in a few epochs; the paper does not state its value)."""
     batch_size: int = 32
     """Training examples per step."""
     eval_batch_size: int = 64
@@ -69,11 +69,11 @@ class FinetuneConfig:
     beam_size: int = 4
     """mTOP decoding beam (1: greedy)."""
     device: str | None = None
-    """torch device; None: cuda when available, else cpu."""
+    """torch device (default, when unset: cuda when available, else cpu)."""
     bf16: bool = True
     """bf16 autocast on CUDA (CPU always runs in fp32)."""
     max_train_examples: int | None = None
-    """Use only the first N English training records (smoke runs)."""
+    """Use only the first N English training records, for smoke runs (default, when unset: all of them)."""
     save_model: bool = False
     """Also write the fine-tuned task model (best epoch) and tokenizer to ``<out>/model`` (a reusable teacher)."""
 

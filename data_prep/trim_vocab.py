@@ -1,0 +1,317 @@
+"""Vocabulary trimming: a checkpoint and its tokenizer cut down to the pieces that occur in a corpus.
+
+As in BiStil and XtremeDistil: a multilingual vocabulary is most of a small model's parameters (250k pieces x
+384 = 82% of multilingual-e5-small), and a corpus uses a fraction of it. ``python -m data_prep trim_vocab
+--model DIR --corpus PATH... --out DIR`` tokenizes the corpus with the checkpoint's tokenizer, keeps the ids that
+occur plus every special/added token (in the old order, so ``<s> <pad> </s> <unk>`` keep ids 0-3), and writes:
+
+- the tokenizer with only those pieces (Unigram: pieces and scores, and the lowest-scoring piece is kept too,
+  since the unknown-character penalty is the lowest score minus 10; WordPiece: the vocabulary; BPE: the
+  vocabulary and every merge on the way to a kept token), added tokens and post-processor ids renumbered;
+- the checkpoint with the kept rows of every vocabulary-sized tensor (word embeddings; MLM decoder and bias where
+  present) and ``vocab_size`` in ``config.json`` updated; every other weight unchanged.
+
+Tokenizing the corpus with the trimmed tokenizer gives the renumbered ids of the full one (checked on the
+corpus's first lines before anything is written), so the trimmed model gives the same outputs on that text.
+Corpus paths: text files (one sentence per line; ``.txt``, or ``.gz``/``.bz2``/``.xz``), TSV files of the
+corpus mix (``lang<TAB>sentence``, as ``<corpus>/sample/*.tsv``), or directories searched for them. For exact
+coverage of the shards, give the corpus's ``sample/`` directory (the text the shards are cut from).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep.read import open_binary
+from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.flags import HelpFormatter
+
+TEXT_FILES = (".txt", ".tsv", ".txt.gz", ".txt.bz2", ".txt.xz", ".tsv.gz", ".tsv.bz2", ".tsv.xz")
+VOCAB_TENSORS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight",
+                 "predictions.decoder.bias")
+CHECK_LINES = 20000
+BATCH_LINES = 10000
+
+
+def corpus_files(paths: list[Path]) -> list[Path]:
+    """The text and TSV files of ``paths`` (files, or directories searched recursively), sorted per path."""
+    files = []
+    for path in paths:
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_FILES)
+                            and not p.name.startswith("."))
+        else:
+            raise FileNotFoundError(f"{path}: --corpus path does not exist")
+    if not files:
+        raise FileNotFoundError(f"no text files (.txt/.tsv, optionally .gz/.bz2/.xz) under {[str(p) for p in paths]}")
+    return files
+
+
+def corpus_lines(files: list[Path]) -> Iterator[str]:
+    """Every non-empty line; in a ``.tsv`` the text after the first tab (the language code is not text)."""
+    for path in files:
+        tsv = ".tsv" in path.name
+        with open_binary(path) as f:
+            for raw in f:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if tsv:
+                    line = line.split("\t", 1)[-1]
+                if line.strip():
+                    yield line
+
+
+def used_ids(tok, lines: Iterator[str]) -> tuple[np.ndarray, int, int, list[str]]:
+    """(ids that occur, number of lines, number of tokens, the first :data:`CHECK_LINES` lines)."""
+    seen = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
+    num_lines = num_tokens = 0
+    head: list[str] = []
+    batch: list[str] = []
+
+    def flush():
+        nonlocal num_tokens
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            seen[enc.ids] = True
+            num_tokens += len(enc.ids)
+        batch.clear()
+
+    for line in lines:
+        batch.append(line)
+        num_lines += 1
+        if len(head) < CHECK_LINES:
+            head.append(line)
+        if len(batch) == BATCH_LINES:
+            flush()
+    flush()
+    return np.flatnonzero(seen), num_lines, num_tokens, head
+
+
+# ---- the tokenizer ----------------------------------------------------------------------------------------
+
+def kept_ids(spec: dict, used: np.ndarray) -> list[int]:
+    """Used ids + added/special tokens + what the model type needs to tokenize the same way, ascending."""
+    keep = set(int(i) for i in used) | {int(t["id"]) for t in spec.get("added_tokens", [])}
+    model = spec["model"]
+    if model["type"] == "Unigram":
+        scores = [s for _, s in model["vocab"]]
+        keep.add(int(np.argmin(scores)))  # unknown-character penalty = lowest score - 10: keep it unchanged
+        if model.get("unk_id") is not None:
+            keep.add(int(model["unk_id"]))
+    elif model["type"] in ("WordPiece", "BPE"):
+        vocab = model["vocab"]
+        if model.get("unk_token") in vocab:
+            keep.add(vocab[model["unk_token"]])
+        if model["type"] == "BPE":
+            keep |= merge_closure(model, keep)
+    else:
+        raise ValueError(f"tokenizer model {model['type']!r} is not trimmed (Unigram, WordPiece and BPE are)")
+    return sorted(keep)
+
+
+def merge_parts(model: dict) -> list[tuple[str, str, str]]:
+    """(left, right, merged) of every BPE merge, in rank order."""
+    prefix = model.get("continuing_subword_prefix") or ""
+    out = []
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        out.append((left, right, left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)))
+    return out
+
+
+def merge_closure(model: dict, keep: set[int]) -> set[int]:
+    """Ids of every token a kept BPE token is merged from, recursively (BPE builds tokens through them)."""
+    vocab = model["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    producers: dict[str, list[tuple[str, str]]] = {}
+    for left, right, merged in merge_parts(model):
+        producers.setdefault(merged, []).append((left, right))
+    todo, closed = [by_id[i] for i in keep if i in by_id], set()
+    while todo:
+        token = todo.pop()
+        if token in closed:
+            continue
+        closed.add(token)
+        for pair in producers.get(token, []):
+            todo += [p for p in pair if p in vocab]
+    return {vocab[t] for t in closed}
+
+
+def remap_processor(proc: dict | None, new_id: dict[int, int]) -> dict | None:
+    """The post-processor with its special token ids renumbered (Template, Roberta, Bert, Sequence)."""
+    if proc is None:
+        return None
+    proc = json.loads(json.dumps(proc))
+    if proc["type"] == "Sequence":
+        proc["processors"] = [remap_processor(p, new_id) for p in proc["processors"]]
+    elif proc["type"] == "TemplateProcessing":
+        for special in proc.get("special_tokens", {}).values():
+            special["ids"] = [new_id[i] for i in special["ids"]]
+    elif proc["type"] in ("RobertaProcessing", "BertProcessing"):
+        for key in ("sep", "cls"):
+            proc[key] = [proc[key][0], new_id[proc[key][1]]]
+    return proc
+
+
+def trimmed_spec(spec: dict, keep: list[int]) -> dict:
+    """``tokenizer.json`` content with only the ``keep`` ids, renumbered 0..len(keep)-1 in the old order."""
+    new_id = {old: new for new, old in enumerate(keep)}
+    spec = json.loads(json.dumps(spec))
+    model = spec["model"]
+    if model["type"] == "Unigram":
+        model["vocab"] = [model["vocab"][i] for i in keep]
+        if model.get("unk_id") is not None:
+            model["unk_id"] = new_id[model["unk_id"]]
+    else:
+        by_id = {i: t for t, i in model["vocab"].items()}
+        model["vocab"] = {by_id[old]: new for new, old in enumerate(keep) if old in by_id}
+        if model["type"] == "BPE":
+            kept = set(model["vocab"])
+            model["merges"] = [m for m, (left, right, merged) in zip(model["merges"], merge_parts(model))
+                               if merged in kept and left in kept and right in kept]
+    for token in spec.get("added_tokens", []):
+        token["id"] = new_id[token["id"]]
+    spec["post_processor"] = remap_processor(spec.get("post_processor"), new_id)
+    if spec.get("padding") and "pad_id" in spec["padding"]:
+        spec["padding"]["pad_id"] = new_id[spec["padding"]["pad_id"]]
+    return spec
+
+
+def check_same_tokens(full, trimmed, keep: list[int], lines: list[str]) -> None:
+    """Raise ValueError unless ``trimmed`` gives the renumbered ids of ``full`` on every line."""
+    new_id = np.full(full.get_vocab_size(with_added_tokens=True), -1, dtype=np.int64)
+    new_id[keep] = np.arange(len(keep))
+    for a, b, line in zip(full.encode_batch(lines), trimmed.encode_batch(lines), lines):
+        if new_id[a.ids].tolist() != b.ids:
+            raise ValueError(f"the trimmed tokenizer tokenizes {line[:80]!r} differently ({a.tokens} vs {b.tokens})")
+
+
+def write_tokenizer_files(src: Path, out: Path, spec: dict, keep: list[int]) -> None:
+    """tokenizer.json plus the transformers files, with added-token ids renumbered; vocab.txt rewritten for
+    WordPiece; files of the full vocabulary (sentencepiece models, vocab.json/merges.txt) are not carried."""
+    new_id = {old: new for new, old in enumerate(keep)}
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = src / "tokenizer_config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        if "added_tokens_decoder" in cfg:
+            cfg["added_tokens_decoder"] = {str(new_id[int(k)]): v for k, v in cfg["added_tokens_decoder"].items()}
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    if (src / "special_tokens_map.json").is_file():
+        shutil.copy2(src / "special_tokens_map.json", out / "special_tokens_map.json")
+    if (src / "added_tokens.json").is_file():
+        added = json.loads((src / "added_tokens.json").read_text(encoding="utf-8"))
+        (out / "added_tokens.json").write_text(json.dumps({k: new_id[v] for k, v in added.items()}),
+                                               encoding="utf-8")
+    if spec["model"]["type"] == "WordPiece" and (src / "vocab.txt").is_file():
+        by_id = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+        (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in by_id), encoding="utf-8")
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------------------
+
+def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size: int) -> dict:
+    """Write ``out/model.safetensors`` and ``out/config.json`` with the kept vocabulary rows; returns counts."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ds_kd.model import load_hf_state_dict
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    rows = int(config["vocab_size"])
+    if rows < tokenizer_size:
+        raise ValueError(f"{model_dir / 'config.json'}: {rows} vocabulary rows for a tokenizer of {tokenizer_size} "
+                         f"tokens: not the checkpoint of this tokenizer")
+    state = load_hf_state_dict(model_dir)
+    index = torch.tensor(keep, dtype=torch.long)
+    trimmed, cut = {}, []
+    for name, t in state.items():
+        if name.endswith(VOCAB_TENSORS) and t.shape[0] == rows:
+            trimmed[name] = t.index_select(0, index).contiguous()
+            cut.append(name)
+        else:
+            trimmed[name] = t.contiguous()
+    if not any(n.endswith("word_embeddings.weight") for n in cut):
+        raise ValueError(f"{model_dir}: no word_embeddings.weight with {rows} rows found to trim")
+    save_file(trimmed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    new_id = {old: new for new, old in enumerate(keep)}
+    config["vocab_size"] = len(keep)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if config.get(key) is not None:
+            config[key] = new_id.get(config[key])
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return {"embedding_rows_before": rows, "embedding_rows_after": len(keep), "trimmed_tensors": cut,
+            "num_parameters_before": sum(t.numel() for t in state.values()),
+            "num_parameters_after": sum(t.numel() for t in trimmed.values())}
+
+
+def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | None = None) -> dict:
+    """Trim ``model_dir`` (and ``tokenizer_dir``, default the same directory) to the pieces of ``corpus``;
+    skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError naming the bad input."""
+    from tokenizers import Tokenizer
+
+    if has_manifest(out):
+        print(f"[trim_vocab] {out} done already, skipped", flush=True)
+        return read_manifest(out)
+    tokenizer_dir = tokenizer_dir or model_dir
+    tok_file = tokenizer_dir / "tokenizer.json"
+    for needed in (tok_file, model_dir / "config.json"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: not found (--model must be a checkpoint directory with a "
+                                    f"tokenizer.json, or give --tokenizer)")
+    full = Tokenizer.from_file(str(tok_file))
+    spec = json.loads(tok_file.read_text(encoding="utf-8"))
+    files = corpus_files(corpus)
+    used, num_lines, num_tokens, head = used_ids(full, corpus_lines(files))
+    keep = kept_ids(spec, used)
+    new_spec = trimmed_spec(spec, keep)
+    check_same_tokens(full, Tokenizer.from_str(json.dumps(new_spec)), keep, head)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = trim_checkpoint(model_dir, tmp, keep, full.get_vocab_size(with_added_tokens=True))
+    write_tokenizer_files(tokenizer_dir, tmp, new_spec, keep)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"[trim_vocab] {full.get_vocab_size(with_added_tokens=True)} -> {len(keep)} tokens "
+          f"({num_lines} lines, {num_tokens} tokens of corpus); parameters {counts['num_parameters_before']} -> "
+          f"{counts['num_parameters_after']}", flush=True)
+    return write_manifest(out, "trim_vocab", model=str(model_dir.resolve()), tokenizer=str(tok_file.resolve()),
+                          corpus=[str(f.resolve()) for f in files], num_lines=num_lines, num_tokens=num_tokens,
+                          vocab_before=full.get_vocab_size(with_added_tokens=True), vocab_after=len(keep),
+                          checked_lines=len(head), tokenizer_model=spec["model"]["type"], **counts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep trim_vocab", formatter_class=HelpFormatter,
+                                description="Trim a checkpoint and its tokenizer to the pieces that occur in a corpus "
+                                            "(plus the special tokens); the trimmed model gives the same outputs on "
+                                            "that corpus's text.")
+    p.add_argument("--model", type=Path, required=True,
+                   help="HF BERT checkpoint directory (config.json, weights, and tokenizer.json unless --tokenizer)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--corpus", type=Path, nargs="+", required=True,
+                   help="text (.txt, one sentence per line) or corpus-mix TSV (lang<TAB>sentence) files, plain or "
+                        ".gz/.bz2/.xz, or directories holding them, e.g. <corpus>/sample")
+    p.add_argument("--out", type=Path, required=True, help="trimmed checkpoint directory to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        trim(args.model, args.corpus, args.out, args.tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
