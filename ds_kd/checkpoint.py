@@ -162,7 +162,8 @@ def refuse_changes(where: Path, saved: dict, now: dict, saved_optimizer: str | N
         hint = (f"--ds-override gradient_accumulation_steps={saved['global_batch'] // per_step}"
                 if saved["global_batch"] % per_step == 0 else
                 "a micro batch and accumulation whose product with the ranks gives it")
-        raise ValueError(f"{where}: written with a global batch of {layout(saved)} sentences, this run's is "
+        raise ValueError(f"{where}: written with a global batch of {layout(saved)} sequences (sentences, or packed "
+                         f"rows), this run's is "
                          f"{layout(now)}. The data position and the learning-rate schedule count global batches, "
                          f"so it must stay {saved['global_batch']}: e.g. {hint}")
     if saved["zero_stage"] != now["zero_stage"]:

@@ -30,7 +30,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest complete checkpoint in --out, also on another number of ranks, "
                         "nodes or --num-workers (same global batch, ZeRO stage and precision)")
     g.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking and dropout")
-    g.add_argument("--max-len", type=int, default=128, help="truncate samples to this many tokens")
+    g.add_argument("--max-len", type=int, default=128,
+                   help="truncate sentences to this many tokens; with packing, the length of a packed row")
+    g.add_argument("--packing", choices=["on", "off"], default="on",
+                   help="on: pack whole sentences into rows of --max-len tokens (block-diagonal attention, "
+                        "positions restart per sentence; the micro batch counts rows), for training and validation "
+                        "perplexity; off: one sentence per row, padded to the longest of its batch")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank (0: the rank itself)")
     g.add_argument("--shuffle-window", type=int, default=8,
                    help="shard blocks whose sentences are shuffled together, on top of a random block order per "
@@ -92,7 +97,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         ds_overrides=dict(parse_override(o) for o in args.ds_override), max_steps=args.max_steps,
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, decay=args.decay, max_len=args.max_len,
-        num_workers=args.num_workers, shuffle_window=args.shuffle_window, seed=args.seed,
+        num_workers=args.num_workers, shuffle_window=args.shuffle_window, packing=args.packing == "on", seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,

@@ -67,8 +67,15 @@ class LoopResult:
     """The last validation metrics."""
     tokens: int = 0
     """Real tokens trained on by this process's steps, all ranks together."""
+    row_tokens: int = 0
+    """Tokens of the rows those steps ran (real and padding), all ranks together."""
     seconds: float = 0.0
     """Wall time of this process's steps, validation and checkpoints included."""
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens / row tokens over this process's steps (1.0: no padding)."""
+        return self.tokens / max(1, self.row_tokens)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -140,6 +147,7 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
         denominators = global_denominators(micro_batches)
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=device)
+        row_tokens = sum(b["attention_mask"].numel() for b in micro_batches)
         for batch in micro_batches:
             if (seed := batch.pop("dropout_seed", None)) is not None:
                 torch.manual_seed(seed)  # dropout follows the data position, not the rank (see ds_kd.reader)
@@ -156,11 +164,14 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
         skipped_in_a_row = 0
         step += 1
         names = sorted(sums)
-        reduced = dist.all_reduce(torch.stack([sums[n] for n in names] + [tokens]))
-        metrics = {n: float(v) / dist.world_size() for n, v in zip(names, reduced[:-1])}
+        reduced = dist.all_reduce(torch.stack([sums[n] for n in names]
+                                              + [tokens, torch.tensor(float(row_tokens), device=device)]))
+        metrics = {n: float(v) / dist.world_size() for n, v in zip(names, reduced[:-2])}
         result.losses.append(metrics["loss"])
-        result.tokens += int(reduced[-1])
-        window.add(metrics, float(reduced[-1]), time.perf_counter() - t0)
+        result.tokens += int(reduced[-2])
+        result.row_tokens += int(reduced[-1])
+        metrics["packing_efficiency"] = float(reduced[-2]) / max(1.0, float(reduced[-1]))
+        window.add(metrics, float(reduced[-2]), time.perf_counter() - t0)
         _log_step(engine, logbook, cfg, step, window)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)

@@ -70,7 +70,10 @@ class TrainConfig:
     decay: str | None = None
     """Decay after warmup: linear, cosine or constant (None: linear)."""
     max_len: int = 128
-    """Truncate samples to this many tokens (special tokens included)."""
+    """Truncate samples to this many tokens (special tokens included); with packing, the row length."""
+    packing: bool = True
+    """Pack whole sentences into rows of ``max_len`` tokens with block-diagonal attention (training and
+    validation); the micro batch then counts rows. False: one sentence per row, padded to the batch's longest."""
     num_workers: int = 2
     """DataLoader workers per rank (masking and collation run there)."""
     shuffle_window: int = 8
@@ -276,15 +279,14 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
                                       micro_batch_size=checkpoint.batch_settings(ds_config)["micro_batch_per_rank"],
                                       seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
-                                      max_len=cfg.max_len), dist.rank(), dist.world_size())
+                                      max_len=cfg.max_len, packing=cfg.packing), dist.rank(), dist.world_size())
     if resume is not None:
         check_resume_identity(resume.state, identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])
         ds_config = checkpoint.prepare(resume, ds_config)
     engine = dist.build_engine(model, ds_config, optimizer, scheduler)
     settings = dist.engine_settings(engine)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_train_samples(data.manifest)
-                                                    / settings["global_batch"]))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * reader.steps_per_epoch(settings["global_batch"])))
     if setup.ds_scheduler:
         schedule_text = f"the config's {setup.ds_config['scheduler']['type']} schedule"
     else:
@@ -307,7 +309,8 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     def evaluate() -> dict[str, float]:
         val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val",
                                        micro_batch_size=settings["micro_batch_per_rank"], seed=cfg.seed,
-                                       num_workers=0, epochs=1, max_len=cfg.max_len), dist.rank(), dist.world_size())
+                                       num_workers=0, epochs=1, max_len=cfg.max_len, packing=cfg.packing),
+                           dist.rank(), dist.world_size())
         return mlm_perplexity(mlm_model, val)
 
     run_config = {"stage": stage, **_jsonable(asdict(cfg)), "engine": settings, "total_steps": total_steps,
@@ -329,6 +332,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
+                       packing_efficiency=result.packing_efficiency,
                        **extra_manifest)
     dist.barrier()
     log.info("finished %s: %d optimizer steps (%d in this process), %s tokens in %.1f s (%.0f tokens/s), "

@@ -90,6 +90,9 @@ class ReaderConfig:
     """Batches each worker prepares ahead."""
     pin_memory: bool = False
     """Pin batch memory (faster copies to a GPU)."""
+    packing: bool = False
+    """Pack whole sentences into rows of ``max_len`` tokens (block-diagonal attention; see
+    :mod:`ds_kd.packed_stream`); ``micro_batch_size`` then counts rows, not sentences."""
 
 
 # ---- the manifest and the blocks --------------------------------------------------------------------
@@ -526,7 +529,12 @@ class ShardReader:
         shuffle = cfg.split == "train" if cfg.shuffle is None else cfg.shuffle
         epochs = cfg.epochs if cfg.epochs is not None or cfg.split == "train" else 1
         masker = Masker(cfg.masking, self.vocab_size, special.values(), special["mask"])
-        self._plan = StreamPlan(table, rank, world_size, cfg.micro_batch_size, cfg.seed, shuffle, cfg.shuffle_window,
+        plan_class = StreamPlan
+        if cfg.packing:
+            from ds_kd.packed_stream import PackedStreamPlan
+
+            plan_class = PackedStreamPlan
+        self._plan = plan_class(table, rank, world_size, cfg.micro_batch_size, cfg.seed, shuffle, cfg.shuffle_window,
                                 epochs, cfg.split != "train", cfg.max_len, special, masker, collate)
         self._steps = 0  # micro-steps of the whole job handed out
         self._log = sentence_log(cfg.split, rank)
@@ -538,12 +546,21 @@ class ShardReader:
 
     @property
     def sentences_consumed(self) -> int:
-        """Sentences of the stream handed out by every rank together (assuming ranks step together)."""
+        """Sentences of the stream handed out by every rank together (assuming ranks step together); unpacked
+        streams only (a packed stream counts rows, see :meth:`state_dict`)."""
         return int(min(self._steps * self._plan.step_size, self._plan.stream_length))
 
     @property
     def epoch(self) -> int:
+        if self.cfg.packing:
+            return self._plan.locator.epoch
         return self.sentences_consumed // self.num_samples
+
+    def steps_per_epoch(self, global_batch: int) -> float:
+        """Optimizer steps of ``global_batch`` sentences (unpacked) or rows (packed) in one epoch; packed, the
+        rows per sentence of the first window stand for the epoch's."""
+        per_epoch = self.num_samples * (self._plan.rows_per_sentence() if self.cfg.packing else 1.0)
+        return per_epoch / global_batch
 
     def __iter__(self) -> Iterator[dict]:
         num_workers = self.cfg.num_workers
@@ -558,8 +575,11 @@ class ShardReader:
                 if step != self._steps:  # the round robin is the order: anything else is a bug, not data
                     raise RuntimeError(f"micro-step {step} arrived where {self._steps} was due")
                 self._steps += 1
+                if "window" in batch:  # packed: where the stream is, for a resume
+                    self._plan.locator = type(self._plan.locator)(*batch.pop("window").tolist())
                 if self._log is not None:
                     self._record(step, batch)
+                batch.pop("stream_positions", None)
                 yield batch
         finally:
             # Stop the workers now, also after an error or an early break. Left to the garbage collector
@@ -570,6 +590,13 @@ class ShardReader:
                 shutdown()
 
     def _record(self, step: int, batch: dict) -> None:
+        """Unpacked: (stream position, sentence id) lines. Packed: (row of the stream, sentence id) lines."""
+        if "stream_positions" in batch:
+            rows = [step * self._plan.step_size + self.rank * self.cfg.micro_batch_size + r
+                    for r, n in enumerate(batch["sequence_ids"].max(dim=1).values.tolist()) for _ in range(n)]
+            with open(self._log, "a", encoding="utf-8") as f:
+                f.writelines(f"{r}\t{s}\n" for r, s in zip(rows, batch["sentence_ids"].tolist()))
+            return
         positions = self._plan.positions(step)
         with open(self._log, "a", encoding="utf-8") as f:
             f.writelines(f"{p}\t{s}\n" for p, s in zip(positions.tolist(), batch["sentence_ids"].tolist()))
@@ -581,11 +608,15 @@ class ShardReader:
         ).encode()).hexdigest()[:16]
         p = self._plan
         return {"corpus": corpus, "shuffle": p.shuffle, "shuffle_window": p.shuffle_window, "max_len": p.max_len,
-                "masking": list(asdict(self.cfg.masking).values())}
+                "masking": list(asdict(self.cfg.masking).values()), "packing": self.cfg.packing}
 
     def state_dict(self) -> dict:
         """The position in the stream (JSON-serialisable, a few hundred bytes, the same on every rank and for every
         topology): sentences consumed by the whole job, with the seed and the fingerprint to check against."""
+        if self.cfg.packing:
+            return {"version": STATE_VERSION, "split": self.cfg.split, "seed": self.cfg.seed, "epoch": self.epoch,
+                    "rows_consumed": self._steps * self._plan.step_size, "window": self._plan.locator.as_list(),
+                    **self.fingerprint()}
         return {"version": STATE_VERSION, "split": self.cfg.split, "seed": self.cfg.seed, "epoch": self.epoch,
                 "sentences_consumed": self.sentences_consumed, **self.fingerprint()}
 
@@ -603,13 +634,16 @@ class ShardReader:
         if differ:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"cannot resume the {self.cfg.split} stream of {self.cfg.shard_dir} exactly: {detail}")
-        consumed = int(state["sentences_consumed"])
+        unit = "rows" if self.cfg.packing else "sentences"
+        consumed = int(state[f"{unit}_consumed"])
         steps, rest = divmod(consumed, self._plan.step_size)
         if rest:
-            raise ValueError(f"the saved position, {consumed} sentences, is not a whole number of micro-steps of "
-                             f"{self.world_size} ranks x {self.cfg.micro_batch_size} sentences: keep the global "
+            raise ValueError(f"the saved position, {consumed} {unit}, is not a whole number of micro-steps of "
+                             f"{self.world_size} ranks x {self.cfg.micro_batch_size} {unit}: keep the global "
                              f"batch (micro batch x accumulation x ranks) of the run that saved it")
         self._steps = steps
+        if self.cfg.packing:
+            self._plan.locator = type(self._plan.locator)(*state["window"])
 
 
 def sentence_log(split: str, rank: int) -> Path | None:

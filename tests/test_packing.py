@@ -120,3 +120,112 @@ def test_mlm_loss_and_every_distillation_term_count_what_they_count_unpacked():
         terms = [distiller(b).terms for b in (packed, unpacked)]
     for name in ("mlm", "output", "embedding", "hidden", "attention"):
         assert terms[0][name].item() == pytest.approx(terms[1][name].item(), rel=1e-6, abs=1e-6), name
+
+
+# ---- the packed reader ------------------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+from itertools import islice  # noqa: E402
+
+from ds_kd.reader import ReaderConfig, ShardReader  # noqa: E402
+from shardgen import uid_of, write_corpus  # noqa: E402
+
+SHARD_VOCAB, ROW_LEN = 300, 48
+TRAIN = [30, 25, 40, 10, 17, 33]
+NUM_TRAIN = sum(TRAIN)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    shard_dir = tmp_path_factory.mktemp("packed") / "shards"
+    return shard_dir, write_corpus(shard_dir, {"train": TRAIN, "val": [23, 9]}, vocab_size=SHARD_VOCAB, max_len=30)
+
+
+def packed_config(shard_dir, **kw) -> ReaderConfig:
+    return ReaderConfig(str(shard_dir), **{"micro_batch_size": 2, "num_workers": 2, "shuffle_window": 2,
+                                           "max_len": ROW_LEN, "packing": True, **kw})
+
+
+def sentences_of(batch: dict) -> list[tuple[int, list[int]]]:
+    """(sentence id, original token ids) of every packed sentence, in row order."""
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    original = np.where(labels != -100, labels, inputs)
+    out, k = [], 0
+    for row in range(original.shape[0]):
+        seq = batch["sequence_ids"][row].numpy()
+        for s in range(1, int(seq.max()) + 1):
+            out.append((int(batch["sentence_ids"][k]), original[row][seq == s].tolist()))
+            k += 1
+    return out
+
+
+def packed_stream(shard_dir, world_size, num_workers, num_steps, state=None, micro=2):
+    """Micro-step -> rank -> [(sentence id, tokens)] for ``num_steps`` micro-steps, optionally after ``state``."""
+    out: dict[int, dict[int, list]] = {}
+    for rank in range(world_size):
+        reader = ShardReader(packed_config(shard_dir, num_workers=num_workers, micro_batch_size=micro), rank,
+                             world_size)
+        if state is not None:
+            reader.load_state_dict(state)
+        for step, batch in enumerate(islice(iter(reader), num_steps)):
+            out.setdefault(step, {})[rank] = sentences_of(batch)
+    return out
+
+
+def test_packed_epochs_hold_every_sentence_once_in_full_rows(corpus):
+    shard_dir, samples = corpus
+    reader = ShardReader(packed_config(shard_dir, epochs=2, num_workers=0), 0, 1)
+    counts, real, total = Counter(), 0, 0
+    for batch in reader:
+        assert batch["input_ids"].shape[1] <= ROW_LEN
+        assert batch["position_ids"][batch["attention_mask"].bool()].min() == 0
+        for sid, tokens in sentences_of(batch):
+            assert uid_of(tokens, SHARD_VOCAB) == sid
+            np.testing.assert_array_equal(tokens, samples["train"][sid][:ROW_LEN] if len(samples["train"][sid])
+                                          <= ROW_LEN else np.r_[samples["train"][sid][:ROW_LEN - 1], 3])
+            counts[sid] += 1
+        real += int(batch["attention_mask"].sum())
+        total += batch["attention_mask"].shape[0] * ROW_LEN
+    assert sorted(counts) == list(range(NUM_TRAIN)) and set(counts.values()) == {2}
+    assert real / total > 0.85  # best-fit rows of 48 from sentences of 4-33 tokens, windows of 14
+
+
+def test_packed_order_does_not_depend_on_ranks_or_workers(corpus):
+    shard_dir, _ = corpus
+    one = packed_stream(shard_dir, 1, 0, 6, micro=4)  # micro 4 on 1 rank = 2 ranks x micro 2 per micro-step
+    two = packed_stream(shard_dir, 2, 2, 6, micro=2)
+    for step in range(6):
+        assert one[step][0] == two[step][0] + two[step][1], step
+
+
+def test_packed_resume_on_another_topology_sees_each_sentence_once(corpus):
+    shard_dir, _ = corpus
+    whole = packed_stream(shard_dir, 1, 0, 40, micro=4)
+    reader = ShardReader(packed_config(shard_dir, micro_batch_size=2, num_workers=2), 0, 2)
+    list(islice(iter(reader), 13))  # rank 0 of 2, 13 micro-steps: 52 rows of the job
+    state = reader.state_dict()
+    assert state["rows_consumed"] == 52 and len(json_bytes(state)) < 1024
+    resumed = packed_stream(shard_dir, 1, 1, 27, state=state, micro=4)
+    assert [resumed[s][0] for s in range(27)] == [whole[13 + s][0] for s in range(27)]
+    with pytest.raises(ValueError, match="whole number of micro-steps of 1 ranks x 5 rows"):
+        ShardReader(packed_config(shard_dir, micro_batch_size=5), 0, 1).load_state_dict(state)
+
+
+def json_bytes(obj) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()
+
+
+def test_validation_perplexity_is_the_same_packed_and_unpacked(corpus):
+    from ds_kd.loop import mlm_perplexity
+
+    shard_dir, _ = corpus
+    model = BertForMaskedLM(make_config("tiny-base", vocab_size=SHARD_VOCAB, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0))
+    results = [mlm_perplexity(model, ShardReader(ReaderConfig(str(shard_dir), split="val", micro_batch_size=4,
+                                                              num_workers=0, max_len=ROW_LEN, packing=packing)))
+               for packing in (True, False)]
+    assert results[0]["val_tokens"] == results[1]["val_tokens"] > 0
+    for key in results[1]:
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-5), key

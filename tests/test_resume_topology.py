@@ -3,7 +3,9 @@
 Train on 2 ranks x 2 DataLoader workers, ``kill -9`` at a checkpoint, resume on 1 rank x 1 worker (twice the
 accumulation: the same global batch), ``kill -9`` again, resume on 2 ranks x 0 workers. Every rank logs the
 (stream position, sentence id) of each sentence it hands out (``DS_KD_SENTENCE_LOG``); the optimizer step of a
-position is ``position // global batch + 1``. The pieces kept by the checkpoints must give exactly the
+position is ``position // global batch + 1``. Runs pack sentences into rows (the default), so a position is a
+row of the stream and the global batch counts rows; one test runs unpacked (``--packing off``).
+The pieces kept by the checkpoints must give exactly the
 uninterrupted run's sequence of (step, sentence id): no sentence twice, none dropped.
 
 Loss tolerance. The resumed runs compute the same micro-batches (same sentences, masks and dropout, which
@@ -51,19 +53,23 @@ def env_logging_to(directory: Path) -> dict:
     return {**os.environ, SENTENCE_LOG_ENV: str(directory), "OMP_NUM_THREADS": "1"}
 
 
-def sentence_log(directory: Path) -> dict[int, int]:
-    """Stream position -> sentence id over every rank's training log; a position logged twice is an error."""
-    out: dict[int, int] = {}
+def sentence_log(directory: Path) -> dict[tuple[int, int], int]:
+    """(stream position, k) -> sentence id over every rank's training log: the k-th sentence of a position. With
+    packing (the default) a position is a row of the stream holding several sentences; unpacked, one sentence.
+    A position handed out by two ranks, or twice, is an error."""
+    out: dict[tuple[int, int], int] = {}
     for path in sorted(directory.glob("train-rank*.tsv")):
+        seen: dict[int, int] = {}
         for line in path.read_text().splitlines():
             position, sid = map(int, line.split("\t"))
-            assert position not in out, f"{path}: position {position} handed out twice"
-            out[position] = sid
+            k = seen[position] = seen.get(position, -1) + 1
+            assert (position, k) not in out, f"{path}: position {position} handed out twice"
+            out[(position, k)] = sid
     return out
 
 
-def steps_and_sentences(positions: dict[int, int]) -> list[tuple[int, int]]:
-    return [(p // GLOBAL + 1, positions[p]) for p in sorted(positions)]
+def steps_and_sentences(positions: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
+    return [(p // GLOBAL + 1, positions[(p, k)]) for p, k in sorted(positions)]
 
 
 def step_metrics(run_dir: Path) -> dict[int, dict]:
@@ -76,9 +82,9 @@ def check_pieces(pieces: list[tuple[Path, int, int]], reference: dict[int, int])
     kept: dict[int, int] = {}
     for directory, first, last in pieces:
         log = sentence_log(directory)
-        assert min(log) == first * GLOBAL, f"{directory}: resumed at position {min(log)}, saved at {first * GLOBAL}"
-        kept.update({p: s for p, s in log.items() if p < last * GLOBAL})
-    assert sorted(reference) == list(range(STEPS * GLOBAL))
+        assert min(log)[0] == first * GLOBAL, f"{directory}: resumed at position {min(log)}, saved at {first * GLOBAL}"
+        kept.update({p: s for p, s in log.items() if p[0] < last * GLOBAL})
+    assert sorted({p for p, _ in reference}) == list(range(STEPS * GLOBAL))
     assert steps_and_sentences(kept) == steps_and_sentences(reference)  # 0 duplicated, 0 dropped
 
 
@@ -119,16 +125,17 @@ def test_pretraining_resumes_on_1_rank_then_2_ranks_0_workers_exactly_once(unint
         json.loads((whole / "manifest.json").read_text())["val"]["val_ppl"], rel=1e-6)
 
 
-def test_zero2_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
+def test_zero2_unpacked_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
+    off = ("--packing", "off")
     whole = tmp_path / "whole"
-    proc = run_cmd(launch(pretrain_args(tiny_corpus, whole, "zero2", 2, 2), 2),
+    proc = run_cmd(launch(pretrain_args(tiny_corpus, whole, "zero2", 2, 2, *off), 2),
                    env=env_logging_to(tmp_path / "whole_log"), timeout=600)
     assert proc.returncode == 0, tail(proc)
     out = tmp_path / "run"
-    saved = run_until_checkpoint(launch(pretrain_args(tiny_corpus, out, "zero2", 2, 2), 2), out, 3, timeout=400,
-                                 env=env_logging_to(tmp_path / "log1"))
+    saved = run_until_checkpoint(launch(pretrain_args(tiny_corpus, out, "zero2", 2, 2, *off), 2), out, 3,
+                                 timeout=400, env=env_logging_to(tmp_path / "log1"))
     assert saved < STEPS
-    resumed = run_cmd(launch(pretrain_args(tiny_corpus, out, "zero2", 1, 1, "--resume"), 1),
+    resumed = run_cmd(launch(pretrain_args(tiny_corpus, out, "zero2", 1, 1, *off, "--resume"), 1),
                       env=env_logging_to(tmp_path / "log2"), timeout=600)
     assert resumed.returncode == 0, tail(resumed)
     assert "as a universal checkpoint" in resumed.stderr
@@ -143,7 +150,7 @@ def test_impossible_resumes_are_refused_before_the_engine_is_built(uninterrupted
     shutil.copytree(whole / "checkpoints", out / "checkpoints")  # a run killed at its last checkpoint
     cases = {  # run as one process: 1 rank
         "global batch": (pretrain_args(tiny_corpus, out, "zero3", 2, 1, *FP32, "--resume"),  # 2-rank accumulation
-                         "global batch of 2 ranks x micro batch 8 x accumulation 1 = 16 sentences, this run's is "
+                         "global batch of 2 ranks x micro batch 8 x accumulation 1 = 16 sequences .*, this run's is "
                          "1 ranks x micro batch 8 x accumulation 1 = 8.*gradient_accumulation_steps=2"),
         "zero stage": (pretrain_args(tiny_corpus, out, "zero2", 1, 1, *FP32, "--resume"),
                        "ZeRO stage 3, this run uses stage 2.*zero_optimization.stage=3"),
