@@ -24,7 +24,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="tokenizer directory (default: the corpus's tokenizer/); must match the shards")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, curves.png, export/")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in --out (same world size)")
+                   help="continue from the newest complete checkpoint in --out (same world size and settings; "
+                        "on a finished run with a larger --max-steps/--epochs: extend it to that budget)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over when --out already holds a run. Without it a finished run with the same "
+                        "settings (data, model, DeepSpeed JSON, ranks, budget, lr, seed, ...; not logging flags) "
+                        "is skipped and one with other settings is refused, naming what differs")
     g.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking and dropout")
     g.add_argument("--max-len", type=int, default=128, help="truncate samples to this many tokens")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
@@ -70,7 +75,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, decay=args.decay, max_len=args.max_len,
         num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-        keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,
+        keep_last=args.keep_last, resume=args.resume, overwrite=args.overwrite,
+        dist_timeout_minutes=args.dist_timeout_minutes,
         wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode))
 
 

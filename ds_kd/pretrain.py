@@ -10,9 +10,11 @@ function differ. The run directory holds::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -26,8 +28,9 @@ from ds_kd import checkpoint
 from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.manifest import atomic_write_text, has_manifest, read_manifest, rerun_action, write_manifest
 from ds_kd.model import BertForMaskedLM, make_config
+from ds_kd.modeldir import record
 from ds_kd.optim import LRSchedule, build_optimizer
 
 log = logging.getLogger("ds_kd")
@@ -80,7 +83,10 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``out``."""
+    """Continue from the newest complete checkpoint in ``out``; on a finished run whose settings differ only in
+    ``max_steps``/``epochs``, extend it to the new, larger budget."""
+    overwrite: bool = False
+    """Start over when ``out`` already holds a run (finished or not), whatever its settings."""
     dist_timeout_minutes: float = 10.0
     """How long a rank waits for a peer in a collective before the job fails."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -146,19 +152,21 @@ def build_ds_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
                  data: CorpusData, ds_config: dict, stage: str, extra_manifest: dict,
-                 final_check: Callable[[], dict] | None = None) -> RunResult:
+                 final_check: Callable[[], dict] | None = None, settings: dict | None = None,
+                 action: str = "start") -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
     ``model`` is what the engine trains; ``mlm_model`` (the model itself, or the student inside it) is
     validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may raise, or return more
-    manifest fields."""
+    manifest fields. ``settings`` and ``action`` come from :func:`plan_out` (every rank decided before the
+    process group existed, so before anything here changes ``cfg.out``)."""
     from ds_kd.reader import ReaderConfig, ShardReader
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    if checkpoint.latest_tag(ckpt_dir) and not cfg.resume:
-        raise FileExistsError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
-                              f"or choose a new --out")
+    if dist.is_main():
+        prepare_out(out, action, settings or {})
+    dist.barrier()
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     schedule = LRSchedule()  # its length needs the global batch, which only the engine knows
@@ -177,12 +185,18 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
                                       shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers,
                                       max_len=cfg.max_len), dist.rank(), dist.world_size())
     start_step = 0
-    if cfg.resume:
+    if action in ("resume", "extend"):
         extras = checkpoint.load(engine, ckpt_dir)
+        if extras is None and action == "extend":
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint of the finished run to extend")
         if extras is not None:
             reader.load_state_dict(extras["reader"])
             start_step = extras["step"]
+            schedule.set(warmup, total_steps, cfg.decay, scheduler)  # the loaded scheduler brought the old length
             log.info("resumed from %s at optimizer step %d", checkpoint.latest_tag(ckpt_dir), start_step)
+        if start_step >= total_steps:
+            raise ValueError(f"{out}: {start_step} optimizer steps are already done; the budget asks for "
+                             f"{total_steps}: give a larger --max-steps/--epochs to extend the run")
 
     def evaluate() -> dict[str, float]:
         val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val",
@@ -208,20 +222,23 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
-                       **extra_manifest)
+                       settings=settings, **extra_manifest)
     dist.barrier()
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
 
 
 def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path) -> Path | None:
-    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0."""
+    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
+
+    ``config.json`` records ``"ds_kd": {"segment_ids_trained": false}`` (see :mod:`ds_kd.modeldir`)."""
     state = dist.gather_full_state_dict(model)
     if dist.is_main():
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state)
+        record(tmp, segment_ids_trained=False)  # training passes no token types: row 1 never learns
         for f in tokenizer_dir.iterdir():
-            if f.is_file() and f.name != "manifest.json":
+            if f.is_file() and f.name != "manifest.json" and not (tmp / f.name).exists():  # never the model's files
                 shutil.copy2(f, tmp / f.name)
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
@@ -233,22 +250,82 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def finished_run(cfg: TrainConfig, what: str) -> RunResult | None:
-    """The result of an already finished run in ``cfg.out`` (then the run is skipped), else None; checks the
-    budget flags first so a bad command line fails before any work."""
+SETTINGS_JSON = "settings.json"
+"""The settings of the run in progress (the finished run's are in its manifest), for ``--resume``."""
+RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "curves.png", SETTINGS_JSON, "manifest.json")
+
+
+def train_settings(cfg: TrainConfig) -> dict:
+    """What determines a training run's result (compared when ``cfg.out`` already holds a run): the data (its
+    shards directory and a digest of its manifest), the DeepSpeed JSON's content and overrides, the number of
+    ranks, the budget, the optimisation and data-order flags. Not: logging, checkpoint cadence, W&B, paths of
+    the output. The stage adds its model (and teacher and losses)."""
+    from ds_kd.engine import load_ds_config
+
+    data = Path(cfg.data)
+    shard_dir = data / "shards" if (data / "shards").is_dir() else data
+    manifest = shard_dir / "manifest.json"
+    names = ("max_steps", "epochs", "optimizer", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "decay",
+             "max_len", "num_workers", "shuffle_buffer", "seed")
+    return {"data": str(shard_dir.resolve()),
+            "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+            "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,
+            "deepspeed_config": load_ds_config(cfg.deepspeed_config), "ds_overrides": cfg.ds_overrides,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), **{n: getattr(cfg, n) for n in names}}
+
+
+def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:
+    """What to do with ``cfg.out`` (``ds_kd.manifest.rerun_action``'s rule): start, skip, overwrite, resume or
+    extend; raises naming the settings that differ. Checks the budget flags first, so a bad command line fails
+    before any work."""
     if (cfg.max_steps is None) == (cfg.epochs is None):
         raise ValueError("give exactly one of --max-steps and --epochs")
-    if not has_manifest(cfg.out):
-        return None
-    log.info("%s/manifest.json exists: %s already finished, skipping", cfg.out, what)
+    out = Path(cfg.out)
+    finished = has_manifest(out)
+    recorded = (read_manifest(out).get("settings") if finished
+                else _read_json(out / SETTINGS_JSON))
+    action = rerun_action(out, what, recorded, settings, finished=finished,
+                          unfinished=checkpoint.latest_tag(out / "checkpoints") is not None, overwrite=cfg.overwrite,
+                          resume=cfg.resume)
+    if action == "skip":
+        log.info("%s/manifest.json: %s already finished with the same settings: skipping (--overwrite runs it "
+                 "again)", out, what)
+    elif action in ("extend", "overwrite"):
+        log.info("%s: %s", out, "extending the finished run to the new budget" if action == "extend"
+                 else "--overwrite: starting over")
+    return action
+
+
+def skipped_result(cfg: TrainConfig) -> RunResult:
     m = read_manifest(cfg.out)
     return RunResult(Path(cfg.out), m["steps"], [], m["val"], Path(cfg.out) / "export", skipped=True)
 
 
+def prepare_out(out: Path, action: str, settings: dict) -> None:
+    """Rank 0, before training: clear the old run (overwrite), reopen a finished one (extend: its manifest goes
+    until the new budget is reached), record the settings of the run about to train."""
+    if action == "overwrite":
+        for name in RUN_OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    if action == "extend":
+        (out / "manifest.json").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SETTINGS_JSON, json.dumps(_jsonable(settings), indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def run(cfg: PretrainConfig) -> RunResult:
-    """Pretrain ``cfg.model`` with MLM on the corpus shards; skipped when ``cfg.out`` has a manifest."""
-    if (done := finished_run(cfg, "pretraining")) is not None:
-        return done
+    """Pretrain ``cfg.model`` with MLM on the corpus shards; ``cfg.out`` holding a run: see :func:`plan_out`."""
+    settings = {**train_settings(cfg), "model": cfg.model}
+    action = plan_out(cfg, "pretraining", settings)
+    if action == "skip":
+        return skipped_result(cfg)
     data = resolve_data(cfg.data, cfg.tokenizer)
     model_cfg = make_config(cfg.model, vocab_size=data.vocab_size)  # validates the preset before any work
     dist.init_distributed(cfg.dist_timeout_minutes)
@@ -257,4 +334,5 @@ def run(cfg: PretrainConfig) -> RunResult:
     model = BertForMaskedLM(model_cfg)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
     return run_training(cfg, model, mlm_step, model, data, build_ds_config(cfg),
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)})
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)}, settings=settings,
+                        action=action)

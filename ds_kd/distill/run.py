@@ -15,8 +15,8 @@ import torch
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.model import BertForMaskedLM, make_config
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, finished_run, resolve_data, run_training,
-                            seed_everything)
+from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, plan_out, resolve_data, run_training,
+                            seed_everything, skipped_result, train_settings)
 
 log = logging.getLogger("ds_kd")
 
@@ -54,6 +54,7 @@ def teacher_digest(teacher: torch.nn.Module) -> str:
 
 
 def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) -> BertForMaskedLM:
+    from ds_kd.modeldir import load_tokenizer
     from ds_kd.schema import check_tokenizer_matches
 
     directory = Path(directory)
@@ -62,15 +63,19 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
         raise ValueError(f"{directory}/config.json: teacher vocabulary of {teacher.config.vocab_size} tokens, but "
                          f"the shards were written with {data_vocab_size}: distil on shards made with the "
                          f"teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
+    load_tokenizer(directory, "distillation (--teacher)")  # a teacher without its tokenizer, or another's, stops here
     if (directory / "tokenizer.json").is_file():
         check_tokenizer_matches(shards_manifest, directory)
     return teacher
 
 
 def run(cfg: DistillRunConfig) -> RunResult:
-    """Distil ``cfg.teacher`` into a fresh ``cfg.student``; skipped when ``cfg.out`` has a manifest."""
-    if (done := finished_run(cfg, "distillation")) is not None:
-        return done
+    """Distil ``cfg.teacher`` into a fresh ``cfg.student``; ``cfg.out`` holding a run: see ``plan_out``."""
+    settings = {**train_settings(cfg), "teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}
+    action = plan_out(cfg, "distillation", settings)
+    if action == "skip":
+        return skipped_result(cfg)
     data = resolve_data(cfg.data, cfg.tokenizer)
     student_cfg = make_config(cfg.student, vocab_size=data.vocab_size)
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
@@ -103,4 +108,4 @@ def run(cfg: DistillRunConfig) -> RunResult:
     return run_training(cfg, distiller, step, distiller.student, data, ds_config,
                         "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
                                     "student_config": asdict(student_cfg), "distillation": summary,
-                                    "teacher_digest": before}, check_teacher)
+                                    "teacher_digest": before}, check_teacher, settings, action)
