@@ -134,3 +134,17 @@ def write_task_data(root: Path, task: str, kind: str, langs: list[str], num_trai
             for rec in make(num, seed=100 + n):
                 f.write(json.dumps(rec) + "\n")
     return root
+
+
+def make_export_dir(directory: Path, preset: str = "tiny-base", seed: int = 0) -> Path:
+    """A tiny randomly initialised model written by pretraining's own export (so it carries ds-kd's record:
+    segment ids never trained)."""
+    import torch
+
+    from ds_kd.model import BertForMaskedLM, make_config
+    from ds_kd.pretrain import export
+
+    torch.manual_seed(seed)
+    tokenizer_dir = directory.with_name(directory.name + "-tokenizer")
+    make_tokenizer().save_pretrained(str(tokenizer_dir))
+    return export(BertForMaskedLM(make_config(preset, vocab_size=len(vocab()))), tokenizer_dir, directory)

@@ -10,7 +10,6 @@ a killed job exactly.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -83,9 +82,9 @@ class FinetuneConfig:
     save_model: bool = False
     """Also write the fine-tuned task model (best epoch) and tokenizer to ``<out>/model`` (a reusable teacher)."""
     threads: int | None = None
-    """torch CPU threads. None: $OMP_NUM_THREADS when set, else every core this process may use (right for one
-    job alone on its machine). Jobs sharing a machine should split its cores, e.g. ``--threads 1`` for two jobs
-    on two cores: threads contending for the same cores slow each other down (the grid gives every job
+    """torch CPU threads. None: torch's default, $OMP_NUM_THREADS when set, else one per core (right for one job
+    alone on its machine). Jobs sharing a machine should split its cores, e.g. ``--threads 1`` for two jobs on
+    two cores: threads contending for the same cores slow each other down (the grid gives every job
     cores // workers)."""
     resume: bool = False
     """Continue a killed job from its last epoch checkpoint in ``out`` (same settings; --epochs may change)."""
@@ -98,6 +97,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "beam_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.max_len < 8:
             raise ValueError(f"max_len must be at least 8 sub-words, got {self.max_len}")
 
@@ -208,18 +209,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def resolve_threads(threads: int | None) -> int:
-    """``threads``, else $OMP_NUM_THREADS, else the cores this process may run on."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
-        return threads
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def resolve_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -255,7 +244,8 @@ def prepare(cfg: FinetuneConfig, settings: dict | None = None) -> Job:
     """Check the model directory, seed, read and encode the task data, build the model on its device."""
     started = time.time()
     spec = get_task(cfg.task)
-    torch.set_num_threads(resolve_threads(cfg.threads))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg.model, "fine-tuning (--model)")
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
