@@ -152,20 +152,20 @@ def build_ds_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
                  data: CorpusData, ds_config: dict, stage: str, extra_manifest: dict,
-                 final_check: Callable[[], dict] | None = None, settings: dict | None = None,
+                 final_check: Callable[[], dict] | None = None, run_settings: dict | None = None,
                  action: str = "start") -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
     ``model`` is what the engine trains; ``mlm_model`` (the model itself, or the student inside it) is
     validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may raise, or return more
-    manifest fields. ``settings`` and ``action`` come from :func:`plan_out` (every rank decided before the
+    manifest fields. ``run_settings`` and ``action`` come from :func:`plan_out` (every rank decided before the
     process group existed, so before anything here changes ``cfg.out``)."""
     from ds_kd.reader import ReaderConfig, ShardReader
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if dist.is_main():
-        prepare_out(out, action, settings or {})
+        prepare_out(out, action, run_settings or {})
     dist.barrier()
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -222,7 +222,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
-                       settings=settings, **extra_manifest)
+                       settings=run_settings, **extra_manifest)
     dist.barrier()
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
 
@@ -334,5 +334,5 @@ def run(cfg: PretrainConfig) -> RunResult:
     model = BertForMaskedLM(model_cfg)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
     return run_training(cfg, model, mlm_step, model, data, build_ds_config(cfg),
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)}, settings=settings,
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg)}, run_settings=settings,
                         action=action)

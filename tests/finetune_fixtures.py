@@ -148,3 +148,16 @@ def make_export_dir(directory: Path, preset: str = "tiny-base", seed: int = 0) -
     tokenizer_dir = directory.with_name(directory.name + "-tokenizer")
     make_tokenizer().save_pretrained(str(tokenizer_dir))
     return export(BertForMaskedLM(make_config(preset, vocab_size=len(vocab()))), tokenizer_dir, directory)
+
+
+def broken_model_dirs(root: Path) -> dict[str, Path]:
+    """Model directories every loading command must refuse: ``bare`` has no tokenizer files, ``small`` a tokenizer
+    with more ids than its embedding rows (20)."""
+    from ds_kd.model import BertForMaskedLM, make_config
+
+    bare = root / "bare"
+    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=len(vocab()))).save_pretrained(bare)
+    small = root / "small"
+    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=20)).save_pretrained(small)
+    make_tokenizer().save_pretrained(str(small))
+    return {"bare": bare, "small": small}

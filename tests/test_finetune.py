@@ -20,7 +20,8 @@ from ds_kd.finetune.loop import logical_form, task_loss
 from ds_kd.model import BertForMaskedLM
 from ds_kd.tasks import TASKS
 from conftest import load_script
-from finetune_fixtures import RECORDS, make_export_dir, make_model_dir, make_tokenizer, vocab, write_task_data
+from finetune_fixtures import (RECORDS, broken_model_dirs, make_export_dir, make_model_dir, make_tokenizer, vocab,
+                               write_task_data)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -320,18 +321,6 @@ def test_task_models_of_our_exports_keep_the_record(tmp_path):
 
 
 # ---- model directories without their tokenizer (issue 12 item 9) -------------------------------------------
-
-
-def broken_model_dirs(root: Path) -> dict[str, Path]:
-    """A model without tokenizer files, and one whose tokenizer has more ids than its embedding rows."""
-    from ds_kd.model import BertForMaskedLM, make_config
-
-    bare = root / "bare"
-    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=len(vocab()))).save_pretrained(bare)
-    small = root / "small"
-    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=20)).save_pretrained(small)
-    make_tokenizer().save_pretrained(str(small))
-    return {"bare": bare, "small": small}
 
 
 def test_load_tokenizer_refuses_missing_or_larger_and_accepts_padded_rows(tmp_path):
