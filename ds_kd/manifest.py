@@ -1,8 +1,10 @@
 """Stage manifests: every stage writes one directory and a ``manifest.json`` in it, last.
 
 The manifest's presence means the stage finished; it records the resolved config, the input manifests,
-counts and the code version. A stage whose manifest exists is skipped; a stage whose input manifest is
-missing refuses to start (:class:`MissingStageError`).
+counts and the code version. A stage whose input manifest is missing refuses to start
+(:class:`MissingStageError`). Training stages (pretraining, distillation, fine-tuning, the grid's jobs) also
+record their settings and decide what a re-run into a finished or unfinished output does with one rule,
+:func:`rerun_action`: the same settings are skipped, other settings refused naming them.
 """
 from __future__ import annotations
 
