@@ -302,16 +302,15 @@ def skipped_result(cfg: TrainConfig) -> RunResult:
 
 
 def prepare_out(out: Path, action: str, settings: dict) -> None:
-    """Rank 0, before training: clear the old run (overwrite), reopen a finished one (extend: its manifest goes
-    until the new budget is reached), record the settings of the run about to train."""
+    """Rank 0, before training: clear the old run (overwrite) and record the settings of the run about to train.
+    An extended run keeps its manifest and export until the new ones replace them: a crash midway leaves the
+    finished run as it was, and ``--resume`` with the larger budget continues from the newest checkpoint."""
     if action == "overwrite":
         for name in RUN_OUTPUTS:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
             else:
                 (out / name).unlink(missing_ok=True)
-    if action == "extend":
-        (out / "manifest.json").unlink()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SETTINGS_JSON, json.dumps(_jsonable(settings), indent=2) + "\n")
 
