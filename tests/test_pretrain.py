@@ -178,6 +178,10 @@ def test_rerun_skips_same_settings_refuses_others_extends_and_overwrites(tiny_co
     longer = launch(steps="4")
     assert longer.returncode == 2 and "max_steps: 2 -> 4" in tail(longer) and "--resume to extend" in tail(longer)
     assert (out / "manifest.json").read_text() == manifest
+    # --resume with a budget that is not larger: refused, the finished run intact.
+    shorter = launch("--resume", steps="1")
+    assert shorter.returncode == 2 and "2 optimizer steps are already done" in tail(shorter)
+    assert (out / "manifest.json").read_text() == manifest
     # --resume with a larger budget extends the finished run from its last checkpoint.
     extended = launch("--resume", steps="4")
     assert extended.returncode == 0, tail(extended)
