@@ -449,3 +449,15 @@ def test_killed_job_keeps_its_best_epoch_and_resumes_to_the_uninterrupted_result
     assert got["dev_history"] == want.dev_history and got["scores"] == want.scores
     assert got["best_epoch"] == want.best_epoch and got["threads"] == 1
     assert not (out / "checkpoint").exists()
+
+
+def test_fresh_heads_train_at_their_own_default_rate_for_every_kind(model_dir):
+    """The head's default learning rate (1e-3, README's sweep) is not the encoder's (2e-5), for every task kind."""
+    for task, kind in (("xnli", "pair"), ("wikiann", "tagging"), ("matis", "intent_slot"), ("mtop", "parse")):
+        labels = build_labels(kind, RECORDS[kind](4, seed=0))
+        model = fresh_model(model_dir, kind, labels)
+        cfg = FinetuneConfig(model=str(model_dir), task=task, data="-", out="-")
+        optimizer, _ = build_optimizer(model, cfg, num_steps=10)
+        head = {id(p) for _, p in model.head_parameters()}
+        for group in optimizer.param_groups:
+            assert group["initial_lr"] == (1e-3 if id(group["params"][0]) in head else 2e-5), kind
