@@ -29,6 +29,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --out, also on another number of ranks, "
                         "nodes or --num-workers (same global batch, ZeRO stage and precision)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over when --out already holds a run. Without it a finished run with the same "
+                        "settings (data, model, DeepSpeed JSON, global batch, budget, lr, seed, ...; not logging flags) "
+                        "is skipped and one with other settings is refused, naming what differs")
     g.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking and dropout")
     g.add_argument("--max-len", type=int, default=128,
                    help="truncate sentences to this many tokens; with packing, the length of a packed row")
@@ -100,7 +104,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         num_workers=args.num_workers, shuffle_window=args.shuffle_window, packing=args.packing == "on", seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         save_every_minutes=args.save_every_minutes,
-        keep_last=args.keep_last, resume=args.resume, dist_timeout_minutes=args.dist_timeout_minutes,
+        keep_last=args.keep_last, resume=args.resume, overwrite=args.overwrite,
+        dist_timeout_minutes=args.dist_timeout_minutes,
         wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode),
         init_from=args.init_from, init_layers=args.init_layers)
 

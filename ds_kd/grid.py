@@ -13,22 +13,28 @@ A row is a model directory with a name (``NAME=DIR``), or an ft-distill row ``ST
 of the same task and seed (which therefore runs first, saving its model). Each job runs as its own process
 (``python -m ds_kd.grid --job <job.json>``), so a crash of one job leaves the others running; a job is done
 when its ``result.json`` exists (a teacher also needs its ``model/``), so a grid started again after a crash or
-a kill runs only what is missing. Workers: one per GPU (``CUDA_VISIBLE_DEVICES`` set per worker), else
-``workers`` CPU processes with ``cores // workers`` torch threads each.
+a kill runs only what is missing, and a job killed midway resumes from its last epoch checkpoint. The grid owns
+its job directories: a job whose settings changed since its last attempt (``job.json``: fine-tuning options,
+data, model directory, ft-distill options and its teacher job's settings; not threads or device) is cleared
+and run again, the others are kept. Every model directory is checked (``ds_kd.modeldir.load_tokenizer``)
+before any job starts. Workers: one per GPU (``CUDA_VISIBLE_DEVICES`` set per worker), else ``workers`` CPU
+processes with ``cores // workers`` torch threads each.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ds_kd.manifest import atomic_write_text
+from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
 from ds_kd.tasks import get_task
 
 GRID_JSON = "grid.json"
@@ -181,15 +187,63 @@ def plan(cfg: GridConfig) -> list[GridJob]:
 
 
 def job_spec(job: GridJob, cfg: GridConfig, threads: int) -> dict:
-    """The content of ``job.json``: the job's ``FinetuneConfig`` fields, its teacher and distillation options."""
+    """The content of ``job.json``: the job's ``FinetuneConfig`` fields (resuming its own checkpoint, with
+    ``threads`` torch threads), a digest of the task data's manifest, and for ft-distill rows the teacher, the
+    distillation options and the teacher job's settings (a re-run teacher makes its students re-run)."""
     finetune = {**cfg.finetune, "model": job.row.model_dir, "task": job.task, "data": cfg.data, "out": str(job.out),
                 "seed": job.seed, "name": job.row.name, "save_model": job.save_model or cfg.finetune.get("save_model",
-                                                                                                        False)}
-    spec = {"finetune": finetune, "threads": threads}
+                                                                                                        False),
+                "threads": threads, "resume": True}
+    manifest = Path(cfg.data) / job.task / "manifest.json"
+    spec = {"finetune": finetune, "threads": threads,
+            "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
     if job.teacher is not None:
         spec["teacher"] = str(job.teacher.out / "model")
         spec["distill"] = cfg.distill
+        spec["teacher_settings"] = spec_settings(job_spec(job.teacher, cfg, threads))
     return spec
+
+
+def spec_settings(spec: dict) -> dict:
+    """What in a ``job.json`` determines the job's result: all but the thread count and the fine-tuning fields
+    of ``ds_kd.finetune.state.NOT_SETTINGS`` (device, evaluation batch, resume, ...)."""
+    from ds_kd.finetune.state import NOT_SETTINGS
+
+    return {**{k: v for k, v in spec.items() if k != "threads"},
+            "finetune": {k: v for k, v in spec.get("finetune", {}).items() if k not in NOT_SETTINGS}}
+
+
+def refresh(job: GridJob, cfg: GridConfig, threads: int) -> bool:
+    """Clear the outputs of a job whose settings differ from its last attempt's ``job.json`` (the grid owns its
+    job directories: the job then runs again from scratch); True when it did."""
+    from ds_kd.finetune.state import JOB_OUTPUTS
+
+    path = job.out / JOB_JSON
+    if not path.is_file():
+        return False
+    diffs = settings_differences(spec_settings(json.loads(path.read_text(encoding="utf-8"))),
+                                 spec_settings(job_spec(job, cfg, threads)))
+    if not diffs:
+        return False
+    print(f"[grid] {job.label}: settings changed since its last run ({describe_differences(diffs)}): running it "
+          f"again", flush=True)
+    for name in JOB_OUTPUTS:
+        target = job.out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    return True
+
+
+def check_models(cfg: GridConfig) -> None:
+    """Every row's model directory has its tokenizer, which fits the model (``ds_kd.modeldir``), before any job
+    starts; raises FileNotFoundError / ValueError naming the row and the directory."""
+    from ds_kd.modeldir import load_tokenizer
+
+    for row in cfg.rows:
+        if not row.teacher:  # an ft-distill row shares its student row's directory
+            load_tokenizer(row.model_dir, f"the grid (--models {row.name})")
 
 
 def run_job_file(path: Path | str) -> int:
@@ -275,9 +329,12 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     from tqdm.auto import tqdm
 
     jobs = plan(cfg)
+    check_models(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_plan(cfg)
     workers, threads, devices = worker_layout(cfg)
+    for job in jobs:
+        refresh(job, cfg, threads)
     pending = [j for j in jobs if not j.done()]
     num_skipped = len(jobs) - len(pending)
     failed: list[tuple[str, str]] = []

@@ -1,8 +1,10 @@
 """Stage manifests: every stage writes one directory and a ``manifest.json`` in it, last.
 
 The manifest's presence means the stage finished; it records the resolved config, the input manifests,
-counts and the code version. A stage whose manifest exists is skipped; a stage whose input manifest is
-missing refuses to start (:class:`MissingStageError`).
+counts and the code version. A stage whose input manifest is missing refuses to start
+(:class:`MissingStageError`). Training stages (pretraining, distillation, fine-tuning, the grid's jobs) also
+record their settings and decide what a re-run into a finished or unfinished output does with one rule,
+:func:`rerun_action`: the same settings are skipped, other settings refused naming them.
 """
 from __future__ import annotations
 
@@ -72,3 +74,74 @@ def read_manifest(directory: Path | str, needed_by: str | None = None) -> dict:
         )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# ---- re-running into an existing output ----------------------------------------------------------------------
+
+BUDGET_KEYS = ("max_steps", "epochs")
+"""Settings that only say how long to train: a finished run may be extended by raising them (``--resume``)."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value, so that a tuple and a list, or a Path and its string, compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_differences(recorded: dict, wanted: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (recorded value, wanted value) of every setting that differs; nested dicts are compared key
+    by key, a key present on one side only differs (its missing side is ``None``)."""
+    recorded, wanted = _plain(recorded), _plain(wanted)
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(recorded) | set(wanted)):
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out.update(settings_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            out[f"{prefix}{key}"] = (old, new)
+    return out
+
+
+def describe_differences(diffs: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
+    """``key: old -> new; ...`` (at most ``limit`` keys, then a count)."""
+    items = [f"{k}: {json.dumps(o)} -> {json.dumps(n)}" for k, (o, n) in diffs.items()]
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def rerun_action(where: Path | str, what: str, recorded: dict | None, wanted: dict, *, finished: bool,
+                 unfinished: bool, overwrite: bool, resume: bool, can_extend: bool = True) -> str:
+    """The one rule for a command whose output directory ``where`` may already hold a run.
+
+    ``recorded``: the settings (what determines the result: model, data, engine config, budget, lr, seed, ...;
+    never logging flags) stored by the earlier run, None when it stored none; ``wanted``: this command's.
+    ``finished``: the earlier run completed; ``unfinished``: it left a checkpoint to resume from.
+
+    Returns ``"start"`` (nothing there), ``"overwrite"`` (start over: the caller clears the old outputs),
+    ``"skip"`` (finished with the same settings: nothing to do), ``"resume"`` (continue an unfinished run:
+    only the budget may differ) or ``"extend"`` (``--resume`` on a finished run whose settings differ only in
+    the budget of :data:`BUDGET_KEYS`: continue training to the new budget; the caller checks it is larger).
+    Raises :class:`FileExistsError` naming every setting that differs otherwise."""
+    if not (finished or unfinished):
+        return "start"
+    if overwrite:
+        return "overwrite"
+    diffs = (settings_differences(recorded, wanted) if recorded is not None
+             else {"settings": ("not recorded (an older version wrote this run)", "this command's")})
+    only_budget = bool(diffs) and all(k.split(".")[0] in BUDGET_KEYS for k in diffs)
+    if finished:
+        if not diffs:
+            return "skip"
+        if resume and only_budget and can_extend:
+            return "extend"
+        hint = ("pass --overwrite to start over" + (", or --resume to extend it to the larger budget"
+                                                      if only_budget and can_extend else ""))
+        raise FileExistsError(f"{where} holds a finished {what} with other settings ({describe_differences(diffs)})"
+                              f": {hint}, or choose another output directory")
+    if not resume:
+        raise FileExistsError(f"{where} holds an unfinished {what}: pass --resume to continue it, --overwrite to "
+                              f"start over, or choose another output directory")
+    if recorded is not None and diffs and not only_budget:
+        raise FileExistsError(f"{where} holds an unfinished {what} with other settings "
+                              f"({describe_differences(diffs)}): --resume continues only the same settings (a "
+                              f"budget may change); pass --overwrite to start over")
+    return "resume"

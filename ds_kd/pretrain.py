@@ -10,9 +10,11 @@ function differ. The run directory holds::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -26,8 +28,9 @@ from ds_kd import checkpoint
 from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.manifest import atomic_write_text, has_manifest, read_manifest, rerun_action, write_manifest
 from ds_kd.model import BertConfig, BertForMaskedLM, masked_lm_loss
+from ds_kd.modeldir import record
 from ds_kd.optim import LRSchedule, build_optimizer
 from ds_kd.tokenizer_files import make_portable
 from ds_kd.warmstart import init_model, student_config
@@ -92,7 +95,10 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``out``."""
+    """Continue from the newest complete checkpoint in ``out``; on a finished run whose settings differ only in
+    ``max_steps``/``epochs``, extend it to the new, larger budget."""
+    overwrite: bool = False
+    """Start over when ``out`` already holds a run (finished or not), whatever its settings."""
     dist_timeout_minutes: float = 10.0
     """How long a rank waits for a peer in a collective before the job fails."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -253,21 +259,23 @@ def check_resume_identity(saved: dict, identity: dict, ckpt_dir: Path) -> None:
 
 def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_model: BertForMaskedLM,
                  data: CorpusData, setup: EngineSetup, stage: str, extra_manifest: dict,
-                 final_check: Callable[[], dict] | None = None, identity: dict | None = None) -> RunResult:
+                 final_check: Callable[[], dict] | None = None, identity: dict | None = None,
+                 run_settings: dict | None = None, action: str = "start") -> RunResult:
     """Engine, reader, resume, loop, export, manifest: everything but the model and the step.
 
     ``model`` is what the engine trains; ``mlm_model`` (the model itself, or the student inside it) is
     validated and exported. ``final_check`` runs on every rank after training, before the manifest; it may
     raise, or return more manifest fields. ``identity`` holds facts about inputs that are not in the
     checkpoint (the teacher's digest): stored in every checkpoint, and a resume under other values is refused
-    before the first step."""
+    before the first step. ``run_settings`` and ``action`` come from :func:`plan_out` (every rank decided
+    before the process group existed, so before anything here changes ``cfg.out``)."""
     from ds_kd.reader import ReaderConfig, ShardReader
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    if checkpoint.latest_tag(ckpt_dir) and not cfg.resume:
-        raise FileExistsError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
-                              f"or choose a new --out")
+    if dist.is_main():
+        prepare_out(out, action, run_settings or {})
+    dist.barrier()
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
     spec = setup.optimizer
     optimizer = build_optimizer(model, spec.name, spec.lr, spec.weight_decay, spec.betas, spec.eps)
@@ -275,7 +283,11 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     scheduler = None if setup.ds_scheduler else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ds_config = setup.ds_config
     # The reader and a resume are checked before the engine is built, so a bad resume fails in seconds.
-    resume = checkpoint.plan_resume(ckpt_dir, ds_config, type(optimizer).__name__) if cfg.resume else None
+    resume = None
+    if action in ("resume", "extend"):
+        resume = checkpoint.plan_resume(ckpt_dir, ds_config, type(optimizer).__name__)
+        if resume is None and action == "extend":
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint of the finished run to extend")
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
                                       micro_batch_size=checkpoint.batch_settings(ds_config)["micro_batch_per_rank"],
                                       seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
@@ -304,7 +316,12 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if resume is not None:
         start_step = checkpoint.load(engine, resume)["step"]
         elapsed_before = resume.state.get("elapsed_s", 0.0)
+        if not setup.ds_scheduler:  # the loaded scheduler brought the old run's length
+            schedule.set(warmup, total_steps, cfg.decay or "linear", scheduler)
         log.info("resumed from %s at optimizer step %d", resume.tag, start_step)
+        if start_step >= total_steps:
+            raise ValueError(f"{out}: {start_step} optimizer steps are already done; the budget asks for "
+                             f"{total_steps}: give a larger --max-steps/--epochs to extend the run")
 
     def evaluate() -> dict[str, float]:
         val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val",
@@ -332,7 +349,7 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
-                       packing_efficiency=result.packing_efficiency,
+                       packing_efficiency=result.packing_efficiency, settings=run_settings,
                        **extra_manifest)
     dist.barrier()
     log.info("finished %s: %d optimizer steps (%d in this process), %s tokens in %.1f s (%.0f tokens/s), "
@@ -347,7 +364,8 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
     """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
 
     ``special_ids``: the tokenizer's by role (:attr:`CorpusData.special_ids`); ``config.json`` carries them
-    (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them)."""
+    (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them) and
+    ``"ds_kd": {"segment_ids_trained": false}`` (see :mod:`ds_kd.modeldir`)."""
     from ds_kd.schema import config_special_ids
 
     if model.config.pad_token_id != special_ids["pad"]:
@@ -358,8 +376,9 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, special_token_ids=config_special_ids(special_ids))
+        record(tmp, segment_ids_trained=False)  # training passes no token types: row 1 never learns
         for f in tokenizer_dir.iterdir():
-            if f.is_file() and f.name != "manifest.json":
+            if f.is_file() and f.name != "manifest.json" and not (tmp / f.name).exists():  # never the model's files
                 shutil.copy2(f, tmp / f.name)
         make_portable(tmp, merges=False)  # tokenizer.json stays byte-identical: its hash ties it to the shards
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -372,21 +391,85 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def finished_run(cfg: TrainConfig, what: str) -> RunResult | None:
-    """The result of an already finished run in ``cfg.out`` (then the run is skipped), else None; checks the
-    flags first so a bad command line fails before any work."""
+SETTINGS_JSON = "settings.json"
+"""The settings of the run in progress (the finished run's are in its manifest), for ``--resume``."""
+RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "curves.png", SETTINGS_JSON, "manifest.json")
+
+
+def train_settings(cfg: TrainConfig) -> dict:
+    """What determines a training run's result (compared when ``cfg.out`` already holds a run): the data (its
+    shards directory and a digest of its manifest), the DeepSpeed JSON after the overrides, with its batch
+    settings reduced to the global batch (micro batch x accumulation x ranks: a run may resume on other ranks
+    with the same global batch), the budget, the optimisation and data-order flags. Not: logging, checkpoint
+    cadence, W&B, DataLoader workers, paths of the output. The stage adds its model (and teacher and losses)."""
+    from ds_kd.engine import apply_overrides, load_ds_config
+
+    data = Path(cfg.data)
+    shard_dir = data / "shards" if (data / "shards").is_dir() else data
+    manifest = shard_dir / "manifest.json"
+    engine = apply_overrides(load_ds_config(cfg.deepspeed_config), cfg.ds_overrides)
+    micro = engine.pop("train_micro_batch_size_per_gpu", None)
+    accumulation = engine.pop("gradient_accumulation_steps", 1)
+    total = engine.pop("train_batch_size", None)
+    global_batch = total or (micro or 0) * accumulation * int(os.environ.get("WORLD_SIZE", "1"))
+    names = ("max_steps", "epochs", "optimizer", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "decay",
+             "max_len", "packing", "shuffle_window", "seed", "init_from", "init_layers")
+    return {"data": str(shard_dir.resolve()),
+            "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+            "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,
+            "deepspeed_config": engine, "global_batch": global_batch, **{n: getattr(cfg, n) for n in names}}
+
+
+def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:
+    """What to do with ``cfg.out`` (``ds_kd.manifest.rerun_action``'s rule): start, skip, overwrite, resume or
+    extend; raises naming the settings that differ. Checks the flags first, so a bad command line fails
+    before any work."""
     check_train_flags(cfg)
-    if not has_manifest(cfg.out):
-        return None
-    log.info("%s/manifest.json exists: %s already finished, skipping", cfg.out, what)
+    out = Path(cfg.out)
+    finished = has_manifest(out)
+    recorded = (read_manifest(out).get("settings") if finished
+                else _read_json(out / SETTINGS_JSON))
+    action = rerun_action(out, what, recorded, settings, finished=finished,
+                          unfinished=checkpoint.latest_tag(out / "checkpoints") is not None, overwrite=cfg.overwrite,
+                          resume=cfg.resume)
+    if action == "skip":
+        log.info("%s/manifest.json: %s already finished with the same settings: skipping (--overwrite runs it "
+                 "again)", out, what)
+    elif action in ("extend", "overwrite"):
+        log.info("%s: %s", out, "extending the finished run to the new budget" if action == "extend"
+                 else "--overwrite: starting over")
+    return action
+
+
+def skipped_result(cfg: TrainConfig) -> RunResult:
     m = read_manifest(cfg.out)
     return RunResult(Path(cfg.out), m["steps"], [], m["val"], Path(cfg.out) / "export", skipped=True)
 
 
+def prepare_out(out: Path, action: str, settings: dict) -> None:
+    """Rank 0, before training: clear the old run (overwrite) and record the settings of the run about to train.
+    An extended run keeps its manifest and export until the new ones replace them: a crash midway leaves the
+    finished run as it was, and ``--resume`` with the larger budget continues from the newest checkpoint."""
+    if action == "overwrite":
+        for name in RUN_OUTPUTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SETTINGS_JSON, json.dumps(_jsonable(settings), indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def run(cfg: PretrainConfig) -> RunResult:
-    """Pretrain ``cfg.model`` with MLM on the corpus shards; skipped when ``cfg.out`` has a manifest."""
-    if (done := finished_run(cfg, "pretraining")) is not None:
-        return done
+    """Pretrain ``cfg.model`` with MLM on the corpus shards; ``cfg.out`` holding a run: see :func:`plan_out`."""
+    settings = {**train_settings(cfg), "model": cfg.model}
+    action = plan_out(cfg, "pretraining", settings)
+    if action == "skip":
+        return skipped_result(cfg)
     data = resolve_data(cfg.data, cfg.tokenizer)
     # validates the preset (or the --init-from shape) before any work
     model_cfg = model_config(cfg.model, data, cfg.init_from, cfg.init_layers)
@@ -401,4 +484,5 @@ def run(cfg: PretrainConfig) -> RunResult:
         init = init_model(model, BertForMaskedLM.from_pretrained(cfg.init_from), cfg.init_layers)
     torch.manual_seed(cfg.seed + 1000 * dist.rank())  # per-rank dropout
     return run_training(cfg, model, mlm_step, model, data, setup,
-                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg), "init": init})
+                        "pretrain", {"model": cfg.model, "model_config": asdict(model_cfg), "init": init},
+                        run_settings=settings, action=action)

@@ -139,6 +139,7 @@ def embed(encoder, tokenizer, texts: list[str], layer: int, cfg: RetrievalConfig
     for start in tqdm(range(0, len(texts), cfg.batch_size), desc=desc or "embed", unit="batch", leave=False,
                       disable=None):
         ids, mask, pooled = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len)
+        # One sentence: segment 0 (no token types), right for encoders with and without trained segments.
         hidden_BTD = encoder(ids, mask, output_hidden_states=True).hidden_states[layer]
         weights_BT1 = pooled.unsqueeze(-1).to(hidden_BTD.dtype)
         mean_BD = (hidden_BTD * weights_BT1).sum(1) / weights_BT1.sum(1)
@@ -155,13 +156,13 @@ def top1_accuracy(queries_ND: torch.Tensor, candidates_ND: torch.Tensor) -> floa
 
 
 def load_encoder(model_dir: Path | str):
-    """(encoder, tokenizer, number of layers) of any HF BERT directory with its tokenizer."""
-    from transformers import AutoTokenizer
-
+    """(encoder, tokenizer, number of layers) of any HF BERT directory with its tokenizer (checked by
+    ``ds_kd.modeldir.load_tokenizer``: a directory without one, or with another model's, is refused)."""
     from ds_kd.model import BertForMaskedLM
+    from ds_kd.modeldir import load_tokenizer
 
+    tokenizer = load_tokenizer(model_dir, "retrieval (--models)")
     model = BertForMaskedLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.bert, tokenizer, model.config.num_hidden_layers
 
 
@@ -183,8 +184,10 @@ def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]
         scores[lang] = {f"{lang}->{cfg.pivot}": top1_accuracy(other, pivot),
                         f"{cfg.pivot}->{lang}": top1_accuracy(pivot, other), "num_pairs": len(lang_pairs)}
     average = sum(s[f"{lang}->{cfg.pivot}"] for lang, s in scores.items()) / len(scores)
+    from ds_kd.modeldir import segment_ids_trained
+
     return {"model": str(model_dir), "layer": layer, "num_layers": num_layers, "per_lang": scores,
-            "average": average}
+            "average": average, "segment_ids_trained": segment_ids_trained(model_dir)}
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -210,8 +213,12 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
     """Evaluate every model; write ``<out>/retrieval.json`` and ``<out>/retrieval.md``; return the result."""
     if not models:
         raise ValueError("no models to evaluate")
+    from ds_kd.modeldir import load_tokenizer
+
     out = Path(out)
     start = time.perf_counter()
+    for name, directory in models.items():  # every model directory is checked before the first is evaluated
+        load_tokenizer(directory, f"retrieval (--models {name})")
     pairs = read_pairs(heldout, langs, cfg)
     result = {"config": asdict(cfg), "heldout": str(heldout), "langs": list(pairs),
               "num_pairs": {lang: len(p) for lang, p in pairs.items()},

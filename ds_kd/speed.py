@@ -55,6 +55,8 @@ class Timed:
     directory: str
     encoder: torch.nn.Module
     vocab_size: int
+    tokenizer: object = None
+    """The directory's tokenizer (checked against the model by ``ds_kd.modeldir.load_tokenizer``)."""
 
 
 def sentence_lengths(texts: list[str], tokenizer, cfg: SpeedConfig) -> list[int]:
@@ -94,10 +96,13 @@ def time_pass(encoder: torch.nn.Module, batches: list[tuple]) -> float:
 
 
 def load_timed(name: str, directory: Path | str) -> Timed:
+    """The encoder of ``directory`` (its MLM head dropped), after checking its tokenizer belongs to it."""
     from ds_kd.model import BertForMaskedLM
+    from ds_kd.modeldir import load_tokenizer
 
+    tokenizer = load_tokenizer(directory, f"speed (--models {name})")
     model = BertForMaskedLM.from_pretrained(directory).eval()
-    return Timed(name, str(directory), model.bert, model.config.vocab_size)
+    return Timed(name, str(directory), model.bert, model.config.vocab_size, tokenizer)
 
 
 def count_encoder(timed: Timed) -> dict:
@@ -179,10 +184,7 @@ def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, st
     else:
         if not texts:
             raise ValueError("give sentence lengths or texts to take them from")
-        from transformers import AutoTokenizer
-
-        first = next(iter(models.values()))
-        lengths = sentence_lengths(texts, AutoTokenizer.from_pretrained(str(first)), cfg)
+        lengths = sentence_lengths(texts, timed[0].tokenizer, cfg)
         lengths_from = f"held-out text tokenised by {next(iter(models))}'s tokenizer"
     measured = measure(timed, lengths, cfg)
     result = {"config": asdict(cfg), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -2,7 +2,11 @@
 
     python launch/finetune.py --model DIR --task xnli --data DATA --seed 1 --out runs/xnli/mLeanBERT/1
 
-Writes OUT/result.json (scores per language, zero-shot average, configuration, time).
+Writes OUT/result.json (scores per language, zero-shot averages, configuration, settings, time). OUT/checkpoint/
+holds the last epoch (for --resume after a kill) and the best epoch so far as a task model until the job
+finishes. OUT holding a finished job with the same settings: skipped; with other settings: refused, naming
+them (--overwrite starts over). A model directory without its tokenizer files is refused. Exit status 2 on
+such errors.
 """
 from __future__ import annotations
 
@@ -53,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        result = run(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     zs = "n/a" if result.zero_shot_avg is None else f"{result.zero_shot_avg:.4f}"
     en = "n/a" if result.en is None else f"{result.en:.4f}"
     print(f"[finetune] {result.task} {result.model} seed {result.seed}: en {result.metric} {en}, "

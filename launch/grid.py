@@ -4,8 +4,10 @@
         "Vanilla mLeanBERT=exports/vanilla" --ft-distill mLeanBERT=mBERT8 \\
         --tasks all --data data/tasks --seeds 1 2 3 4 --out runs/grid
 
-Jobs already finished (their result.json exists) are skipped, so the same command picks up after a crash.
-Exits non-zero when a job failed (each failure is listed with its log). Tables: python launch/report.py OUT.
+Jobs already finished with the same settings (their result.json exists) are skipped, so the same command
+picks up after a crash (a killed job resumes from its last epoch); a job whose settings changed (e.g. another
+--epochs or --lr) is run again. Every model directory must hold its tokenizer. Exits 1 when a job failed (each
+failure is listed with its log), 2 on a bad model directory. Tables: python launch/report.py OUT.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
 from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
 from ds_kd.tasks import TASKS  # noqa: E402
 
-PER_JOB = {"model", "task", "data", "out", "seed", "name"}  # set by the grid for each job
+# Set by the grid for each job (threads: the grid's own --threads; every job resumes its own checkpoint, and a
+# job whose settings changed is cleared and run again, so --resume / --overwrite have no grid meaning).
+PER_JOB = {"model", "task", "data", "out", "seed", "name", "threads", "resume", "overwrite"}
 KD_OPTIONS = {  # --kd-* flag -> (DistillConfig field, type, help)
     "task-weight": ("mlm_weight", float, "weight of the student's own task loss (default 1)"),
     "output-weight": ("output_weight", float, "weight of the soft cross-entropy on the teacher's task logits "
@@ -107,7 +111,11 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    result = run_grid(cfg)
+    try:
+        result = run_grid(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"[grid] {result.num_jobs} jobs: {result.num_skipped} were done before, {result.num_done} finished now, "
           f"{len(result.failed)} failed -> {cfg.out}", flush=True)
     for label, where in result.failed:

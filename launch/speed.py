@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = SpeedConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", type=name_value,
-                   help="HF BERT checkpoint directories to time (with a tokenizer where --heldout is used)")
+                   help="HF BERT checkpoint directories to time, each with its tokenizer files (a directory without "
+                        "them, or whose tokenizer has more ids than the model's embedding rows, is refused)")
     p.add_argument("--teacher-of", nargs="*", default=[], metavar="STUDENT=TEACHER", type=name_value,
                    help="report STUDENT's speed-up over TEACHER (both names of --models)")
     p.add_argument("--out", type=Path, required=True, help="folder for speed.json and speed.md")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = read_texts(args.heldout, args.lang) if args.heldout else None
     try:
         result = run(models, args.out, dict(args.teacher_of), texts, args.lengths, cfg)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((args.out / "speed.md").read_text(encoding="utf-8"))

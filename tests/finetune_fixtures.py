@@ -134,3 +134,33 @@ def write_task_data(root: Path, task: str, kind: str, langs: list[str], num_trai
             for rec in make(num, seed=100 + n):
                 f.write(json.dumps(rec) + "\n")
     return root
+
+
+def make_export_dir(directory: Path, preset: str = "tiny-base", seed: int = 0) -> Path:
+    """A tiny randomly initialised model written by pretraining's own export (so it carries ds-kd's record:
+    segment ids never trained)."""
+    import torch
+
+    from ds_kd.model import BertForMaskedLM, make_config
+    from ds_kd.pretrain import export
+    from ds_kd.schema import tokenizer_special_ids
+
+    torch.manual_seed(seed)
+    tokenizer_dir = directory.with_name(directory.name + "-tokenizer")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    return export(BertForMaskedLM(make_config(preset, vocab_size=len(vocab()))), tokenizer_dir, directory,
+                  tokenizer_special_ids(tokenizer))
+
+
+def broken_model_dirs(root: Path) -> dict[str, Path]:
+    """Model directories every loading command must refuse: ``bare`` has no tokenizer files, ``small`` a tokenizer
+    with more ids than its embedding rows (20)."""
+    from ds_kd.model import BertForMaskedLM, make_config
+
+    bare = root / "bare"
+    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=len(vocab()))).save_pretrained(bare)
+    small = root / "small"
+    BertForMaskedLM(make_config("tiny-leanbert", vocab_size=20)).save_pretrained(small)
+    make_tokenizer().save_pretrained(str(small))
+    return {"bare": bare, "small": small}

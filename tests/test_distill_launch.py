@@ -195,3 +195,28 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(zero3_distill, tiny_co
             assert got[step][term] == pytest.approx(want[step][term], rel=1e-5, abs=1e-6), (step, term)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher_digest"] == manifest["teacher_digest_after"]
+
+
+def test_teacher_without_its_tokenizer_is_refused_before_training(tiny_corpus, tmp_path):
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    bare = tmp_path / "bare"  # the right number of embedding rows, but no tokenizer files
+    BertForMaskedLM(make_config("tiny-base", vocab_size=vocab)).save_pretrained(bare)
+    proc = run_cmd([sys.executable, "launch/distill.py", *distill_args(tiny_corpus, bare, tmp_path / "x")])
+    assert proc.returncode == 2
+    assert f"{bare}: no tokenizer files" in proc.stderr and "distillation (--teacher)" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_rerun_with_another_teacher_or_weight_is_refused_and_the_same_is_skipped(tiny_corpus, teacher, tmp_path):
+    out = tmp_path / "rerun"
+    args = distill_args(tiny_corpus, teacher, out, "zero2")
+    args[args.index("--max-steps") + 1] = "1"
+    assert run_cmd([sys.executable, "launch/distill.py", *args]).returncode == 0
+    same = run_cmd([sys.executable, "launch/distill.py", *args])
+    assert same.returncode == 0 and "same settings: skipping" in same.stderr
+    other_teacher = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, other_teacher)
+    moved = run_cmd([sys.executable, "launch/distill.py", *args[:args.index("--teacher") + 1], str(other_teacher),
+                     *args[args.index("--teacher") + 2:], "--hidden-weight", "0.5"])
+    assert moved.returncode == 2
+    assert "teacher: " in moved.stderr and "losses.hidden_weight: 1.0 -> 0.5" in moved.stderr

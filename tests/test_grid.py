@@ -23,7 +23,7 @@ from ds_kd.finetune import distill as ft_distill
 from ds_kd.grid import build_rows, plan, GridConfig
 from ds_kd.model import BertForMaskedLM
 from ds_kd.report import write_report
-from finetune_fixtures import RECORDS, make_model_dir, write_task_data
+from finetune_fixtures import RECORDS, broken_model_dirs, make_model_dir, write_task_data
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "1", "--batch-size", "8", "--eval-batch-size", "16", "--max-len", "32"]
@@ -121,6 +121,45 @@ def test_ft_distill_row_runs_after_its_teacher_and_failures_exit_nonzero(encoder
     assert "3 failed" in bad.stdout and "log.txt" in bad.stdout and "its teacher job" in bad.stdout
     log = (tmp_path / "bad" / "jobs" / "mBERT8" / "xnli" / "seed1" / "log.txt").read_text()
     assert "no train data for xnli/en" in log
+
+
+def test_grid_reruns_the_jobs_whose_settings_changed_and_keeps_the_others(encoders, data, tmp_path):
+    out = tmp_path / "grid"
+    first = subprocess.run(grid_command(encoders, data, out, "--tasks", "pawsx", "wikiann", "--seeds", "1",
+                                        "--workers", "2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = results(out)
+    assert len(before) == 4
+    # --epochs 2 for PAWS-X only: its two jobs (one per model) were made with --epochs 1, so they run again;
+    # the WikiANN jobs are not touched.
+    second = subprocess.run(grid_command(encoders, data, out, "--tasks", "pawsx", "--seeds", "1", "--workers", "2",
+                                         "--epochs", "2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 jobs: 0 were done before, 2 finished now, 0 failed" in second.stdout
+    assert second.stdout.count("settings changed since its last run (finetune.epochs: 1 -> 2)") == 2
+    after = results(out)
+    for path, stamp in before.items():
+        result = json.loads(after[path][1])
+        if "/pawsx/" in str(path):
+            assert after[path] != stamp and len(result["dev_history"]) == 2 and result["config"]["epochs"] == 2
+        else:
+            assert after[path] == stamp, f"{path} was run again"
+    # The same command again: nothing to do.
+    third = subprocess.run(grid_command(encoders, data, out, "--tasks", "pawsx", "--seeds", "1", "--workers", "2",
+                                        "--epochs", "2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "2 were done before, 0 finished now" in third.stdout and results(out) == after
+
+
+def test_grid_refuses_a_model_directory_without_its_tokenizer(encoders, data, tmp_path):
+    for name, broken in broken_model_dirs(tmp_path).items():
+        out = tmp_path / f"grid-{name}"
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), "--models",
+                               f"mBERT8={encoders['base']}", f"Broken={broken}", "--data", str(data), "--out",
+                               str(out), "--tasks", "pawsx", "--seeds", "1", *TINY],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert str(broken) in proc.stderr and "--models Broken" in proc.stderr
+        assert not (out / "jobs").exists()  # refused before any job started
 
 
 def test_plan_counts_and_orders_teachers_first(encoders, tmp_path):

@@ -151,3 +151,45 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{bad_step - 1:08d}"
     assert not (out / "manifest.json").exists()
+
+
+def test_rerun_skips_same_settings_refuses_others_extends_and_overwrites(tiny_corpus, tmp_path):
+    """One process, no launcher: the rule of ds_kd.manifest.rerun_action on a real run directory."""
+    out = tmp_path / "rerun"
+
+    def launch(*extra: str, steps: str = "2") -> subprocess.CompletedProcess:
+        args = pretrain_args(tiny_corpus, out, "zero2", *extra)
+        args[args.index("--max-steps") + 1] = steps
+        return run_cmd([sys.executable, "launch/pretrain.py", *args])
+
+    assert launch().returncode == 0
+    manifest = (out / "manifest.json").read_text()
+    # The same settings (logging flags aside): skipped, the run untouched.
+    same = launch("--log-every", "5", "--wandb-mode", "disabled")
+    assert same.returncode == 0 and "already finished with the same settings: skipping" in tail(same)
+    assert (out / "manifest.json").read_text() == manifest
+    # Other settings: refused, naming each, with exit status 2 and nothing changed.
+    other = launch("--lr", "1e-3", "--ds-override", "zero_optimization.stage=3")
+    assert other.returncode == 2
+    assert "lr: 0.003 -> 0.001" in tail(other) and "ds_overrides.zero_optimization.stage" in tail(other)
+    missing = run_cmd([sys.executable, "launch/pretrain.py", *[a if a != str(tiny_corpus) else str(tmp_path / "nope")
+                                                                 for a in pretrain_args(tiny_corpus, out, "zero2")]])
+    assert missing.returncode == 2 and "data: " in tail(missing)  # a data directory that is not there either
+    longer = launch(steps="4")
+    assert longer.returncode == 2 and "max_steps: 2 -> 4" in tail(longer) and "--resume to extend" in tail(longer)
+    assert (out / "manifest.json").read_text() == manifest
+    # --resume with a budget that is not larger: refused, the finished run intact.
+    shorter = launch("--resume", steps="1")
+    assert shorter.returncode == 2 and "2 optimizer steps are already done" in tail(shorter)
+    assert (out / "manifest.json").read_text() == manifest
+    # --resume with a larger budget extends the finished run from its last checkpoint.
+    extended = launch("--resume", steps="4")
+    assert extended.returncode == 0, tail(extended)
+    assert "resumed from step00000002" in tail(extended)
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 4
+    assert sorted(step_losses(out)) == [1, 2, 3, 4]
+    # --overwrite starts over with the new settings.
+    again = launch("--lr", "1e-3", "--overwrite")
+    assert again.returncode == 0, tail(again)
+    fresh = json.loads((out / "manifest.json").read_text())
+    assert fresh["steps"] == 2 and fresh["settings"]["lr"] == 1e-3 and sorted(step_losses(out)) == [1, 2]

@@ -151,3 +151,29 @@ def test_paper_tables_are_complete_and_consistent():
     assert paper.paper_model("mbert8_large") == "mBERT8-Large"
     assert paper.paper_model("Vanilla-mLeanBERT (ft-distill)") == "Vanilla mLeanBERT (ft-distill)"
     assert paper.paper_model("mLeanBERT") == "mLeanBERT" and paper.paper_model("tiny") is None
+
+
+def test_tables_average_the_papers_languages_when_a_run_tested_more(tmp_path):
+    """A run's own zero-shot average counts every tested language (here also "it"); the paper's tables keep the
+    paper's list."""
+    root = tmp_path / "grid"
+    root.mkdir()
+    (root / "grid.json").write_text(json.dumps({"rows": [{"name": "mLeanBERT", "model_dir": "/m", "role": "student",
+                                                           "teacher": None, "ppl_run": None}],
+                                                "tasks": ["xnli"], "seeds": [1, 2]}))
+    paper_avgs = []
+    for seed, (fr, de, it) in zip((1, 2), ((0.5, 0.7, 0.0), (0.6, 0.4, 0.1))):
+        scores = {"en": {"accuracy": 0.9}, "fr": {"accuracy": fr}, "de": {"accuracy": de}, "it": {"accuracy": it}}
+        paper_avgs.append((fr + de) / 2)
+        out = root / "jobs" / "mLeanBERT" / "xnli" / f"seed{seed}"
+        out.mkdir(parents=True)
+        (out / "result.json").write_text(json.dumps({
+            "task": "xnli", "model": "mLeanBERT", "seed": seed, "scores": scores, "metric": "accuracy", "en": 0.9,
+            "zero_shot_avg": (fr + de + it) / 3, "zero_shot_langs": ["fr", "de", "it"],
+            "zero_shot_avg_paper": (fr + de) / 2, "zero_shot_langs_paper": ["fr", "de"]}))
+    write_report(root)
+    want = 100 * sum(paper_avgs) / 2
+    assert float(read_csv(root / "report" / "table5_zero_shot.csv")["mLeanBERT", "XNLI"]["mean"]) == pytest.approx(want)
+    per_language = read_csv(root / "report" / "table6_xnli.csv")
+    assert float(per_language["mLeanBERT", "zero-shot avg"]["mean"]) == pytest.approx(want)
+    assert float(per_language["mLeanBERT", "it"]["mean"]) == pytest.approx(5.0)  # still shown as a column

@@ -11,7 +11,7 @@ import torch
 
 from ds_kd.retrieval import RetrievalConfig, pick_layer, read_pairs, select_pairs, top1_accuracy
 from conftest import load_script
-from finetune_fixtures import FILLERS, NAMES, CITIES, make_model_dir
+from finetune_fixtures import FILLERS, NAMES, CITIES, broken_model_dirs, make_model_dir
 
 WORDS = NAMES + CITIES + FILLERS
 
@@ -97,3 +97,14 @@ def test_missing_heldout_language_is_a_clear_error(models, tmp_path, capsys):
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
                            str(tmp_path / "o"), "--langs", "hi"]) == 1
     assert "hi/help.txt: not found" in capsys.readouterr().err
+
+
+def test_model_directory_without_its_tokenizer_is_refused_before_any_model_runs(models, tmp_path, capsys):
+    heldout = write_heldout(tmp_path / "heldout", {"en": sentences(20), "fr": sentences(20, seed=1)})
+    for name, broken in broken_model_dirs(tmp_path).items():
+        out = tmp_path / f"out-{name}"
+        assert retrieval_main(["--models", f"good={models['base']}", f"bad={broken}", "--heldout", str(heldout),
+                               "--out", str(out), "--langs", "fr"]) == 1
+        err = capsys.readouterr().err
+        assert str(broken) in err and "--models bad" in err
+        assert not out.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import load_script
-from finetune_fixtures import make_model_dir
+from finetune_fixtures import broken_model_dirs, make_model_dir
 
 speed_main = load_script("speed").main
 
@@ -42,3 +42,13 @@ def test_given_lengths_and_bad_teacher_name(tmp_path, capsys):
     assert speed_main(["--models", f"m={model}", "--lengths", "5", "--out", str(out), "--teacher-of", "m=nobody",
                        "--repeats", "1"]) == 1
     assert "no model named 'nobody'" in capsys.readouterr().err
+
+
+def test_model_directory_without_its_tokenizer_is_refused(tmp_path, capsys):
+    for name, broken in broken_model_dirs(tmp_path).items():
+        out = tmp_path / f"speed-{name}"
+        assert speed_main(["--models", f"m={broken}", "--lengths", "5", "--out", str(out), "--repeats", "1",
+                           "--warmup", "0"]) == 1
+        err = capsys.readouterr().err
+        assert str(broken) in err and ("no tokenizer files" in err if name == "bare" else "20 rows" in err)
+        assert not out.exists()

@@ -15,8 +15,8 @@ import torch
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.model import BertForMaskedLM
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, finished_run, model_config,
-                            resolve_data, run_training, seed_everything)
+from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, model_config, plan_out,
+                            resolve_data, run_training, seed_everything, skipped_result, train_settings)
 from ds_kd.warmstart import init_model
 
 log = logging.getLogger("ds_kd")
@@ -61,6 +61,8 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
     e.g. multilingual-e5-small: 250,037 rows for 250,002 pieces); those rows are never looked up, and the
     teacher's MLM logits are cut to the tokenizer's ids. Raises ValueError naming ``config.json`` when the
     embedding is smaller, or when the directory's tokenizer is not the shards' one."""
+    from ds_kd.modeldir import load_tokenizer
+
     from ds_kd.schema import check_tokenizer_matches
 
     directory = Path(directory)
@@ -73,6 +75,7 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
     if rows > data_vocab_size:
         log.info("teacher embedding has %d rows for a %d-token tokenizer: the %d rows above are never used",
                  rows, data_vocab_size, rows - data_vocab_size)
+    load_tokenizer(directory, "distillation (--teacher)")  # a teacher without its tokenizer, or another's, stops here
     if (directory / "tokenizer.json").is_file():
         check_tokenizer_matches(shards_manifest, directory)
     return teacher
@@ -93,10 +96,13 @@ def default_layer_map(cfg: DistillRunConfig) -> DistillConfig:
 
 
 def run(cfg: DistillRunConfig) -> RunResult:
-    """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); skipped when
-    ``cfg.out`` has a manifest."""
-    if (done := finished_run(cfg, "distillation")) is not None:
-        return done
+    """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); ``cfg.out``
+    holding a run: see ``plan_out``."""
+    settings = {**train_settings(cfg), "teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}
+    action = plan_out(cfg, "distillation", settings)
+    if action == "skip":
+        return skipped_result(cfg)
     data = resolve_data(cfg.data, cfg.tokenizer)
     student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
     teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
@@ -135,4 +141,5 @@ def run(cfg: DistillRunConfig) -> RunResult:
     return run_training(cfg, distiller, step, distiller.student, data, setup,
                         "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
                                     "student_config": asdict(student_cfg), "init": init, "distillation": summary,
-                                    "teacher_digest": before}, check_teacher, identity={"teacher_digest": before})
+                                    "teacher_digest": before}, check_teacher, identity={"teacher_digest": before},
+                        run_settings=settings, action=action)

@@ -5,6 +5,7 @@
 - ``pointer``: the mTOP ``PointerDecoder`` with batched beam search.
 - ``loop``: ``train_epoch`` with a swappable ``loss_fn(model, batch)``, ``predict``, ``evaluate``.
 - ``job``: ``FinetuneConfig`` and ``run(cfg) -> FinetuneResult`` (writes ``result.json``).
+- ``state``: a job's settings, the re-run rule on its directory, per-epoch checkpoints for ``--resume``.
 """
 from ds_kd.finetune.data import TaskLabels, build_labels, collate, encode_records
 from ds_kd.finetune.heads import TaskModel, TaskOutput, freeze_embeddings, load_task_model, save_task_model

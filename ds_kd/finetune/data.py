@@ -1,6 +1,7 @@
 """Normalised task records (``ds_kd.tasks``) into encoder tensors.
 
 - ``pair``: ``[CLS] a [SEP] b [SEP]`` with token types 0/1; both texts are cut longest-first to ``max_len``.
+  An encoder that never learnt segment ids gets 0 for both instead (``TaskModel.segments``).
 - ``tagging`` / ``intent_slot``: every word is tokenized on its own; its label sits on its first sub-word and
   the other sub-words get -100, so the loss and the prediction see one position per word. Words that no
   longer fit in ``max_len`` are predicted as ``O`` (and so cost recall), never dropped from the gold.

@@ -33,8 +33,11 @@ from torch import nn
 from ds_kd.distill.losses import layer_map, soft_cross_entropy
 from ds_kd.distill.module import DistillConfig, build_projections, intermediate_terms
 from ds_kd.finetune.heads import TASK_MODEL_JSON, TaskModel, load_task_model
-from ds_kd.finetune.job import RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, run, test_and_write
+from ds_kd.finetune import state
+from ds_kd.finetune.job import (RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, result_from_dict, run,
+                                test_and_write)
 from ds_kd.manifest import atomic_write_text
+from ds_kd.modeldir import load_tokenizer
 
 DISTILL_JSON = "distill.json"
 TEACHER_ONLY_KEYS = ("labels", "intent_labels", "target_out")  # targets: the teacher needs inputs only
@@ -101,11 +104,8 @@ def load_teacher(directory: Path, job: Job) -> TaskModel:
     if teacher.encoder.config.vocab_size < job.model.encoder.config.vocab_size:  # more rows: padding, never used
         problems.append(f"its vocabulary has {teacher.encoder.config.vocab_size} entries, fewer than the student's "
                         f"{job.model.encoder.config.vocab_size}")
-    elif (directory / "tokenizer.json").is_file() or (directory / "vocab.txt").is_file():
-        from transformers import AutoTokenizer
-
-        if AutoTokenizer.from_pretrained(str(directory)).get_vocab() != job.tokenizer.get_vocab():
-            problems.append("its tokenizer differs from the student's")
+    elif load_tokenizer(directory, "ft-distill (the teacher)").get_vocab() != job.tokenizer.get_vocab():
+        problems.append("its tokenizer differs from the student's")
     if problems:
         raise ValueError(f"{directory}: cannot distil from this teacher: " + "; ".join(problems))
     teacher.requires_grad_(False)
@@ -118,7 +118,10 @@ def run_ft_distill(cfg: FinetuneConfig, teacher: str | Path | FinetuneConfig,
     writes ``<out>/distill.json`` then ``<out>/result.json`` like a plain job."""
     distill_cfg = distill_cfg or DistillConfig()
     directory = teacher_model_dir(teacher)
-    job = prepare(cfg)
+    settings = state.job_settings(cfg, {"teacher": str(directory.resolve()), "distill": asdict(distill_cfg)})
+    if (saved := state.check_out(cfg, settings, "ft-distill job")) is not None:
+        return result_from_dict(saved)
+    job = prepare(cfg, settings)
     teacher_model = load_teacher(directory, job)
     s_cfg, t_cfg = job.model.encoder.config, teacher_model.encoder.config
     mapped = layer_map(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, distill_cfg.layer_map)

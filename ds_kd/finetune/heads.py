@@ -24,6 +24,7 @@ from ds_kd.finetune.data import IGNORE, PAD, TaskLabels
 from ds_kd.finetune.pointer import PointerDecoder
 from ds_kd.model import BertConfig, BertModel, EncoderOutput
 from ds_kd.schema import config_special_ids, tokenizer_special_ids
+from ds_kd.modeldir import DS_KD_KEY
 
 KINDS = ("pair", "tagging", "intent_slot", "parse")
 
@@ -53,15 +54,21 @@ class Pooler(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """``encoder`` (a ``BertModel``) plus the head of ``kind``, sized by ``labels``."""
+    """``encoder`` (a ``BertModel``) plus the head of ``kind``, sized by ``labels``.
+
+    ``segment_ids_trained``: whether the encoder learnt segment ids (``ds_kd.modeldir.segment_ids_trained`` of
+    its directory). When it did not (our exports), the encoder sees segment id 0 for both sentences of a pair,
+    whatever ``token_type_ids`` the batch holds (the RoBERTa / XLM-R convention); when it did, the batch's 0/1."""
 
     def __init__(self, encoder: BertModel, kind: str, labels: TaskLabels, dropout: float = 0.1,
-                 decoder_layers: int = 3, decoder_ffn: int = 512, max_target_len: int = 256):
+                 decoder_layers: int = 3, decoder_ffn: int = 512, max_target_len: int = 256,
+                 segment_ids_trained: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
         cfg = encoder.config
         self.encoder, self.kind, self.labels = encoder, kind, labels
+        self.segment_ids_trained = segment_ids_trained
         self.head_args = {"dropout": dropout, "decoder_layers": decoder_layers, "decoder_ffn": decoder_ffn,
                           "max_target_len": max_target_len}
         self.dropout = nn.Dropout(dropout)
@@ -84,6 +91,13 @@ class TaskModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def segments(self, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor | None:
+        """The segment ids [B, T] the encoder gets: the batch's, or all zeros for an encoder that never learnt
+        segment ids."""
+        if self.segment_ids_trained or token_type_ids_BT is None:
+            return token_type_ids_BT
+        return torch.zeros_like(token_type_ids_BT)
+
     def head_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
@@ -97,7 +111,8 @@ class TaskModel(nn.Module):
         ``target_in`` a parse model returns no logits (decode with ``decode``)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        enc = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores)
+        enc = self.encoder(input_ids, attention_mask, self.segments(token_type_ids), output_hidden_states,
+                           output_attention_scores)
         hidden_BTD = enc.last_hidden_state
         logits, masks, targets = {}, {}, {}
         num = input_ids.shape[0]
@@ -129,7 +144,7 @@ class TaskModel(nn.Module):
                **_unused) -> list[list[int]]:
         """``parse``: the best decoder ids per example (greedy for ``beam_size=1``); batch keys that only
         training uses (``target_in``...) are ignored."""
-        hidden_BTD = self.encoder(input_ids, attention_mask, token_type_ids).last_hidden_state
+        hidden_BTD = self.encoder(input_ids, attention_mask, self.segments(token_type_ids)).last_hidden_state
         return self.decoder.beam_search(hidden_BTD, attention_mask, word_start_mask, beam_size, max_steps)
 
 
@@ -149,7 +164,8 @@ TASK_MODEL_WEIGHTS = "task_model.safetensors"
 
 def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **info) -> None:
     """Write the whole task model (``task_model.safetensors`` + ``task_model.json`` + the encoder's
-    ``config.json``) and, if given, the tokenizer, so ``load_task_model`` rebuilds it (a fine-tuned teacher)."""
+    ``config.json``, with its ``ds_kd.segment_ids_trained`` record) and, if given, the tokenizer, so
+    ``load_task_model`` rebuilds it (a fine-tuned teacher)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -161,9 +177,10 @@ def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **i
     special = config_special_ids(roles) if "pad" in roles else None
     encoder_config = model.encoder.config.to_hf_dict(special)
     meta = {"kind": model.kind, "labels": model.labels.to_dict(), "head": model.head_args,
-            "encoder_config": encoder_config, **info}
+            "segment_ids_trained": model.segment_ids_trained, "encoder_config": encoder_config, **info}
     (directory / TASK_MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (directory / "config.json").write_text(json.dumps(encoder_config, indent=2) + "\n", encoding="utf-8")
+    config = {**encoder_config, DS_KD_KEY: {"segment_ids_trained": model.segment_ids_trained}}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         from ds_kd.tokenizer_files import save_tokenizer_files
 
@@ -181,6 +198,8 @@ def load_task_model(directory: Path | str) -> tuple[TaskModel, dict]:
                                 f"with --save-model)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     encoder = BertModel(BertConfig.from_hf_dict(meta["encoder_config"]))
-    model = TaskModel(encoder, meta["kind"], TaskLabels.from_dict(meta["labels"]), **meta["head"])
+    # A task model saved before the flag existed was fine-tuned with segments 0/1.
+    model = TaskModel(encoder, meta["kind"], TaskLabels.from_dict(meta["labels"]), **meta["head"],
+                      segment_ids_trained=meta.get("segment_ids_trained", True))
     model.load_state_dict(load_file(str(directory / TASK_MODEL_WEIGHTS)))
     return model, meta
