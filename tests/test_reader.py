@@ -14,8 +14,8 @@ import torch
 import ds_kd.reader as reader_mod
 from ds_kd.manifest import MissingStageError, write_manifest
 from ds_kd.masking import IGNORE_INDEX, Masker, MaskingConfig
-from ds_kd.reader import (BlockTable, ReaderConfig, ShardError, ShardReader, check_vocab, read_shards_manifest,
-                          verify_shards)
+from ds_kd.reader import ReaderConfig, ShardReader
+from ds_kd.shards import BlockTable, ShardError, check_vocab, read_shards_manifest, verify_shards
 from shardgen import CLS, MASK, PAD, SEP, UNK, sample_lang_id, uid_of, unmask, write_corpus
 
 VOCAB = 300
