@@ -193,3 +193,14 @@ def test_distillation_resumes_on_1_rank_exactly_once(tiny_corpus, teacher, tmp_p
                  terms=("loss", "loss_mlm", "loss_output", "loss_hidden", "loss_attention"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher_digest"] == manifest["teacher_digest_after"]
+
+
+def test_a_checkpoint_without_run_state_is_refused_naming_it(tmp_path):
+    from ds_kd import checkpoint
+
+    assert checkpoint.plan_resume(tmp_path, {}, "AdamW") is None  # nothing to resume: a fresh start
+    (tmp_path / "step00000004").mkdir()
+    (tmp_path / "step00000004" / "rank00000.pt").write_bytes(b"")  # the per-rank files of older versions
+    (tmp_path / "latest").write_text("step00000004\n")
+    with pytest.raises(ValueError, match=r"step00000004/run_state.json is missing.*older version"):
+        checkpoint.plan_resume(tmp_path, {}, "AdamW")
