@@ -26,6 +26,10 @@ the val split they do not change with the epoch. Every batch also carries ``sent
 ``dropout_seed`` derived from (seed, first position of the batch): the training loop seeds dropout with it,
 so dropout, too, does not depend on the topology.
 
+**Batching** is the last stage and replaceable: ``collate`` (see :class:`ShardReader`) gets the masked sentences
+of one rank's micro-step and makes the batch (padding by default; a packer can fill rows instead). The state
+counts sentences, so any ``collate`` that keeps no sentence across micro-steps resumes exactly.
+
 Debug: with ``DS_KD_SENTENCE_LOG=<dir>`` in the environment, every rank appends one line
 ``<stream position>\\t<sentence id>`` per sentence it hands out to ``<dir>/<split>-rank<R>.tsv``; the
 optimizer step (from 1) of a training position is ``position // global_batch + 1``.
