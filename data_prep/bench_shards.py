@@ -66,7 +66,7 @@ def make_corpus(work: Path, scale: int, args) -> dict:
 
 def iter_train_blocks(shard_dir: Path):
     """(block index, tokens, offsets, langs) of every training block, in shard order."""
-    from ds_kd.reader import BlockTable, read_shards_manifest
+    from ds_kd.shards import BlockTable, read_shards_manifest
 
     table = BlockTable.open(shard_dir, "train", read_shards_manifest(shard_dir))
     for b in range(table.num_blocks):
@@ -124,8 +124,10 @@ def write_old_layout(shard_dir: Path, out: Path) -> int:
 
 def import_streaming():
     """``streaming``, with stand-ins for the torchvision modules its package import needs when none loads."""
+    import importlib
+
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")  # only whether it loads
     except Exception:  # absent, or built for another torch
         import types
         from importlib.machinery import ModuleSpec
@@ -177,7 +179,7 @@ BATCH, WORKERS = 32, 2
 
 def masker_for(manifest: dict):
     from ds_kd.masking import Masker, MaskingConfig
-    from ds_kd.reader import special_ids
+    from ds_kd.shards import special_ids
 
     special = special_ids(manifest)
     return Masker(MaskingConfig(), manifest["vocab_size"], special.values(), special["mask"]), special
@@ -285,7 +287,7 @@ def measure(corpus: dict, scale: int, work: Path, args) -> dict:
 
 def format_report(rows: list[dict], offset: int, num_cores: int) -> tuple[str, dict]:
     head = ["input", "sentences", "tokens", "B/token ours", "ours u32", "MDS u32", "Arrow u32", "old layout",
-            "read ours sent/s", "read MDS sent/s", f"1st batch @0 s", f"1st batch @{offset:.0e} s",
+            "read ours sent/s", "read MDS sent/s", "1st batch @0 s", f"1st batch @{offset:.0e} s",
             "corpus peak MiB"]
     cells = [head] + [[r["scale"], str(r["sentences"]), str(r["tokens"]), f"{r['bpt_ours']:.2f}",
                        f"{r['bpt_ours_u32']:.2f}", f"{r['bpt_mds']:.2f}", f"{r['bpt_arrow']:.2f}",

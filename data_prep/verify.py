@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a corpus's shards directory (holding manifest.json), or the corpus directory")
     args = p.parse_args(argv)
     from ds_kd.manifest import MissingStageError
-    from ds_kd.reader import ShardError, verify_shards
+    from ds_kd.shards import ShardError, verify_shards
 
     shard_dir = args.shards / "shards" if (args.shards / "shards").is_dir() else args.shards
     start = time.perf_counter()

@@ -140,7 +140,7 @@ class CorpusData:
 def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
     """Find the shards and the tokenizer and check they belong together, and that the shards record the
     tokenizer's special ids, before anything is built."""
-    from ds_kd.reader import special_ids
+    from ds_kd.shards import special_ids
     from ds_kd.schema import check_tokenizer_matches
 
     data = Path(data)

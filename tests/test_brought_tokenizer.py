@@ -95,7 +95,7 @@ def corpus_config(raw: Path, out: Path, tokenizer: Path | None) -> CorpusConfig:
     return CorpusConfig(raw=raw, out=out, langs=("en", "fr"), read=ReadConfig(),
                         sample=SampleConfig(total=800, seed=1, val_per_lang=20, bucket_mb=0.05),
                         bpe=BpeConfig(vocab_size=120), tokenizer=tokenizer,
-                        shard=ShardConfig(shard_size=300, num_workers=1, batch_size=64))
+                        shard=ShardConfig(block_size=300, num_workers=1, batch_size=64))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch
 import ds_kd.reader as reader_mod
 from ds_kd.manifest import MissingStageError, write_manifest
 from ds_kd.masking import IGNORE_INDEX, Masker, MaskingConfig
-from ds_kd.reader import (BlockTable, ReaderConfig, ShardError, ShardReader, check_vocab, read_shards_manifest,
-                          verify_shards)
+from ds_kd.reader import ReaderConfig, ShardReader
+from ds_kd.shards import BlockTable, ShardError, check_vocab, read_shards_manifest, verify_shards
 from ds_kd.schema import SPECIAL_TOKENS
 from shardgen import CLS, MASK, PAD, SEP, UNK, sample_lang_id, uid_of, unmask, write_corpus
 
@@ -117,7 +117,7 @@ def test_state_is_a_few_integers_of_the_same_size_on_every_topology(corpus, worl
     assert len(text) < 1024
     assert state["sentences_consumed"] == 3 * 3 * world_size
     assert set(state) == {"version", "split", "seed", "epoch", "sentences_consumed", "corpus", "shuffle",
-                          "shuffle_window", "max_len", "masking"}
+                          "shuffle_window", "max_len", "masking", "packing"}
 
 
 def test_resume_reads_only_the_window_of_the_position(corpus, monkeypatch):

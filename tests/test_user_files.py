@@ -65,7 +65,7 @@ def test_no_bom_reaches_the_bpe_vocabulary(tmp_path):
     run(CorpusConfig(raw=tmp_path / "raw", out=out, langs=("en", "fr"), read=ReadConfig(),
                      sample=SampleConfig(total=400, seed=0, val_per_lang=10, bucket_mb=0.05),
                      bpe=BpeConfig(vocab_size=200, min_frequency=1),
-                     shard=ShardConfig(shard_size=200, num_workers=1, batch_size=64)))
+                     shard=ShardConfig(block_size=200, num_workers=1, batch_size=64)))
     for lang in ("en", "fr"):
         text = (out / "read" / f"{lang}.txt").read_text(encoding="utf-8")
         assert BOM not in text and text.startswith("Quick brown foxes jump lazy.")
