@@ -11,11 +11,18 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep verify", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from ds_kd.flags import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m data_prep verify", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--shards", type=Path, required=True,
                    help="a corpus's shards directory (holding manifest.json), or the corpus directory")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from ds_kd.manifest import MissingStageError
     from ds_kd.shards import ShardError, verify_shards
 

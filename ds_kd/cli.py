@@ -43,7 +43,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank (0: the rank itself)")
     g.add_argument("--shuffle-window", type=int, default=8,
                    help="shard blocks whose sentences are shuffled together, on top of a random block order per "
-                        "epoch (default 8: 64k sentences with the default block size)")
+                        "epoch (default 8: 64k sentences at 8192 sentences a block)")
     g.add_argument("--dist-timeout-minutes", type=float, default=10.0,
                    help="how long a rank waits for a dead peer before the job fails")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),

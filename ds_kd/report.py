@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_kd import paper_results as paper
-from ds_kd.grid import GRID_JSON, RESULT, default_role
+from ds_kd.findings import Comparison, default_comparisons, judge
+from ds_kd.findings import markdown as findings_markdown
+from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_role
 from ds_kd.tasks import TASKS, zero_shot_langs
 from ds_kd.textfile import read_text
 
@@ -65,6 +67,8 @@ class Table:
 class Report:
     tables: list[Table]
     files: list[Path] = field(default_factory=list)
+    findings: list = field(default_factory=list)
+    """``ds_kd.findings.FindingResult`` per finding of the paper."""
 
 
 def collect(grid_dir: Path | str) -> dict[tuple[str, str], dict[int, dict]]:
@@ -301,20 +305,67 @@ def plot_zero_shot(table: Table, out: Path) -> list[Path]:
     return files
 
 
+SETTINGS = ("epochs", "lr", "head_lr", "batch_size", "max_len", "max_train_examples", "unfreeze_embeddings")
+"""Fine-tuning settings that make two rows comparable (the ``config`` of each job's result.json)."""
+
+
+def finetune_settings(grid_dir: Path | str) -> dict[str, tuple]:
+    """Each row's fine-tuning settings (:data:`SETTINGS`), or a tuple of them where its jobs differ."""
+    per_row: dict[str, set] = {}
+    for (name, _), seeds in collect(grid_dir).items():
+        for r in seeds.values():
+            config = r.get("config") or {}
+            per_row.setdefault(name, set()).add(tuple(config.get(k) for k in SETTINGS))
+    return {name: next(iter(v)) if len(v) == 1 else tuple(sorted(v, key=str)) for name, v in per_row.items()}
+
+
+def settings_markdown(settings: dict[str, tuple]) -> str:
+    """The settings table, when the rows were not all fine-tuned alike (else nothing)."""
+    if len(set(settings.values())) <= 1:
+        return ""
+    lines = ["### Fine-tuning settings per row", "", "| model | " + " | ".join(SETTINGS) + " |",
+             "|" + "---|" * (len(SETTINGS) + 1)]
+    for name, values in settings.items():
+        groups = values if values and isinstance(values[0], tuple) else (values,)
+        for group in groups:
+            lines.append(f"| {name} | " + " | ".join("" if v is None else str(v) for v in group) + " |")
+    return "\n".join(lines + ["", "Rows fine-tuned with different settings are not compared in the findings.", ""])
+
+
+def find(tables: list[Table], plan: dict, comparisons: list[Comparison] | None,
+         settings: dict[str, tuple]) -> list:
+    """The paper's findings judged on Table 5: the paper's own comparisons among its rows present (ft-distill
+    rows against their plain rows) and then ``comparisons``."""
+    zero_shot = next(t for t in tables if t.stem == "table5_zero_shot")
+    values = {name: {column: cell.values for column, cell in row.items() if cell.values}
+              for name, row in zero_shot.rows.items()}
+    plain_of = {r["name"]: r["name"][: -len(FT_DISTILL_SUFFIX)] for r in plan.get("rows", [])
+                if r.get("teacher") and r["name"].endswith(FT_DISTILL_SUFFIX)}
+    given = list(comparisons or [])
+    pairs = {(c.expected, c.other) for c in given}
+    defaults = [c for c in default_comparisons(list(zero_shot.rows), plain_of) if (c.expected, c.other) not in pairs]
+    return judge(defaults + given, values, settings)
+
+
 def write_report(grid_dir: Path | str, out: Path | str | None = None, students: list[str] | None = None,
-                 ppl: dict[str, str] | None = None, extra: list[Path | str] = ()) -> Report:
-    """Write ``report.md`` (every table, then the ``extra`` Markdown files, e.g. retrieval and speed), one CSV
-    per table and the zero-shot charts to ``out`` (default ``<grid_dir>/report``)."""
+                 ppl: dict[str, str] | None = None, extra: list[Path | str] = (),
+                 comparisons: list[Comparison] | None = None) -> Report:
+    """Write ``report.md`` (every table, the paper's findings judged on these runs, then the ``extra`` Markdown
+    files, e.g. retrieval and speed), one CSV per table and the zero-shot charts to ``out`` (default
+    ``<grid_dir>/report``). The findings are tested by the paper's comparisons among its rows present
+    (``ds_kd.findings.default_comparisons``) and by ``comparisons``."""
     out = Path(out) if out is not None else Path(grid_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(grid_dir, students, ppl)
-    report = Report(tables)
+    settings = finetune_settings(grid_dir)
+    report = Report(tables, findings=find(tables, load_plan(grid_dir), comparisons, settings))
     parts = [f"# Results of {Path(grid_dir).resolve().name}", ""]
     for table in tables:
         parts.append(markdown(table))
         path = out / f"{table.stem}.csv"
         write_csv(table, path)
         report.files.append(path)
+    parts += [settings_markdown(settings), findings_markdown(report.findings, {})]
     for section in extra:
         parts += ["", read_text(section).strip(), ""]
     md = out / "report.md"

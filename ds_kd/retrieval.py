@@ -4,7 +4,11 @@ For each language X, the held-out aligned paragraphs give pairs (English text, X
 both sides: the mean of one layer's hidden states over the sub-word tokens of ``[CLS] text [SEP]`` ([CLS], [SEP] and
 padding left out),
 L2-normalised. The layer is XTREME's choice for mBERT, a middle layer (layer 8 of 12), generalised as
-``round(2/3 · L)`` of an L-layer encoder ("xtreme"); "last" or a layer number may be asked for instead.
+``round(2/3 · L)`` of an L-layer encoder ("xtreme"); "last" or a layer number may be asked for instead, for all
+models or per model: each model is pooled where it is meant to be (a sentence encoder such as multilingual-e5 at
+the mean of its last layer, as it was trained; a student distilled to match that layer there too; an MLM-trained
+encoder at XTREME's middle layer). With ``all_layers`` the average accuracy of every layer is recorded beside it,
+so that a reader can see whether another layer would have told a different story.
 Each X sentence is a query whose candidates are all the English sentences of that language's pairs; the
 answer is the cosine nearest neighbour, and top-1 accuracy is the share of queries whose answer is their
 translation. The headline, as XTREME reports Tatoeba, is X→en; en→X is reported beside it.
@@ -51,6 +55,8 @@ class RetrievalConfig:
     """Seed of the pair sample."""
     pivot: str = "en"
     """The language every other one is aligned to."""
+    all_layers: bool = False
+    """Also record the X→en average of every layer (0 = embeddings .. L); the whole encoder then runs."""
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
@@ -108,7 +114,10 @@ def pick_layer(layer: str | int, num_layers: int) -> int:
         return max(1, round(2 * num_layers / 3))
     if layer == "last":
         return num_layers
-    index = int(layer)
+    try:
+        index = int(layer)
+    except ValueError:
+        raise ValueError(f"layer {layer!r}: expected 'xtreme', 'last' or a layer number") from None
     if not 0 <= index <= num_layers:
         raise ValueError(f"layer {index} is outside 0..{num_layers}")
     return index
@@ -131,8 +140,10 @@ def encode(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, tor
 
 
 @torch.inference_mode()
-def embed(encoder, tokenizer, texts: list[str], layer: int, cfg: RetrievalConfig, desc: str = "") -> torch.Tensor:
-    """[N, D] L2-normalised mean of hidden layer ``layer`` over each text's sub-word tokens."""
+def embed(encoder, tokenizer, texts: list[str], layers: list[int], cfg: RetrievalConfig,
+          desc: str = "") -> torch.Tensor:
+    """[len(layers), N, D]: per hidden layer in ``layers`` (0 = embeddings), the L2-normalised mean over each
+    text's sub-word tokens."""
     out = []
     # Batches of similar length waste little on padding; the rows are put back in order at the end.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -140,13 +151,13 @@ def embed(encoder, tokenizer, texts: list[str], layer: int, cfg: RetrievalConfig
                       disable=None):
         ids, mask, pooled = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len)
         # One sentence: segment 0 (no token types), right for encoders with and without trained segments.
-        hidden_BTD = encoder(ids, mask, output_hidden_states=True).hidden_states[layer]
-        weights_BT1 = pooled.unsqueeze(-1).to(hidden_BTD.dtype)
-        mean_BD = (hidden_BTD * weights_BT1).sum(1) / weights_BT1.sum(1)
-        out.append(torch.nn.functional.normalize(mean_BD.float(), dim=-1))
-    embedded = torch.empty_like(torch.cat(out))
-    embedded[torch.tensor(order)] = torch.cat(out)
-    return embedded
+        hidden = encoder(ids, mask, output_hidden_states=True).hidden_states
+        weights_BT1 = pooled.unsqueeze(-1).float()
+        means_LBD = torch.stack([(hidden[i].float() * weights_BT1).sum(1) / weights_BT1.sum(1) for i in layers])
+        out.append(torch.nn.functional.normalize(means_LBD, dim=-1))
+    embedded_LND = torch.empty_like(torch.cat(out, dim=1))
+    embedded_LND[:, torch.tensor(order)] = torch.cat(out, dim=1)
+    return embedded_LND
 
 
 def top1_accuracy(queries_ND: torch.Tensor, candidates_ND: torch.Tensor) -> float:
@@ -167,27 +178,38 @@ def load_encoder(model_dir: Path | str):
 
 
 def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]], cfg: RetrievalConfig,
-                   name: str = "") -> dict:
-    """Per language: X→en and en→X top-1 accuracy and the number of pairs."""
+                   name: str = "", layer: str | None = None) -> dict:
+    """Per language: X→en and en→X top-1 accuracy and the number of pairs, at ``layer`` (default
+    ``cfg.layer``); with ``cfg.all_layers`` also ``per_layer``: the X→en average of every layer."""
     encoder, tokenizer, num_layers = load_encoder(model_dir)
-    layer = pick_layer(cfg.layer, num_layers)
-    # The layers above the pooled one do not change its output: this private copy of the encoder drops them.
-    encoder.encoder.layer = encoder.encoder.layer[:layer]
+    asked = layer or cfg.layer
+    pooled = pick_layer(asked, num_layers)
+    layers = list(range(num_layers + 1)) if cfg.all_layers else [pooled]
+    if not cfg.all_layers:
+        # The layers above the pooled one do not change its output: this private copy of the encoder drops them.
+        encoder.encoder.layer = encoder.encoder.layer[:pooled]
     # The pivot side of most languages' pairs overlaps: each pivot text is embedded once.
     pivot_texts = list(dict.fromkeys(p for lang_pairs in pairs.values() for p, _ in lang_pairs))
-    pivot_all = embed(encoder, tokenizer, pivot_texts, layer, cfg, f"{name} {cfg.pivot}")
+    pivot_all = embed(encoder, tokenizer, pivot_texts, layers, cfg, f"{name} {cfg.pivot}")
     row_of = {text: i for i, text in enumerate(pivot_texts)}
-    scores = {}
+    at = layers.index(pooled)
+    scores, per_layer = {}, [0.0] * len(layers)
     for lang, lang_pairs in pairs.items():
-        pivot = pivot_all[[row_of[p] for p, _ in lang_pairs]]
-        other = embed(encoder, tokenizer, [x for _, x in lang_pairs], layer, cfg, f"{name} {lang}")
-        scores[lang] = {f"{lang}->{cfg.pivot}": top1_accuracy(other, pivot),
-                        f"{cfg.pivot}->{lang}": top1_accuracy(pivot, other), "num_pairs": len(lang_pairs)}
+        pivot = pivot_all[:, [row_of[p] for p, _ in lang_pairs]]
+        other = embed(encoder, tokenizer, [x for _, x in lang_pairs], layers, cfg, f"{name} {lang}")
+        scores[lang] = {f"{lang}->{cfg.pivot}": top1_accuracy(other[at], pivot[at]),
+                        f"{cfg.pivot}->{lang}": top1_accuracy(pivot[at], other[at]), "num_pairs": len(lang_pairs)}
+        for i in range(len(layers)):
+            per_layer[i] += top1_accuracy(other[i], pivot[i]) / len(pairs)
     average = sum(s[f"{lang}->{cfg.pivot}"] for lang, s in scores.items()) / len(scores)
     from ds_kd.modeldir import segment_ids_trained
 
-    return {"model": str(model_dir), "layer": layer, "num_layers": num_layers, "per_lang": scores,
-            "average": average, "segment_ids_trained": segment_ids_trained(model_dir)}
+    result = {"model": str(model_dir), "pooling": f"mean of layer {asked!s} over the sub-word tokens",
+              "layer": pooled, "num_layers": num_layers, "per_lang": scores, "average": average,
+              "segment_ids_trained": segment_ids_trained(model_dir)}
+    if cfg.all_layers:
+        result["per_layer"] = per_layer
+    return result
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -196,25 +218,39 @@ def format_table(result: dict) -> str:
     """Markdown: one row per model, X→en top-1 accuracy (%) per language and the average."""
     pivot = result["config"]["pivot"]
     langs = result["langs"]
-    lines = ["| model | layer | " + " | ".join(f"{lang}→{pivot}" for lang in langs) + " | avg |",
-             "|---|---|" + "---|" * (len(langs) + 1)]
+    every = all("per_layer" in r for r in result["models"].values())
+    lines = ["| model | layer | " + " | ".join(f"{lang}→{pivot}" for lang in langs) + " | avg |"
+             + (" best layer (avg) |" if every else ""), "|---|---|" + "---|" * (len(langs) + 1 + every)]
     for name, r in result["models"].items():
         cells = [f"{100 * r['per_lang'][lang][f'{lang}->{pivot}']:.1f}" for lang in langs]
+        best = ""
+        if every:
+            top = max(range(len(r["per_layer"])), key=r["per_layer"].__getitem__)
+            best = f" {top} ({100 * r['per_layer'][top]:.1f}) |"
         lines.append(f"| {name} | {r['layer']}/{r['num_layers']} | " + " | ".join(cells)
-                     + f" | {100 * r['average']:.1f} |")
+                     + f" | {100 * r['average']:.1f} |" + best)
     counts = ", ".join(f"{lang} {result['num_pairs'][lang]}" for lang in langs)
     lines.append(f"\nTop-1 accuracy (%) of finding the {pivot} translation of each sentence among all {pivot} "
-                 f"candidates (cosine, mean-pooled layer, no fine-tuning). Pairs: {counts}.")
+                 f"candidates (cosine, mean-pooled layer, no fine-tuning). Pairs: {counts}. Layer: the pooled "
+                 f"layer of each model / its number of layers (0 = embeddings)"
+                 + ("; best layer: the layer whose average would have been highest (not chosen on it)." if every
+                    else "."))
     return "\n".join(lines) + "\n"
 
 
 def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, langs: list[str],
-        cfg: RetrievalConfig = RetrievalConfig()) -> dict:
-    """Evaluate every model; write ``<out>/retrieval.json`` and ``<out>/retrieval.md``; return the result."""
+        cfg: RetrievalConfig = RetrievalConfig(), layers: dict[str, str] | None = None) -> dict:
+    """Evaluate every model (pooled at ``layers[name]`` where given, else ``cfg.layer``); write
+    ``<out>/retrieval.json`` and ``<out>/retrieval.md``; return the result. ValueError for a layer given for a
+    model that is not evaluated."""
     if not models:
         raise ValueError("no models to evaluate")
     from ds_kd.modeldir import load_tokenizer
 
+    layers = layers or {}
+    unknown = sorted(set(layers) - set(models))
+    if unknown:
+        raise ValueError(f"--layer-of {', '.join(unknown)}: not among the models ({', '.join(models)})")
     out = Path(out)
     start = time.perf_counter()
     for name, directory in models.items():  # every model directory is checked before the first is evaluated
@@ -222,7 +258,7 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
     pairs = read_pairs(heldout, langs, cfg)
     result = {"config": asdict(cfg), "heldout": str(heldout), "langs": list(pairs),
               "num_pairs": {lang: len(p) for lang, p in pairs.items()},
-              "models": {name: evaluate_model(d, pairs, cfg, name) for name, d in models.items()}}
+              "models": {name: evaluate_model(d, pairs, cfg, name, layers.get(name)) for name, d in models.items()}}
     result["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "retrieval.md", format_table(result))

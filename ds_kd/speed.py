@@ -55,6 +55,8 @@ class Timed:
     directory: str
     encoder: torch.nn.Module
     vocab_size: int
+    shape: dict
+    """layers, hidden, heads, FFN and vocabulary of its config, for the parameter table."""
     tokenizer: object = None
     """The directory's tokenizer (checked against the model by ``ds_kd.modeldir.load_tokenizer``)."""
 
@@ -102,14 +104,17 @@ def load_timed(name: str, directory: Path | str) -> Timed:
 
     tokenizer = load_tokenizer(directory, f"speed (--models {name})")
     model = BertForMaskedLM.from_pretrained(directory).eval()
-    return Timed(name, str(directory), model.bert, model.config.vocab_size, tokenizer)
+    c = model.config
+    shape = {"num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_heads": c.num_attention_heads,
+             "ffn_size": c.intermediate_size, "vocab_size": c.vocab_size}
+    return Timed(name, str(directory), model.bert, c.vocab_size, shape, tokenizer)
 
 
 def count_encoder(timed: Timed) -> dict:
     from ds_kd.model import count_parameters
 
     return {"num_params": count_parameters(timed.encoder, True),
-            "num_params_without_embeddings": count_parameters(timed.encoder, False)}
+            "num_params_without_embeddings": count_parameters(timed.encoder, False), **timed.shape}
 
 
 def measure(models: list[Timed], lengths: list[int], cfg: SpeedConfig) -> dict[str, dict]:
@@ -149,10 +154,36 @@ def speedups(results: dict[str, dict], teacher_of: dict[str, str], batch_size: i
     return out
 
 
+def parameter_table(result: dict) -> list[str]:
+    """Markdown lines: shape and parameters of every model (the paper's Table 1, with the vocabulary's share)."""
+    lines = ["| model | layers | hidden | heads | FFN | vocabulary | embedding params | params w/o embeddings "
+             "| params |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["models"].items():
+        embedding = r["num_params"] - r["num_params_without_embeddings"]
+        lines.append(f"| {name} | {r.get('num_layers', '')} | {r.get('hidden_size', '')} | {r.get('num_heads', '')} "
+                     f"| {r.get('ffn_size', '')} | {r.get('vocab_size', '')} | {embedding / 1e6:.2f}M "
+                     f"| {r['num_params_without_embeddings'] / 1e6:.2f}M | {r['num_params'] / 1e6:.2f}M |")
+    return lines
+
+
+def latency_lines(result: dict) -> list[str]:
+    """One sentence per student given its teacher: CPU latency at batch 1, both sides and the ratio."""
+    out = []
+    for student, up in result["speedups"].items():
+        s, t = result["models"][student], result["models"][up["teacher"]]
+        out.append(f"- {student}: {s['ms_per_sentence_batch1']:.1f} ms per sentence at batch 1 on this CPU, "
+                   f"{up['teacher']}: {t['ms_per_sentence_batch1']:.1f} ms: **{up['speedup_batch1']:.1f}× "
+                   f"faster** ({s['num_params_without_embeddings'] / 1e6:.1f}M vs "
+                   f"{t['num_params_without_embeddings'] / 1e6:.1f}M parameters without embeddings).")
+    return out
+
+
 def format_table(result: dict) -> str:
-    """Markdown in the spirit of the paper's Table 1, with the measured speed."""
+    """Markdown in the spirit of the paper's Table 1: the measured speed, each student's latency against its
+    teacher's, and the parameter table."""
     b = result["config"]["batch_size"]
-    lines = [f"| model | params | params w/o embeddings | ms/sentence (batch 1) | sentences/s (batch {b}) "
+    lines = ["### Inference speed on this CPU", "",
+             f"| model | params | params w/o embeddings | ms/sentence (batch 1) | sentences/s (batch {b}) "
              f"| speed-up b1 | speed-up b{b} |", "|---|---|---|---|---|---|---|"]
     for name, r in result["models"].items():
         up = result["speedups"].get(name)
@@ -165,6 +196,10 @@ def format_table(result: dict) -> str:
                  f"{result['threads']} thread(s); {len(lengths)} sentences of {min(lengths)}-{max(lengths)} "
                  f"sub-words (mean {statistics.mean(lengths):.1f}, from {result['lengths_from']}); median of "
                  f"{result['config']['num_repeats']} repeats after {result['config']['num_warmup']} warm-up passes.")
+    latency = latency_lines(result)
+    if latency:
+        lines += ["", "Latency at batch 1, each student against its teacher:", "", *latency]
+    lines += ["", "### Parameters", "", *parameter_table(result)]
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def throughput(args, lengths: np.ndarray) -> None:
               f"packed / padded {speed['packed'] / speed['padded']:.2f}")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path("out/demo/corpus"),
                    help="corpus directory of `python -m data_prep corpus` (its training shards' lengths)")
@@ -131,6 +131,11 @@ def main() -> int:
     p.add_argument("--teacher-layers", type=int, default=12, help="layers of the distillation teacher")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the sentences, per layout")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+def main() -> int:
+    p = build_parser()
     args = p.parse_args()
     if not (args.corpus / "shards").is_dir() and not (args.corpus / "manifest.json").is_file():
         p.error(f"{args.corpus}: no corpus shards; build them with `python -m data_prep corpus` (or `make demo`)")

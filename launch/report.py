@@ -3,7 +3,10 @@
     python launch/report.py runs/grid                # -> runs/grid/report/{report.md, table*.csv, zero_shot_*.png}
 
 Cells are mean ± sample std over seeds of the jobs' result.json scores (percent); the best student per column
-is marked; rows named like the paper's models get the paper's numbers beside ours.
+is marked; rows named like the paper's models get the paper's numbers beside ours. Then, per finding of the paper,
+whether these runs agree, disagree or cannot tell (a difference within 2 sample std of either row: cannot tell).
+
+    python launch/report.py runs/grid --finding 1 "e5-4L KD=Vanilla e5-4L"      # one more pair for finding (1)
 """
 from __future__ import annotations
 
@@ -11,8 +14,25 @@ import argparse
 import sys
 
 from ds_kd.cli import name_value
+from ds_kd.findings import FINDINGS, Comparison
 from ds_kd.flags import HelpFormatter
 from ds_kd.report import write_report
+
+
+def parse_findings(groups: list[list[str]]) -> list[Comparison]:
+    """``--finding N A=B ...`` groups as comparisons; ValueError naming a bad number or pair."""
+    out = []
+    for number, *pairs in groups:
+        if number not in {str(n) for n in FINDINGS}:
+            raise ValueError(f"--finding {number}: the paper's findings are {', '.join(map(str, FINDINGS))}")
+        if not pairs:
+            raise ValueError(f"--finding {number}: give at least one EXPECTED=OTHER pair of rows")
+        for pair in pairs:
+            try:
+                out.append(Comparison(int(number), *name_value(pair)))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--finding {number}: {e} (EXPECTED=OTHER)") from None
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "val.val_ppl); overrides the grid's record (default: the parent of a model dir named export)")
     p.add_argument("--extra", nargs="+", default=[], metavar="FILE.md",
                    help="Markdown files appended to report.md after the tables (e.g. retrieval.md, speed.md)")
+    p.add_argument("--finding", nargs="+", action="append", default=[], metavar=("N", "EXPECTED=OTHER"),
+                   help="test the paper's finding N (1: KD in pretraining helps zero-shot over Vanilla; 2: KD in "
+                        "fine-tuning can hurt it; 3: the larger teacher gives the stronger student) also with these "
+                        "row pairs, EXPECTED being the row the paper expects to score higher; repeatable (default: "
+                        "only the paper's own pairs among its rows present: mLeanBERT and mXLeanBERT vs Vanilla "
+                        "mLeanBERT, ft-distill rows vs their plain rows, mXLeanBERT vs mLeanBERT)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra)
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        comparisons = parse_findings(args.finding)
+    except ValueError as e:
+        p.error(str(e))
+    report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:
         print(path)
     return 0

@@ -3,7 +3,11 @@
     python launch/retrieval.py --models mBERT8=out/demo/teacher_base Vanilla=out/demo/vanilla \\
         --heldout out/demo/heldout --out out/demo/retrieval
 
-Writes OUT/retrieval.json (X->en and en->X top-1 accuracy per language and model) and OUT/retrieval.md.
+    python launch/retrieval.py --models e5=out/demo/e5_trim student=out/demo/runs/e5-4l-kd/export \\
+        --layer-of e5=last student=last --all-layers --heldout out/demo/heldout --out out/demo/retrieval
+
+Writes OUT/retrieval.json (X->en and en->X top-1 accuracy per language and model, the pooled layer of each,
+and with --all-layers every layer's average) and OUT/retrieval.md.
 A model is any HF BERT checkpoint directory holding its tokenizer files (an export of ours or a public one).
 """
 from __future__ import annotations
@@ -30,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="languages to retrieve against the pivot, space- or comma-separated")
     p.add_argument("--layer", default=d.layer, help='hidden layer to mean-pool: "xtreme" (round(2L/3), layer 8 of '
                                                     '12 as XTREME), "last", or a number (0 = embeddings)')
+    p.add_argument("--layer-of", nargs="*", default=[], metavar="NAME=LAYER", type=name_value,
+                   help="pool model NAME at another layer than --layer (xtreme, last or a number), e.g. a sentence "
+                        "encoder such as e5 at its last layer, where it was trained (default: none)")
+    p.add_argument("--all-layers", action="store_true",
+                   help="also record the X->en average of every layer (the whole encoder runs; default: off)")
     p.add_argument("--max-pairs", type=int, default=d.max_pairs, help="pairs per language at most (default: %(default)s)")
     p.add_argument("--min-chars", type=int, default=d.min_chars, help="shortest text kept (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=d.max_len, help="sub-word tokens per sentence (default: %(default)s)")
@@ -42,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
-                          args.pivot)
+                          args.pivot, args.all_layers)
     try:
-        result = run(checkpoint_dirs(args.models), args.heldout, args.out, args.langs, cfg)
+        result = run(checkpoint_dirs(args.models), args.heldout, args.out, args.langs, cfg, dict(args.layer_of))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

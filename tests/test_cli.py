@@ -9,11 +9,11 @@ import pytest
 
 from conftest import load_script
 
-LAUNCH = ["bench_grid", "bench_train", "demo", "distill", "finetune", "grid", "pretrain", "report", "retrieval",
+LAUNCH = ["bench_grid", "bench_packing", "bench_train", "demo", "distill", "finetune", "grid", "pretrain", "report", "retrieval",
           "speed"]
 DATA_PREP = {"corpus": "data_prep.corpus", "libreoffice": "data_prep.libreoffice", "tasks": "data_prep.tasks.cli",
              "demo_tasks": "data_prep.demo_tasks", "bench_corpus": "data_prep.bench_corpus",
-             "e5_teacher": "data_prep.e5_teacher", "trim_vocab": "data_prep.trim_vocab"}
+             "e5_teacher": "data_prep.e5_teacher", "trim_vocab": "data_prep.trim_vocab", "verify": "data_prep.verify"}
 MARKUP = re.compile(r"``|`|:[a-z]+:`|\bNone\b|\bTrue\b|\bFalse\b|\[['\"]|%\(|(?<![\w*])\*\w[^*\n]*\w\*(?![\w*])")
 
 

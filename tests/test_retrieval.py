@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_kd.retrieval import RetrievalConfig, pick_layer, read_pairs, select_pairs, top1_accuracy
+from ds_kd.retrieval import RetrievalConfig, evaluate_model, pick_layer, read_pairs, select_pairs, top1_accuracy
 from conftest import load_script
 from finetune_fixtures import FILLERS, NAMES, CITIES, broken_model_dirs, make_model_dir
 
@@ -86,7 +86,6 @@ def test_translation_is_found_more_often_than_chance_when_sides_share_words(mode
     half = [" ".join(s.split()[::2]) for s in en]
     heldout = write_heldout(tmp_path / "h", {"en": en, "es": half})
     pairs = read_pairs(heldout, ["es"], RetrievalConfig())
-    from ds_kd.retrieval import evaluate_model
 
     r = evaluate_model(models["base"], pairs, RetrievalConfig(layer="0"))
     assert r["per_lang"]["es"]["es->en"] > 0.25
@@ -108,3 +107,35 @@ def test_model_directory_without_its_tokenizer_is_refused_before_any_model_runs(
         err = capsys.readouterr().err
         assert str(broken) in err and "--models bad" in err
         assert not out.exists()
+
+
+def test_each_model_pooled_at_its_own_layer_and_every_layer_recorded(models, tmp_path):
+    en = sentences(30, seed=7)
+    heldout = write_heldout(tmp_path / "h", {"en": en, "fr": [" ".join(s.split()[::2]) for s in en]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", f"lean={models['lean']}", "--heldout",
+                           str(heldout), "--out", str(out), "--langs", "fr", "--layer-of", "base=last",
+                           "--all-layers"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    base, lean = result["models"]["base"], result["models"]["lean"]
+    # tiny-base has 6 layers (asked: last), tiny-leanbert 2 (the default, XTREME's round(2L/3) = 1)
+    assert (base["layer"], lean["layer"]) == (6, 1)
+    assert "layer last" in base["pooling"] and "layer xtreme" in lean["pooling"]
+    for r in (base, lean):
+        assert len(r["per_layer"]) == r["num_layers"] + 1
+        assert r["per_layer"][r["layer"]] == pytest.approx(r["average"])
+    # the same model pooled at one layer without --all-layers gives that layer's number
+    alone = evaluate_model(models["base"], read_pairs(heldout, ["fr"], RetrievalConfig()), RetrievalConfig(),
+                           layer="3")
+    assert alone["layer"] == 3 and "per_layer" not in alone
+    assert alone["average"] == pytest.approx(base["per_layer"][3])
+    assert "best layer (avg)" in (out / "retrieval.md").read_text()
+
+
+def test_layer_of_an_unknown_model_or_a_bad_layer_is_refused(models, tmp_path, capsys):
+    heldout = write_heldout(tmp_path / "h", {"en": sentences(5), "fr": sentences(5)})
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(tmp_path / "o"), "--langs", "fr", "--layer-of", "other=last"]) == 1
+    assert "--layer-of other: not among the models (base)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected 'xtreme', 'last' or a layer number"):
+        pick_layer("middle", 6)

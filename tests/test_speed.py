@@ -31,6 +31,14 @@ def test_speed_of_teacher_and_student(tmp_path):
     assert "teacher" not in result["speedups"]
     table = (out / "speed.md").read_text()
     assert "| student |" in table and "× vs teacher" in table and "1 thread(s)" in table
+    # the parameter table: the presets' shapes, and embedding + the rest = all
+    assert (s["num_layers"], s["hidden_size"], s["num_heads"], s["ffn_size"]) == (2, 48, 3, 76)
+    assert (t["num_layers"], t["hidden_size"], t["num_heads"], t["ffn_size"]) == (12, 64, 4, 256)
+    embedding = s["num_params"] - s["num_params_without_embeddings"]
+    assert (f"| student | 2 | 48 | 3 | 76 | {s['vocab_size']} | {embedding / 1e6:.2f}M | "
+            f"{s['num_params_without_embeddings'] / 1e6:.2f}M | {s['num_params'] / 1e6:.2f}M |") in table
+    assert (f"- student: {s['ms_per_sentence_batch1']:.1f} ms per sentence at batch 1 on this CPU, teacher: "
+            f"{t['ms_per_sentence_batch1']:.1f} ms: **{up['speedup_batch1']:.1f}× faster**") in table
 
 
 def test_given_lengths_and_bad_teacher_name(tmp_path, capsys):

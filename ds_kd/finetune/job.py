@@ -82,7 +82,7 @@ class FinetuneConfig:
     save_model: bool = False
     """Also write the fine-tuned task model (best epoch) and tokenizer to ``<out>/model`` (a reusable teacher)."""
     threads: int | None = None
-    """torch CPU threads. None: torch's default, $OMP_NUM_THREADS when set, else one per core (right for one job
+    """torch CPU threads. Unset: torch's default, $OMP_NUM_THREADS when set, else one per core (right for one job
     alone on its machine). Jobs sharing a machine should split its cores, e.g. ``--threads 1`` for two jobs on
     two cores: threads contending for the same cores slow each other down (the grid gives every job
     cores // workers)."""
