@@ -139,15 +139,25 @@ def test_checkpoints_hold_no_teacher_tensor(stage, zero2_distill, zero3_distill)
     assert sum(f.stat().st_size for f in files) < 4_000_000  # the tiny-large teacher alone is ~9 MB in fp32
 
 
-def test_resuming_with_another_teacher_is_refused_before_the_first_step(zero2_distill, tiny_corpus, tmp_path):
+def test_resuming_with_another_teacher_is_refused_before_the_first_step(zero2_distill, tiny_corpus, teacher,
+                                                                       tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(zero2_distill, out)
     (out / "manifest.json").unlink()  # an interrupted run, checkpointed at step 10
     rows = len((out / "metrics.jsonl").read_text().splitlines())
-    other = make_teacher(tiny_corpus, tmp_path / "other", seed=12)  # same shape, other weights
-    args = distill_args(tiny_corpus, other, out, "zero2", "--resume")
+    args = distill_args(tiny_corpus, teacher, out, "zero2", "--resume")
     args[args.index("--max-steps") + 1] = "12"
-    proc = run_cmd(deepspeed_cmd("launch/distill.py", args))
+    # Another teacher directory is another setting (the re-run rule names it) ...
+    other = make_teacher(tiny_corpus, tmp_path / "other", seed=12)  # same shape, other weights
+    proc = run_cmd(deepspeed_cmd("launch/distill.py", [other if a == str(teacher) else a for a in map(str, args)]))
+    assert proc.returncode == 2, tail(proc)
+    assert "teacher:" in proc.stdout + proc.stderr
+    # ... and the same directory with other weights is caught by the digest the checkpoint recorded
+    shutil.copytree(other, teacher, dirs_exist_ok=True)
+    try:
+        proc = run_cmd(deepspeed_cmd("launch/distill.py", args))
+    finally:
+        make_teacher(tiny_corpus, teacher)  # the module's teacher, as the other tests expect it
     assert proc.returncode == 2, tail(proc)
     assert "written under other inputs (teacher_digest" in proc.stdout + proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == rows  # no step was taken

@@ -55,7 +55,7 @@ def unigram_run(tmp_path_factory):
     corpus = root / "corpus"
     proc = run_cmd([sys.executable, "-m", "data_prep", "corpus", "--raw", str(root / "raw"), "--out", str(corpus),
                     "--langs", ",".join(TINY_SIZES), "--tokenizer", str(teacher), "--total", "1200",
-                    "--val-per-lang", "24", "--shard-size", "400", "--num-workers", "1", "--shuffle-bucket-mb", "1"])
+                    "--val-per-lang", "24", "--block-size", "400", "--num-workers", "1", "--shuffle-bucket-mb", "1"])
     assert proc.returncode == 0, tail(proc)
     out = root / "run"
     proc = run_cmd(deepspeed_cmd("launch/distill.py", [

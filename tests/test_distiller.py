@@ -281,9 +281,22 @@ def test_teacher_with_padded_vocabulary_rows_gives_the_losses_of_the_same_teache
 def test_load_teacher_accepts_more_embedding_rows_than_tokens_and_refuses_fewer(tmp_path):
     from ds_kd.distill.run import load_teacher
 
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_kd.schema import tokenizer_hash
+
+    vocab = {f"[{t}]": i for i, t in enumerate(("PAD", "UNK", "CLS", "SEP", "MASK"))}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})  # the shards' tokenizer: VOCAB ids
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                        mask_token="[MASK]")
     BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35)).save_pretrained(tmp_path / "padded")
-    assert load_teacher(str(tmp_path / "padded"), VOCAB, {}).config.vocab_size == VOCAB + 35
+    tokenizer.save_pretrained(str(tmp_path / "padded"))
+    manifest = {"vocab_size": VOCAB, "tokenizer_hash": tokenizer_hash(tmp_path / "padded" / "tokenizer.json")}
+    assert load_teacher(str(tmp_path / "padded"), VOCAB, manifest).config.vocab_size == VOCAB + 35
     BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB - 1)).save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(str(tmp_path / "small"))
     with pytest.raises(ValueError, match=f"{tmp_path / 'small'}/config.json: teacher vocabulary of {VOCAB - 1} "
                                          f"tokens .* fewer than the {VOCAB} of the tokenizer"):
-        load_teacher(str(tmp_path / "small"), VOCAB, {})
+        load_teacher(str(tmp_path / "small"), VOCAB, manifest)
