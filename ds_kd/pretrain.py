@@ -229,12 +229,15 @@ def build_ds_config(cfg: TrainConfig) -> EngineSetup:
     ds_scheduler = check_scheduler(
         config, {"warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "decay": cfg.decay}, source)
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    if optimizer.name == "lamb" and stage > 0:
-        # ZeRO hands the optimizer flat partitions of many tensors: a trust ratio ||w|| / ||update|| taken there
-        # mixes layers, which is not LAMB. Only stage 0 keeps whole tensors.
-        raise ValueError(f"LAMB needs whole tensors for its layer-wise trust ratio, but ZeRO stage {stage} ({source}) "
-                         f"hands the optimizer flat partitions; use --ds-override zero_optimization.stage=0, or "
-                         f"AdamW")
+    half = [m for m in ("fp16", "bf16") if config.get(m, {}).get("enabled")]
+    if optimizer.name == "lamb" and (stage > 0 or half):
+        # ZeRO, and DeepSpeed's fp16/bf16 optimizers at stage 0 too, hand the optimizer flat buffers of many
+        # tensors: a trust ratio ||w|| / ||update|| taken there mixes layers, which is not LAMB. Only fp32 at
+        # stage 0 keeps whole tensors.
+        where = f"ZeRO stage {stage}" if stage > 0 else f"{half[0]} (DeepSpeed's {half[0]} optimizer)"
+        raise ValueError(f"LAMB needs whole tensors for its layer-wise trust ratio, but {where} ({source}) hands "
+                         f"the optimizer flat buffers; use --ds-override zero_optimization.stage=0 with fp32 "
+                         f"(--ds-override fp16.enabled=false, bf16 off), or AdamW")
     return EngineSetup(config, optimizer, ds_scheduler)
 
 

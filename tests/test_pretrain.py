@@ -193,3 +193,25 @@ def test_rerun_skips_same_settings_refuses_others_extends_and_overwrites(tiny_co
     assert again.returncode == 0, tail(again)
     fresh = json.loads((out / "manifest.json").read_text())
     assert fresh["steps"] == 2 and fresh["settings"]["lr"] == 1e-3 and sorted(step_losses(out)) == [1, 2]
+
+
+def test_lamb_trains_on_two_ranks_at_zero_stage_0_in_fp32(tiny_corpus, tmp_path):
+    """LAMB's layer-wise trust ratio needs whole tensors: ZeRO stage 0, fp32 (half precision flattens too)."""
+    def args(out: Path, *precision: str) -> list[str]:
+        return ["--deepspeed_config", "ds_configs/zero2.json", "--model", "tiny-base", "--data", str(tiny_corpus),
+                "--out", str(out), "--max-steps", "6", "--optimizer", "lamb", "--lr", "1e-2", "--warmup-steps", "1",
+                "--ds-override", "zero_optimization.stage=0", "--ds-override", "fp16.enabled=false", *precision,
+                "--ds-override", "train_micro_batch_size_per_gpu=8", "--num-workers", "0", "--log-every", "1",
+                "--max-len", "64"]
+
+    out = tmp_path / "lamb"
+    proc = run_cmd(deepspeed_cmd("launch/pretrain.py", args(out)))
+    assert proc.returncode == 0, tail(proc)
+    effective = json.loads((out / "ds_config.json").read_text())
+    assert effective["optimizer"]["type"] == "Lamb" and effective["zero_optimization"]["stage"] == 0
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    refused = run_cmd([sys.executable, "launch/pretrain.py",
+                       *args(tmp_path / "bf16", "--ds-override", "bf16.enabled=true")])
+    assert refused.returncode == 2 and "bf16 (DeepSpeed's bf16 optimizer)" in refused.stderr
+    assert not (tmp_path / "bf16").exists()
