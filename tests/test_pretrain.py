@@ -171,7 +171,7 @@ def test_rerun_skips_same_settings_refuses_others_extends_and_overwrites(tiny_co
     # Other settings: refused, naming each, with exit status 2 and nothing changed.
     other = launch("--lr", "1e-3", "--ds-override", "zero_optimization.stage=3")
     assert other.returncode == 2
-    assert "lr: 0.003 -> 0.001" in tail(other) and "ds_overrides.zero_optimization.stage" in tail(other)
+    assert "lr: 0.003 -> 0.001" in tail(other) and "deepspeed_config.zero_optimization.stage: 2 -> 3" in tail(other)
     missing = run_cmd([sys.executable, "launch/pretrain.py", *[a if a != str(tiny_corpus) else str(tmp_path / "nope")
                                                                  for a in pretrain_args(tiny_corpus, out, "zero2")]])
     assert missing.returncode == 2 and "data: " in tail(missing)  # a data directory that is not there either
