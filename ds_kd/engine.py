@@ -33,11 +33,22 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:  # run directly with python: a single-process group
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+        chosen = "MASTER_PORT" not in os.environ
+        for attempt in range(3):
+            if chosen:
+                os.environ["MASTER_PORT"] = str(_free_port())
+            try:
+                deepspeed.init_distributed(timeout=timeout, verbose=False)
+                break
+            except dist.DistNetworkError:  # the free port was taken by another process in between: take another
+                if not chosen or attempt == 2:
+                    raise
+    else:
+        deepspeed.init_distributed(timeout=timeout, verbose=False)
     if accelerator_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one CPU machine share its cores: without this each rank starts one thread per core.
         local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size())))

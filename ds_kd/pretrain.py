@@ -276,9 +276,6 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
 
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    if dist.is_main():
-        prepare_out(out, action, run_settings or {})
-    dist.barrier()
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO partitions
     spec = setup.optimizer
     optimizer = build_optimizer(model, spec.name, spec.lr, spec.weight_decay, spec.betas, spec.eps)
@@ -299,6 +296,9 @@ def run_training(cfg: TrainConfig, model: torch.nn.Module, step_fn: StepFn, mlm_
         check_resume_identity(resume.state, identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])
         ds_config = checkpoint.prepare(resume, ds_config)
+    if dist.is_main():  # after the resume checks: a refused resume leaves the recorded settings as they were
+        prepare_out(out, action, run_settings or {})
+    dist.barrier()
     engine = dist.build_engine(model, ds_config, optimizer, scheduler)
     settings = dist.engine_settings(engine)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * reader.steps_per_epoch(settings["global_batch"])))

@@ -127,6 +127,8 @@ def test_pretraining_resumes_on_1_rank_then_2_ranks_0_workers_exactly_once(unint
 
 
 def test_zero2_unpacked_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
+    """bf16: the 1-rank resume sums each step's two micro-batch gradients where the 2-rank run all-reduces them,
+    and the global norm (which feeds clipping) in another order: seen at 1e-5 relative by step 11, so 1e-4."""
     off = ("--packing", "off")
     whole = tmp_path / "whole"
     proc = run_cmd(launch(pretrain_args(tiny_corpus, whole, "zero2", 2, 2, *off), 2),
@@ -142,23 +144,27 @@ def test_zero2_unpacked_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
     assert "as a universal checkpoint" in resumed.stderr
     check_pieces([(tmp_path / "log1", 0, saved), (tmp_path / "log2", saved, STEPS)],
                  sentence_log(tmp_path / "whole_log"))
-    check_losses(step_metrics(out), step_metrics(whole), rel=1e-6)
+    check_losses(step_metrics(out), step_metrics(whole), rel=1e-4)
 
 
 def test_impossible_resumes_are_refused_before_the_engine_is_built(uninterrupted_zero3, tiny_corpus, tmp_path):
     whole, _ = uninterrupted_zero3
     out = tmp_path / "run"
     shutil.copytree(whole / "checkpoints", out / "checkpoints")  # a run killed at its last checkpoint
+    # Each is refused before the engine is built, by the resume check (which says how to keep the setting) or,
+    # where the setting is one the run recorded, by the re-run rule (which names it); either names the setting.
     cases = {  # run as one process: 1 rank
         "global batch": (pretrain_args(tiny_corpus, out, "zero3", 2, 1, *FP32, "--resume"),  # 2-rank accumulation
                          "global batch of 2 ranks x micro batch 8 x accumulation 1 = 16 sequences .*, this run's is "
-                         "1 ranks x micro batch 8 x accumulation 1 = 8.*gradient_accumulation_steps=2"),
+                         "1 ranks x micro batch 8 x accumulation 1 = 8.*gradient_accumulation_steps=2"
+                         "|global_batch: 16 -> 8"),
         "zero stage": (pretrain_args(tiny_corpus, out, "zero2", 1, 1, *FP32, "--resume"),
-                       "ZeRO stage 3, this run uses stage 2.*zero_optimization.stage=3"),
+                       "ZeRO stage 3, this run uses stage 2.*zero_optimization.stage=3"
+                       "|zero_optimization.stage: 3 -> 2"),
         "precision": (pretrain_args(tiny_corpus, out, "zero3", 1, 1, "--resume"),
-                      "written in fp32, this run trains in bf16"),
+                      "written in fp32, this run trains in bf16|fp16.enabled: false -> true"),
         "max len": (pretrain_args(tiny_corpus, out, "zero3", 1, 1, *FP32, "--resume", "--max-len", "32"),
-                    "max_len: saved 64, now 32"),
+                    "max_len: saved 64, now 32|max_len: 64 -> 32"),
     }
     for name, (args, message) in cases.items():
         start = time.time()
