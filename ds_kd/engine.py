@@ -49,10 +49,29 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
                     raise
     else:
         deepspeed.init_distributed(timeout=timeout, verbose=False)
+    if accelerator_name() == "cpu":
+        remove_shm_buffer_name()
     if accelerator_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one CPU machine share its cores: without this each rank starts one thread per core.
         local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size())))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def shm_buffer_path(rank_number: int) -> Path:
+    """The file DeepSpeed's CPU all-reduce maps for one rank of this job (its ``shm.cpp``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_number}"
+
+
+def remove_shm_buffer_name() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory buffer once every rank has mapped it.
+
+    On the CPU, DeepSpeed gives each rank of a one-machine job a 69 MB file in /dev/shm that every rank maps, and
+    never removes it: each run left ``world_size`` files behind until the machine ran out of memory. DeepSpeed
+    maps every rank's file before ``init_distributed`` returns; after a barrier every rank has, so each removes its
+    own name. The mappings stay valid and the memory is freed when the ranks exit, even after a crash or kill -9."""
+    barrier()
+    shm_buffer_path(rank()).unlink(missing_ok=True)
 
 
 def _free_port() -> int:
