@@ -27,9 +27,16 @@ def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2) -> list[str]
     return [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(ROOT / script), *args]
 
 
+PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""Set in this process by in-process runs (a group of one): a child that inherited them would join that group's
+address instead of making its own."""
+
+
 def run_cmd(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; its output is kept for the assertion messages."""
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+    """Run a command from the repository root, without this process's process-group variables; its output is
+    kept for the assertion messages."""
+    env = {k: v for k, v in kw.pop("env", os.environ).items() if k not in PROCESS_GROUP_ENV}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
 def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
@@ -43,6 +50,7 @@ def run_until_checkpoint(cmd: list[str], run_dir: Path, step: int, timeout: floa
     import signal
     import time
 
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in PROCESS_GROUP_ENV}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)
     latest = run_dir / "checkpoints" / "latest"
