@@ -142,7 +142,7 @@ def make_export_dir(directory: Path, preset: str = "tiny-base", seed: int = 0) -
     import torch
 
     from ds_kd.model import BertForMaskedLM, make_config
-    from ds_kd.pretrain import export
+    from ds_kd.training import export
     from ds_kd.schema import tokenizer_special_ids
 
     torch.manual_seed(seed)

@@ -217,7 +217,7 @@ def test_model_built_for_training_and_its_export_use_the_tokenizers_pad_id(unigr
     from transformers import AutoConfig, AutoTokenizer
 
     from ds_kd.model import BertForMaskedLM
-    from ds_kd.pretrain import export, model_config, resolve_data
+    from ds_kd.training import export, model_config, resolve_data
 
     data = resolve_data(unigram_corpus, None)
     cfg = model_config("tiny-leanbert", data)  # pretraining's model and distillation's student
@@ -236,7 +236,7 @@ def test_export_of_an_xlmr_shaped_tokenizer_carries_its_bos_and_eos(raw, tmp_pat
     from transformers import AutoConfig
 
     from ds_kd.model import BertForMaskedLM
-    from ds_kd.pretrain import export, model_config, resolve_data
+    from ds_kd.training import export, model_config, resolve_data
 
     run(corpus_config(raw, tmp_path / "corpus", xlmr_files_dir(tmp_path)))
     data = resolve_data(tmp_path / "corpus", None)

@@ -2,7 +2,7 @@
 
 The engine holds a :class:`~ds_kd.distill.module.Distiller`: the frozen teacher (half precision, no
 gradients, never in the optimizer), the student and the projections. Everything else (reader, loop,
-checkpoints, validation, export, logging) is pretraining's :func:`ds_kd.pretrain.run_training`.
+checkpoints, validation, export, logging) is :func:`ds_kd.training.run_stage`, shared with pretraining.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.model import BertForMaskedLM
-from ds_kd.pretrain import (RunResult, TrainConfig, build_ds_config, check_max_len, model_config, plan_out,
-                            resolve_data, run_training, seed_everything, skipped_result, train_settings)
+from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
+                            run_stage)
 from ds_kd.warmstart import init_model
 
 log = logging.getLogger("ds_kd")
@@ -97,49 +97,48 @@ def default_layer_map(cfg: DistillRunConfig) -> DistillConfig:
 
 def run(cfg: DistillRunConfig) -> RunResult:
     """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); ``cfg.out``
-    holding a run: see ``plan_out``."""
-    settings = {**train_settings(cfg), "teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}
-    action = plan_out(cfg, "distillation", settings)
-    if action == "skip":
-        return skipped_result(cfg)
-    data = resolve_data(cfg.data, cfg.tokenizer)
-    student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
-    teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
-    losses = default_layer_map(cfg)
-    check_max_len(cfg.max_len, teacher=teacher.config, student=student_cfg)
-    dist.init_distributed(cfg.dist_timeout_minutes)
-    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, dist.accelerator_name())
-    engine_dtype = dist.precision_dtype(setup.ds_config)
-    if engine_dtype != torch.float32 and teacher_dtype != engine_dtype:
-        # DeepSpeed casts the whole module, teacher included, to the engine's half precision.
-        log.warning("the engine runs in %s, so the teacher does too (not %s)", engine_dtype, teacher_dtype)
-        teacher_dtype = engine_dtype
-    seed_everything(cfg.seed)  # identical student and projections on every rank
-    student, init = BertForMaskedLM(student_cfg), None
-    if cfg.init_from:  # before the Distiller casts the teacher to half precision
-        source = teacher if same_dir(cfg.init_from, cfg.teacher) else BertForMaskedLM.from_pretrained(cfg.init_from)
-        init = init_model(student, source, cfg.init_layers)
-    distiller = Distiller(teacher, student, losses, teacher_dtype)
-    torch.manual_seed(cfg.seed + 1000 * dist.rank())
-    before = teacher_digest(distiller.teacher)
-    summary = distiller.summary()
-    log.info("distillation: %s", summary)
+    holding a run: see :func:`ds_kd.training.plan_out`. Raises ValueError for a teacher that does not fit the
+    shards (see :func:`load_teacher`) or a bad student before any work."""
 
-    def step(engine, batch, denominators):
-        out = engine(batch, denominators)
-        return out.loss, {k: v for k, v in out.terms.items() if k != "total"}
+    def plan(data: CorpusData) -> StagePlan:
+        student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
+        teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+        losses = default_layer_map(cfg)
 
-    def check_teacher() -> dict:
-        after = teacher_digest(distiller.teacher)
-        if after != before:
-            raise RuntimeError(f"the teacher's weights changed during distillation ({before} -> {after})")
-        return {"teacher_digest_after": after}
+        def build(setup: EngineSetup) -> Job:
+            teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, dist.accelerator_name())
+            engine_dtype = dist.precision_dtype(setup.ds_config)
+            if engine_dtype != torch.float32 and teacher_dtype != engine_dtype:
+                # DeepSpeed casts the whole module, teacher included, to the engine's half precision.
+                log.warning("the engine runs in %s, so the teacher does too (not %s)", engine_dtype, teacher_dtype)
+                teacher_dtype = engine_dtype
+            student, init = BertForMaskedLM(student_cfg), None
+            if cfg.init_from:  # before the Distiller casts the teacher to half precision
+                source = (teacher if same_dir(cfg.init_from, cfg.teacher)
+                          else BertForMaskedLM.from_pretrained(cfg.init_from))
+                init = init_model(student, source, cfg.init_layers)
+            distiller = Distiller(teacher, student, losses, teacher_dtype)
+            before = teacher_digest(distiller.teacher)
+            summary = distiller.summary()
+            log.info("distillation: %s", summary)
 
-    return run_training(cfg, distiller, step, distiller.student, data, setup,
-                        "distill", {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                                    "student_config": asdict(student_cfg), "init": init, "distillation": summary,
-                                    "teacher_digest": before}, check_teacher, identity={"teacher_digest": before},
-                        run_settings=settings, action=action)
+            def step(engine, batch, denominators):
+                out = engine(batch, denominators)
+                return out.loss, {k: v for k, v in out.terms.items() if k != "total"}
+
+            def check_teacher() -> dict:
+                after = teacher_digest(distiller.teacher)
+                if after != before:
+                    raise RuntimeError(f"the teacher's weights changed during distillation ({before} -> {after})")
+                return {"teacher_digest_after": after}
+
+            manifest = {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                        "student_config": asdict(student_cfg), "init": init, "distillation": summary,
+                        "teacher_digest": before}
+            return Job(distiller, step, distiller.student, manifest, check_teacher, {"teacher_digest": before})
+
+        return StagePlan({"teacher": teacher.config, "student": student_cfg}, build)
+
+    return run_stage(cfg, "distill", "distillation",
+                     {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                      "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan)
