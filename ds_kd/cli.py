@@ -85,11 +85,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="also checkpoint when this many minutes passed since the last one, so a crash loses at "
                         "most that much work (default 30; 0: never by time)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
-    g.add_argument("--wandb-project", default=None, help="W&B project (default $WANDB_PROJECT or ds-kd)")
-    g.add_argument("--wandb-name", default=None, help="W&B run name (default $WANDB_NAME or the --out name)")
-    g.add_argument("--wandb-group", default=None, help="W&B group (default $WANDB_RUN_GROUP)")
-    g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
-                   help="default $WANDB_MODE, else online with an API key and offline without")
+    add_wandb_flags(g, "default $WANDB_MODE, else online with an API key and offline without")
+
+
+def add_wandb_flags(container, mode_help: str) -> None:
+    """``--wandb-project``, ``--wandb-name``, ``--wandb-group`` and ``--wandb-mode`` (``mode_help`` says its
+    default) on a parser or group; :func:`wandb_config` reads them back."""
+    container.add_argument("--wandb-project", default=None, help="W&B project (default $WANDB_PROJECT or ds-kd)")
+    container.add_argument("--wandb-name", default=None,
+                           help="W&B run name (default $WANDB_NAME or the output directory's name)")
+    container.add_argument("--wandb-group", default=None, help="W&B group (default $WANDB_RUN_GROUP)")
+    container.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None, help=mode_help)
+
+
+def wandb_config(args: argparse.Namespace) -> WandbConfig:
+    """The W&B settings of flags added by :func:`add_wandb_flags`."""
+    return WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode)
+
+
+RESULTS_WANDB_HELP = ("W&B for the results (default $WANDB_MODE, else disabled: W&B is on only when asked for); "
+                      "offline runs are kept under the output directory for `wandb sync`")
 
 
 def train_kwargs(args: argparse.Namespace) -> dict:
@@ -106,7 +121,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, overwrite=args.overwrite,
         dist_timeout_minutes=args.dist_timeout_minutes,
-        wandb=WandbConfig(args.wandb_project, args.wandb_name, args.wandb_group, args.wandb_mode),
+        wandb=wandb_config(args),
         init_from=args.init_from, init_layers=args.init_layers)
 
 

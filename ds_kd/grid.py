@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ds_kd.logbook import WandbConfig
 from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
 from ds_kd.tasks import get_task
 
@@ -85,6 +86,8 @@ class GridConfig:
     """``DistillConfig`` fields for the ft-distill rows (weights, temperature, layer_map)."""
     python: str = sys.executable
     """Interpreter that runs the jobs."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B settings of the results logged when the grid ends (``launch/grid.py``; off unless asked for)."""
 
 
 @dataclass

@@ -38,6 +38,67 @@ def _has_wandb_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def wandb_mode(cfg: WandbConfig, default: str) -> str:
+    """The W&B mode: ``cfg.mode``, else ``$WANDB_MODE`` (empty counts as unset), else ``default``."""
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]  # wandb rejects an empty mode; empty means unset
+    return cfg.mode or os.environ.get("WANDB_MODE") or default
+
+
+def start_wandb(run_dir: Path, cfg: WandbConfig, config: dict, default_mode: str, job_type: str | None = None):
+    """A W&B run kept in ``run_dir/wandb`` (None when the mode is disabled). Its id is stored in
+    ``run_dir/wandb_run_id``, so a resumed or re-run stage continues the same W&B run."""
+    mode = wandb_mode(cfg, default_mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT", "ds-kd"),
+                     name=cfg.name or os.environ.get("WANDB_NAME", Path(run_dir).resolve().name),
+                     group=cfg.group or os.environ.get("WANDB_RUN_GROUP"), job_type=job_type,
+                     dir=str(run_dir), mode=mode, config=config, id=run_id, resume="allow")
+    log.info("W&B run %s (mode %s)", run.name, mode)
+    return run
+
+
+@dataclass
+class ResultTable:
+    """One table of results for W&B: ``rows`` of values in the order of ``columns``."""
+
+    columns: list[str]
+    rows: list[list]
+
+
+def log_results(run_dir: Path, cfg: WandbConfig, job_type: str, config: dict, tables: dict[str, ResultTable],
+                summary: dict | None = None, images: dict[str, Path] | None = None,
+                artifact: tuple[str, list[Path]] | None = None) -> bool:
+    """Log finished results (not a training curve) to a W&B run of ``run_dir``: each of ``tables`` as a
+    ``wandb.Table`` under its key, ``summary`` values, ``images`` (PNG paths) and an ``artifact`` (name, files)
+    of ``job_type``. W&B is off unless ``cfg.mode`` or ``$WANDB_MODE`` turns it on (a grid would otherwise start a
+    W&B process for nothing). Returns whether anything was logged."""
+    run = start_wandb(run_dir, cfg, config, "disabled", job_type)
+    if run is None:
+        return False
+    import wandb
+
+    try:
+        run.log({key: wandb.Table(columns=t.columns, data=t.rows) for key, t in tables.items()}
+                | {key: wandb.Image(str(path)) for key, path in (images or {}).items()})
+        run.summary.update(summary or {})
+        if artifact is not None:
+            name, files = artifact
+            art = wandb.Artifact(name, type=job_type)
+            for path in files:
+                art.add_file(str(path))
+            run.log_artifact(art)
+    finally:
+        run.finish()
+    return True
+
+
 class Logbook:
     """Writes metrics keyed by optimizer step. On ranks other than 0 every method does nothing."""
 
@@ -53,24 +114,11 @@ class Logbook:
         if not enabled:
             return
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if os.environ.get("WANDB_MODE") == "":
-            del os.environ["WANDB_MODE"]  # wandb rejects an empty mode; empty means unset
-        mode = wandb_cfg.mode or os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
-        if mode != "disabled":
-            import wandb
-
-            # A resumed run continues the same W&B run: its id is kept in the run directory.
-            id_file = self.run_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id + "\n")
-            self.wandb_run = wandb.init(
-                project=wandb_cfg.project or os.environ.get("WANDB_PROJECT", "ds-kd"),
-                name=wandb_cfg.name or os.environ.get("WANDB_NAME", self.run_dir.name),
-                group=wandb_cfg.group or os.environ.get("WANDB_RUN_GROUP"),
-                dir=str(self.run_dir), mode=mode, config=run_config, id=run_id, resume="allow")
+        default_mode = "online" if _has_wandb_key() else "offline"
+        self.wandb_run = start_wandb(self.run_dir, wandb_cfg, run_config, default_mode)
+        if self.wandb_run is not None:
             self.wandb_run.define_metric("optimizer_step")
             self.wandb_run.define_metric("*", step_metric="optimizer_step")
-            log.info("W&B run %s (mode %s)", self.wandb_run.name, mode)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,

@@ -19,6 +19,7 @@ from ds_kd import paper_results as paper
 from ds_kd.findings import Comparison, default_comparisons, judge
 from ds_kd.findings import markdown as findings_markdown
 from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_role
+from ds_kd.logbook import ResultTable
 from ds_kd.tasks import TASKS, zero_shot_langs
 from ds_kd.textfile import read_text
 
@@ -373,3 +374,43 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
     report.files.insert(0, md)
     report.files += plot_zero_shot(next(t for t in tables if t.stem == "table5_zero_shot"), out)
     return report
+
+
+def job_tables(grid_dir: Path | str) -> dict[str, ResultTable]:
+    """Every fine-tuning job's results under ``grid_dir``, for W&B: ``finetune/jobs`` (one row per job: English
+    test, the zero-shot averages, best dev score and epoch, seconds; headline metric as a fraction, like
+    ``result.json``), ``finetune/scores`` (one row per job, test language and metric) and
+    ``finetune/dev_history`` (one row per job and epoch)."""
+    jobs = ResultTable(["model", "task", "seed", "metric", "en", "zero_shot_avg", "zero_shot_avg_paper",
+                        "dev_best", "best_epoch", "seconds"], [])
+    scores = ResultTable(["model", "task", "seed", "lang", "metric", "value"], [])
+    history = ResultTable(["model", "task", "seed", "epoch", "name", "value"], [])
+    for (model, task), seeds in sorted(collect(grid_dir).items()):
+        for seed, r in sorted(seeds.items()):
+            key = [model, task, seed]
+            jobs.rows.append([*key, r["metric"], r.get("en"), r.get("zero_shot_avg"), r.get("zero_shot_avg_paper"),
+                              r.get("dev_best"), r.get("best_epoch"), r.get("seconds")])
+            scores.rows += [[*key, lang, metric, value] for lang, metrics in sorted(r["scores"].items())
+                            for metric, value in sorted(metrics.items())]
+            history.rows += [[*key, int(epoch["epoch"]), name, value] for epoch in r.get("dev_history", [])
+                             for name, value in epoch.items() if name != "epoch"]
+    return {"finetune/jobs": jobs, "finetune/scores": scores, "finetune/dev_history": history}
+
+
+def report_tables(report: Report) -> dict[str, ResultTable]:
+    """The report's tables for W&B, one per table (key ``report/<stem>``): a ``model`` column, then per column
+    of the table its mean over seeds, sample std and number of seeds (the paper's value where it has one)."""
+    out = {}
+    for table in report.tables:
+        columns = ["model", "role"]
+        for column in table.columns:
+            columns += [column, f"{column} std", f"{column} seeds", f"{column} (paper)"]
+        rows = []
+        for name, cells in table.rows.items():
+            row: list = [name, table.roles.get(name, "")]
+            for column in table.columns:
+                cell = cells.get(column)
+                row += [None, None, 0, None] if cell is None else [cell.mean, cell.std, cell.n, cell.paper]
+            rows.append(row)
+        out[f"report/{table.stem}"] = ResultTable(columns, rows)
+    return out

@@ -211,7 +211,7 @@ def real_teacher_models(out: Path) -> dict[str, Path]:
 
 def grid_args(o: Options) -> list[str]:
     return ["--tasks", "all", "--data", str(o.out / "tasks"), "--out", str(o.out / "grid"), "--batch-size", "16",
-            "--max-len", "64", "--beam-size", "1", "--workers", "2", "--threads", "1"]
+            "--max-len", "64", "--beam-size", "1", "--workers", "2", "--threads", "1", "--wandb-mode", "offline"]
 
 
 def evaluation_stages(o: Options) -> list[Stage]:
@@ -252,7 +252,7 @@ def evaluation_stages(o: Options) -> list[Stage]:
                "--heldout", str(out / "heldout"), "--out", str(out / "speed")], out / "speed" / "speed.md"),
         Stage("report: the paper's tables, its findings judged, retrieval and speed",
               [PY, "launch/report.py", str(out / "grid"), "--out", str(out / "report"), *findings, "--extra",
-               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md")]),
+               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md"), "--wandb-mode", "offline"]),
     ]
     return stages
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
+from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, wandb_config
 from ds_kd.finetune.job import FinetuneConfig, run
 from ds_kd.flags import HelpFormatter
 from ds_kd.tasks import TASKS
@@ -49,15 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
             p.add_argument(flag, type=kind, required=f.name in required,
                            default=None if f.name in required else f.default, help=doc)
+    add_wandb_flags(p.add_argument_group("Weights & Biases: the job's results as tables"), RESULTS_WANDB_HELP)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    return FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    return parse_all(argv)[0]
+
+
+def parse_all(argv: list[str] | None = None):
+    """(FinetuneConfig, WandbConfig) of the command line."""
+    args = build_parser().parse_args(argv)
+    wandb = wandb_config(args)
+    names = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, wandb = parse_all(argv)
     try:
         result = run(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -67,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     en = "n/a" if result.en is None else f"{result.en:.4f}"
     print(f"[finetune] {result.task} {result.model} seed {result.seed}: en {result.metric} {en}, "
           f"zero-shot avg {zs}, best epoch {result.best_epoch}, {result.seconds:.0f}s -> {result.config['out']}")
+    from ds_kd.logbook import log_results
+    from ds_kd.report import job_tables
+
+    log_results(Path(cfg.out), wandb, "finetune", {"job": str(Path(cfg.out).resolve())}, job_tables(cfg.out))
     return 0
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import field_doc  # noqa: E402  (launch/finetune.py: --help text from FinetuneConfig's docstrings)
 
-from ds_kd.cli import name_value  # noqa: E402
+from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config  # noqa: E402
 from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
 from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
 from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
+from ds_kd.logbook import log_results  # noqa: E402
+from ds_kd.report import job_tables  # noqa: E402
 from ds_kd.tasks import TASKS  # noqa: E402
 
 # Set by the grid for each job (threads: the grid's own --threads; every job resumes its own checkpoint, and a
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{role}s", nargs="+", default=[], metavar="NAME",
                        help=f"rows whose role is {role} (default roles: teachers of ft-distill rows and mBERT8* "
                             f"rows teach, rows with LeanBERT in the name are students, others are baselines)")
+    add_wandb_flags(p.add_argument_group("Weights & Biases: every job's results as tables, once the grid ends"),
+                    RESULTS_WANDB_HELP)
     f = p.add_argument_group("fine-tuning options for every job (default: launch/finetune.py's)")
     for fld in fields(FinetuneConfig):
         if fld.name in PER_JOB:
@@ -106,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
                 if fld.name not in PER_JOB and getattr(args, fld.name) is not None}
     distill = {name: getattr(args, f"kd_{name}") for name, _, _ in KD_OPTIONS.values()
                if getattr(args, f"kd_{name}") is not None}
-    return GridConfig(rows, tasks, args.data, args.seeds, args.out, args.workers, args.threads, finetune, distill)
+    return GridConfig(rows, tasks, args.data, args.seeds, args.out, args.workers, args.threads, finetune, distill,
+                      wandb=wandb_config(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(result.failed)} failed -> {cfg.out}", flush=True)
     for label, where in result.failed:
         print(f"[grid] failed: {label}: {where}", flush=True)
+    if log_results(Path(cfg.out), cfg.wandb, "finetune", {"grid": str(Path(cfg.out).resolve())}, job_tables(cfg.out)):
+        print("[grid] results logged to W&B (tables finetune/jobs, finetune/scores, finetune/dev_history)", flush=True)
     return 1 if result.failed else 0
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ds_kd.cli import name_value
+from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
 from ds_kd.findings import FINDINGS, Comparison
 from ds_kd.flags import HelpFormatter
-from ds_kd.report import write_report
+from ds_kd.logbook import log_results
+from ds_kd.report import report_tables, write_report
 
 
 def parse_findings(groups: list[list[str]]) -> list[Comparison]:
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "row pairs, EXPECTED being the row the paper expects to score higher; repeatable (default: "
                         "only the paper's own pairs among its rows present: mLeanBERT and mXLeanBERT vs Vanilla "
                         "mLeanBERT, ft-distill rows vs their plain rows, mXLeanBERT vs mLeanBERT)")
+    add_wandb_flags(p.add_argument_group("Weights & Biases: every table (mean, std and seeds per cell), the charts "
+                                         "and the report folder as an artifact"), RESULTS_WANDB_HELP)
     return p
 
 
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:
         print(path)
+    out = report.files[0].parent
+    images = {f"report/{p.stem}": p for p in report.files if p.suffix == ".png"}
+    findings = {f"finding {f.finding}": f.verdict for f in report.findings}
+    if log_results(out, wandb_config(args), "report", {"grid": str(Path(args.grid_dir).resolve())},
+                   report_tables(report), findings, images, ("report", report.files)):
+        print(f"W&B: the report's tables, charts and files logged (run directory {out / 'wandb'})")
     return 0
 
 
