@@ -190,14 +190,15 @@ def progress_path(split_dir: Path, shard_index: int) -> Path:
 def finished_records(split_dir: Path, settings: dict) -> list[dict]:
     """Records of the shards an earlier, interrupted run finished (in order, up to the first missing one).
 
-    A finished shard written with other settings (tokenizer, block size, shard size) is an error."""
+    A finished shard written with other settings (tokenizer, block size, shard size, language codes) is an
+    error. A record without language codes was written when blocks indexed the paper's eight."""
     records = []
     while True:
         index = len(records)
         shard, progress = split_dir / SHARD_PATTERN.format(index), progress_path(split_dir, index)
         if not (shard.is_file() and progress.is_file()):
             return records
-        record = json.loads(progress.read_text(encoding="utf-8"))
+        record = {"lang_codes": list(LANGS), **json.loads(progress.read_text(encoding="utf-8"))}
         differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
         if differ:
             raise ValueError(f"{shard}: written by an earlier run with other settings {differ} (recorded, now); "
@@ -322,7 +323,8 @@ def write_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, tokenizer
     splits = {}
     start = time.perf_counter()
     num_workers = config.num_workers or os.cpu_count() or 1
-    settings = {"tokenizer_hash": tokenizer_hash, "block_size": config.block_size, "shard_mb": config.shard_mb}
+    settings = {"tokenizer_hash": tokenizer_hash, "block_size": config.block_size, "shard_mb": config.shard_mb,
+                "lang_codes": list(lang_codes)}  # what the blocks' language ids index: never mixed in one split
     ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
     with ctx.Pool(num_workers, initializer=init_worker, initargs=(str(tokenizer_dir / "tokenizer.json"),)) as pool:
         for split, name in (("train", "train.tsv"), ("val", "val.tsv")):

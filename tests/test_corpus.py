@@ -179,7 +179,8 @@ def test_interrupted_shard_step_resumes_without_redoing_or_duplicating(corpus, t
     split_dir = out / "shards" / "train"
     split_dir.mkdir(parents=True)
     (out / "shards" / PROGRESS_DIR).mkdir()
-    settings = {"tokenizer_hash": m["tokenizer"]["tokenizer_hash"], "block_size": 500, "shard_mb": 0.04}
+    settings = {"tokenizer_hash": m["tokenizer"]["tokenizer_hash"], "block_size": 500, "shard_mb": 0.04,
+                "lang_codes": list(LANGS4)}
     for index, shard in enumerate(m["shards"]["splits"]["train"]["shards"][:2]):
         shutil.copy2(config.out / "shards" / "train" / shard["file"], split_dir / shard["file"])
         progress_path(split_dir, index).write_text(json.dumps({**shard, **settings}))

@@ -201,3 +201,19 @@ def test_manifest_codes_are_checked_and_blocks_must_index_them(tmp_path):
     write_manifest(shard_dir, "corpus.shards", **{**fields, "lang_codes": list(many_codes(300))})
     with pytest.raises(ValueError, match=r"manifest.json: lang_codes: 300 languages"):
         val_reader(tmp_path)
+
+
+def test_an_interrupted_shard_step_continues_only_with_the_same_codes(tmp_path):
+    from data_prep.shard import PROGRESS_DIR, finished_records, progress_path
+
+    split_dir = tmp_path / "shards" / "train"
+    split_dir.mkdir(parents=True)
+    (tmp_path / "shards" / PROGRESS_DIR).mkdir()
+    (split_dir / "shard-000000.tar").write_bytes(b"x" * 10)
+    settings = {"tokenizer_hash": "sha256:0", "block_size": 7, "shard_mb": 1.0}
+    # a record of an earlier version: no lang_codes, its blocks index the paper's eight
+    progress_path(split_dir, 0).write_text(json.dumps({**settings, "num_bytes": 10}))
+    assert len(finished_records(split_dir, {**settings, "lang_codes": ["en", "fr", "de", "ja", "hi", "it", "es",
+                                                                       "pt"]})) == 1
+    with pytest.raises(ValueError, match=r"other settings \{'lang_codes'"):
+        finished_records(split_dir, {**settings, "lang_codes": ["en", "fr", "hi"]})
