@@ -66,7 +66,8 @@ def read_keyed_text(root: Path, lang: str) -> list[tuple[tuple[str, str], str]]:
     text_path, key_path = root / lang / "help.txt", root / "alignment" / f"{lang}.tsv"
     for path in (text_path, key_path):
         if not path.is_file():
-            present = sorted(p.stem for p in (root / "alignment").glob("*.tsv") if (root / p.stem / "help.txt").is_file())
+            present = sorted(p.stem for p in (root / "alignment").glob("*.tsv")
+                             if (root / p.stem / "help.txt").is_file())
             raise FileNotFoundError(f"{path}: not found (expected <dir>/<lang>/help.txt and <dir>/alignment/"
                                     f"<lang>.tsv, as `python -m data_prep demo_tasks` writes for --heldout); "
                                     f"languages in {root}: {' '.join(present) or 'none'}")

@@ -74,4 +74,5 @@ def test_package_names_and_help_folders_of_any_language(tmp_path):
     unpacked = tmp_path / "unpacked"
     (unpacked / libreoffice.HELP_ROOT / "media").mkdir(parents=True)
     (unpacked / libreoffice.HELP_ROOT / "pt-BR" / "text").mkdir(parents=True)
-    assert libreoffice.help_text_dir(unpacked, tmp_path / "x.deb") == unpacked / libreoffice.HELP_ROOT / "pt-BR" / "text"
+    found = libreoffice.help_text_dir(unpacked, tmp_path / "x.deb")
+    assert found == unpacked / libreoffice.HELP_ROOT / "pt-BR" / "text"
