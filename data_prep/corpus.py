@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.schema import LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
+from ds_kd.schema import LANG_CODE_FORM, LANGS, MAX_LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
 
 from data_prep.bpe import BpeConfig, describe, save_tokenizer, train_bpe
 from data_prep.existing_tokenizer import copy_existing
@@ -44,7 +44,8 @@ class CorpusConfig:
     out: Path
     """Corpus directory to write (read/, sample/, tokenizer/, shards/)."""
     langs: tuple[str, ...] = LANGS
-    """Language codes to read, a subset of en fr de ja hi it es pt."""
+    """Language codes to read (any codes of the form ``ds_kd.schema.LANG_CODE``, each a directory <raw>/<code>/;
+    default: the paper's eight); the shards manifest's ``lang_codes`` lists them in this order."""
     read: ReadConfig = ReadConfig()
     sample: SampleConfig = SampleConfig()
     bpe: BpeConfig = BpeConfig()
@@ -144,7 +145,7 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
 
     def work() -> dict:
         result = write_shards(config.out / "sample", config.out / "tokenizer", out, tok_manifest["tokenizer_hash"],
-                              tok_manifest["vocab_size"], config.shard, sizes)
+                              tok_manifest["vocab_size"], config.shard, sizes, list(sample_manifest["languages"]))
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # the manifest now holds the counts
         return {"languages": list(sample_manifest["languages"]),
                 "vocab_size": tok_manifest["vocab_size"], "tokenizer_hash": tok_manifest["tokenizer_hash"],
@@ -189,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", type=Path, required=True, help="directory with <raw>/<lang>/ text files per language "
                    "(.txt/.gz/.bz2/.xz, one sentence or paragraph per line, or WikiExtractor output)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory to write")
-    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", help="languages, space- or comma-separated")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", item_type=lang_code,
+                      help=f"languages, space- or comma-separated: any codes of {LANG_CODE_FORM}, at most "
+                           f"{MAX_LANGS}, each read from <raw>/<code>/; validation perplexity is reported per code")
     p.add_argument("--max-chars", type=int, default=256, help="drop sentences longer than this (default: %(default)s)")
     p.add_argument("--spoken", action="store_true", help="spoken form: lower-case and strip punctuation (after NFKC)")
     p.add_argument("--alpha", type=float, default=0.5, help="mix exponent: q_i ~ p_i^alpha (default: %(default)s)")

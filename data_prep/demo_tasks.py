@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.tasks import TASKS
@@ -551,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "no task files)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of help pages held out (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the page choice and the examples (default %(default)s)")
-    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG",
-                      help="languages to split, space- or comma-separated")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", item_type=lang_code,
+                      help="languages to split, space- or comma-separated (any codes of the raw directory; the "
+                           "task files are built for the paper's test languages among them)")
     p.add_argument("--num-train", type=int, default=Sizes.num_train, help="English train examples per task")
     p.add_argument("--num-dev", type=int, default=Sizes.num_dev, help="dev examples per task and language")
     p.add_argument("--num-test", type=int, default=Sizes.num_test, help="test examples per task and language")

@@ -1,9 +1,12 @@
-"""The default corpus: LibreOffice's help pages in the eight languages, from Debian's packages.
+"""The default corpus: LibreOffice's help pages in the eight languages (or any language Debian packages), from
+Debian's packages.
 
 ``libreoffice-help-<lang>`` packages hold the same help pages in every language, with the same paragraph
 ids in the same files, so paragraphs align across languages. They are fetched with ``apt-get download``
 (no installation, no dependencies), unpacked with ``dpkg-deb -x`` into a cache directory, and their
-paragraphs written as a raw directory for ``python -m data_prep corpus --raw``::
+paragraphs written as a raw directory for ``python -m data_prep corpus --raw``. Language code ``en`` fetches
+``libreoffice-help-en-us`` (the help's source text); any other code the package of that name (``fi``,
+``pt-br`` or ``pt_br``, ``zh-cn``); which exist is read from the package lists (``apt-cache pkgnames``)::
 
     <raw>/<lang>/help.txt         one paragraph per line
     <raw>/alignment/<lang>.tsv    line i: "<page path><TAB><paragraph id>" of line i of <lang>/help.txt
@@ -24,14 +27,14 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.textfile import read_text
 
-# language code -> (Debian package suffix, directory under usr/share/libreoffice/help)
-PACKAGES = {"en": ("en-us", "en-US"), "fr": ("fr", "fr"), "de": ("de", "de"), "ja": ("ja", "ja"),
-            "hi": ("hi", "hi"), "it": ("it", "it"), "es": ("es", "es"), "pt": ("pt", "pt")}
+PACKAGE_PREFIX = "libreoffice-help-"
+ENGLISH_PACKAGE = "en-us"
+"""Code ``en`` fetches US English, the help's source text (``en-gb`` is a translation like any other)."""
 HELP_ROOT = Path("usr/share/libreoffice/help")
 PARAGRAPH_ID = re.compile(r"^(par|hd)_id")
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -101,6 +104,46 @@ def parse_language(help_dir: Path) -> dict[tuple[str, str], str]:
     return paragraphs
 
 
+def package_name(code: str) -> str:
+    """The Debian package of a language code's help pages: ``en`` -> libreoffice-help-en-us, ``pt_br`` ->
+    libreoffice-help-pt-br."""
+    return PACKAGE_PREFIX + (ENGLISH_PACKAGE if code == "en" else code.replace("_", "-"))
+
+
+def available_codes() -> list[str] | None:
+    """Language codes whose help package the package lists hold (``apt-cache pkgnames``), ``en`` for en-us;
+    None where apt-cache is missing or its lists are empty (then the download itself says what is missing)."""
+    if shutil.which("apt-cache") is None:
+        return None
+    result = subprocess.run(["apt-cache", "pkgnames", PACKAGE_PREFIX], capture_output=True, text=True)
+    suffixes = {name[len(PACKAGE_PREFIX):] for name in result.stdout.split()} - {"common"}
+    if result.returncode != 0 or not suffixes:
+        return None
+    return sorted("en" if suffix == ENGLISH_PACKAGE else suffix for suffix in suffixes)
+
+
+def check_available(langs: tuple[str, ...]) -> None:
+    """Raise ValueError naming --langs, the codes without a help package and the codes that have one."""
+    codes = available_codes()
+    if codes is None:
+        return
+    packaged = {package_name(code) for code in codes}
+    missing = [lang for lang in langs if package_name(lang) not in packaged]
+    if missing:
+        raise ValueError(f"--langs: Debian has no LibreOffice help package for {' '.join(missing)} "
+                         f"({' '.join(package_name(lang) for lang in missing)}); codes with one: {' '.join(codes)}. "
+                         + LOCAL_TEXT_HINT)
+
+
+def help_text_dir(unpacked: Path, deb: Path) -> Path:
+    """``usr/share/libreoffice/help/<dir>/text`` of an unpacked package (``<dir>``: en-US, pt-BR, fi ...)."""
+    found = sorted(d / "text" for d in (unpacked / HELP_ROOT).glob("*") if (d / "text").is_dir())
+    if len(found) != 1:
+        raise ValueError(f"{deb}: expected the help pages of one language under {HELP_ROOT}/<lang>/text, found "
+                         f"{len(found)}. " + LOCAL_TEXT_HINT)
+    return found[0]
+
+
 def download(packages: list[str], cache_dir: Path) -> list[Path]:
     """``apt-get download`` the packages into ``cache_dir`` (kept there); returns the .deb files."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -154,20 +197,19 @@ def write_language(raw_dir: Path, lang: str, paragraphs: dict, reference: dict |
 
 
 def fetch(raw_dir: Path, cache_dir: Path, langs: tuple[str, ...] = LANGS) -> dict:
-    """Fetch, unpack and extract the help paragraphs of ``langs`` into ``raw_dir`` (skipped when done)."""
+    """Fetch, unpack and extract the help paragraphs of ``langs`` into ``raw_dir`` (skipped when done).
+
+    ValueError naming --langs for a code of another form or without a help package (listing those with one)."""
     check_langs(langs)
     if has_manifest(raw_dir) and set(langs) <= set(read_manifest(raw_dir).get("languages", {})):
         print(f"[libreoffice] {raw_dir} done already, skipped", flush=True)
         return read_manifest(raw_dir)
     needed = ["en", *[lang for lang in langs if lang != "en"]]  # English is the untranslated-text reference
-    debs = download([f"libreoffice-help-{PACKAGES[lang][0]}" for lang in needed], cache_dir)
+    check_available(tuple(needed))
+    debs = download([package_name(lang) for lang in needed], cache_dir)
     counts, versions, reference = {}, {}, None
     for lang, deb in zip(needed, debs):
-        help_dir = unpack(deb, cache_dir) / HELP_ROOT / PACKAGES[lang][1] / "text"
-        if not help_dir.is_dir():
-            raise SystemExit(f"error: {deb}: no help pages under {HELP_ROOT / PACKAGES[lang][1] / 'text'}. "
-                             + LOCAL_TEXT_HINT)
-        paragraphs = parse_language(help_dir)
+        paragraphs = parse_language(help_text_dir(unpack(deb, cache_dir), deb))
         if lang == "en":
             reference = paragraphs
         if lang in langs:
@@ -189,13 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", type=Path, required=True, help="raw directory to write (<raw>/<lang>/help.txt)")
     p.add_argument("--cache", type=Path, default=default_cache(),
                    help="where the .deb packages are kept and unpacked (default: %(default)s)")
-    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", help="languages, space- or comma-separated")
+    add_list_argument(p, "--langs", default=list(LANGS), metavar="LANG", item_type=lang_code,
+                      help="languages, space- or comma-separated: codes with a Debian package "
+                           "libreoffice-help-<code> (en: en-us; pt_br or pt-br: pt-br); `apt-cache pkgnames "
+                           "libreoffice-help-` lists them, and a code without one is refused with the list")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    fetch(args.raw, args.cache, tuple(args.langs))
+    try:
+        fetch(args.raw, args.cache, tuple(args.langs))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

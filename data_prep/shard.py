@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ds_kd.manifest import atomic_write_text
-from ds_kd.schema import (BLOCK_LANGS, BLOCK_OFFSETS, BLOCK_TOKENS, LANG_TO_ID, LANGS, SCHEMA_VERSION,
-                          SHARD_PATTERN, block_key, token_dtype)
+from ds_kd.schema import (BLOCK_LANGS, BLOCK_OFFSETS, BLOCK_TOKENS, LANGS, SCHEMA_VERSION, SHARD_PATTERN,
+                          block_key, check_langs, token_dtype)
 
 PROGRESS_DIR = ".progress"
 END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks
@@ -97,10 +97,11 @@ class EncodedBlock:
 
 
 def encode_block(index: int, sentences: Sequence[Sequence[int]], langs: Sequence[str], dtype: str,
-                 vocab_size: int) -> EncodedBlock:
-    """The tar members of block ``index`` holding ``sentences`` (token ids with [CLS]/[SEP]) of ``langs``.
+                 vocab_size: int, lang_codes: Sequence[str] = LANGS) -> EncodedBlock:
+    """The tar members of block ``index`` holding ``sentences`` (token ids with [CLS]/[SEP]) of ``langs``;
+    a sentence's language is stored as its index in ``lang_codes`` (the manifest's, at most 256).
 
-    Raises ValueError for an unknown language code or a token id outside the vocabulary."""
+    Raises ValueError for a language code outside ``lang_codes`` or a token id outside the vocabulary."""
     if len(sentences) != len(langs) or not sentences:
         raise ValueError(f"block {index}: {len(sentences)} sentences but {len(langs)} languages")
     lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
@@ -111,10 +112,12 @@ def encode_block(index: int, sentences: Sequence[Sequence[int]], langs: Sequence
     flat = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=int(offsets[-1]))
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
         raise ValueError(f"block {index}: token id {int(flat.max())} outside the vocabulary of {vocab_size}")
+    lang_to_id = {lang: i for i, lang in enumerate(lang_codes)}
     try:
-        lang_ids = np.fromiter((LANG_TO_ID[lang] for lang in langs), dtype=np.uint8, count=len(langs))
+        lang_ids = np.fromiter((lang_to_id[lang] for lang in langs), dtype=np.uint8, count=len(langs))
     except KeyError as e:
-        raise ValueError(f"block {index}: unknown language code {e.args[0]!r}; known: {' '.join(LANGS)}") from None
+        raise ValueError(f"block {index}: language code {e.args[0]!r} is not one of the corpus's "
+                         f"{' '.join(lang_codes)}") from None
     key = block_key(index)
     data = b"".join(tar_member(f"{key}.{name}", npy_bytes(array)) for name, array in (
         (BLOCK_TOKENS, flat.astype(dtype)), (BLOCK_OFFSETS, offsets), (BLOCK_LANGS, lang_ids)))
@@ -187,14 +190,15 @@ def progress_path(split_dir: Path, shard_index: int) -> Path:
 def finished_records(split_dir: Path, settings: dict) -> list[dict]:
     """Records of the shards an earlier, interrupted run finished (in order, up to the first missing one).
 
-    A finished shard written with other settings (tokenizer, block size, shard size) is an error."""
+    A finished shard written with other settings (tokenizer, block size, shard size, language codes) is an
+    error. A record without language codes was written when blocks indexed the paper's eight."""
     records = []
     while True:
         index = len(records)
         shard, progress = split_dir / SHARD_PATTERN.format(index), progress_path(split_dir, index)
         if not (shard.is_file() and progress.is_file()):
             return records
-        record = json.loads(progress.read_text(encoding="utf-8"))
+        record = {"lang_codes": list(LANGS), **json.loads(progress.read_text(encoding="utf-8"))}
         differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
         if differ:
             raise ValueError(f"{shard}: written by an earlier run with other settings {differ} (recorded, now); "
@@ -223,6 +227,8 @@ class BlockJob:
     lines: list[str]
     dtype: str
     vocab_size: int
+    lang_codes: tuple[str, ...] = LANGS
+    """The corpus's languages: a sentence's language is stored as its index here."""
 
 
 def tokenize_block(job: BlockJob, batch_size: int = 1000) -> EncodedBlock:
@@ -237,7 +243,7 @@ def tokenize_block(job: BlockJob, batch_size: int = 1000) -> EncodedBlock:
             langs.append(lang)
             texts.append(text)
         sentences.extend(enc.ids for enc in _TOKENIZER.encode_batch(texts))
-    return encode_block(job.index, sentences, langs, job.dtype, job.vocab_size)
+    return encode_block(job.index, sentences, langs, job.dtype, job.vocab_size, job.lang_codes)
 
 
 def iter_blocks(path: Path, block_size: int) -> Iterator[tuple[int, list[str]]]:
@@ -255,7 +261,7 @@ def iter_blocks(path: Path, block_size: int) -> Iterator[tuple[int, list[str]]]:
 
 
 def write_split(pool, num_workers: int, mix_file: Path, split_dir: Path, settings: dict, config: ShardConfig,
-                vocab_size: int, total: int | None = None) -> list[dict]:
+                vocab_size: int, total: int | None = None, lang_codes: tuple[str, ...] = LANGS) -> list[dict]:
     """Write all shards of one split with ``pool`` and return their records in shard order."""
     split_dir.mkdir(parents=True, exist_ok=True)
     done = finished_records(split_dir, settings)
@@ -274,7 +280,7 @@ def write_split(pool, num_workers: int, mix_file: Path, split_dir: Path, setting
         if index < skip:  # in a shard an earlier run finished: not tokenized again
             bar.update(len(lines))
             continue
-        in_flight.append(pool.apply_async(tokenize_block, (BlockJob(index, lines, dtype, vocab_size),
+        in_flight.append(pool.apply_async(tokenize_block, (BlockJob(index, lines, dtype, vocab_size, lang_codes),
                                                            config.batch_size)))
         while len(in_flight) >= 2 * num_workers:  # bounded: the reader never runs far ahead of the workers
             collect()
@@ -301,26 +307,31 @@ def summarize(records: list[dict]) -> dict:
             "shards": [{k: r[k] for k in SHARD_FIELDS} for r in records]}
 
 
-def layout_fields(vocab_size: int, config: ShardConfig) -> dict:
-    """The manifest fields that describe the layout (besides the splits)."""
-    return {"schema_version": SCHEMA_VERSION, "lang_codes": list(LANGS), "token_dtype": token_dtype(vocab_size),
+def layout_fields(vocab_size: int, config: ShardConfig, lang_codes: Sequence[str] = LANGS) -> dict:
+    """The manifest fields that describe the layout (besides the splits); ``lang_codes``: the corpus's
+    languages, whose indices the blocks store. ValueError (naming --langs) for codes that are not."""
+    check_langs(list(lang_codes))
+    return {"schema_version": SCHEMA_VERSION, "lang_codes": list(lang_codes), "token_dtype": token_dtype(vocab_size),
             "block_size": config.block_size}
 
 
 def write_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, tokenizer_hash: str, vocab_size: int,
-                 config: ShardConfig, split_sizes: dict[str, int]) -> dict:
-    """Write train and val shards; returns the manifest fields (layout, splits) and the throughput."""
+                 config: ShardConfig, split_sizes: dict[str, int], lang_codes: Sequence[str] = LANGS) -> dict:
+    """Write train and val shards of a mix in ``lang_codes`` (the corpus's languages, in ``--langs`` order);
+    returns the manifest fields (layout, splits) and the throughput."""
+    layout = layout_fields(vocab_size, config, lang_codes)
     splits = {}
     start = time.perf_counter()
     num_workers = config.num_workers or os.cpu_count() or 1
-    settings = {"tokenizer_hash": tokenizer_hash, "block_size": config.block_size, "shard_mb": config.shard_mb}
+    settings = {"tokenizer_hash": tokenizer_hash, "block_size": config.block_size, "shard_mb": config.shard_mb,
+                "lang_codes": list(lang_codes)}  # what the blocks' language ids index: never mixed in one split
     ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
     with ctx.Pool(num_workers, initializer=init_worker, initargs=(str(tokenizer_dir / "tokenizer.json"),)) as pool:
         for split, name in (("train", "train.tsv"), ("val", "val.tsv")):
             records = write_split(pool, num_workers, sample_dir / name, out_dir / split, settings, config,
-                                  vocab_size, split_sizes.get(split))
+                                  vocab_size, split_sizes.get(split), tuple(lang_codes))
             splits[split] = summarize(records)
     seconds = time.perf_counter() - start
     num = sum(s["num_samples"] for s in splits.values())
-    return {**layout_fields(vocab_size, config), "splits": splits, "seconds": round(seconds, 2),
+    return {**layout, "splits": splits, "seconds": round(seconds, 2),
             "sentences_per_s": round(num / max(seconds, 1e-9), 1)}

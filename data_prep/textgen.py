@@ -2,9 +2,11 @@
 
 Each language gets its own syllables and script (Latin with accents, Japanese kana/kanji without spaces
 and 。, Hindi Devanagari with ।), sentences of a few words grouped into paragraphs of 1-3 sentences per line.
+Any other language code gets Latin syllables of its own, drawn from the code (the same code, the same syllables).
 """
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -21,8 +23,18 @@ SYLLABLES = {
 ENDERS = {"ja": "。", "hi": "।"}
 
 
+@functools.lru_cache(maxsize=None)
+def syllables(lang: str) -> list[str]:
+    """The syllables of ``lang``: :data:`SYLLABLES`, or 14 consonant-vowel syllables drawn from the code."""
+    if lang in SYLLABLES:
+        return SYLLABLES[lang]
+    rng = random.Random(f"syllables-{lang}")
+    return [rng.choice("bdfghjklmnprstvwyz") + rng.choice("aeiou") + rng.choice(["", "n", "k"]) for _ in range(14)]
+
+
 def make_word(rng: random.Random, lang: str) -> str:
-    return "".join(rng.choice(SYLLABLES[lang]) for _ in range(rng.randint(1, 3)))
+    pool = syllables(lang)
+    return "".join(rng.choice(pool) for _ in range(rng.randint(1, 3)))
 
 
 def make_sentence(rng: random.Random, lang: str) -> str:

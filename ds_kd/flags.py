@@ -77,6 +77,16 @@ def split_list(item_type: Callable[[str], Any] = str) -> Callable[[str], list]:
     return convert
 
 
+def lang_code(text: str) -> str:
+    """argparse ``type`` of one language code: any code of the form :data:`ds_kd.schema.LANG_CODE` (``sw``,
+    ``zh-hans``, ``pt_br``); another form is an error naming the flag and the code."""
+    from ds_kd.schema import lang_code_problem
+
+    if (problem := lang_code_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 class ListAction(argparse.Action):
     """Store the words of a ``nargs="+"`` flag, each split on commas by :func:`split_list`, as one flat list."""
 

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -267,16 +267,19 @@ def _validate(evaluate: Callable[[], dict[str, float]], logbook: Logbook, step: 
 
 
 @torch.no_grad()
-def mlm_perplexity(model, batches: Iterable[dict]) -> dict[str, float]:
-    """MLM perplexity overall and per language, summed over every rank's share of the validation stream.
+def mlm_perplexity(model, batches: Iterable[dict], lang_codes: Sequence[str] | None = None) -> dict[str, float]:
+    """MLM perplexity overall (``val_ppl``) and per language (``val_ppl_<code>``), summed over every rank's share
+    of the validation stream. A batch's ``lang_ids`` index ``lang_codes``; None: the ``lang_codes`` of
+    ``batches`` (a :class:`ds_kd.reader.ShardReader` reads them from the shards manifest), else the paper's eight.
 
     Under ZeRO-3 a forward pass is a collective, so every rank runs the same number of passes: a rank whose
     share is exhausted runs a throwaway batch with weight zero until all are done."""
     device = dist.device()
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros(len(LANGS), device=device, dtype=torch.float64)
-    count = torch.zeros(len(LANGS), device=device, dtype=torch.float64)
+    codes = tuple(lang_codes or getattr(batches, "lang_codes", None) or LANGS)
+    loss_sum = torch.zeros(len(codes), device=device, dtype=torch.float64)
+    count = torch.zeros(len(codes), device=device, dtype=torch.float64)
     stream = iter(batches)
     filler = None
     while True:
@@ -304,7 +307,7 @@ def mlm_perplexity(model, batches: Iterable[dict]) -> dict[str, float]:
     model.train(was_training)
     metrics = {"val_ppl": math.exp(loss_sum.sum().item() / max(count.sum().item(), 1.0)),
                "val_tokens": count.sum().item()}
-    for i, lang in enumerate(LANGS):
+    for i, lang in enumerate(codes):
         if count[i] > 0:
             metrics[f"val_ppl_{lang}"] = math.exp(loss_sum[i].item() / count[i].item())
     return metrics

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_kd.masking import Masker, MaskingConfig, pad_batch
 from ds_kd.schema import SPLITS
-from ds_kd.shards import Block, BlockTable, read_shards_manifest, special_ids
+from ds_kd.shards import Block, BlockTable, lang_codes, read_shards_manifest, special_ids
 
 STATE_VERSION = 2
 SENTENCE_LOG_ENV = "DS_KD_SENTENCE_LOG"
@@ -252,7 +252,7 @@ class ShardReader:
 
     Each batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where not predicted), all
     ``[B, T]`` long tensors with T the longest sentence of the batch, ``lang_ids`` ``[B]`` (indices into
-    :data:`ds_kd.schema.LANGS`), ``sentence_ids`` ``[B]`` and ``dropout_seed`` (an int). Iterating again
+    :attr:`lang_codes`, the manifest's ``lang_codes``), ``sentence_ids`` ``[B]`` and ``dropout_seed`` (an int). Iterating again
     continues where the last iteration stopped. ``collate`` replaces the padding (e.g. by packing): it gets
     the masked sentences [(sentence id, input ids, language id)] and their labels and returns the batch.
     """
@@ -263,6 +263,7 @@ class ShardReader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = read_shards_manifest(cfg.shard_dir)
         special = special_ids(self.manifest, cfg.shard_dir)
+        self.lang_codes = lang_codes(self.manifest, cfg.shard_dir)  # a batch's lang_ids index these
         table = BlockTable.open(cfg.shard_dir, cfg.split, self.manifest)
         self.vocab_size = table.vocab_size
         shuffle = cfg.split == "train" if cfg.shuffle is None else cfg.shuffle

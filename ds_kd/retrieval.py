@@ -66,8 +66,11 @@ def read_keyed_text(root: Path, lang: str) -> list[tuple[tuple[str, str], str]]:
     text_path, key_path = root / lang / "help.txt", root / "alignment" / f"{lang}.tsv"
     for path in (text_path, key_path):
         if not path.is_file():
+            present = sorted(p.stem for p in (root / "alignment").glob("*.tsv")
+                             if (root / p.stem / "help.txt").is_file())
             raise FileNotFoundError(f"{path}: not found (expected <dir>/<lang>/help.txt and <dir>/alignment/"
-                                    f"<lang>.tsv, as `python -m data_prep demo_tasks` writes for --heldout)")
+                                    f"<lang>.tsv, as `python -m data_prep demo_tasks` writes for --heldout); "
+                                    f"languages in {root}: {' '.join(present) or 'none'}")
     texts = read_text(text_path).splitlines()
     keys = read_text(key_path).splitlines()
     if len(texts) != len(keys):
@@ -92,7 +95,12 @@ def select_pairs(pairs: list[tuple[str, str]], cfg: RetrievalConfig) -> list[tup
 
 
 def read_pairs(heldout: Path | str, langs: list[str], cfg: RetrievalConfig) -> dict[str, list[tuple[str, str]]]:
-    """``{lang: [(pivot text, lang text)]}`` for every language but the pivot."""
+    """``{lang: [(pivot text, lang text)]}`` for every language but the pivot (any codes the held-out directory
+    holds). ValueError naming --langs/--pivot for a code of another form."""
+    from ds_kd.schema import check_langs
+
+    check_langs(list(langs), "--langs")
+    check_langs([cfg.pivot], "--pivot")
     heldout = Path(heldout)
     pivot = dict(read_keyed_text(heldout, cfg.pivot))
     out = {}

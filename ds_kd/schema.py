@@ -16,7 +16,8 @@ Each sample (tar members sharing one key) is a **block** of up to ``block_size``
                  concatenated, each sentence [CLS] ... [SEP] (special tokens included, no padding)
     offsets.npy  1-D uint32, one more than the block's sentences: sentence i is tokens[offsets[i]:offsets[i+1]];
                  offsets[0] == 0 and offsets[-1] == len(tokens)
-    langs.npy    1-D uint8, one per sentence: an index into ``lang_codes`` of the manifest (= :data:`LANGS`)
+    langs.npy    1-D uint8, one per sentence: an index into ``lang_codes`` of the manifest (the corpus's
+                 languages in the order ``--langs`` gave them; at most :data:`MAX_LANGS`)
 
 A sentence's id is its index in the split: blocks are numbered in manifest order (shards in order, blocks in
 order within a shard) and sentence ``i`` of a block is ``first sentence of the block + i``.
@@ -26,9 +27,18 @@ are refused with the command that rewrites them (:data:`REWRITE_HINT`).
 """
 from __future__ import annotations
 
-# The paper's eight languages, in the paper's order. Language ids in batches and in blocks index this tuple.
+import re
+
+# The paper's eight languages, in the paper's order: the default of every command. A corpus may hold any
+# languages; its shards manifest's ``lang_codes`` lists them, and language ids in blocks and batches index that.
 LANGS: tuple[str, ...] = ("en", "fr", "de", "ja", "hi", "it", "es", "pt")
-LANG_TO_ID = {lang: i for i, lang in enumerate(LANGS)}
+MAX_LANGS = 256
+"""Languages a corpus may hold: a sentence's language is one byte (uint8) of its block."""
+LANG_CODE = re.compile(r"[a-z]{2,3}(?:[-_][a-z0-9]{1,8})*")
+"""The form of a language code: an ISO 639 code of 2-3 lower-case letters, optionally followed by BCP-47-like
+subtags joined by ``-`` or ``_`` (``zh-hans``, ``pt_br``, ``sr-latn``). A code names a raw directory, a task
+file and a metric (``val_ppl_<code>``), so it stays short and free of path characters."""
+LANG_CODE_FORM = "2-3 lower-case letters, optionally with -/_ subtags such as zh-hans or pt_br"
 
 SCHEMA_VERSION = 2
 BLOCK_TOKENS = "tokens.npy"
@@ -103,11 +113,30 @@ def token_dtype(vocab_size: int) -> str:
     return "<u2" if vocab_size <= 2**16 else "<u4"
 
 
-def check_langs(langs: list[str] | tuple[str, ...]) -> None:
-    """Raise ValueError naming any language code outside :data:`LANGS`."""
-    unknown = [lang for lang in langs if lang not in LANG_TO_ID]
-    if unknown:
-        raise ValueError(f"unknown language code(s) {unknown}; known: {' '.join(LANGS)}")
+def lang_code_problem(code: str) -> str | None:
+    """Why ``code`` is not a language code of the form :data:`LANG_CODE`, or None when it is."""
+    if LANG_CODE.fullmatch(code):
+        return None
+    hint = f" (lower case: {code.lower()!r})" if LANG_CODE.fullmatch(code.lower()) else ""
+    return f"language code {code!r} is not of the form {LANG_CODE_FORM}{hint}"
+
+
+def check_langs(langs: list[str] | tuple[str, ...], flag: str = "--langs") -> None:
+    """Raise ValueError naming ``flag`` unless ``langs`` are at least one and at most :data:`MAX_LANGS`
+    distinct codes of the form :data:`LANG_CODE` (any language, not only :data:`LANGS`)."""
+    if not langs:
+        raise ValueError(f"{flag}: no language given")
+    for code in langs:
+        if (problem := lang_code_problem(code)) is not None:
+            raise ValueError(f"{flag}: {problem}")
+    from collections import Counter
+
+    twice = sorted(code for code, n in Counter(langs).items() if n > 1)
+    if twice:
+        raise ValueError(f"{flag}: language code(s) {', '.join(twice)} given more than once")
+    if len(langs) > MAX_LANGS:
+        raise ValueError(f"{flag}: {len(langs)} languages, but a shard stores a sentence's language in one byte, "
+                         f"so a corpus holds at most {MAX_LANGS}; build several corpora or merge languages")
 
 
 def tokenizer_hash(tokenizer_json) -> str:

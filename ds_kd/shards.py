@@ -3,7 +3,7 @@ and reading one block with its checks.
 
 Opening a split stats every shard (it must exist with the size the manifest lists); reading a block checks its
 crc32 against the manifest and its structure (offsets rising from 0 to the token count by at least 2, every
-sentence ``[CLS] ... [SEP]``, ids inside the vocabulary, language indices inside :data:`ds_kd.schema.LANGS`);
+sentence ``[CLS] ... [SEP]``, ids inside the vocabulary, language indices inside the manifest's ``lang_codes``);
 any failure raises :class:`ShardError` naming the shard and the block. :func:`verify_shards` hashes whole
 shards against the manifest's sha256.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from ds_kd.manifest import MANIFEST, read_manifest
 from ds_kd.schema import (BLOCK_MEMBERS, LANGS, REQUIRED_ROLES, REWRITE_HINT, SCHEMA_VERSION, SPLITS, block_key,
-                          bpe_special_ids, role_of)
+                          bpe_special_ids, check_langs, role_of)
 
 
 class ShardError(RuntimeError):
@@ -41,6 +41,19 @@ def read_shards_manifest(shard_dir: str | Path) -> dict:
                          f"tar member), but this reader reads version {SCHEMA_VERSION} (blocks of sentences): "
                          f"{REWRITE_HINT}")
     return manifest
+
+
+def lang_codes(manifest: dict, shard_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The corpus's languages: a block's and a batch's language ids index this tuple. The manifest's
+    ``lang_codes`` (written by every version; the paper's eight where an older manifest lacks it). Raises
+    ValueError naming the manifest for codes of another form, repeated codes or more than 256."""
+    codes = tuple(manifest.get("lang_codes") or LANGS)
+    try:
+        check_langs(codes, "lang_codes")
+    except ValueError as e:
+        where = Path(shard_dir) / MANIFEST if shard_dir is not None else "the shards manifest"
+        raise ValueError(f"{where}: {e}") from None
+    return codes
 
 
 def check_vocab(shard_dir: str | Path, vocab_size: int, what: str = "model") -> None:
@@ -122,6 +135,8 @@ class BlockTable:
     vocab_size: int
     cls_id: int
     sep_id: int
+    num_langs: int = len(LANGS)
+    """Languages of the corpus (the manifest's ``lang_codes``): a block's language ids are below this."""
 
     @classmethod
     def open(cls, shard_dir: str | Path, split: str, manifest: dict) -> "BlockTable":
@@ -147,7 +162,7 @@ class BlockTable:
                    np.asarray(columns["start"], np.int64), np.asarray(columns["end"], np.int64),
                    np.asarray(columns["crc32"], np.uint32), counts,
                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(manifest["vocab_size"]),
-                   special["cls"], special["sep"])
+                   special["cls"], special["sep"], len(lang_codes(manifest, shard_dir)))
 
     @property
     def num_blocks(self) -> int:
@@ -205,8 +220,9 @@ class BlockTable:
             problem = "offsets disagree with the tokens: a sentence does not start with [CLS] and end with [SEP]"
         elif len(b.tokens) and int(b.tokens.max()) >= self.vocab_size:
             problem = f"token id {int(b.tokens.max())} outside the manifest's vocabulary of {self.vocab_size}"
-        elif len(b.langs) and int(b.langs.max()) >= len(LANGS):
-            problem = f"language index {int(b.langs.max())} outside the {len(LANGS)} language codes"
+        elif len(b.langs) and int(b.langs.max()) >= self.num_langs:
+            problem = (f"language index {int(b.langs.max())} outside the manifest's {self.num_langs} language "
+                       f"codes (lang_codes)")
         if problem:
             raise ShardError(f"{self.where(block)}: {problem}")
 

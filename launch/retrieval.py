@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.retrieval import RetrievalConfig, run
 from ds_kd.schema import LANGS
 
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out aligned text (<dir>/<lang>/help.txt + <dir>/alignment/<lang>.tsv), as "
                         "`python -m data_prep demo_tasks --heldout` writes")
     p.add_argument("--out", type=Path, required=True, help="folder for retrieval.json and retrieval.md")
-    add_list_argument(p, "--langs", default=[lang for lang in LANGS if lang != "en"],
-                      help="languages to retrieve against the pivot, space- or comma-separated")
+    add_list_argument(p, "--langs", default=[lang for lang in LANGS if lang != "en"], item_type=lang_code,
+                      help="languages to retrieve against the pivot, space- or comma-separated: any codes the "
+                           "held-out directory holds (<dir>/<code>/help.txt)")
     p.add_argument("--layer", default=d.layer, help='hidden layer to mean-pool: "xtreme" (round(2L/3), layer 8 of '
                                                     '12 as XTREME), "last", or a number (0 = embeddings)')
     p.add_argument("--layer-of", nargs="*", default=[], metavar="NAME=LAYER", type=name_value,
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=d.max_len, help="sub-word tokens per sentence (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the pair sample (default: %(default)s)")
-    p.add_argument("--pivot", default=d.pivot, help="language the others are aligned to (default: %(default)s)")
+    p.add_argument("--pivot", default=d.pivot, type=lang_code, help="language the others are aligned to (default: %(default)s)")
     return p
 
 

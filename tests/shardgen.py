@@ -31,9 +31,11 @@ def make_sample(uid: int, vocab_size: int, rng: np.random.Generator, min_len: in
 
 
 def write_corpus(shard_dir: str | Path, shard_sizes: dict[str, list[int]], vocab_size: int = 300, seed: int = 0,
-                 min_len: int = 1, max_len: int = 20, block_size: int = 7) -> dict[str, list[np.ndarray]]:
+                 min_len: int = 1, max_len: int = 20, block_size: int = 7,
+                 lang_codes: tuple[str, ...] = LANGS) -> dict[str, list[np.ndarray]]:
     """Write ``shard_dir/<split>/shard-NNNNNN.tar`` with the given sentences per shard (cut into blocks of
-    ``block_size``) and the manifest. Returns the sentences of each split in written order (id = position)."""
+    ``block_size``) and the manifest. Sentence ``uid`` is in language ``lang_codes[uid % len(lang_codes)]``.
+    Returns the sentences of each split in written order (id = position)."""
     shard_dir = Path(shard_dir)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
@@ -46,25 +48,26 @@ def write_corpus(shard_dir: str | Path, shard_sizes: dict[str, list[int]], vocab
             for start in range(0, size, block_size):
                 sentences = [make_sample(len(samples[split]) + i, vocab_size, rng, min_len, max_len)
                              for i in range(min(block_size, size - start))]
-                langs = [sample_lang(len(samples[split]) + i) for i in range(len(sentences))]
-                writer.add(encode_block(block_index, sentences, langs, token_dtype(vocab_size), vocab_size))
+                langs = [sample_lang(len(samples[split]) + i, lang_codes) for i in range(len(sentences))]
+                writer.add(encode_block(block_index, sentences, langs, token_dtype(vocab_size), vocab_size,
+                                        lang_codes))
                 samples[split].extend(sentences)
                 block_index += 1
             writer.close_shard()
         splits[split] = summarize(writer.records)
     shutil.rmtree(shard_dir / PROGRESS_DIR)
-    write_manifest(shard_dir, "corpus.shards", languages=list(LANGS), vocab_size=vocab_size,
+    write_manifest(shard_dir, "corpus.shards", languages=list(lang_codes), vocab_size=vocab_size,
                    special_token_ids={token: i for i, token in enumerate(SPECIAL_TOKENS)},
-                   **layout_fields(vocab_size, ShardConfig(block_size=block_size)), splits=splits)
+                   **layout_fields(vocab_size, ShardConfig(block_size=block_size), lang_codes), splits=splits)
     return samples
 
 
-def sample_lang(uid: int) -> str:
-    return LANGS[uid % len(LANGS)]
+def sample_lang(uid: int, lang_codes: tuple[str, ...] = LANGS) -> str:
+    return lang_codes[uid % len(lang_codes)]
 
 
-def sample_lang_id(uid: int) -> int:
-    return uid % len(LANGS)
+def sample_lang_id(uid: int, lang_codes: tuple[str, ...] = LANGS) -> int:
+    return uid % len(lang_codes)
 
 
 def uid_of(ids, vocab_size: int) -> int:

@@ -43,3 +43,36 @@ def test_without_apt_the_error_says_how_to_use_local_text(tmp_path, monkeypatch)
     monkeypatch.setattr(libreoffice.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match=r"apt-get/dpkg-deb not found.*--raw DIR"):
         libreoffice.fetch(tmp_path / "raw", tmp_path / "cache", ("en", "hi"))
+
+
+def fake_apt_cache(monkeypatch, names: str) -> None:
+    """apt-cache pkgnames answering ``names``; every other command fails the test."""
+    import subprocess
+
+    def run(cmd, **kw):
+        assert cmd[:2] == ["apt-cache", "pkgnames"], cmd
+        return subprocess.CompletedProcess(cmd, 0, names, "")
+
+    monkeypatch.setattr(libreoffice.subprocess, "run", run)
+    monkeypatch.setattr(libreoffice.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+
+def test_a_language_without_a_help_package_is_refused_naming_those_with_one(tmp_path, monkeypatch, capsys):
+    fake_apt_cache(monkeypatch, "libreoffice-help-common\nlibreoffice-help-en-us\nlibreoffice-help-fi\n"
+                                "libreoffice-help-pt-br\nlibreoffice-help-zh-cn\n")
+    assert libreoffice.available_codes() == ["en", "fi", "pt-br", "zh-cn"]
+    assert libreoffice.check_available(("en", "fi", "pt_br", "zh-cn")) is None
+    assert libreoffice.main(["--raw", str(tmp_path / "raw"), "--cache", str(tmp_path / "c"), "--langs", "fi,sw"]) == 2
+    err = capsys.readouterr().err
+    assert "--langs: Debian has no LibreOffice help package for sw (libreoffice-help-sw)" in err
+    assert "codes with one: en fi pt-br zh-cn" in err and not (tmp_path / "raw").exists()
+
+
+def test_package_names_and_help_folders_of_any_language(tmp_path):
+    assert [libreoffice.package_name(c) for c in ("en", "fi", "pt_br", "zh-cn")] == [
+        "libreoffice-help-en-us", "libreoffice-help-fi", "libreoffice-help-pt-br", "libreoffice-help-zh-cn"]
+    unpacked = tmp_path / "unpacked"
+    (unpacked / libreoffice.HELP_ROOT / "media").mkdir(parents=True)
+    (unpacked / libreoffice.HELP_ROOT / "pt-BR" / "text").mkdir(parents=True)
+    found = libreoffice.help_text_dir(unpacked, tmp_path / "x.deb")
+    assert found == unpacked / libreoffice.HELP_ROOT / "pt-BR" / "text"

@@ -139,3 +139,22 @@ def test_layer_of_an_unknown_model_or_a_bad_layer_is_refused(models, tmp_path, c
     assert "--layer-of other: not among the models (base)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected 'xtreme', 'last' or a layer number"):
         pick_layer("middle", 6)
+
+
+def test_any_language_code_of_the_heldout_directory(models, tmp_path, capsys):
+    en = sentences(30)
+    heldout = write_heldout(tmp_path / "h", {"en": en, "sw": list(en), "zh-hans": en[::-1]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                           "--langs", "sw,zh-hans"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["langs"] == ["sw", "zh-hans"] and result["models"]["base"]["per_lang"]["sw"]["sw->en"] == 1.0
+    assert "zh-hans→en" in (out / "retrieval.md").read_text()
+    capsys.readouterr()
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                           "--langs", "yo"]) == 1
+    assert f"languages in {heldout}: en sw zh-hans" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                        "--langs", "SW"])
+    assert "argument --langs: language code 'SW' is not of the form" in capsys.readouterr().err

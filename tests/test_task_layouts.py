@@ -181,3 +181,36 @@ def test_matis_misaligned_train_rows_are_an_error_or_removed_and_counted(tmp_pat
     assert set(manifest["removed"]) == {"train", "test"}
     removed = [json.loads(x) for x in (out / "matis" / "removed.jsonl").read_text().splitlines()]
     assert {(r["split"], r["id"], r["line"]) for r in removed} == {("train", "5", line), ("test", "4", 5)}
+
+
+# --- any language code present in the files --------------------------------------------------------------------
+
+def test_languages_outside_the_papers_are_read_written_and_tested(tmp_path):
+    from ds_kd.finetune.job import test_langs
+    from ds_kd.tasks import get_task
+
+    d = tmp_path / "download" / "pawsx"
+    _csv(d / "train-en.tsv", [["a b", "b a", "1"], ["c", "d", "0"]])
+    _csv(d / "dev-en.tsv", [["a", "b", "1"]])
+    for lang in ("sw", "zh-hans", "de"):
+        _csv(d / f"dev-{lang}.tsv", [["x", "y", "1"]])
+        _csv(d / f"test-{lang}.tsv", [["x", "y", "1"], ["y", "z", "0"]])
+    out = tmp_path / "out"
+    assert main(["--task", "pawsx", "--src", str(tmp_path / "download"), "--out", str(out)]) == 0
+    assert read_manifest(out / "pawsx")["counts"]["test"] == {"de": 2, "sw": 2, "zh-hans": 2}
+    assert load_split(out, "pawsx", "test", "zh-hans")[1]["label"] == "0"
+    # fine-tuning tests the paper's languages first, then every other one present
+    assert test_langs(out, get_task("pawsx")) == ["de", "sw", "zh-hans"]
+    only = tmp_path / "only"
+    assert main(["--task", "pawsx", "--src", str(d), "--out", str(only), "--langs", "sw,en"]) == 0
+    assert read_manifest(only / "pawsx")["counts"]["test"] == {"sw": 2}
+    with pytest.raises(TaskDataError, match=r"no data for language\(s\) yo \(found: de, en, sw, zh-hans\)"):
+        load_task("pawsx", d, LangChoice(frozenset({"yo"})))
+
+
+def test_matis_file_names_with_any_language_code(tmp_path):
+    src, expected, _ = fx.write_matis(tmp_path)
+    base = src / "data" / "train_dev_test"
+    (base / "test_PT-BR.tsv").write_bytes((base / "test_DE.tsv").read_bytes())
+    data = load_task("matis", src)
+    assert len(data.records[("test", "pt-br")]) == expected[("test", "de")]

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, type=Path, help="folder holding the release files (see above)")
     p.add_argument("--out", required=True, type=Path, help="root of the normalised task data; writes OUT/<task>/")
     add_list_argument(p, "--langs", metavar="LANG",
-                      help="dev/test languages to write, space- or comma-separated (default: every language the "
-                           "source has)")
+                      help="dev/test languages to write, space- or comma-separated, any codes the source's file "
+                           "names hold (sw, zh-hans, ...) (default: every language the source has)")
     add_list_argument(p, "--train-langs", metavar="LANG", default=["en"],
                       help="training languages to write, space- or comma-separated (default: en, as the paper "
                            "fine-tunes on English only; others are the releases' translated or native train sets)")

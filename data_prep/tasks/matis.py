@@ -16,7 +16,8 @@ from pathlib import Path
 
 from data_prep.tasks.taskdata import LangChoice, TaskData, TaskDataError, read_tsv_with_header, row_error
 
-FILE_PATTERN = re.compile(r"^(train|dev|test)_([A-Za-z]{2,3})\.tsv$")
+FILE_PATTERN = re.compile(r"^(train|dev|test)_([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*)\.tsv$")
+"""``train_EN.tsv``; any language code (``test_ZH.tsv``, ``test_pt-br.tsv``), lower-cased when read."""
 REASON_TAG_COUNT = "slot label count differs from token count (removed from test, as in the paper)"
 REASON_TAG_COUNT_TRAIN = "slot label count differs from token count (removed: misaligned='remove')"
 
