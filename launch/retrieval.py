@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out aligned text (<dir>/<lang>/help.txt + <dir>/alignment/<lang>.tsv), as "
                         "`python -m data_prep demo_tasks --heldout` writes")
     p.add_argument("--out", type=Path, required=True, help="folder for retrieval.json and retrieval.md")
-    add_list_argument(p, "--langs", default=[lang for lang in LANGS if lang != "en"], item_type=lang_code,
+    add_list_argument(p, "--langs", default=None, item_type=lang_code,
                       help="languages to retrieve against the pivot, space- or comma-separated: any codes the "
-                           "held-out directory holds (<dir>/<code>/help.txt)")
+                           "held-out directory holds (<dir>/<code>/help.txt) (default: every language with an "
+                           "alignment file <dir>/alignment/<code>.tsv, the paper's in its order first)")
     p.add_argument("--layer", default=d.layer, help='hidden layer to mean-pool: "xtreme" (round(2L/3), layer 8 of '
                                                     '12 as XTREME), "last", or a number (0 = embeddings)')
     p.add_argument("--layer-of", nargs="*", default=[], metavar="NAME=LAYER", type=name_value,
@@ -49,8 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def heldout_langs(heldout: Path, pivot: str) -> list[str]:
+    """The languages aligned to ``pivot`` in ``heldout/alignment/<code>.tsv``: the paper's in its order, then
+    the others sorted."""
+    found = {p.stem for p in (heldout / "alignment").glob("*.tsv")} - {pivot}
+    return [lang for lang in LANGS if lang in found] + sorted(found - set(LANGS))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.langs is None:
+        args.langs = heldout_langs(args.heldout, args.pivot)
+        if not args.langs:
+            print(f"error: {args.heldout}/alignment: no <code>.tsv alignment files (give --langs, or write the "
+                  f"held-out text with `python -m data_prep demo_tasks --heldout`)", file=sys.stderr)
+            return 1
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
                           args.pivot, args.all_layers)
     try:

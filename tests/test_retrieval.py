@@ -158,3 +158,6 @@ def test_any_language_code_of_the_heldout_directory(models, tmp_path, capsys):
         retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
                         "--langs", "SW"])
     assert "argument --langs: language code 'SW' is not of the form" in capsys.readouterr().err
+    # Without --langs: every language the held-out directory aligns to English.
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 0
+    assert json.loads((out / "retrieval.json").read_text())["langs"] == ["sw", "zh-hans"]
