@@ -258,7 +258,8 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Win
 
 def _validate(evaluate: Callable[[], dict[str, float]], logbook: Logbook, step: int) -> dict[str, float]:
     val = evaluate()
-    logbook.log(step, val)
+    if val:
+        logbook.log(step, val)
     per_lang = " ".join(f"{k[len('val_ppl_'):]} {v:.2f}" for k, v in sorted(val.items())
                         if k.startswith("val_ppl_"))
     if "val_ppl" in val:

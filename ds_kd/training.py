@@ -311,6 +311,8 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
                              f"{total_steps}: give a larger --max-steps/--epochs to extend the run")
 
     def evaluate() -> dict[str, float]:
+        if not job.perplexity:
+            return {}
         val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val",
                                        micro_batch_size=settings["micro_batch_per_rank"], seed=cfg.seed,
                                        num_workers=0, epochs=1, max_len=cfg.max_len, packing=cfg.packing),
@@ -469,6 +471,9 @@ class Job:
     identity: dict | None = None
     """Facts about inputs that no checkpoint holds (the teacher's digest): stored in every checkpoint, and a
     resume under other values is refused before the first step."""
+    perplexity: bool = True
+    """Validate MLM perplexity; False when no loss trains ``mlm_model``'s MLM head (its perplexity would say
+    nothing): the manifest's ``val`` is then empty."""
 
 
 @dataclass

@@ -172,14 +172,17 @@ def test_zero2_and_zero3_give_the_same_losses(zero2_distill, zero3_distill):
 def test_teacher_without_mlm_head_runs_with_the_output_loss_off(tiny_corpus, tmp_path):
     bare = make_teacher(tiny_corpus, tmp_path / "bare", "tiny-base", bare=True)
     out = tmp_path / "bare_run"
-    args = distill_args(tiny_corpus, bare, out, "zero2")
+    args = distill_args(tiny_corpus, bare, out, "zero2", "--mlm-weight", "0")
     args[args.index("--max-steps") + 1] = "2"
     proc = run_cmd([sys.executable, "launch/distill.py", *args])
     assert proc.returncode == 0, tail(proc)
     assert "no MLM head" in proc.stderr
     steps = step_metrics(out)
-    assert "loss_output" not in steps[1] and "loss_hidden" in steps[1]
-    assert json.loads((out / "manifest.json").read_text())["distillation"]["output_loss"] is False
+    assert "loss_output" not in steps[1] and "loss_hidden" in steps[1] and "loss_mlm" not in steps[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["distillation"]["output_loss"] is False
+    # No loss trains the student's MLM head: no perplexity of an untrained head in the manifest (or Table 2).
+    assert manifest["val"] == {} and "no validation perplexity" in proc.stderr
 
 
 def test_teacher_with_another_vocabulary_is_refused_before_training(tiny_corpus, tmp_path):

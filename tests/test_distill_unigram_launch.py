@@ -78,6 +78,7 @@ def test_distils_a_bertmodel_teacher_with_a_unigram_tokenizer_on_two_ranks(unigr
     vocab = json.loads((corpus / "shards" / "manifest.json").read_text())["vocab_size"]
     assert manifest["student_config"]["vocab_size"] == vocab  # the tokenizer's, not the teacher's padded rows
     assert manifest["teacher_digest"] == manifest["teacher_digest_after"]
+    assert manifest["val"]["val_ppl"] > 1  # the MLM loss trains the student's head: its perplexity is measured
     steps = {r["optimizer_step"]: r for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert "loss_output" not in steps[1] and {"loss_mlm", "loss_hidden", "loss_attention"} <= set(steps[1])

@@ -104,6 +104,10 @@ def run(cfg: DistillRunConfig) -> RunResult:
         student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
         teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
         losses = default_layer_map(cfg)
+        head_trained = losses.mlm_weight > 0 or (losses.output_weight > 0 and getattr(teacher, "has_mlm_head", True))
+        if not head_trained:
+            log.info("no validation perplexity: no loss trains the student's MLM head (--mlm-weight 0, and "
+                     "--output-weight 0 or a teacher without an MLM head)")
 
         def build(setup: EngineSetup) -> Job:
             teacher_dtype = resolve_teacher_dtype(cfg.teacher_dtype, dist.accelerator_name())
@@ -135,7 +139,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
             manifest = {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
                         "student_config": asdict(student_cfg), "init": init, "distillation": summary,
                         "teacher_digest": before}
-            return Job(distiller, step, distiller.student, manifest, check_teacher, {"teacher_digest": before})
+            return Job(distiller, step, distiller.student, manifest, check_teacher, {"teacher_digest": before},
+                       perplexity=head_trained)
 
         return StagePlan({"teacher": teacher.config, "student": student_cfg}, build)
 
