@@ -78,7 +78,7 @@ class Options:
     """Fine-tuning epochs of the from-scratch rows."""
     real_teacher: bool = True
     """Run the real teacher's stages."""
-    e5_steps: int = 100
+    e5_steps: int = 120
     """Optimizer steps of each of the three real-teacher students."""
     e5_lr: str = "1e-3"
     """Peak learning rate of the distilled student."""
