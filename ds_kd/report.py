@@ -160,16 +160,19 @@ def perplexity_table(plan: dict, order: list[str], roles: dict[str, str], ppl: d
             if not manifest.is_file():
                 raise FileNotFoundError(f"{manifest}: no manifest for the perplexity of {name!r} (the run has not "
                                         f"finished, or --ppl points elsewhere)")
-            val = json.loads(manifest.read_text(encoding="utf-8")).get("val") or {}
-            if "val_ppl" not in val:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+            val = record.get("val") or {}
+            if "val_ppl" in val:
+                values = [float(val["val_ppl"])]
+            elif record.get("perplexity_measured", True):
                 raise ValueError(f"{manifest}: no val.val_ppl (the run never evaluated on its validation split)")
-            values = [float(val["val_ppl"])]
         matched = paper.paper_model(name)
         rows[name] = {"perplexity": Cell(values, paper.PERPLEXITY.get(matched) if matched else None)}
     table = Table("table2_perplexity", "Table 2: MLM perplexity on the validation set (all languages)",
                   ["perplexity"], rows, roles, lower_is_better=True,
                   note="From each row's pretraining/distillation run manifest (val.val_ppl); blank where the "
-                       "row has no run of ours (e.g. a public checkpoint).")
+                       "row has no run of ours (e.g. a public checkpoint) or its run trained no MLM head "
+                       "(distillation with --mlm-weight 0 and no output loss: no perplexity is measured).")
     mark_best(table)
     return table
 

@@ -338,6 +338,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
                        packing_efficiency=result.packing_efficiency, settings=run_settings,
+                       perplexity_measured=job.perplexity,
                        **extra_manifest)
     dist.barrier()
     log.info("finished %s: %d optimizer steps (%d in this process), %s tokens in %.1f s (%.0f tokens/s), "

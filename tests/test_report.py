@@ -177,3 +177,14 @@ def test_tables_average_the_papers_languages_when_a_run_tested_more(tmp_path):
     per_language = read_csv(root / "report" / "table6_xnli.csv")
     assert float(per_language["mLeanBERT", "zero-shot avg"]["mean"]) == pytest.approx(want)
     assert float(per_language["mLeanBERT", "it"]["mean"]) == pytest.approx(5.0)  # still shown as a column
+
+
+def test_a_run_that_trained_no_mlm_head_has_a_blank_perplexity_and_a_run_without_one_is_an_error(grid, tmp_path):
+    root, _ = grid
+    manifest = tmp_path / "runs" / "mleanbert" / "manifest.json"
+    manifest.write_text(json.dumps({"stage": "distill", "val": {}, "perplexity_measured": False}))
+    write_report(root, tmp_path / "report")
+    assert read_csv(tmp_path / "report" / "table2_perplexity.csv")["mLeanBERT", "perplexity"]["mean"] == ""
+    manifest.write_text(json.dumps({"stage": "distill", "val": {}}))  # measured, yet missing: a broken run
+    with pytest.raises(ValueError, match="no val.val_ppl"):
+        write_report(root, tmp_path / "report2")
