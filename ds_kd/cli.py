@@ -53,14 +53,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     budget = g.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimizer steps to train for")
     budget.add_argument("--epochs", type=float, help="passes over the training shards")
-    from_json = "; an optimizer block in the DeepSpeed JSON sets it instead (giving both is an error)"
+    from_json = "; an optimizer block in the DeepSpeed JSON sets it instead: giving both is an error"
     g.add_argument("--optimizer", choices=["adamw", "lamb"], default=None,
                    help=f"optimizer (default adamw{from_json}); LAMB needs ZeRO stage 0, since ZeRO's flat "
                         f"partitions have no per-layer trust ratio")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default 1e-4{from_json})")
     g.add_argument("--weight-decay", type=float, default=None,
                    help=f"weight decay on matrices (default 0.01{from_json})")
-    from_json = "; a scheduler block in the DeepSpeed JSON sets the schedule instead (giving both is an error)"
+    from_json = "; a scheduler block in the DeepSpeed JSON sets the schedule instead: giving both is an error"
     g.add_argument("--warmup-steps", type=int, default=None,
                    help=f"linear warmup steps (default: --warmup-ratio of the run{from_json})")
     g.add_argument("--warmup-ratio", type=float, default=None,

@@ -1,6 +1,6 @@
 """Cross-lingual sentence retrieval (XTREME's Tatoeba task) with any number of encoders, no fine-tuning.
 
-    python launch/retrieval.py --models mBERT8=out/demo/teacher_base Vanilla=out/demo/vanilla \\
+    python launch/retrieval.py --models mBERT8=out/demo/runs/mbert8-base/export Vanilla=out/demo/runs/vanilla-leanbert/export \\
         --heldout out/demo/heldout --out out/demo/retrieval
 
     python launch/retrieval.py --models e5=out/demo/e5_trim student=out/demo/runs/e5-4l-kd/export \\

@@ -1,6 +1,6 @@
 """Inference speed of exported encoders on this CPU, side by side in one process, with parameter counts.
 
-    python launch/speed.py --models mBERT8=out/demo/teacher_base mLeanBERT=out/demo/student_base \\
+    python launch/speed.py --models mBERT8=out/demo/runs/mbert8-base/export mLeanBERT=out/demo/runs/mleanbert/export \\
         --teacher-of mLeanBERT=mBERT8 --heldout out/demo/heldout --out out/demo/speed
 
 Writes OUT/speed.json and OUT/speed.md: ms per sentence at batch 1, sentences/s at batch 32, parameters with
