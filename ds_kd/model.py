@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_kd.sentence_attention import SentenceBuckets
 from ds_kd.textfile import read_json
 
 
@@ -206,9 +207,12 @@ class BertSelfAttention(nn.Module):
         b, t, _ = x_BTD.shape
         return x_BTD.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x_BTD: torch.Tensor, bias_B1QT: torch.Tensor, want_scores: bool):
-        q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
+    def forward(self, x_BTD: torch.Tensor, bias_B1QT: torch.Tensor | SentenceBuckets, want_scores: bool):
         dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(bias_B1QT, SentenceBuckets):  # packed rows, attention per sentence
+            return bias_B1QT.attend(self.query(x_BTD), self.key(x_BTD), self.value(x_BTD), self.num_heads,
+                                    dropout_p), None
+        q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
         scores_BHTT = None
         if want_scores:
             # Explicit path: distillation needs the pre-softmax scores (TinyBERT's attention loss).
@@ -281,6 +285,10 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
+PACKED_ATTENTION = ("sentences", "masked")
+"""The ways packed rows attend (``BertModel.packed_attention``)."""
+
+
 class BertModel(nn.Module):
     """The encoder: embeddings and transformer layers (HF ``BertModel`` names, without the pooler)."""
 
@@ -289,6 +297,9 @@ class BertModel(nn.Module):
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
+        self.packed_attention = "sentences"
+        """How packed rows attend: ``sentences`` (per sentence, :mod:`ds_kd.sentence_attention`) or ``masked``
+        (one T x T product with the block-diagonal mask; always so when the attention scores are asked for)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -303,7 +314,12 @@ class BertModel(nn.Module):
         x_BTD = self.embeddings(input_ids, token_type_ids, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention {self.packed_attention!r}: expected one of {PACKED_ATTENTION}")
+        if sequence_ids is not None and not output_attention_scores and self.packed_attention == "sentences":
+            bias_B1QT = SentenceBuckets.build(sequence_ids)
+        else:
+            bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
         hidden = [x_BTD] if output_hidden_states else None
         scores = [] if output_attention_scores else None
         for layer in self.encoder.layer:

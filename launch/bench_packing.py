@@ -74,7 +74,7 @@ def throughput(args, lengths: np.ndarray) -> None:
 
     from ds_kd.distill import DistillConfig, Distiller
     from ds_kd.loop import global_denominators
-    from ds_kd.model import BertConfig, BertForMaskedLM
+    from ds_kd.model import BertConfig, BertForMaskedLM, BertModel
     from ds_kd.pretrain import mlm_step
 
     torch.manual_seed(0)
@@ -91,10 +91,13 @@ def throughput(args, lengths: np.ndarray) -> None:
     distiller = Distiller(BertForMaskedLM(shape(args.teacher_layers)), BertForMaskedLM(shape(args.student_layers)),
                           DistillConfig(output_weight=1.0))
 
-    def run(model, data, distill: bool):
+    def run(model, data, distill: bool, attention: str = "sentences"):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        encoders = [m for m in model.modules() if isinstance(m, BertModel)]
 
         def epoch():
+            for encoder in encoders:
+                encoder.packed_attention = attention
             for batch in data:
                 denominators = global_denominators([batch])
                 optimizer.zero_grad(set_to_none=True)
@@ -107,11 +110,13 @@ def throughput(args, lengths: np.ndarray) -> None:
         return epoch
 
     for name, model, distill in (("MLM step", student, False), ("distillation step", distiller, True)):
-        times = time_interleaved({"packed": run(model, packed, distill), "padded": run(model, padded, distill)},
-                                 args.repeats, 1)
+        times = time_interleaved({"packed": run(model, packed, distill),
+                                  "packed, masked": run(model, packed, distill, "masked"),
+                                  "padded": run(model, padded, distill)}, args.repeats, 1)
         speed = {k: real / v for k, v in times.items()}
-        print(f"{name:18s} real tokens/s  packed {speed['packed']:9.0f}  padded {speed['padded']:9.0f}  "
-              f"packed / padded {speed['packed'] / speed['padded']:.2f}")
+        print(f"{name:18s} real tokens/s  packed {speed['packed']:7.0f} (masked T x T attention "
+              f"{speed['packed, masked']:7.0f})  padded {speed['padded']:7.0f}  packed / padded "
+              f"{speed['packed'] / speed['padded']:.2f} (masked: {speed['packed, masked'] / speed['padded']:.2f})")
 
 
 def build_parser() -> argparse.ArgumentParser:

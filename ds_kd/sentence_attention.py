@@ -1,0 +1,104 @@
+"""Attention of packed rows computed per sentence: the sentences of a batch regrouped into buckets of similar length.
+
+A packed row of T tokens holding several sentences needs only block-diagonal attention. Computing it as one T x T
+product with the cross-sentence pairs masked spends ``T`` scores on every token whatever its sentence's length
+(128 per token at ``--max-len 128`` for sentences of 17 tokens on average), and the softmax, dropout and their
+backward pay for all of them. Here the encoder's linear layers still run on the packed rows (no padding), and only
+the attention product regroups the tokens: each sentence becomes one row of a bucket of sentences of similar
+length (lengths rounded up to a power of two, at least :data:`MIN_WIDTH`, each bucket padded to its longest
+sentence), and ``scaled_dot_product_attention`` runs per bucket with a key-padding mask. A token then gets about
+as many scores as its sentence has tokens (at most twice), and the result is the same function as the masked
+product: every sentence attends only to itself (the project's tests compare both).
+
+The same idea as variable-length attention kernels (FlashAttention's ``varlen``), built from the standard SDPA so
+that it runs, and is tested, on CPU as well as GPU; measured with ``launch/bench_packing.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MIN_WIDTH = 16
+"""Narrowest bucket: shorter sentences share one bucket (fewer, larger products)."""
+
+
+@dataclass(frozen=True)
+class SentenceBuckets:
+    """Where each token of a packed batch sits in the per-sentence attention layout.
+
+    - ``gather`` [S] long: for each of the S slots of all buckets (bucket by bucket, sentence by sentence,
+      position by position), the flat index (``row * T + t``) of its token; padding slots hold any valid index
+      (their keys are masked and their outputs never read back).
+    - ``scatter`` [B * T] long: the slot of each token of the rows; padding tokens of the rows point at slot 0
+      (their outputs are never used, as with the masked product).
+    - ``shapes``: (sentences, width) of each bucket, in slot order.
+    - ``key_masks``: per bucket a [sentences, 1, 1, width] bool mask (True = a real key), or None where the
+      bucket has no padding.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
+    key_masks: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def build(cls, sequence_ids_BT: torch.Tensor) -> "SentenceBuckets":
+        """The layout of ``sequence_ids_BT`` [B, T] (0 at padding, equal positive ids for the tokens of one
+        sentence of a row). Computed on the host (one device-to-host copy of the ids per forward pass).
+
+        Raises ValueError when the batch holds no real token."""
+        rows, width = sequence_ids_BT.shape
+        ids = sequence_ids_BT.detach().cpu().numpy().reshape(-1)
+        tokens = np.flatnonzero(ids > 0)
+        if tokens.size == 0:
+            raise ValueError("a packed batch without any real token (every sequence id is 0)")
+        key = (tokens // width) * (int(ids.max()) + 1) + ids[tokens]  # one key per (row, sentence)
+        order = np.argsort(key, kind="stable")  # sentence by sentence, positions in row order
+        tokens, key = tokens[order], key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        lengths = np.diff(np.r_[starts, key.size])
+        position = np.arange(key.size) - np.repeat(starts, lengths)
+        widths = np.maximum(MIN_WIDTH, 1 << np.ceil(np.log2(lengths)).astype(np.int64))
+        base = np.empty(lengths.size, np.int64)
+        shapes, offset = [], 0
+        for w in np.unique(widths):
+            members = np.flatnonzero(widths == w)
+            longest = int(lengths[members].max())
+            base[members] = offset + np.arange(members.size) * longest
+            shapes.append((int(members.size), longest))
+            offset += members.size * longest
+        slot = np.repeat(base, lengths) + position
+        gather = np.full(offset, tokens[0], np.int64)
+        gather[slot] = tokens
+        real = np.zeros(offset, bool)
+        real[slot] = True
+        scatter = np.zeros(rows * width, np.int64)
+        scatter[tokens] = slot
+        device = sequence_ids_BT.device
+        masks, start = [], 0
+        for n, w in shapes:
+            keep = real[start:start + n * w]
+            masks.append(None if keep.all() else torch.from_numpy(keep.reshape(n, 1, 1, w)).to(device))
+            start += n * w
+        return cls(torch.from_numpy(gather).to(device), torch.from_numpy(scatter).to(device), tuple(shapes),
+                   tuple(masks))
+
+    def attend(self, q_BTD: torch.Tensor, k_BTD: torch.Tensor, v_BTD: torch.Tensor, num_heads: int,
+               dropout_p: float) -> torch.Tensor:
+        """Per-sentence attention of the projected queries, keys and values [B, T, D] -> context [B, T, D],
+        through ``scaled_dot_product_attention`` per bucket (dropout on the probabilities as SDPA applies it)."""
+        b, t, d = q_BTD.shape
+        head_dim = d // num_heads
+        q, k, v = (x.reshape(b * t, d).index_select(0, self.gather) for x in (q_BTD, k_BTD, v_BTD))
+        out, start = [], 0
+        for (n, w), mask in zip(self.shapes, self.key_masks):
+            def heads(x: torch.Tensor) -> torch.Tensor:
+                return x[start:start + n * w].view(n, w, num_heads, head_dim).transpose(1, 2)  # [n, H, w, Dh]
+
+            ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask, dropout_p=dropout_p)
+            out.append(ctx.transpose(1, 2).reshape(n * w, d))
+            start += n * w
+        return torch.cat(out).index_select(0, self.scatter).view(b, t, d)
