@@ -91,8 +91,9 @@ PRESETS: dict[str, BertConfig] = {
     "mbert8-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "mbert8-base": BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "leanbert": BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200),
-    # 4 layers of multilingual-e5-small's shape: the demo's real-teacher students (from random weights, or with
-    # --init-from the teacher and 4 --init-layers, which must give this shape).
+    # 3 and 4 layers of multilingual-e5-small's shape: real-teacher students (from random weights, or with
+    # --init-from the teacher and as many --init-layers, which must give this shape); the demo's have 3.
+    "e5-small-3l": BertConfig(hidden_size=384, num_hidden_layers=3, num_attention_heads=12, intermediate_size=1536),
     "e5-small-4l": BertConfig(hidden_size=384, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1536),
     "tiny-large": BertConfig(vocab_size=8000, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
                              intermediate_size=256, max_position_embeddings=256),

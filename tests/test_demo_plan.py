@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from ds_kd.model import make_config
+
 from conftest import load_script
 
 demo = load_script("demo")
@@ -26,13 +28,14 @@ def test_real_teacher_students_share_steps_data_and_shape(tmp_path):
     vanilla = argv_of(stages, f"pretrain {demo.E5_VANILLA}")
     init = argv_of(stages, f"pretrain {demo.E5_INIT_MLM}")
     trimmed = str(tmp_path / "e5_trim")
-    # (1) the trimmed teacher into its layers 3 6 9 12, TinyBERT's intermediate losses, no output or MLM loss
+    # (1) the trimmed teacher into its layers 4 8 12, TinyBERT's intermediate losses, no output or MLM loss
     assert value_after(kd, "--teacher") == trimmed and value_after(kd, "--init-from") == trimmed
-    assert kd[kd.index("--init-layers") + 1:kd.index("--init-layers") + 5] == ["3", "6", "9", "12"]
+    assert kd[kd.index("--init-layers") + 1:kd.index("--init-layers") + 4] == ["4", "8", "12"]
     assert value_after(kd, "--output-weight") == "0" and value_after(kd, "--mlm-weight") == "0"
     assert value_after(kd, "--attention-weight") == "0"  # hidden-state and embedding MSE (README: why)
     # (a) the same shape from random weights, MLM only; (b) the teacher's layers, MLM only, no teacher
-    assert value_after(vanilla, "--model") == "e5-small-4l" and "--init-from" not in vanilla
+    assert value_after(vanilla, "--model") == "e5-small-3l" and "--init-from" not in vanilla
+    assert make_config("e5-small-3l").num_hidden_layers == 3  # the shape the 3 init layers give
     assert value_after(init, "--init-from") == trimmed and "--teacher" not in init
     for argv in (kd, vanilla, init):
         assert value_after(argv, "--data") == str(tmp_path / "corpus_e5")
