@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -106,6 +107,22 @@ def describe_differences(diffs: dict[str, tuple[Any, Any]], limit: int = 8) -> s
     items = [f"{k}: {json.dumps(o)} -> {json.dumps(n)}" for k, (o, n) in diffs.items()]
     more = f"; and {len(items) - limit} more" if len(items) > limit else ""
     return "; ".join(items[:limit]) + more
+
+
+def read_json_file(path: Path | str) -> dict | None:
+    """The JSON object in ``path``, or None when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def remove_outputs(directory: Path | str, names: tuple[str, ...]) -> None:
+    """Delete the files and folders ``names`` of ``directory`` that exist (what ``--overwrite`` clears)."""
+    for name in names:
+        path = Path(directory) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def rerun_action(where: Path | str, what: str, recorded: dict | None, wanted: dict, *, finished: bool,

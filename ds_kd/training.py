@@ -33,7 +33,8 @@ from ds_kd import checkpoint
 from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
-from ds_kd.manifest import atomic_write_text, has_manifest, read_manifest, rerun_action, write_manifest
+from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, read_manifest, remove_outputs,
+                             rerun_action, write_manifest)
 from ds_kd.model import BertConfig, BertForMaskedLM
 from ds_kd.modeldir import record
 from ds_kd.optim import LRSchedule, build_optimizer
@@ -417,7 +418,7 @@ def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:
     out = Path(cfg.out)
     finished = has_manifest(out)
     recorded = (read_manifest(out).get("settings") if finished
-                else _read_json(out / SETTINGS_JSON))
+                else read_json_file(out / SETTINGS_JSON))
     action = rerun_action(out, what, recorded, settings, finished=finished,
                           unfinished=checkpoint.latest_tag(out / "checkpoints") is not None, overwrite=cfg.overwrite,
                           resume=cfg.resume)
@@ -440,19 +441,9 @@ def prepare_out(out: Path, action: str, settings: dict) -> None:
     An extended run keeps its manifest and export until the new ones replace them: a crash midway leaves the
     finished run as it was, and ``--resume`` with the larger budget continues from the newest checkpoint."""
     if action == "overwrite":
-        for name in RUN_OUTPUTS:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
+        remove_outputs(out, RUN_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SETTINGS_JSON, json.dumps(_jsonable(settings), indent=2) + "\n")
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ds_kd.manifest import atomic_write_text, rerun_action
+from ds_kd.manifest import atomic_write_text, read_json_file, remove_outputs, rerun_action
 
 CHECKPOINT = "checkpoint"
 LAST = "last.pt"
@@ -54,7 +54,7 @@ def check_out(cfg, settings: dict, what: str = "fine-tuning job") -> dict | None
     result_path, ckpt = out / "result.json", out / CHECKPOINT
     finished = result_path.is_file()
     saved = json.loads(result_path.read_text(encoding="utf-8")) if finished else None
-    recorded = saved.get("settings") if finished else _read_json(ckpt / SETTINGS)
+    recorded = saved.get("settings") if finished else read_json_file(ckpt / SETTINGS)
     action = rerun_action(out, what, recorded, settings, finished=finished, unfinished=(ckpt / LAST).is_file(),
                           overwrite=cfg.overwrite, resume=cfg.resume, can_extend=False)
     if action == "skip":
@@ -62,18 +62,10 @@ def check_out(cfg, settings: dict, what: str = "fine-tuning job") -> dict | None
               f"it again)", flush=True)
         return saved
     if action == "overwrite":
-        for name in JOB_OUTPUTS:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
+        remove_outputs(out, JOB_OUTPUTS)
     if action == "resume":
         print(f"[finetune] {out}: resuming the unfinished job from {ckpt / LAST}", flush=True)
     return None
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def save(out: Path, settings: dict, epoch: int, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
