@@ -6,7 +6,9 @@
    efficiency of batches of --padded-batch sentences padded to their longest.
 2. Real tokens per second of an MLM training step and of a distillation step (teacher --teacher-layers deep,
    student --student-layers) on the same sentences, packed rows vs padded batches, same model and precision;
-   the goal is packed / padded >= 0.8 / padded efficiency.
+   the goal is packed / padded >= 0.8 / padded efficiency. The packed rows attend per sentence (the default),
+   and again with one masked T x T product per row (``packed, masked``), to show what that saves. The throughput
+   lines use the first --max-len (``--max-len 512 --rows 2`` measures 512 with as many tokens a batch).
 
 Timings are medians over interleaved repeats after warm-up.
 """
@@ -45,6 +47,27 @@ def efficiencies(lengths: np.ndarray, max_len: int, padded_batch: int, window: i
     batches = [cut[i:i + padded_batch] for i in range(0, len(cut), padded_batch)]
     padded = cut.sum() / sum(len(b) * b.max() for b in batches)
     return float(packed), float(padded)
+
+
+def score_fraction(lengths: np.ndarray, max_len: int, rows_per_batch: int, sentences: int = 8192) -> float:
+    """Attention scores computed per sentence (ds_kd.sentence_attention) / those of the masked T x T product, over
+    packed batches of ``rows_per_batch`` rows of the first ``sentences`` sentences."""
+    from ds_kd.packing import best_fit
+    from ds_kd.sentence_attention import SentenceBuckets
+
+    cut = np.minimum(lengths[:sentences], max_len).tolist()
+    rows = best_fit(cut, max_len)
+    ours = masked = 0
+    for i in range(0, len(rows), rows_per_batch):
+        ids = torch.zeros(len(rows[i:i + rows_per_batch]), max_len, dtype=torch.long)
+        for r, row in enumerate(rows[i:i + rows_per_batch]):
+            start = 0
+            for k, s in enumerate(row, start=1):
+                ids[r, start:start + cut[s]] = k
+                start += cut[s]
+        ours += sum(n * w * w for n, w in SentenceBuckets.build(ids).shapes)
+        masked += ids.numel() * max_len
+    return ours / masked
 
 
 def batches(lengths: np.ndarray, max_len: int, vocab: int, rows_per_batch: int, padded_batch: int):
@@ -152,7 +175,8 @@ def main() -> int:
     for max_len in args.max_len:
         packed, padded = efficiencies(lengths, max_len, args.padded_batch, args.window)
         print(f"--max-len {max_len:4d}: packing efficiency {packed:.3f}  (padded batches of {args.padded_batch}: "
-              f"{padded:.3f}; goal >= 0.95)")
+              f"{padded:.3f}; goal >= 0.95); attention scores per sentence / masked T x T: "
+              f"{score_fraction(lengths, max_len, args.rows):.2f}")
     throughput(args, lengths)
     return 0
 
