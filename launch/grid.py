@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(fld.type, str)
             shown = doc if "default" in doc.lower() else f"{doc} (default: {default_text(default)})"
             f.add_argument(flag, type=kind, default=None, help=shown)
-    k = p.add_argument_group("ft-distill options (ds_kd.distill.DistillConfig)")
+    k = p.add_argument_group("ft-distill options (the losses of distillation during fine-tuning)")
     for flag, (name, kind, doc) in KD_OPTIONS.items():
         k.add_argument(f"--kd-{flag}", dest=f"kd_{name}", type=kind, default=None,
                        nargs="+" if name == "layer_map" else None, help=doc)

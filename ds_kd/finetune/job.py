@@ -39,7 +39,7 @@ class FinetuneConfig:
     model: str
     """Encoder directory: an export of ours or any HF BERT checkpoint, with its tokenizer files."""
     task: str
-    """Task name of ``ds_kd.tasks.TASKS`` (xnli, pawsx, wikiann, matis, mtop)."""
+    """Task: xnli, pawsx, wikiann, matis or mtop (the benchmarks of the paper; their formats in README)."""
     data: str
     """Normalised task-data root (holds ``<task>/<split>.<lang>.jsonl``)."""
     out: str
