@@ -40,9 +40,16 @@ def prepare_task(task: str, src: Path | str, out: Path | str, choice: LangChoice
                  **options) -> dict:
     """Read ``src`` and write ``<out>/<task>/``; returns the manifest."""
     data = load_task(task, src, choice, **options)
-    return write_task_data(data, out, extra={"options": {k: v for k, v in options.items()},
-                                             "langs": sorted(choice.langs) if choice.langs else "all",
-                                             "train_langs": sorted(choice.train_langs)})
+    settings = task_settings(src, choice, options)
+    del settings["source"]  # the manifest's "source" is the loader's
+    return write_task_data(data, out, extra=settings)
 
 
-__all__ = ["TASK_NAMES", "LangChoice", "TaskData", "TaskDataError", "load_task", "prepare_task", "write_task_data"]
+def task_settings(src: Path | str, choice: LangChoice, options: dict) -> dict:
+    """What a task's output depends on besides the source files' content, as its manifest records it."""
+    return {"source": str(src), "options": dict(options),
+            "langs": sorted(choice.langs) if choice.langs else "all", "train_langs": sorted(choice.train_langs)}
+
+
+__all__ = ["TASK_NAMES", "LangChoice", "TaskData", "TaskDataError", "load_task", "prepare_task", "task_settings",
+           "write_task_data"]

@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.tasks import TASK_NAMES, LangChoice, TaskDataError, prepare_task
+from data_prep.tasks import TASK_NAMES, LangChoice, TaskDataError, prepare_task, task_settings
 from data_prep.tasks.wikiann import WHITESPACE_RULES
 from ds_kd.flags import HelpFormatter, add_list_argument
-from ds_kd.manifest import has_manifest
+from ds_kd.manifest import describe_differences, has_manifest, read_manifest, settings_differences
 
 DESCRIPTION = """\
 Read a benchmark as released and write normalised task data:
@@ -71,6 +71,14 @@ def task_source(src: Path, task: str) -> Path:
     return src / task
 
 
+def built_differently(manifest: dict, wanted: dict) -> dict:
+    """Settings of ``wanted`` that the manifest recorded otherwise (source folders compared resolved)."""
+    recorded = {key: manifest.get(key) for key in wanted}
+    if recorded["source"] is not None and Path(recorded["source"]).resolve() == Path(wanted["source"]).resolve():
+        recorded["source"] = wanted["source"]
+    return settings_differences(recorded, wanted)
+
+
 def _summary(manifest: dict) -> str:
     lines = [f"{manifest['task']}: {manifest['num_removed']} row(s) removed"]
     for split, per_lang in manifest["counts"].items():
@@ -91,15 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     choice = LangChoice(frozenset(args.langs) if args.langs else None, frozenset(args.train_langs))
     for task in tasks:
-        if has_manifest(args.out / task) and not args.force:
-            print(f"{task}: {args.out / task}/manifest.json exists, skipping (--force rebuilds)")
-            continue
         options = ({"wikiann_format": args.wikiann_format, "wikiann_whitespace": args.wikiann_whitespace_tokens}
                    if task == "wikiann" else {})
         if task == "mtop":
             options["mtop_uncopyable"] = args.mtop_uncopyable
         if task == "matis":
             options["matis_misaligned"] = args.matis_misaligned
+        if has_manifest(args.out / task) and not args.force:
+            diffs = built_differently(read_manifest(args.out / task), task_settings(sources[task], choice, options))
+            if diffs:
+                print(f"error: {args.out / task} was built with other settings ({describe_differences(diffs)}); "
+                      f"--force rebuilds it with these, or give another --out", file=sys.stderr)
+                return 2
+            print(f"{task}: {args.out / task}/manifest.json exists with the same settings, skipping "
+                  f"(--force rebuilds)")
+            continue
         try:
             manifest = prepare_task(task, sources[task], args.out, choice, **options)
         except (TaskDataError, FileNotFoundError) as e:
