@@ -1,7 +1,7 @@
 """Fine-tune every model row on every task with every seed (the paper's grid), in parallel and resumable.
 
-    python launch/grid.py --models mBERT8=exports/mbert8 mLeanBERT=exports/mleanbert \\
-        "Vanilla mLeanBERT=exports/vanilla" --ft-distill mLeanBERT=mBERT8 \\
+    python launch/grid.py --models mBERT8=runs/mbert8-base/export mLeanBERT=runs/mLeanBERT/export \\
+        "Vanilla mLeanBERT=runs/vanilla-leanbert/export" --ft-distill mLeanBERT=mBERT8 \\
         --tasks all --data data/tasks --seeds 1 2 3 4 --out runs/grid
 
 Jobs already finished with the same settings (their result.json exists) are skipped, so the same command
