@@ -148,7 +148,9 @@ class EncoderOutput(Record):
 
     - ``last_hidden_state`` [B, T, D]
     - ``hidden_states``: L+1 x [B, T, D], the embeddings then each layer's output (or None)
-    - ``attention_scores``: L x [B, H, T, T], pre-softmax, without the padding mask added (or None)
+    - ``attention_scores``: L x [B, H, T, T], pre-softmax, without the padding mask added (or None); for packed
+      rows attending per sentence (the default), L x :class:`ds_kd.sentence_attention.SentenceScores` (per
+      sentence; ``to_dense`` gives [B, H, T, T])
     """
 
     def __init__(self, last_hidden_state: torch.Tensor, hidden_states: tuple[torch.Tensor, ...] | None = None,
@@ -212,7 +214,7 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(bias_B1QT, SentenceBuckets):  # packed rows, attention per sentence
             return bias_B1QT.attend(self.query(x_BTD), self.key(x_BTD), self.value(x_BTD), self.num_heads,
-                                    dropout_p), None
+                                    dropout_p, want_scores)
         q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
         scores_BHTT = None
         if want_scores:
@@ -300,7 +302,7 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(cfg)
         self.packed_attention = "sentences"
         """How packed rows attend: ``sentences`` (per sentence, :mod:`ds_kd.sentence_attention`) or ``masked``
-        (one T x T product with the block-diagonal mask; always so when the attention scores are asked for)."""
+        (one T x T product per row with the block-diagonal mask)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -317,7 +319,7 @@ class BertModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"packed_attention {self.packed_attention!r}: expected one of {PACKED_ATTENTION}")
-        if sequence_ids is not None and not output_attention_scores and self.packed_attention == "sentences":
+        if sequence_ids is not None and self.packed_attention == "sentences":
             bias_B1QT = SentenceBuckets.build(sequence_ids)
         else:
             bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)

@@ -15,6 +15,7 @@ that it runs, and is tested, on CPU as well as GPU; measured with ``launch/bench
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,19 +87,69 @@ class SentenceBuckets:
         return cls(torch.from_numpy(gather).to(device), torch.from_numpy(scatter).to(device), tuple(shapes),
                    tuple(masks))
 
+    def keeps(self) -> list[torch.Tensor]:
+        """Per bucket, [sentences, width] bool: which slots hold a real token."""
+        return [torch.ones(n, w, dtype=torch.bool, device=self.gather.device) if mask is None else mask.view(n, w)
+                for (n, w), mask in zip(self.shapes, self.key_masks)]
+
     def attend(self, q_BTD: torch.Tensor, k_BTD: torch.Tensor, v_BTD: torch.Tensor, num_heads: int,
-               dropout_p: float) -> torch.Tensor:
-        """Per-sentence attention of the projected queries, keys and values [B, T, D] -> context [B, T, D],
-        through ``scaled_dot_product_attention`` per bucket (dropout on the probabilities as SDPA applies it)."""
+               dropout_p: float, want_scores: bool = False) -> tuple[torch.Tensor, "SentenceScores | None"]:
+        """Per-sentence attention of the projected queries, keys and values [B, T, D] -> (context [B, T, D],
+        the pre-softmax scores as :class:`SentenceScores` when ``want_scores``, else None). Without scores each
+        bucket goes through ``scaled_dot_product_attention`` (dropout on the probabilities as SDPA applies it);
+        with them, through the explicit product, softmax and dropout (what distillation's attention loss needs)."""
         b, t, d = q_BTD.shape
         head_dim = d // num_heads
         q, k, v = (x.reshape(b * t, d).index_select(0, self.gather) for x in (q_BTD, k_BTD, v_BTD))
-        out, start = [], 0
+        out, scores, start = [], [], 0
         for (n, w), mask in zip(self.shapes, self.key_masks):
             def heads(x: torch.Tensor) -> torch.Tensor:
                 return x[start:start + n * w].view(n, w, num_heads, head_dim).transpose(1, 2)  # [n, H, w, Dh]
 
-            ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask, dropout_p=dropout_p)
+            if want_scores:
+                scores_nHww = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(head_dim)
+                logits = scores_nHww if mask is None else scores_nHww.masked_fill(
+                    ~mask, torch.finfo(scores_nHww.dtype).min)
+                ctx = F.dropout(torch.softmax(logits, dim=-1), dropout_p, dropout_p > 0) @ heads(v)
+                scores.append(scores_nHww)
+            else:
+                ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask,
+                                                     dropout_p=dropout_p)
             out.append(ctx.transpose(1, 2).reshape(n * w, d))
             start += n * w
-        return torch.cat(out).index_select(0, self.scatter).view(b, t, d)
+        context = torch.cat(out).index_select(0, self.scatter).view(b, t, d)
+        return context, (SentenceScores(self, tuple(scores)) if want_scores else None)
+
+
+@dataclass(frozen=True)
+class SentenceScores:
+    """One layer's pre-softmax attention scores of packed rows, in the per-sentence layout of ``buckets``:
+    ``scores`` holds per bucket a [sentences, H, width, width] tensor (query by key within one sentence; slots
+    past a sentence's end hold values of no meaning, :meth:`SentenceBuckets.keeps` says which are real)."""
+
+    buckets: SentenceBuckets
+    scores: tuple[torch.Tensor, ...]
+
+    @property
+    def num_heads(self) -> int:
+        return self.scores[0].shape[1]
+
+    def map(self, fn) -> "SentenceScores":
+        """The same layout with ``fn`` applied to every bucket's scores (e.g. a mean over heads)."""
+        return SentenceScores(self.buckets, tuple(fn(x) for x in self.scores))
+
+    def to_dense(self, rows: int, width: int) -> torch.Tensor:
+        """The scores as [B, H, T, T] for rows of ``width`` tokens: each sentence's block where the masked
+        product puts it, 0 for pairs across sentences and at padding (for inspection and tests)."""
+        heads = self.num_heads
+        dense = self.scores[0].new_zeros(rows * width * width, heads)
+        start = 0
+        for scores_nHww, keep in zip(self.scores, self.buckets.keeps()):
+            n, w = keep.shape
+            tokens = self.buckets.gather[start:start + n * w].view(n, w)
+            row, t = tokens // width, tokens % width
+            where = row[:, :, None] * width * width + t[:, :, None] * width + t[:, None, :]  # [n, w, w]
+            pairs = keep[:, :, None] & keep[:, None, :]
+            dense[where[pairs]] = scores_nHww.permute(0, 2, 3, 1)[pairs]
+            start += n * w
+        return dense.view(rows, width, width, heads).permute(0, 3, 1, 2)

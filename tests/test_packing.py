@@ -89,6 +89,12 @@ def test_every_sentence_gets_the_outputs_it_gets_alone():
                             sequence_ids=packed["sequence_ids"]).last_hidden_state
         logits_p = model.cls.predictions(p.last_hidden_state)
         logits_u = model.cls.predictions(u.last_hidden_state)
+        # the scores come per sentence (SentenceScores); the masked T x T product gives them dense
+        rows, width = packed["input_ids"].shape
+        dense = [sp.to_dense(rows, width) for sp in p.attention_scores]
+        model.bert.packed_attention = "masked"
+        product = model.bert(packed["input_ids"], packed["attention_mask"], output_attention_scores=True,
+                            position_ids=packed["position_ids"], sequence_ids=packed["sequence_ids"])
     worst = 0.0
     for i, (r, start, end) in where.items():
         n = end - start
@@ -96,8 +102,9 @@ def test_every_sentence_gets_the_outputs_it_gets_alone():
         pairs = [(logits_p[r, start:end][masked], logits_u[i, :n][masked]),
                  (p_fast[r, start:end], u.last_hidden_state[i, :n])]
         pairs += [(hp[r, start:end], hu[i, :n]) for hp, hu in zip(p.hidden_states, u.hidden_states)]
-        pairs += [(sp[r, :, start:end, start:end], su[i, :, :n, :n])
-                  for sp, su in zip(p.attention_scores, u.attention_scores)]
+        pairs += [(sp[r, :, start:end, start:end], su[i, :, :n, :n]) for sp, su in zip(dense, u.attention_scores)]
+        pairs += [(sm[r, :, start:end, start:end], su[i, :, :n, :n])
+                  for sm, su in zip(product.attention_scores, u.attention_scores)]
         worst = max(worst, *((a - b).abs().max().item() for a, b in pairs))
     assert worst <= 1e-5
 

@@ -110,3 +110,37 @@ def test_bad_input_is_refused():
     model.bert.packed_attention = "flash"
     with pytest.raises(ValueError, match="packed_attention 'flash'"):
         model.bert(torch.ones(1, 4, dtype=torch.long))
+
+
+def test_distillation_with_the_attention_loss_trains_the_same_per_sentence_as_with_the_masked_product():
+    from test_packing import _layouts, _model
+
+    from ds_kd.distill import DistillConfig, Distiller
+    from ds_kd.distill.losses import attention_mse
+
+    packed = _layouts()[0]
+    distiller = Distiller(_model("tiny-large", 1), _model("tiny-leanbert", 2), DistillConfig()).eval()
+    results = {}
+    for way in ("sentences", "masked"):
+        for encoder in (distiller.teacher.bert, distiller.student.bert):
+            encoder.packed_attention = way
+        distiller.zero_grad()
+        out = distiller(packed)
+        out.loss.backward()
+        results[way] = ({k: v.item() for k, v in out.terms.items()},
+                        {n: p.grad.clone() for n, p in distiller.student.named_parameters() if p.grad is not None})
+    (terms_s, grads_s), (terms_m, grads_m) = results["sentences"], results["masked"]
+    assert terms_s["attention"] > 0
+    for name in terms_m:
+        assert terms_s[name] == pytest.approx(terms_m[name], rel=1e-6, abs=1e-6), name
+    assert max(((grads_s[n] - grads_m[n]).abs().max() / grads_m[n].abs().max().clamp_min(1.0)).item()
+               for n in grads_m) <= 1e-5
+    # both sides must come in one per-sentence layout
+    distiller.student.bert.packed_attention = "sentences"
+    seq = packed["sequence_ids"]
+    one = distiller.student.bert(packed["input_ids"], output_attention_scores=True, sequence_ids=seq,
+                                 position_ids=packed["position_ids"]).attention_scores[0]
+    other = distiller.student.bert(packed["input_ids"][:1], output_attention_scores=True, sequence_ids=seq[:1],
+                                   position_ids=packed["position_ids"][:1]).attention_scores[0]
+    with pytest.raises(ValueError, match="one per-sentence layout"):
+        attention_mse(one, other, seq)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ds_kd.model import same_sequence_pairs
+from ds_kd.sentence_attention import SentenceScores
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -70,7 +71,7 @@ def hidden_mse(student_BTD: torch.Tensor, teacher_BTD: torch.Tensor, attention_m
     return _mean(diff_BTD.square().sum(), real_BT.sum(), denominator) / width
 
 
-def attention_mse(student_BHTT: torch.Tensor, teacher_BHTT: torch.Tensor,
+def attention_mse(student_BHTT: torch.Tensor | SentenceScores, teacher_BHTT: torch.Tensor | SentenceScores,
                   attention_mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean squared error of pre-softmax attention scores over (real query, real key) pairs of one sentence.
 
@@ -81,7 +82,11 @@ def attention_mse(student_BHTT: torch.Tensor, teacher_BHTT: torch.Tensor,
     before it is squared: other pairs contribute nothing to the loss or the gradient (even where a score is inf
     or NaN) and do not count in the mean. Both sides must have the same head count: see ``match_heads``.
     ``denominator`` (pairs; the head count is multiplied in here) replaces the batch's own pair count.
+    Packed rows attending per sentence give :class:`SentenceScores` on both sides (the same layout): the pairs
+    are then those of each sentence's block, the same pairs as in the [B, H, T, T] form.
     """
+    if isinstance(student_BHTT, SentenceScores) or isinstance(teacher_BHTT, SentenceScores):
+        return _sentence_attention_mse(student_BHTT, teacher_BHTT, denominator)
     _check_same_shape("attention scores", student_BHTT, teacher_BHTT)
     if attention_mask.shape != (student_BHTT.shape[0], student_BHTT.shape[-1]):
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match attention scores "
@@ -93,6 +98,22 @@ def attention_mse(student_BHTT: torch.Tensor, teacher_BHTT: torch.Tensor,
     return _mean(diff_BHTT.square().sum(), pair_B1TT.sum(), denominator) / heads
 
 
+def _sentence_attention_mse(student: SentenceScores, teacher: SentenceScores, denominator) -> torch.Tensor:
+    if not (isinstance(student, SentenceScores) and isinstance(teacher, SentenceScores)) \
+            or student.buckets.shapes != teacher.buckets.shapes:
+        raise ValueError("student and teacher attention scores of packed rows must share one per-sentence layout "
+                         "(both models given the same sequence_ids)")
+    total, pairs = None, 0
+    for s_nHww, t_nHww, keep in zip(student.scores, teacher.scores, student.buckets.keeps()):
+        _check_same_shape("attention scores", s_nHww, t_nHww)
+        pair_n1ww = (keep[:, :, None] & keep[:, None, :])[:, None]
+        diff = s_nHww.float() - t_nHww.detach().float()
+        part = torch.where(pair_n1ww, diff, torch.zeros_like(diff)).square().sum()
+        total = part if total is None else total + part
+        pairs = pairs + pair_n1ww.sum()
+    return _mean(total, pairs, denominator) / student.num_heads
+
+
 def match_heads(teacher_BHTT: torch.Tensor, student_BHTT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Make teacher and student attention scores comparable when their head counts differ.
 
@@ -100,8 +121,14 @@ def match_heads(teacher_BHTT: torch.Tensor, student_BHTT: torch.Tensor) -> tuple
     teacher heads vs 12 student heads): both sides averaged over heads to ``[B, 1, T, T]`` and the averaged maps
     compared. 16 is not a multiple of 12, so no grouping of teacher heads onto student heads is exact; the
     head-average is the one map both models define, it needs no extra parameters, and it leaves the student
-    free to split the teacher's attention pattern over its own heads as it likes.
+    free to split the teacher's attention pattern over its own heads as it likes. Packed rows' per-sentence
+    scores (:class:`SentenceScores`) are matched the same way, bucket by bucket.
     """
+    if isinstance(teacher_BHTT, SentenceScores) and isinstance(student_BHTT, SentenceScores):
+        if teacher_BHTT.num_heads == student_BHTT.num_heads:
+            return teacher_BHTT, student_BHTT
+        mean = lambda x: x.mean(dim=1, keepdim=True)  # noqa: E731
+        return teacher_BHTT.map(mean), student_BHTT.map(mean)
     if teacher_BHTT.dim() != 4 or student_BHTT.dim() != 4:
         raise ValueError(f"attention scores must be [B, H, T, T]; got teacher {tuple(teacher_BHTT.shape)}, "
                          f"student {tuple(student_BHTT.shape)}")
