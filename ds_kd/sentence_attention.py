@@ -7,8 +7,13 @@ backward pay for all of them. Here the encoder's linear layers still run on the 
 the attention product regroups the tokens: each sentence becomes one row of a bucket of sentences of similar
 length (lengths rounded up to a power of two, at least :data:`MIN_WIDTH`, each bucket padded to its longest
 sentence), and ``scaled_dot_product_attention`` runs per bucket with a key-padding mask. A token then gets about
-as many scores as its sentence has tokens (at most twice), and the result is the same function as the masked
-product: every sentence attends only to itself (the project's tests compare both).
+as many scores as its sentence has tokens (at most twice as many, or :data:`MIN_WIDTH` for a sentence shorter
+than half of it), and the result is the same function as the masked product: every sentence attends only to
+itself (the project's tests compare values and gradients of both).
+
+On GPU the layout costs one device-to-host copy of the sequence ids per forward pass, and the bucket shapes change
+from batch to batch (no CUDA graphs or static-shape compilation); a fused variable-length kernel would avoid the
+gather and scatter. Neither that kernel nor this path on CUDA has been run by the project's tests.
 
 The same idea as variable-length attention kernels (FlashAttention's ``varlen``), built from the standard SDPA so
 that it runs, and is tested, on CPU as well as GPU; measured with ``launch/bench_packing.py``.

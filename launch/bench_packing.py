@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus directory of `python -m data_prep corpus` (its training shards' lengths)")
     p.add_argument("--max-len", type=int, nargs="+", default=[128, 512], help="row lengths to measure")
     p.add_argument("--padded-batch", type=int, default=32, help="sentences per padded batch")
-    p.add_argument("--window", type=int, default=65536, help="sentences packed together (the reader's window)")
+    p.add_argument("--window", type=int, default=65536, help="sentences packed together: the reader packs each shuffle window (training's --shuffle-window blocks of "
+                        "the corpus's --block-size sentences: 8 x 8192 = 65536 by default)")
     p.add_argument("--limit", type=int, default=200_000, help="sentences whose lengths are read")
     p.add_argument("--sentences", type=int, default=1024, help="sentences the throughput runs train on")
     p.add_argument("--rows", type=int, default=8, help="packed rows per batch in the throughput runs")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-layers", type=int, default=4, help="layers of the MLM model and the student")
     p.add_argument("--teacher-layers", type=int, default=12, help="layers of the distillation teacher")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the sentences, per layout")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (default: 0)")
     return p
 
 

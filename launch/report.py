@@ -6,7 +6,7 @@ Cells are mean ± sample std over seeds of the jobs' result.json scores (percent
 is marked; rows named like the paper's models get the paper's numbers beside ours. Then, per finding of the paper,
 whether these runs agree, disagree or cannot tell (a difference within 2 sample std of either row: cannot tell).
 
-    python launch/report.py runs/grid --finding 1 "e5-4L KD=Vanilla e5-4L"      # one more pair for finding (1)
+    python launch/report.py runs/grid --finding 1 "e5-3L KD=Vanilla e5-3L"      # one more pair for finding (1)
 """
 from __future__ import annotations
 

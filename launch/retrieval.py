@@ -3,7 +3,7 @@
     python launch/retrieval.py --models mBERT8=out/demo/runs/mbert8-base/export Vanilla=out/demo/runs/vanilla-leanbert/export \\
         --heldout out/demo/heldout --out out/demo/retrieval
 
-    python launch/retrieval.py --models e5=out/demo/e5_trim student=out/demo/runs/e5-4l-kd/export \\
+    python launch/retrieval.py --models e5=out/demo/e5_trim student=out/demo/runs/e5-3l-kd/export \\
         --layer-of e5=last student=last --all-layers --heldout out/demo/heldout --out out/demo/retrieval
 
 Writes OUT/retrieval.json (X->en and en->X top-1 accuracy per language and model, the pooled layer of each,

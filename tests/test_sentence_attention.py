@@ -144,3 +144,45 @@ def test_distillation_with_the_attention_loss_trains_the_same_per_sentence_as_wi
                                    position_ids=packed["position_ids"][:1]).attention_scores[0]
     with pytest.raises(ValueError, match="one per-sentence layout"):
         attention_mse(one, other, seq)
+
+
+def _packed_inputs():
+    torch.manual_seed(0)
+    seq = _rows(ROWS, 64)
+    return torch.randint(5, 90, seq.shape) * (seq > 0), seq, _positions(seq)
+
+
+def test_in_bf16_both_paths_agree_within_its_precision():
+    input_ids, seq, pos = _packed_inputs()
+    model = BertForMaskedLM(make_config("tiny-base", vocab_size=90)).eval().to(torch.bfloat16)
+    outs = {}
+    for way in ("sentences", "masked"):
+        model.bert.packed_attention = way
+        with torch.no_grad():
+            outs[way] = model.bert(input_ids, sequence_ids=seq, position_ids=pos).last_hidden_state[seq > 0].float()
+    scale = outs["masked"].abs().max()
+    assert torch.isfinite(outs["sentences"]).all()
+    assert (outs["sentences"] - outs["masked"]).abs().max() <= 0.05 * scale  # bf16 keeps 8 bits of mantissa
+
+
+def test_with_attention_dropout_both_paths_give_the_same_distribution():
+    input_ids, seq, pos = _packed_inputs()
+    torch.manual_seed(1)
+    model = BertForMaskedLM(make_config("tiny-base", vocab_size=90, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.3)).train()
+    samples = {}
+    with torch.no_grad():
+        for way in ("sentences", "masked"):
+            model.bert.packed_attention = way
+            samples[way] = torch.stack([model.bert(input_ids, sequence_ids=seq, position_ids=pos)
+                                        .last_hidden_state[seq > 0] for _ in range(300)])
+    s, m = samples["sentences"], samples["masked"]
+    assert (s[0] - s[1]).abs().max() > 1e-3  # the dropout is applied
+    # the means of the two paths' outputs differ by no more than sampling error (z-score over every element)
+    stderr = ((s.var(0) + m.var(0)) / s.shape[0]).sqrt().clamp_min(1e-6)
+    assert ((s.mean(0) - m.mean(0)).abs() / stderr).max() <= 6.0
+    # and dropout shifts the outputs away from the eval ones: the test could see a path that ignored it
+    model.eval()
+    with torch.no_grad():
+        eval_out = model.bert(input_ids, sequence_ids=seq, position_ids=pos).last_hidden_state[seq > 0]
+    assert s.std(0).mean() > 1e-3 and (eval_out - s[0]).abs().max() > 1e-3
