@@ -11,12 +11,11 @@ as many scores as its sentence has tokens (at most twice as many, or :data:`MIN_
 than half of it), and the result is the same function as the masked product: every sentence attends only to
 itself (the project's tests compare values and gradients of both).
 
-On GPU the layout costs one device-to-host copy of the sequence ids per forward pass, and the bucket shapes change
-from batch to batch (no CUDA graphs or static-shape compilation); a fused variable-length kernel would avoid the
-gather and scatter. Neither that kernel nor this path on CUDA has been run by the project's tests.
-
-The same idea as variable-length attention kernels (FlashAttention's ``varlen``), built from the standard SDPA so
-that it runs, and is tested, on CPU as well as GPU; measured with ``launch/bench_packing.py``.
+The idea of variable-length attention kernels (FlashAttention's ``varlen``), built from the standard SDPA so that
+it runs, and is tested, on CPU; measured with ``launch/bench_packing.py``. On GPU the layout costs one
+device-to-host copy of the sequence ids per forward pass, and the bucket shapes change from batch to batch (no
+CUDA graphs or static-shape compilation); a fused varlen kernel would also avoid the gather and scatter. Neither
+that kernel nor this path on CUDA has been run by the project's tests.
 """
 from __future__ import annotations
 
