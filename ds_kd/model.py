@@ -5,6 +5,8 @@
   the same width ratio 1024:768 -> 64:48 and head ratio 16:12 -> 4:3).
 - PyTorch SDPA attention by default; when asked, every hidden state and the pre-softmax attention scores
   (what distillation needs), computed by the explicit path.
+- Packed rows (several sentences per row) attend per sentence (:mod:`ds_kd.sentence_attention`), with the
+  same results as the block-diagonal masked product.
 - The MLM head computes vocabulary logits only at the predicted positions: with a 120k vocabulary a dense
   head costs about as much as the whole BERT-Base encoder. Input and output embeddings are tied.
 - ``save_pretrained``/``from_pretrained`` write and read Hugging Face ``BertForMaskedLM`` directories: our
