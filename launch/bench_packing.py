@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus directory of `python -m data_prep corpus` (its training shards' lengths)")
     p.add_argument("--max-len", type=int, nargs="+", default=[128, 512], help="row lengths to measure")
     p.add_argument("--padded-batch", type=int, default=32, help="sentences per padded batch")
-    p.add_argument("--window", type=int, default=65536, help="sentences packed together: the reader packs each shuffle window (training's --shuffle-window blocks of "
-                        "the corpus's --block-size sentences: 8 x 8192 = 65536 by default)")
+    p.add_argument("--window", type=int, default=65536,
+                   help="sentences packed together: the reader packs each shuffle window (training's "
+                        "--shuffle-window blocks of the corpus's --block-size sentences: 8 x 8192 = 65536 by default)")
     p.add_argument("--limit", type=int, default=200_000, help="sentences whose lengths are read")
     p.add_argument("--sentences", type=int, default=1024, help="sentences the throughput runs train on")
     p.add_argument("--rows", type=int, default=8, help="packed rows per batch in the throughput runs")

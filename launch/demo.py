@@ -45,7 +45,7 @@ E5_VANILLA = "Vanilla e5-3L"
 E5_INIT_MLM = "e5-3L init, MLM"
 E5_RUNS = {E5_KD: "e5-3l-kd", E5_VANILLA: "e5-3l-vanilla", E5_INIT_MLM: "e5-3l-init-mlm"}
 # 3 of e5's 12 layers: a 4-layer student is at most 3x faster than its teacher at batch 1 (the embeddings and the
-# per-sentence overhead do not shrink; measured 2.5-3.05x, mostly under 3x), a 3-layer one is (3.6-4.0x, README).
+# per-sentence overhead do not shrink; measured 2.5-3.05x, mostly under 3x), a 3-layer one is (3.1-4.0x, README).
 INIT_LAYERS = ["4", "8", "12"]
 E5_PRESET = "e5-small-3l"
 
