@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-layers", type=int, default=4, help="layers of the MLM model and the student")
     p.add_argument("--teacher-layers", type=int, default=12, help="layers of the distillation teacher")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the sentences, per layout")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (default: 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 lets torch choose")
     return p
 
 
