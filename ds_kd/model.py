@@ -309,20 +309,23 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
                 output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
-                sequence_ids: torch.Tensor | None = None) -> EncoderOutput:
+                sequence_ids: torch.Tensor | None = None,
+                sentence_buckets: SentenceBuckets | None = None) -> EncoderOutput:
         """``input_ids`` [B, T]; ``attention_mask`` [B, T] (1 = real token; default all real).
 
         Packed rows (several sentences in one row) pass ``sequence_ids`` [B, T] (1, 2, ... for the sentences of
         a row, 0 at padding) and ``position_ids`` [B, T] (restarting at 0 for each sentence): attention is then
         block-diagonal, a token attending only to the tokens of its own sentence, so every sentence gets the
-        same outputs as when it is run alone (packed BERT, Krell et al. 2021)."""
+        same outputs as when it is run alone (packed BERT, Krell et al. 2021). ``sentence_buckets``, the layout
+        :meth:`SentenceBuckets.build` makes of these ``sequence_ids``, saves building it again when several models
+        run on one batch (distillation's teacher and student)."""
         x_BTD = self.embeddings(input_ids, token_type_ids, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"packed_attention {self.packed_attention!r}: expected one of {PACKED_ATTENTION}")
         if sequence_ids is not None and self.packed_attention == "sentences":
-            bias_B1QT = SentenceBuckets.build(sequence_ids)
+            bias_B1QT = sentence_buckets if sentence_buckets is not None else SentenceBuckets.build(sequence_ids)
         else:
             bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
         hidden = [x_BTD] if output_hidden_states else None
@@ -420,12 +423,13 @@ class BertForMaskedLM(nn.Module):
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 predicted: torch.Tensor | None = None, output_hidden_states: bool = False,
                 output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
-                sequence_ids: torch.Tensor | None = None) -> MLMOutput:
+                sequence_ids: torch.Tensor | None = None,
+                sentence_buckets: SentenceBuckets | None = None) -> MLMOutput:
         """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` [B,T] bool overrides where
         logits are computed (default: ``labels != -100``; all positions if neither is given). Packed rows
-        pass ``position_ids`` and ``sequence_ids`` (see :meth:`BertModel.forward`)."""
+        pass ``position_ids``, ``sequence_ids`` and optionally ``sentence_buckets`` (see :meth:`BertModel.forward`)."""
         enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores,
-                        position_ids, sequence_ids)
+                        position_ids, sequence_ids, sentence_buckets)
         if predicted is None:
             predicted = labels.ne(-100) if labels is not None else torch.ones_like(input_ids, dtype=torch.bool)
         logits_NV = self.cls.predictions(enc.last_hidden_state[predicted])

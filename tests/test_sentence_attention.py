@@ -186,3 +186,18 @@ def test_with_attention_dropout_both_paths_give_the_same_distribution():
     with torch.no_grad():
         eval_out = model.bert(input_ids, sequence_ids=seq, position_ids=pos).last_hidden_state[seq > 0]
     assert s.std(0).mean() > 1e-3 and (eval_out - s[0]).abs().max() > 1e-3
+
+
+def test_distillation_builds_one_layout_per_batch_for_teacher_and_student(monkeypatch):
+    from test_packing import _layouts, _model
+
+    from ds_kd.distill import DistillConfig, Distiller
+
+    packed = _layouts()[0]
+    distiller = Distiller(_model("tiny-large", 1), _model("tiny-leanbert", 2), DistillConfig()).eval()
+    built = []
+    original = SentenceBuckets.build.__func__
+    monkeypatch.setattr(SentenceBuckets, "build", classmethod(lambda cls, ids: built.append(1) or original(cls, ids)))
+    with torch.no_grad():
+        assert torch.isfinite(distiller(packed).loss)
+    assert len(built) == 1

@@ -16,6 +16,7 @@ from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
 from ds_kd.model import BertForMaskedLM, EncoderOutput, masked_lm_loss
+from ds_kd.sentence_attention import SentenceBuckets
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ class Distiller(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         token_type_ids = batch.get("token_type_ids")
         packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
+        if packing["sequence_ids"] is not None:  # one per-sentence layout for teacher and student
+            packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])
         masked_BT = labels.ne(-100)
         nowhere_BT = torch.zeros_like(masked_BT)  # no logits: the MLM head runs on zero rows
         want_hidden = cfg.embedding_weight > 0 or cfg.hidden_weight > 0
