@@ -77,6 +77,17 @@ def split_list(item_type: Callable[[str], Any] = str) -> Callable[[str], list]:
     return convert
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse then names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def lang_code(text: str) -> str:
     """argparse ``type`` of one language code: any code of the form :data:`ds_kd.schema.LANG_CODE` (``sw``,
     ``zh-hans``, ``pt_br``); another form is an error naming the flag and the code."""

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ds_kd.flags import HelpFormatter  # noqa: E402
+from ds_kd.flags import HelpFormatter, positive_int  # noqa: E402
 
 
 def corpus_lengths(corpus: Path, limit: int) -> np.ndarray:
@@ -146,20 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path("out/demo/corpus"),
                    help="corpus directory of `python -m data_prep corpus` (its training shards' lengths)")
-    p.add_argument("--max-len", type=int, nargs="+", default=[128, 512], help="row lengths to measure")
-    p.add_argument("--padded-batch", type=int, default=32, help="sentences per padded batch")
-    p.add_argument("--window", type=int, default=65536,
+    p.add_argument("--max-len", type=positive_int, nargs="+", default=[128, 512], help="row lengths to measure")
+    p.add_argument("--padded-batch", type=positive_int, default=32, help="sentences per padded batch")
+    p.add_argument("--window", type=positive_int, default=65536,
                    help="sentences packed together: the reader packs each shuffle window (training's "
                         "--shuffle-window blocks of the corpus's --block-size sentences: 8 x 8192 = 65536 by default)")
-    p.add_argument("--limit", type=int, default=200_000, help="sentences whose lengths are read")
-    p.add_argument("--sentences", type=int, default=1024, help="sentences the throughput runs train on")
-    p.add_argument("--rows", type=int, default=8, help="packed rows per batch in the throughput runs")
-    p.add_argument("--vocab", type=int, default=8000, help="vocabulary of the benchmark models")
-    p.add_argument("--hidden", type=int, default=256, help="width of the benchmark models")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--student-layers", type=int, default=4, help="layers of the MLM model and the student")
-    p.add_argument("--teacher-layers", type=int, default=12, help="layers of the distillation teacher")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over the sentences, per layout")
+    p.add_argument("--limit", type=positive_int, default=200_000, help="sentences whose lengths are read")
+    p.add_argument("--sentences", type=positive_int, default=1024, help="sentences the throughput runs train on")
+    p.add_argument("--rows", type=positive_int, default=8, help="packed rows per batch in the throughput runs")
+    p.add_argument("--vocab", type=positive_int, default=8000, help="vocabulary of the benchmark models")
+    p.add_argument("--hidden", type=positive_int, default=256, help="width of the benchmark models")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--student-layers", type=positive_int, default=4, help="layers of the MLM model and the student")
+    p.add_argument("--teacher-layers", type=positive_int, default=12, help="layers of the distillation teacher")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the sentences, per layout")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 lets torch choose")
     return p
 
@@ -169,6 +169,8 @@ def main() -> int:
     args = p.parse_args()
     if not (args.corpus / "shards").is_dir() and not (args.corpus / "manifest.json").is_file():
         p.error(f"{args.corpus}: no corpus shards; build them with `python -m data_prep corpus` (or `make demo`)")
+    if args.hidden % args.heads:
+        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = corpus_lengths(args.corpus, args.limit)

@@ -110,3 +110,11 @@ def test_unknown_data_prep_command_is_named(capsys):
     assert "unknown command 'corpse'" in err and "did you mean 'corpus'" in err
     assert main(["--help"]) == 0
     assert "usage: python -m data_prep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--rows", "--repeats", "--sentences", "--window"])
+def test_benchmark_counts_below_one_are_refused_naming_the_flag(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_script("bench_packing").build_parser().parse_args([flag, "0"])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
