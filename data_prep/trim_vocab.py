@@ -164,8 +164,8 @@ def trimmed_spec(spec: dict, keep: list[int]) -> dict:
     new_id = {old: new for new, old in enumerate(keep)}
     spec = json.loads(json.dumps(spec))
     model = spec["model"]
-    if model["type"] == "Unigram":
-        model["vocab"] = [model["vocab"][i] for i in keep]
+    if model["type"] == "Unigram":  # ids past the pieces are tokens added after training (added_tokens only)
+        model["vocab"] = [model["vocab"][i] for i in keep if i < len(model["vocab"])]
         if model.get("unk_id") is not None:
             model["unk_id"] = new_id[model["unk_id"]]
     else:
