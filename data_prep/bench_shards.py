@@ -179,10 +179,10 @@ BATCH, WORKERS = 32, 2
 
 def masker_for(manifest: dict):
     from ds_kd.masking import Masker, MaskingConfig
-    from ds_kd.shards import special_ids
+    from ds_kd.shards import special_ids, unmasked_ids
 
     special = special_ids(manifest)
-    return Masker(MaskingConfig(), manifest["vocab_size"], special.values(), special["mask"]), special
+    return Masker(MaskingConfig(), manifest["vocab_size"], unmasked_ids(manifest), special["mask"]), special
 
 
 def read_ours(shard_dir: Path, num_sentences: int) -> float:

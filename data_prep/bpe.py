@@ -19,7 +19,7 @@ from typing import Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ds_kd.schema import SPECIAL_TOKENS, tokenizer_hash
+from ds_kd.schema import SPECIAL_TOKENS, every_special_id, tokenizer_hash
 from ds_kd.tokenizer_files import make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -88,11 +88,13 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
 
 def describe(tokenizer_dir: Path) -> dict:
     """Manifest fields of a corpus tokenizer directory: vocab size, hash, special token ids and tokens by role
-    (:func:`data_prep.existing_tokenizer.corpus_special_ids`; raises ValueError naming a missing role)."""
-    from data_prep.existing_tokenizer import corpus_special_ids
+    (:func:`data_prep.existing_tokenizer.corpus_special_ids`; raises ValueError naming a missing role), and
+    ``all_special_ids``: those and every other special token (:func:`ds_kd.schema.every_special_id`)."""
+    from data_prep.existing_tokenizer import corpus_special_ids, load_existing
 
     tok = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
     ids, tokens = corpus_special_ids(tokenizer_dir)
+    every = sorted({*ids.values(), *every_special_id(load_existing(tokenizer_dir))})
     return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
             "tokenizer_hash": tokenizer_hash(tokenizer_dir / TOKENIZER_FILE),
-            "special_token_ids": ids, "special_tokens": tokens}
+            "special_token_ids": ids, "special_tokens": tokens, "all_special_ids": every}

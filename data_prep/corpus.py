@@ -4,9 +4,10 @@ Each step writes one directory under ``--out`` with a ``manifest.json`` written 
 
     <out>/read/        <lang>.txt: normalised sentences, one per line; drop counts per language
     <out>/sample/      train.tsv (shuffled mix), val.tsv: "lang<TAB>sentence"; n_i, p_i, q_i, sampled counts
-    <out>/tokenizer/   tokenizer.json + transformers files; special token ids and tokens by role
+    <out>/tokenizer/   tokenizer.json + transformers files; special token ids and tokens by role, and every
+                       special id (``all_special_ids``: added special tokens such as language tags too)
     <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar: blocks of sentences (schema: ds_kd.schema);
-                       special token ids
+                       special token ids by role and ``all_special_ids``
 
 A step whose manifest exists with the same settings is skipped; with other settings it is an error (a
 corpus directory holds one corpus). An interrupted shard step resumes at the first unwritten shard.
@@ -33,6 +34,10 @@ from data_prep.existing_tokenizer import copy_existing
 from data_prep.read import DROP_REASONS, ReadConfig, check_lang_dir, read_language_job
 from data_prep.sample import TRAIN_FILE, SampleConfig, write_mix
 from data_prep.shard import PROGRESS_DIR, ShardConfig, write_shards
+
+SHARD_SPECIAL_FIELDS = ("special_token_ids", "all_special_ids")
+"""The tokenizer's special ids the shards manifest carries: by role, and every special id (never masked)."""
+SPECIAL_FIELDS = (*SHARD_SPECIAL_FIELDS, "special_tokens")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def tokenizer_step(config: CorpusConfig) -> dict:
 
     manifest = run_step(out, "corpus.tokenizer", settings, work)
     fresh = fresh or describe(out)  # a finished step: check its manifest has the special ids (older ones lack them)
-    return record_special_ids(out, manifest, {k: fresh[k] for k in ("special_token_ids", "special_tokens")})
+    return record_special_ids(out, manifest, {k: fresh[k] for k in SPECIAL_FIELDS})
 
 
 def record_special_ids(directory: Path, manifest: dict, fields: dict) -> dict:
@@ -149,10 +154,10 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # the manifest now holds the counts
         return {"languages": list(sample_manifest["languages"]),
                 "vocab_size": tok_manifest["vocab_size"], "tokenizer_hash": tok_manifest["tokenizer_hash"],
-                "special_token_ids": tok_manifest["special_token_ids"], **result}
+                **{k: tok_manifest[k] for k in SHARD_SPECIAL_FIELDS}, **result}
 
     manifest = run_step(out, "corpus.shards", settings, work)
-    return record_special_ids(out, manifest, {"special_token_ids": tok_manifest["special_token_ids"]})
+    return record_special_ids(out, manifest, {k: tok_manifest[k] for k in SHARD_SPECIAL_FIELDS})
 
 
 def run(config: CorpusConfig) -> dict:

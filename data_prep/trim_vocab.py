@@ -9,7 +9,10 @@ occur plus every special/added token (in the old order, so ``<s> <pad> </s> <unk
   since the unknown-character penalty is the lowest score minus 10; WordPiece: the vocabulary; BPE: the
   vocabulary and every merge on the way to a kept token), added tokens and post-processor ids renumbered;
 - the checkpoint with the kept rows of every vocabulary-sized tensor (word embeddings; MLM decoder and bias where
-  present) and ``vocab_size`` in ``config.json`` updated; every other weight unchanged.
+  present) and ``vocab_size`` in ``config.json`` updated; every other weight unchanged;
+- what it was trimmed to (source model, corpus files, languages of the TSV lines and lines per language, vocabulary
+  size before and after) in ``config.json`` under ``ds_kd.trimmed_to`` and in ``manifest.json``: every command
+  that feeds text to the model names it when that text comes out with unknown tokens (:mod:`ds_kd.vocab_check`).
 
 Tokenizing the corpus with the trimmed tokenizer gives the renumbered ids of the full one (checked on the
 corpus's first lines before anything is written), so the trimmed model gives the same outputs on that text.
@@ -23,14 +26,17 @@ import argparse
 import json
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from data_prep.read import open_binary
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.flags import HelpFormatter
+from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.modeldir import DS_KD_KEY
+from ds_kd.vocab_check import TRIMMED_KEY
 
 TEXT_FILES = (".txt", ".tsv", ".txt.gz", ".txt.bz2", ".txt.xz", ".tsv.gz", ".tsv.bz2", ".tsv.xz")
 VOCAB_TENSORS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight",
@@ -55,25 +61,28 @@ def corpus_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def corpus_lines(files: list[Path]) -> Iterator[str]:
-    """Every non-empty line; in a ``.tsv`` the text after the first tab (the language code is not text)."""
+def corpus_lines(files: list[Path]) -> Iterator[tuple[str | None, str]]:
+    """(language, line) of every non-empty line: in a ``.tsv`` the code before the first tab and the text after
+    it; in a text file no language (None) and the whole line."""
     for path in files:
         tsv = ".tsv" in path.name
         with open_binary(path) as f:
             for raw in f:
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                if tsv:
-                    line = line.split("\t", 1)[-1]
+                line, lang = raw.decode("utf-8", errors="replace").rstrip("\r\n"), None
+                if tsv and "\t" in line:
+                    lang, line = line.split("\t", 1)
                 if line.strip():
-                    yield line
+                    yield lang, line
 
 
-def used_ids(tok, lines: Iterator[str]) -> tuple[np.ndarray, int, int, list[str]]:
-    """(ids that occur, number of lines, number of tokens, the first :data:`CHECK_LINES` lines)."""
+def used_ids(tok, lines: Iterator[tuple[str | None, str]]) -> tuple[np.ndarray, int, int, list[str], Counter]:
+    """(ids that occur, number of lines, number of tokens, the first :data:`CHECK_LINES` lines, lines per
+    language of the TSV files)."""
     seen = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
     num_lines = num_tokens = 0
     head: list[str] = []
     batch: list[str] = []
+    langs: Counter = Counter()
 
     def flush():
         nonlocal num_tokens
@@ -82,15 +91,17 @@ def used_ids(tok, lines: Iterator[str]) -> tuple[np.ndarray, int, int, list[str]
             num_tokens += len(enc.ids)
         batch.clear()
 
-    for line in lines:
+    for lang, line in lines:
         batch.append(line)
         num_lines += 1
+        if lang is not None:
+            langs[lang] += 1
         if len(head) < CHECK_LINES:
             head.append(line)
         if len(batch) == BATCH_LINES:
             flush()
     flush()
-    return np.flatnonzero(seen), num_lines, num_tokens, head
+    return np.flatnonzero(seen), num_lines, num_tokens, head, langs
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------------------
@@ -164,8 +175,8 @@ def trimmed_spec(spec: dict, keep: list[int]) -> dict:
     new_id = {old: new for new, old in enumerate(keep)}
     spec = json.loads(json.dumps(spec))
     model = spec["model"]
-    if model["type"] == "Unigram":
-        model["vocab"] = [model["vocab"][i] for i in keep]
+    if model["type"] == "Unigram":  # ids past the pieces are tokens added after training (added_tokens only)
+        model["vocab"] = [model["vocab"][i] for i in keep if i < len(model["vocab"])]
         if model.get("unk_id") is not None:
             model["unk_id"] = new_id[model["unk_id"]]
     else:
@@ -216,8 +227,9 @@ def write_tokenizer_files(src: Path, out: Path, spec: dict, keep: list[int]) -> 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------------
 
-def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size: int) -> dict:
-    """Write ``out/model.safetensors`` and ``out/config.json`` with the kept vocabulary rows; returns counts."""
+def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size: int, trimmed_to: dict) -> dict:
+    """Write ``out/model.safetensors`` and ``out/config.json`` with the kept vocabulary rows and ``trimmed_to``
+    (what the vocabulary was trimmed to) as ``config.json``'s ``ds_kd.trimmed_to``; returns counts."""
     import torch
     from safetensors.torch import save_file
 
@@ -245,6 +257,7 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if config.get(key) is not None:
             config[key] = new_id.get(config[key])
+    config[DS_KD_KEY] = {**config.get(DS_KD_KEY, {}), TRIMMED_KEY: trimmed_to}
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return {"embedding_rows_before": rows, "embedding_rows_after": len(keep), "trimmed_tensors": cut,
             "num_parameters_before": sum(t.numel() for t in state.values()),
@@ -268,24 +281,26 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
     full = Tokenizer.from_file(str(tok_file))
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     files = corpus_files(corpus)
-    used, num_lines, num_tokens, head = used_ids(full, corpus_lines(files))
+    used, num_lines, num_tokens, head, langs = used_ids(full, corpus_lines(files))
     keep = kept_ids(spec, used)
     new_spec = trimmed_spec(spec, keep)
     check_same_tokens(full, Tokenizer.from_str(json.dumps(new_spec)), keep, head)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = trim_checkpoint(model_dir, tmp, keep, full.get_vocab_size(with_added_tokens=True))
+    trimmed_to = {"model": str(model_dir.resolve()), "corpus": [str(f.resolve()) for f in files],
+                  "languages": sorted(langs), "lines_per_language": dict(sorted(langs.items())),
+                  "vocab_before": full.get_vocab_size(with_added_tokens=True), "vocab_after": len(keep)}
+    counts = trim_checkpoint(model_dir, tmp, keep, full.get_vocab_size(with_added_tokens=True), trimmed_to)
     write_tokenizer_files(tokenizer_dir, tmp, new_spec, keep)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"[trim_vocab] {full.get_vocab_size(with_added_tokens=True)} -> {len(keep)} tokens "
           f"({num_lines} lines, {num_tokens} tokens of corpus); parameters {counts['num_parameters_before']} -> "
           f"{counts['num_parameters_after']}", flush=True)
-    return write_manifest(out, "trim_vocab", model=str(model_dir.resolve()), tokenizer=str(tok_file.resolve()),
-                          corpus=[str(f.resolve()) for f in files], num_lines=num_lines, num_tokens=num_tokens,
-                          vocab_before=full.get_vocab_size(with_added_tokens=True), vocab_after=len(keep),
-                          checked_lines=len(head), tokenizer_model=spec["model"]["type"], **counts)
+    return write_manifest(out, "trim_vocab", **trimmed_to, tokenizer=str(tok_file.resolve()), num_lines=num_lines,
+                          num_tokens=num_tokens, checked_lines=len(head), tokenizer_model=spec["model"]["type"],
+                          **counts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -327,6 +327,15 @@ def start(job: GridJob, cfg: GridConfig, threads: int, device: str | None) -> su
     return proc
 
 
+def job_warnings(job: GridJob) -> list[str]:
+    """The unknown-token warnings of a finished job (``ds_kd.vocab_check``, from its ``result.json``): shown by
+    the grid, since the job's own are in its log."""
+    from ds_kd.vocab_check import unknown_warnings
+
+    result = json.loads((job.out / RESULT).read_text(encoding="utf-8"))
+    return unknown_warnings(job.row.model_dir, result.get("unknown_token_rates", {}))
+
+
 def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     """Run every unfinished job of the grid, ``workers`` at a time; returns counts and the failures."""
     from tqdm.auto import tqdm
@@ -380,6 +389,8 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
                 bar.update(1)
                 if proc.returncode == 0 and job.done():
                     num_done += 1
+                    for line in job_warnings(job):
+                        bar.write(f"[grid] {job.label}: {line}")
                 else:
                     failed_jobs.add(id(job))
                     failed.append((job.label, str(job.out / LOG)))

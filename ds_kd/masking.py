@@ -37,7 +37,9 @@ class MaskingConfig:
 
 
 class Masker:
-    """Applies :class:`MaskingConfig` to one 1-D sequence of token ids."""
+    """Applies :class:`MaskingConfig` to one 1-D sequence of token ids. ``special_ids``: every special id of the
+    tokenizer (:func:`ds_kd.shards.unmasked_ids`: roles and added special tokens such as language tags), never
+    selected and never drawn as a random replacement."""
 
     def __init__(self, cfg: MaskingConfig, vocab_size: int, special_ids: Iterable[int], mask_id: int):
         self.cfg = cfg

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_kd.masking import Masker, MaskingConfig, pad_batch
 from ds_kd.schema import SPLITS
-from ds_kd.shards import Block, BlockTable, lang_codes, read_shards_manifest, special_ids
+from ds_kd.shards import Block, BlockTable, lang_codes, read_shards_manifest, special_ids, unmasked_ids
 
 STATE_VERSION = 2
 SENTENCE_LOG_ENV = "DS_KD_SENTENCE_LOG"
@@ -268,7 +268,7 @@ class ShardReader:
         self.vocab_size = table.vocab_size
         shuffle = cfg.split == "train" if cfg.shuffle is None else cfg.shuffle
         epochs = cfg.epochs if cfg.epochs is not None or cfg.split == "train" else 1
-        masker = Masker(cfg.masking, self.vocab_size, special.values(), special["mask"])
+        masker = Masker(cfg.masking, self.vocab_size, unmasked_ids(self.manifest, cfg.shard_dir), special["mask"])
         plan_class = StreamPlan
         if cfg.packing:
             from ds_kd.packed_stream import PackedStreamPlan

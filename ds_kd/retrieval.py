@@ -222,6 +222,19 @@ def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
+def pair_unknown_rates(model_dir: Path | str, tokenizer, pairs: dict[str, list[tuple[str, str]]],
+                       heldout: Path | str, pivot: str) -> dict[str, float]:
+    """Unknown-token rate of each language's chosen texts (``<heldout>/<lang>/help.txt``) under ``tokenizer``,
+    reported with a warning above 1% (:func:`ds_kd.vocab_check.report_unknown`)."""
+    from ds_kd.vocab_check import report_unknown, text_unknown_rate
+
+    texts = {pivot: list(dict.fromkeys(p for lang_pairs in pairs.values() for p, _ in lang_pairs)),
+             **{lang: [x for _, x in lang_pairs] for lang, lang_pairs in pairs.items()}}
+    rates = {str(Path(heldout) / lang / "help.txt"): text_unknown_rate(tokenizer, t) for lang, t in texts.items()}
+    report_unknown(model_dir, rates)
+    return rates
+
+
 def format_table(result: dict) -> str:
     """Markdown: one row per model, X→en top-1 accuracy (%) per language and the average."""
     pivot = result["config"]["pivot"]
@@ -261,11 +274,13 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
         raise ValueError(f"--layer-of {', '.join(unknown)}: not among the models ({', '.join(models)})")
     out = Path(out)
     start = time.perf_counter()
-    for name, directory in models.items():  # every model directory is checked before the first is evaluated
-        load_tokenizer(directory, f"retrieval (--models {name})")
+    # every model directory is checked before the first is evaluated
+    tokenizers = {name: load_tokenizer(d, f"retrieval (--models {name})") for name, d in models.items()}
     pairs = read_pairs(heldout, langs, cfg)
     result = {"config": asdict(cfg), "heldout": str(heldout), "langs": list(pairs),
               "num_pairs": {lang: len(p) for lang, p in pairs.items()},
+              "unknown_token_rates": {name: pair_unknown_rates(d, tokenizers[name], pairs, heldout, cfg.pivot)
+                                      for name, d in models.items()},
               "models": {name: evaluate_model(d, pairs, cfg, name, layers.get(name)) for name, d in models.items()}}
     result["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,10 @@ Shard layout, schema version 2 (written by ``python -m data_prep corpus``, read 
 readable with plain ``webdataset`` (one sample per block)::
 
     <corpus>/shards/manifest.json            schema_version, languages, vocab size, tokenizer hash, special
-                                             token ids by role, and per split and shard: counts, bytes, sha256 and
-                                             the block table (sentences, byte offset and crc32 of each block)
+                                             token ids by role, every special id (``all_special_ids``: added
+                                             special tokens such as language tags too, never masked), and per
+                                             split and shard: counts, bytes, sha256 and the block table
+                                             (sentences, byte offset and crc32 of each block)
     <corpus>/shards/train/shard-000000.tar   blocks of many sentences each, languages interleaved (shuffled)
     <corpus>/shards/val/shard-000000.tar
 
@@ -99,6 +101,14 @@ def tokenizer_special_ids(tokenizer) -> dict[str, int]:
         if role not in ids and fallback in ids:
             ids[role] = ids[fallback]
     return ids
+
+
+def every_special_id(tokenizer) -> list[int]:
+    """Every special token id of a ``transformers`` fast tokenizer, ascending: the named ones (pad, cls, ...,
+    ``additional_special_tokens``) and every added token marked special in its ``tokenizer.json`` (language or
+    task tags such as ``<2ja>``), which transformers does not always list by name."""
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    return sorted({*map(int, tokenizer.all_special_ids), *(int(i) for i, t in added.items() if t.special)})
 
 
 def block_key(index: int) -> str:

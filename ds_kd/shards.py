@@ -82,14 +82,38 @@ def special_ids(manifest: dict, shard_dir: str | Path | None = None) -> dict[str
         ids = bpe_special_ids()
     missing = [role for role in REQUIRED_ROLES if role not in ids]
     if missing:
-        where = Path(shard_dir) / MANIFEST if shard_dir is not None else "the shards manifest"
-        flags = (f"--raw {_step_setting(corpus, 'read', 'raw') or 'RAW'} --out {corpus}"
-                 + (f" --tokenizer {source}" if source and source != "bpe" else ""))
-        raise ValueError(f"{where}: no special token ids recorded for {', '.join(missing)} (needed to mask and "
-                         f"pad; a brought tokenizer numbers them its own way, so ids 0..4 are not assumed). "
-                         f"Re-run the corpus command that wrote it, with the same flags (python -m data_prep "
-                         f"corpus {flags} ...): it records the tokenizer's ids without rewriting the shards")
+        raise ValueError(f"{_where(shard_dir)}: no special token ids recorded for {', '.join(missing)} (needed to "
+                         f"mask and pad; a brought tokenizer numbers them its own way, so ids 0..4 are not "
+                         f"assumed). {_rerun_hint(corpus, source)}")
     return ids
+
+
+def unmasked_ids(manifest: dict, shard_dir: str | Path | None = None) -> list[int]:
+    """Every special token id of the shards' tokenizer, ascending: the roles of :func:`special_ids` and the
+    manifest's ``all_special_ids`` (added special tokens too: language or task tags). MLM masking never
+    selects these and never draws them as random replacements. Raises ValueError naming the manifest and the
+    command that records them when a brought tokenizer's manifest (of an older version) lacks the list; the
+    project's own BPE has no special token beyond its roles."""
+    corpus = Path(shard_dir).parent if shard_dir is not None else None
+    recorded = manifest.get("all_special_ids")
+    source = _step_setting(corpus, "tokenizer", "source")
+    if recorded is None and source not in (None, "bpe"):
+        raise ValueError(f"{_where(shard_dir)}: no all_special_ids recorded (every special token of the brought "
+                         f"tokenizer, language tags included, which masking must leave alone). "
+                         f"{_rerun_hint(corpus, source)}")
+    return sorted({*special_ids(manifest, shard_dir).values(), *map(int, recorded or ())})
+
+
+def _where(shard_dir: str | Path | None) -> str:
+    return str(Path(shard_dir) / MANIFEST) if shard_dir is not None else "the shards manifest"
+
+
+def _rerun_hint(corpus: Path | None, source: str | None) -> str:
+    """What to run so that the corpus command records the tokenizer's special ids in finished manifests."""
+    flags = (f"--raw {_step_setting(corpus, 'read', 'raw') or 'RAW'} --out {corpus}"
+             + (f" --tokenizer {source}" if source and source != "bpe" else ""))
+    return (f"Re-run the corpus command that wrote it, with the same flags (python -m data_prep corpus {flags} "
+            f"...): it records the tokenizer's ids without rewriting the shards")
 
 
 def _step_setting(corpus: Path | None, step: str, name: str) -> str | None:

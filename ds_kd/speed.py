@@ -204,10 +204,13 @@ def format_table(result: dict) -> str:
 
 
 def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, str] | None = None,
-        texts: list[str] | None = None, lengths: list[int] | None = None, cfg: SpeedConfig = SpeedConfig()) -> dict:
+        texts: list[str] | None = None, lengths: list[int] | None = None, cfg: SpeedConfig = SpeedConfig(),
+        texts_from: str = "the given texts") -> dict:
     """Time every model; write ``<out>/speed.json`` and ``<out>/speed.md``; return the result.
 
-    Sentence lengths: ``lengths`` if given, else those of ``texts`` under the first model's tokenizer."""
+    Sentence lengths: ``lengths`` if given, else those of ``texts`` under the first model's tokenizer. The
+    unknown-token rate of ``texts`` (named ``texts_from``) under every model's tokenizer is reported, with a
+    warning above 1% (``ds_kd.vocab_check``)."""
     if not models:
         raise ValueError("no models to time")
     if cfg.threads:
@@ -219,6 +222,10 @@ def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, st
     else:
         if not texts:
             raise ValueError("give sentence lengths or texts to take them from")
+        from ds_kd.vocab_check import report_unknown, text_unknown_rate
+
+        for m in timed:
+            report_unknown(m.directory, {texts_from: text_unknown_rate(m.tokenizer, texts)})
         lengths = sentence_lengths(texts, timed[0].tokenizer, cfg)
         lengths_from = f"held-out text tokenised by {next(iter(models))}'s tokenizer"
     measured = measure(timed, lengths, cfg)

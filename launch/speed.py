@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                       num_repeats=args.repeats, threads=args.threads, seed=args.seed)
     texts = read_texts(args.heldout, args.lang) if args.heldout else None
     try:
-        result = run(models, args.out, dict(args.teacher_of), texts, args.lengths, cfg)
+        result = run(models, args.out, dict(args.teacher_of), texts, args.lengths, cfg,
+                     str(args.heldout / args.lang / "help.txt") if args.heldout else "")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

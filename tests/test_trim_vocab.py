@@ -165,3 +165,31 @@ def test_command_line_trims_a_corpus_sample_directory(tiny_corpus, tmp_path):
     manifest = json.loads((tmp_path / "trimmed" / "manifest.json").read_text())
     assert manifest["tokenizer_model"] == "BPE" and manifest["vocab_after"] <= manifest["vocab_before"]
     assert manifest["num_lines"] == sum(1 for f in (tiny_corpus / "sample").glob("*.tsv") for _ in open(f))
+
+
+@pytest.mark.parametrize("kind", ["unigram", "wordpiece", "bpe"])
+def test_tokens_added_after_training_survive_trimming(tmp_path, kind):
+    """A token added after the pieces (``add_tokens``, and a special tag ``add_special_tokens``): trimming keeps
+    both with their renumbered ids, and the trimmed tokenizer encodes the corpus as the full one does."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(kind, lines(["en", "fr", "de", "ja"], 100, seed=0))
+    tok.add_tokens(["<new>"])
+    tok.add_special_tokens([AddedToken("<2ja>", special=True)])
+    full = make_checkpoint(tmp_path / "full", tok, bare=False)
+    text = lines(["en"], 20, seed=1) + ["hello <new> world <2ja>"]
+    (tmp_path / "c.txt").write_text("".join(f"{t}\n" for t in text), encoding="utf-8")
+    trim(full, [tmp_path / "c.txt"], tmp_path / "trimmed")
+
+    new = Tokenizer.from_file(str(tmp_path / "trimmed" / "tokenizer.json"))
+    old_of_new = [tok.token_to_id(new.id_to_token(i)) for i in range(new.get_vocab_size())]
+    assert old_of_new == sorted(old_of_new) and None not in old_of_new
+    for name in ("<new>", "<2ja>"):
+        assert old_of_new[new.token_to_id(name)] == tok.token_to_id(name)
+    assert [t.content for t in new.get_added_tokens_decoder().values() if t.special][-1] == "<2ja>"
+    for a, b in zip(tok.encode_batch(text), new.encode_batch(text)):
+        assert [old_of_new[i] for i in b.ids] == a.ids
+    old_hf, new_hf = AutoTokenizer.from_pretrained(full), AutoTokenizer.from_pretrained(tmp_path / "trimmed")
+    assert [[old_of_new[i] for i in ids] for ids in new_hf(text)["input_ids"]] == old_hf(text)["input_ids"]
+    assert new_hf.all_special_tokens == old_hf.all_special_tokens

@@ -17,6 +17,7 @@ from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.model import BertForMaskedLM
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
+from ds_kd.vocab_check import report_unknown, shard_unknown_rates
 from ds_kd.warmstart import init_model
 
 log = logging.getLogger("ds_kd")
@@ -98,11 +99,13 @@ def default_layer_map(cfg: DistillRunConfig) -> DistillConfig:
 def run(cfg: DistillRunConfig) -> RunResult:
     """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); ``cfg.out``
     holding a run: see :func:`ds_kd.training.plan_out`. Raises ValueError for a teacher that does not fit the
-    shards (see :func:`load_teacher`) or a bad student before any work."""
+    shards (see :func:`load_teacher`) or a bad student before any work. The unknown-token rate of every language
+    of the validation shards is logged, with a warning above 1% naming the teacher (``ds_kd.vocab_check``)."""
 
     def plan(data: CorpusData) -> StagePlan:
         student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
         teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+        report_unknown(cfg.teacher, shard_unknown_rates(data.shard_dir, data.manifest), say=log.info)
         losses = default_layer_map(cfg)
         head_trained = losses.mlm_weight > 0 or (losses.output_weight > 0 and getattr(teacher, "has_mlm_head", True))
         if not head_trained:

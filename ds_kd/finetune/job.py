@@ -27,6 +27,7 @@ from ds_kd.model import BertForMaskedLM, count_parameters
 from ds_kd.modeldir import load_tokenizer, segment_ids_trained
 from ds_kd.optim import LRSchedule
 from ds_kd.tasks import TaskSpec, get_task, load_split, split_path, zero_shot_langs
+from ds_kd.vocab_check import report_unknown, unknown_rate
 
 RESULT = "result.json"
 MAX_TARGET_LEN = 256  # the decoder's learned positions (TaskModel's default max_target_len)
@@ -147,6 +148,9 @@ class FinetuneResult:
     """torch CPU threads the job ran with."""
     settings: dict = field(default_factory=dict)
     """What determined this result (``ds_kd.finetune.state.job_settings``), compared when the job is re-run."""
+    unknown_token_rates: dict[str, float] = field(default_factory=dict)
+    """Per task-data file read: the share of its tokens unknown to the model's tokenizer (``ds_kd.vocab_check``;
+    above 1% the job warned)."""
 
 
 @dataclass
@@ -160,6 +164,8 @@ class JobData:
     num_train_skipped: int
     max_decode_steps: int | None = None
     """``parse``: decoding stops after this many steps (1.5 x the longest training form + 8)."""
+    unknown_token_rates: dict[str, float] = field(default_factory=dict)
+    """Per file read (train, dev, every test): share of its tokens unknown to the tokenizer (``ds_kd.vocab_check``)."""
 
 
 def test_langs(root: Path | str, spec: TaskSpec) -> list[str]:
@@ -170,20 +176,32 @@ def test_langs(root: Path | str, spec: TaskSpec) -> list[str]:
 
 
 def load_job_data(cfg: FinetuneConfig, spec: TaskSpec, tokenizer) -> JobData:
+    """Read and encode English train and dev and every test language; report each file's unknown-token rate
+    (``ds_kd.vocab_check``: a warning above 1% names the model directory and the file)."""
     train = load_split(cfg.data, spec.name, "train", "en")[: cfg.max_train_examples]
     labels = build_labels(spec.kind, train)
     encoded = encode_records(tokenizer, spec.kind, train, labels, cfg.max_len)
     usable = [e for e in encoded
               if spec.kind != "parse" or (e.target is not None and len(e.target) <= MAX_TARGET_LEN)]
     longest = max((len(e.target) for e in usable), default=0) if spec.kind == "parse" else 0
+    rates: dict[str, float] = {}
+
+    def rate(name: str, lang: str, examples: list[Encoded]) -> None:
+        rates[str(split_path(cfg.data, spec.name, name, lang))] = unknown_rate(
+            (e.input_ids for e in examples), tokenizer.unk_token_id, tokenizer.all_special_ids)
 
     def split(name: str, lang: str) -> tuple[list[dict], list[Encoded]]:
         records = load_split(cfg.data, spec.name, name, lang)
-        return records, encode_records(tokenizer, spec.kind, records, labels, cfg.max_len)
+        examples = encode_records(tokenizer, spec.kind, records, labels, cfg.max_len)
+        rate(name, lang, examples)
+        return records, examples
 
+    rate("train", "en", encoded)
+    dev = split("dev", "en")
     tests = {lang: split("test", lang) for lang in test_langs(cfg.data, spec)}
-    return JobData(labels, usable, split("dev", "en"), tests, len(encoded) - len(usable),
-                   min(MAX_TARGET_LEN, int(1.5 * longest) + 8) if spec.kind == "parse" else None)
+    report_unknown(cfg.model, rates)
+    return JobData(labels, usable, dev, tests, len(encoded) - len(usable),
+                   min(MAX_TARGET_LEN, int(1.5 * longest) + 8) if spec.kind == "parse" else None, rates)
 
 
 def build_optimizer(model: TaskModel, cfg: FinetuneConfig, num_steps: int, extra: list[nn.Parameter] = ()):
@@ -319,7 +337,7 @@ def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) ->
         num_params_encoder_non_embedding=count_parameters(model.encoder, with_embeddings=False),
         num_train=len(job.data.train), num_train_skipped=job.data.num_train_skipped, device=str(job.device),
         labels=job.data.labels.to_dict(), segment_ids_trained=model.segment_ids_trained,
-        threads=torch.get_num_threads(), settings=job.settings)
+        threads=torch.get_num_threads(), settings=job.settings, unknown_token_rates=job.data.unknown_token_rates)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_model:
