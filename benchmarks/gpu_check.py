@@ -70,9 +70,13 @@ class Sizes:
     """The models and shapes of one run."""
 
     attention_model: str
+    """Preset of the attention checks' encoder."""
     pretrain_model: str
+    """Preset of the pretraining throughput steps."""
     teacher: str
+    """Preset of the distillation teacher (cast to fp16 on GPU)."""
     student: str
+    """Preset of the distillation student."""
     rows: int
     """Packed rows per batch (the shipped DeepSpeed configs' micro batch on GPU)."""
     max_len: int
@@ -109,19 +113,18 @@ def count_syncs(fn, device: torch.device) -> dict:
 
 
 def training_step(model: torch.nn.Module, params: list, loss_of, device: torch.device, dtype: torch.dtype):
-    """One optimizer step closure: ``loss_of()`` under autocast in ``dtype`` (a gradient scaler in fp16), AdamW.
-    It returns the loss tensor (no host copy)."""
+    """A closure of one optimizer step: ``loss_of()`` under autocast in ``dtype`` (a gradient scaler in fp16),
+    backward, AdamW (fused on CUDA)."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def step() -> torch.Tensor:
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype):
             loss = loss_of()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return loss.detach()
     model.train()
     return step
 
@@ -144,6 +147,7 @@ def distillation_check(sizes: Sizes, device: torch.device, dtype: torch.dtype) -
     syncs = count_syncs(step, device)
     values = {name: [float(t[name]) for t in terms] for name in terms[0]}
     finite = all(math.isfinite(x) for xs in values.values() for x in xs)
+    values = {name: [x if math.isfinite(x) else None for x in xs] for name, xs in values.items()}  # strict JSON
     return {"ok": finite, "finite": finite, "teacher": sizes.teacher, "student": sizes.student,
             "teacher_dtype": str(next(distiller.teacher.parameters()).dtype).replace("torch.", ""),
             "steps": len(terms), "terms": values, "seconds_per_step": seconds, "host_syncs_per_step": syncs}
