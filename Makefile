@@ -9,9 +9,10 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 OUT    ?= out/demo
+GPU_CHECK_OUT ?= out/gpu_check.json
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test setup clean-venv bench bench-shards
+.PHONY: demo test setup gpu-check clean-venv bench bench-shards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# One CUDA GPU, a few minutes: attention backends, the fp16 teacher, host syncs, packed pretraining tokens/s and
+# MFU, into one JSON (benchmarks/gpu_check.py). Without a GPU it says so and exits 0.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 demo: setup
 	$(PY) launch/demo.py --out $(OUT)
