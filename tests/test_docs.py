@@ -173,7 +173,8 @@ def doc_problems(doc: Path) -> list[str]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_name_only_what_exists(doc):
-    assert doc_problems(doc) == [], f"{doc.relative_to(ROOT)}: what it names does not exist"
+    problems = doc_problems(doc)
+    assert not problems, f"{doc.relative_to(ROOT)} names what does not exist:\n" + "\n".join(problems)
 
 
 def test_readme_is_a_front_page():
