@@ -51,6 +51,9 @@ class CorpusConfig:
     bpe: BpeConfig = BpeConfig()
     tokenizer: Path | None = None
     """Existing tokenizer directory (tokenizer.json or vocab.txt) to use instead of learning BPE."""
+    lowercase: bool | None = None
+    """Whether a brought ``vocab.txt`` (without tokenizer.json) lowercases; None: what its directory says
+    (``ds_kd.tokenizer_files.vocab_casing``), and refused when nothing does."""
     shard: ShardConfig = ShardConfig()
 
 
@@ -100,13 +103,15 @@ def tokenizer_step(config: CorpusConfig) -> dict:
     out = config.out / "tokenizer"
     source = str(config.tokenizer.resolve()) if config.tokenizer else "bpe"
     settings = {"source": source, **(asdict(config.bpe) if not config.tokenizer else {})}
+    if config.tokenizer and config.lowercase is not None:
+        settings["lowercase"] = config.lowercase
 
     fresh: dict = {}
 
     def work() -> dict:
         added = {}
         if config.tokenizer:
-            added = copy_existing(config.tokenizer, out)
+            added = copy_existing(config.tokenizer, out, config.lowercase)
         else:
             save_tokenizer(train_bpe(config.out / "sample" / TRAIN_FILE, config.bpe), out)
         fresh.update(describe(out))
@@ -211,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="existing tokenizer directory (tokenizer.json, transformers files or a BERT vocab.txt) "
                         "to use instead of BPE; its own special token ids (pad, unk, cls, sep, mask) are kept "
                         "and recorded; one without pad, mask, cls or sep is refused (default: learn BPE)")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a --tokenizer that is a BERT vocab.txt alone: --lowercase for an uncased vocabulary, "
+                        "--no-lowercase for a cased one (default: what its tokenizer_config.json or config.json "
+                        "says, do_lower_case or a name with 'cased'/'uncased', then the directory's name; "
+                        "refused when nothing says it)")
     p.add_argument("--block-size", type=int, default=ShardConfig.block_size,
                    help="sentences per block, the unit of a shard that is read at once")
     p.add_argument("--shard-mb", type=float, default=ShardConfig.shard_mb,
@@ -228,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> CorpusConfig:
                             bucket_mb=args.shuffle_bucket_mb),
         bpe=BpeConfig(vocab_size=args.vocab_size, max_sentences=args.bpe_sentences,
                       min_frequency=args.min_frequency, spoken=args.spoken),
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, lowercase=args.lowercase,
         shard=ShardConfig(block_size=args.block_size, shard_mb=args.shard_mb, num_workers=args.num_workers))
 
 
