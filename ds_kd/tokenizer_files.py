@@ -103,19 +103,22 @@ def load_pretrained(directory: Path | str, lowercase: bool | None = None,
     return tokenizer
 
 
-def save_tokenizer_files(tokenizer, directory: Path | str) -> None:
-    """``tokenizer.save_pretrained(directory)`` (a transformers fast tokenizer), then :func:`make_portable`."""
+def save_tokenizer_files(tokenizer, directory: Path | str, model_max_length: int) -> None:
+    """``tokenizer.save_pretrained(directory)`` (a transformers fast tokenizer), then :func:`make_portable`
+    with the model's ``max_position_embeddings`` as ``model_max_length``."""
     tokenizer.save_pretrained(str(directory))
-    make_portable(directory)
+    make_portable(directory, model_max_length=model_max_length)
 
 
-def make_portable(directory: Path | str, merges: bool = True) -> None:
+def make_portable(directory: Path | str, merges: bool = True, model_max_length: int | None = None) -> None:
     """Rewrite a tokenizer directory in place so that transformers 4.44 to 5.x load it alike.
 
     ``tokenizer_config.json`` gets :data:`PORTABLE_CLASS` and an explicit ``clean_up_tokenization_spaces``
-    (false: decoding is the tokenizer's own, whatever a version's default); with ``merges``, a BPE
-    ``tokenizer.json`` gets its merges as strings (:func:`write_legacy_merges`). Leave ``merges`` off where the
-    file's hash must not change (a copy of a corpus tokenizer that shards were written with)."""
+    (false: decoding is the tokenizer's own, whatever a version's default), and ``model_max_length`` when given
+    (a model directory's: its ``max_position_embeddings``, so that ``truncation=True`` gives inputs the model
+    takes); with ``merges``, a BPE ``tokenizer.json`` gets its merges as strings (:func:`write_legacy_merges`).
+    Leave ``merges`` off where the file's hash must not change (a copy of a corpus tokenizer that shards were
+    written with)."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if config_path.is_file():
@@ -123,6 +126,8 @@ def make_portable(directory: Path | str, merges: bool = True) -> None:
         config["tokenizer_class"] = PORTABLE_CLASS
         config.pop("backend", None)  # a 5.x-only key naming the backend class chosen above
         config.setdefault("clean_up_tokenization_spaces", False)
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if merges and (directory / TOKENIZER_FILE).is_file():
         write_legacy_merges(directory / TOKENIZER_FILE)
