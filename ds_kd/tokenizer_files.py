@@ -8,10 +8,12 @@ it did not build (shards, fine-tuning, retrieval, speed, the teacher, vocabulary
   them after a padded call; sentence-embedding models ship fixed padding to 128): otherwise every encoding
   gets pad ids the model would take for words, or is cut at the tokenizer's length. The file is not rewritten:
   a teacher's digest is over its bytes;
-- decides the casing of a BERT ``vocab.txt`` without ``tokenizer.json`` (transformers would lowercase and strip
-  accents whatever the vocabulary, so mBERT-cased's ``Paris`` became ``paris`` and ``यहाँ`` ``[UNK]``): from the
-  directory's ``tokenizer_config.json`` or ``config.json`` (``do_lower_case``, or a name saying ``cased`` /
-  ``uncased``), then its own name, else the caller's flag; nothing saying it is refused. The choice is printed.
+- keeps the casing a directory states. transformers lowercases and strips accents whenever
+  ``tokenizer_config.json`` does not say ``do_lower_case`` (mBERT-cased's ``Paris`` became ``paris`` and
+  ``यहाँ`` ``[UNK]``), even over a ``tokenizer.json`` whose BERT normaliser keeps case: that normaliser's
+  ``lowercase`` is passed on. A BERT ``vocab.txt`` without ``tokenizer.json`` takes the caller's flag when
+  given, else ``do_lower_case`` or a name saying ``cased``/``uncased`` in ``tokenizer_config.json`` or
+  ``config.json``, else the directory's own name; nothing saying it is refused. The choice is printed.
 
 Writing:
 
@@ -54,6 +56,13 @@ def read_tokenizer_json(path: Path | str):
     return encoding_only(Tokenizer.from_str(read_text(path)))
 
 
+def file_casing(tokenizer_json: Path) -> dict[str, bool]:
+    """``{"do_lower_case": ...}`` as the BERT normaliser of ``tokenizer_json`` says it; empty for other ones."""
+    normalizer = json.loads(read_text(tokenizer_json)).get("normalizer") or {}
+    lowercase = normalizer.get("lowercase") if normalizer.get("type") == "BertNormalizer" else None
+    return {"do_lower_case": lowercase} if isinstance(lowercase, bool) else {}
+
+
 def vocab_casing(directory: Path, lowercase: bool | None, how_to_say: str) -> tuple[bool, str]:
     """(lowercase, why) for the ``vocab.txt`` of ``directory`` read without ``tokenizer.json``: ``lowercase``
     when given, else what the directory says (see the module's docstring). Raises ValueError naming the file
@@ -85,10 +94,14 @@ def load_pretrained(directory: Path | str, lowercase: bool | None = None,
     from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
     directory = Path(directory)
-    if (directory / TOKENIZER_FILE).is_file() and not (directory / CONFIG_FILE).is_file():
+    tok_file, config_file = directory / TOKENIZER_FILE, directory / CONFIG_FILE
+    if tok_file.is_file() and not config_file.is_file():
         # built from the file as it is: transformers takes the pad token from its padding, switched off below
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(read_text(directory / TOKENIZER_FILE)))
-    elif (directory / TOKENIZER_FILE).is_file() or not (directory / VOCAB_FILE).is_file():
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(read_text(tok_file)))
+    elif tok_file.is_file():
+        stated = "do_lower_case" in json.loads(read_text(config_file))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **({} if stated else file_casing(tok_file)))
+    elif not (directory / VOCAB_FILE).is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     else:
         lower, why = vocab_casing(directory, lowercase, how_to_say)

@@ -116,3 +116,19 @@ def test_an_uncased_vocab_txt_is_lowercased_when_its_directory_says_so(tmp_path,
                                                            "_name_or_path": "bert-base-multilingual-uncased"})
     assert load_tokenizer(model_dir, "the test").tokenize("Paris यहाँ") == ["paris", "यहा"]
     assert "read lowercased (config.json: _name_or_path bert-base-multilingual-uncased)" in capsys.readouterr().out
+
+
+def test_a_cased_tokenizer_json_is_not_lowercased_by_a_tokenizer_config_that_omits_the_casing(tmp_path):
+    """transformers lowercases a BERT-class tokenizer whose tokenizer_config.json says no do_lower_case, over
+    a tokenizer.json that keeps case."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(CASED_VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    (model_dir / "config.json").write_text(json.dumps({"vocab_size": len(CASED_VOCAB)}))
+    assert load_tokenizer(model_dir, "the test").tokenize("Paris यहाँ is.") == ["Paris", "यहाँ", "is", "."]
