@@ -161,7 +161,11 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
 
 
 def run(config: CorpusConfig) -> dict:
-    """Run the four steps (skipping finished ones) and return their manifests by step name."""
+    """Run the four steps (skipping finished ones) and return their manifests by step name. Raises ValueError
+    for ``lowercase`` set where no ``vocab.txt`` alone is brought (it would be ignored)."""
+    if config.lowercase is not None and (config.tokenizer is None or (config.tokenizer / "tokenizer.json").is_file()):
+        raise ValueError("--lowercase/--no-lowercase applies only to a --tokenizer directory holding a vocab.txt "
+                         "without tokenizer.json (a tokenizer.json's normaliser decides the casing); drop the flag")
     read_m = read_step(config)
     sample_m = sample_step(config, read_m)
     tok_m = tokenizer_step(config)
