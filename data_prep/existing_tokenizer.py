@@ -7,7 +7,7 @@ A brought tokenizer keeps its own numbering: mBERT's WordPiece has ``[PAD]``=0, 
 1. the transformers files (``tokenizer_config.json``, ``special_tokens_map.json``) or a BERT ``vocab.txt``
    (whose tokenizer names ``[PAD]`` ... ``[MASK]``), where the named token is in the vocabulary;
 2. else, from ``tokenizer.json``: cls and sep are what its post-processor puts first and last, pad is its
-   padding token, unk its model's unknown token, and the rest the bracketed names ``[MASK]``/``<mask>``,
+   padding token (transformers names it so when it loads the file), unk its model's unknown token, and the rest the bracketed names ``[MASK]``/``<mask>``,
    ``[PAD]``/``<pad>``, ``[CLS]``/``<cls>``/``<s>``, ``[SEP]``/``<sep>``/``</s>``, ``[UNK]``/``<unk>``.
 
 A tokenizer without a pad, mask, cls or sep token is refused, naming it: MLM cannot mask or pad without
@@ -18,16 +18,13 @@ copy (said in the log and the manifest); one whose post-processor adds something
 from __future__ import annotations
 
 import json
-import tempfile
 import shutil
 from pathlib import Path
-
-from ds_kd.tokenizer_files import make_portable
 
 from tokenizers import Tokenizer, processors
 
 from ds_kd.schema import REQUIRED_ROLES, tokenizer_special_ids
-from ds_kd.textfile import read_text
+from ds_kd.tokenizer_files import load_pretrained, make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
 ROLE_NAMES = {
@@ -41,25 +38,20 @@ PROBE = "a"
 """Text encoded to see what the post-processor adds around a sequence."""
 
 
-def load_existing(tokenizer_dir: Path):
-    """An existing tokenizer directory (``tokenizer.json``, transformers files or a BERT ``vocab.txt``) as a
-    transformers fast tokenizer. Raises ``FileNotFoundError`` naming the directory when it holds none."""
-    from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
+LOWERCASE_FLAGS = "pass --lowercase (an uncased vocabulary) or --no-lowercase (a cased one) to the corpus command"
 
+
+def load_existing(tokenizer_dir: Path, lowercase: bool | None = None):
+    """An existing tokenizer directory (``tokenizer.json``, transformers files or a BERT ``vocab.txt``) as a
+    transformers fast tokenizer, ready to encode (:func:`ds_kd.tokenizer_files.load_pretrained`: padding and
+    truncation off; a ``vocab.txt``'s casing from the directory, else ``lowercase``, the corpus command's flag).
+    Raises ``FileNotFoundError`` naming the directory when it holds none, ValueError when a ``vocab.txt``'s
+    casing is unknown."""
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"{tokenizer_dir}: --tokenizer directory does not exist")
-    tok_file = tokenizer_dir / TOKENIZER_FILE
-    if tok_file.is_file() and not (tokenizer_dir / "tokenizer_config.json").is_file():
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(read_text(tok_file)))
-    if tok_file.is_file() or (tokenizer_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    vocab = tokenizer_dir / "vocab.txt"
-    if vocab.is_file():
-        text = read_text(vocab)  # a BOM would glue itself to the first token ([PAD])
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "vocab.txt").write_text(text, encoding="utf-8")
-            return BertTokenizerFast.from_pretrained(tmp)  # a local directory: nothing downloaded
-    raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer_config.json or vocab.txt in it")
+    if not any((tokenizer_dir / name).is_file() for name in (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt")):
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer_config.json or vocab.txt in it")
+    return load_pretrained(tokenizer_dir, lowercase, LOWERCASE_FLAGS)
 
 
 def roles_from_json(tok: Tokenizer) -> dict[str, int]:
@@ -70,8 +62,6 @@ def roles_from_json(tok: Tokenizer) -> dict[str, int]:
         ids["cls"] = enc.ids[0]
     if len(enc.ids) > 1 and enc.special_tokens_mask[-1]:
         ids["sep"] = enc.ids[-1]
-    if tok.padding:
-        ids["pad"] = int(tok.padding["pad_id"])
     model = json.loads(tok.to_str())["model"]
     unk = model.get("unk_id") if model.get("type") == "Unigram" else tok.token_to_id(model.get("unk_token") or "")
     if unk is not None:
@@ -116,11 +106,13 @@ def add_template(tok: Tokenizer, ids: dict[str, int]) -> None:
         special_tokens=[(cls, ids["cls"]), (sep, ids["sep"])])
 
 
-def copy_existing(tokenizer_dir: Path, out_dir: Path) -> dict:
+def copy_existing(tokenizer_dir: Path, out_dir: Path, lowercase: bool | None = None) -> dict:
     """Bring an existing tokenizer into the corpus as ``out_dir`` (``tokenizer.json`` + transformers files
-    naming its special tokens). Returns ``{"post_processor_added": bool}`` (True: the copy got ``cls $A sep``). Raises ValueError naming
+    naming its special tokens; a brought ``tokenizer.json`` byte for byte, its padding and truncation included,
+    which every loader switches off). ``lowercase``: see :func:`load_existing`. Returns
+    ``{"post_processor_added": bool}`` (True: the copy got ``cls $A sep``). Raises ValueError naming
     ``tokenizer_dir`` for a missing special token or a post-processor that does not give ``cls ... sep``."""
-    fast = load_existing(tokenizer_dir)
+    fast = load_existing(tokenizer_dir, lowercase)
     ids = special_token_ids(fast, tokenizer_dir)
     backend = fast.backend_tokenizer
     added = False

@@ -6,7 +6,8 @@ to exactly N): every training sentence of the language repeated floor(s_i / n_tr
 uniform random subset for the remainder. This is the expectation of the multinomial draw, without its noise.
 
 Validation sentences are drawn per language first; a training line whose text equals a validation
-sentence is dropped too (help texts and Wikipedia repeat lines), so no validation text is ever trained on.
+sentence of any language is dropped too (help texts and Wikipedia repeat lines, and help corpora share UI
+strings, code and names across languages), so no validation text is ever trained on.
 
 Memory stays bounded: each language file is streamed twice (choose validation, then sample) and the
 selections use sequential selection sampling (no index arrays). The shuffle writes every training copy to
@@ -123,18 +124,22 @@ def write_mix(read_dir: Path, read_counts: dict[str, dict], out_dir: Path, confi
     """Write ``train.tsv`` (shuffled mix) and ``val.tsv`` (``lang<TAB>sentence``) and return the plan."""
     langs = list(read_counts)
     out_dir.mkdir(parents=True, exist_ok=True)
-    val_sets: dict[str, set[str]] = {}
-    plans: dict[str, LangPlan] = {}
+    held_out: set[str] = set()  # every language's validation texts: lines are shared across languages
+    num_val: dict[str, int] = {}
     with open(out_dir / f".{VAL_FILE}.tmp", "w", encoding="utf-8") as val_out:
         for lang in langs:
             n = read_counts[lang]["num_sentences"]
             val = hold_out_val(read_dir / f"{lang}.txt", n, num_val_for(n, config.val_per_lang),
                                seeded(config.seed, lang, "val"))
             val_out.writelines(f"{lang}\t{s}\n" for s in val)
-            val_sets[lang] = set(val)
-            flags = select_flags(n, len(val), seeded(config.seed, lang, "val"))
-            available = count_train(read_dir / f"{lang}.txt", val_sets[lang], flags)
-            plans[lang] = LangPlan(n, len(val), available, 0.0, 0.0, 0)
+            held_out.update(val)
+            num_val[lang] = len(val)
+    plans: dict[str, LangPlan] = {}
+    for lang in langs:
+        n = read_counts[lang]["num_sentences"]
+        flags = select_flags(n, num_val[lang], seeded(config.seed, lang, "val"))
+        available = count_train(read_dir / f"{lang}.txt", held_out, flags)
+        plans[lang] = LangPlan(n, num_val[lang], available, 0.0, 0.0, 0)
     counts = {lang: plan.num_read for lang, plan in plans.items()}
     q = mix_probabilities(counts, config.alpha)
     p = mix_probabilities(counts, 1.0)
@@ -145,15 +150,16 @@ def write_mix(read_dir: Path, read_counts: dict[str, dict], out_dir: Path, confi
         if plan.num_sampled and not plan.num_train_available:
             raise ValueError(f"{read_dir / (lang + '.txt')}: no training sentence left after the validation "
                              f"hold-out; give this language more text or lower --val-per-lang")
-    num_buckets = shuffle_into(read_dir, read_counts, val_sets, plans, out_dir, config)
+    num_buckets = shuffle_into(read_dir, read_counts, held_out, plans, out_dir, config)
     os.replace(out_dir / f".{VAL_FILE}.tmp", out_dir / VAL_FILE)
     return {"total": total, "num_shuffle_buckets": num_buckets,
             "languages": {lang: vars(plan) for lang, plan in plans.items()}}
 
 
-def shuffle_into(read_dir: Path, read_counts: dict, val_sets: dict, plans: dict[str, LangPlan],
+def shuffle_into(read_dir: Path, read_counts: dict, held_out: set[str], plans: dict[str, LangPlan],
                  out_dir: Path, config: SampleConfig) -> int:
-    """Write every sampled copy to a random bucket, then shuffle the buckets one by one into train.tsv."""
+    """Write every sampled copy (no text of ``held_out``, every language's validation texts) to a random
+    bucket, then shuffle the buckets one by one into train.tsv."""
     est_bytes = sum(plans[lang].num_sampled * (read_counts[lang]["num_bytes"] / max(1, plans[lang].num_read) + 4)
                     for lang in plans)
     num_buckets = max(1, math.ceil(est_bytes / (config.bucket_mb * 2**20)))
@@ -167,7 +173,7 @@ def shuffle_into(read_dir: Path, read_counts: dict, val_sets: dict, plans: dict[
         repeats, remainder = divmod(plan.num_sampled, max(1, plan.num_train_available))
         extra = select_flags(plan.num_train_available, remainder, seeded(config.seed, lang, "extra"))
         flags = select_flags(plan.num_read, plan.num_val, seeded(config.seed, lang, "val"))
-        for sentence, more in zip(iter_train(read_dir / f"{lang}.txt", val_sets[lang], flags), extra):
+        for sentence, more in zip(iter_train(read_dir / f"{lang}.txt", held_out, flags), extra):
             for _ in range(repeats + more):
                 buckets[bucket_rng.randrange(num_buckets)].write(f"{lang}\t{sentence}\n")
                 bar.update()

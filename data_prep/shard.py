@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ds_kd.manifest import atomic_write_text
 from ds_kd.schema import (BLOCK_LANGS, BLOCK_OFFSETS, BLOCK_TOKENS, LANGS, SCHEMA_VERSION, SHARD_PATTERN,
                           block_key, check_langs, token_dtype)
+from ds_kd.tokenizer_files import read_tokenizer_json
 
 PROGRESS_DIR = ".progress"
 END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks
@@ -214,9 +215,7 @@ _TOKENIZER = None
 def init_worker(tokenizer_file: str) -> None:
     global _TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parallelism is the process pool
-    from tokenizers import Tokenizer
-
-    _TOKENIZER = Tokenizer.from_file(tokenizer_file)
+    _TOKENIZER = read_tokenizer_json(tokenizer_file)  # a brought file's padding and truncation off
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,8 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
     skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError naming the bad input."""
     from tokenizers import Tokenizer
 
+    from ds_kd.tokenizer_files import encoding_only, read_tokenizer_json
+
     if has_manifest(out):
         print(f"[trim_vocab] {out} done already, skipped", flush=True)
         return read_manifest(out)
@@ -278,13 +280,13 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not found (--model must be a checkpoint directory with a "
                                     f"tokenizer.json, or give --tokenizer)")
-    full = Tokenizer.from_file(str(tok_file))
+    full = read_tokenizer_json(tok_file)  # padding and truncation off (ds_kd.tokenizer_files)
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     files = corpus_files(corpus)
     used, num_lines, num_tokens, head, langs = used_ids(full, corpus_lines(files))
     keep = kept_ids(spec, used)
     new_spec = trimmed_spec(spec, keep)
-    check_same_tokens(full, Tokenizer.from_str(json.dumps(new_spec)), keep, head)
+    check_same_tokens(full, encoding_only(Tokenizer.from_str(json.dumps(new_spec))), keep, head)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -4,7 +4,8 @@ A model directory is a Hugging Face BERT checkpoint: ``config.json``, the weight
 (an export of ours, a fine-tuned task model, or a public checkpoint). Every command that loads one
 (fine-tuning, the grid, retrieval, speed, the distillation teacher) goes through :func:`load_tokenizer`, which
 refuses a directory without tokenizer files (transformers would build an empty tokenizer and turn every word
-into ``[UNK]``) or whose tokenizer has ids beyond the model's embedding rows. More rows than tokenizer ids is
+into ``[UNK]``) or whose tokenizer has ids beyond the model's embedding rows; it loads through
+:func:`ds_kd.tokenizer_files.load_pretrained` (padding and truncation off, a ``vocab.txt``'s casing decided). More rows than tokenizer ids is
 valid: vocabularies are often padded (e.g. 250037 rows for 250002 pieces).
 
 ds-kd records facts about its own exports under a ``"ds_kd"`` key of ``config.json`` (transformers keeps
@@ -53,16 +54,18 @@ def load_tokenizer(directory: Path | str, needed_by: str):
     """The tokenizer of model directory ``directory``, after checking it belongs to the model.
 
     Raises FileNotFoundError when the directory has no ``config.json`` or no tokenizer files, ValueError when
-    the tokenizer is empty or has token ids at or beyond the model's ``vocab_size`` embedding rows; the message
-    names the directory and ``needed_by`` (the command or flag that asked for it)."""
-    from transformers import AutoTokenizer
+    the tokenizer is empty or has token ids at or beyond the model's ``vocab_size`` embedding rows, or when
+    nothing says the casing of a ``vocab.txt`` brought without ``tokenizer.json``; the message names the
+    directory and ``needed_by`` (the command or flag that asked for it)."""
+    from ds_kd.tokenizer_files import load_pretrained
 
     directory = Path(directory)
     rows = read_config(directory).get("vocab_size")
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) next to the model "
                                 f"(needed by {needed_by}); copy the tokenizer the model was trained with into it")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = load_pretrained(directory, how_to_say=f'add "do_lower_case": false (cased) or true to '
+                                                      f'{directory / "tokenizer_config.json"} (needed by {needed_by})')
     ids = tokenizer.get_vocab().values()
     if not ids:
         raise ValueError(f"{directory}: its tokenizer has an empty vocabulary (needed by {needed_by})")

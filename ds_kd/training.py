@@ -370,7 +370,8 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
         for f in tokenizer_dir.iterdir():
             if f.is_file() and f.name != "manifest.json" and not (tmp / f.name).exists():  # never the model's files
                 shutil.copy2(f, tmp / f.name)
-        make_portable(tmp, merges=False)  # tokenizer.json stays byte-identical: its hash ties it to the shards
+        # tokenizer.json stays byte-identical (its hash ties it to the shards); the length is the model's
+        make_portable(tmp, merges=False, model_max_length=model.config.max_position_embeddings)
         shutil.rmtree(export_dir, ignore_errors=True)
         tmp.rename(export_dir)
     dist.barrier()

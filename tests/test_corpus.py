@@ -246,7 +246,8 @@ def test_existing_bert_vocab_is_used_instead_of_bpe(tmp_path):
     vocab = [*SPECIAL_TOKENS, *letters, *[f"##{c}" for c in letters], ".", "the", "##the"]
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = make_config(tmp_path / "raw", tmp_path / "out", langs=("en", "fr"), tokenizer=tmp_path / "bert")
+    config = make_config(tmp_path / "raw", tmp_path / "out", langs=("en", "fr"), tokenizer=tmp_path / "bert",
+                         lowercase=True)
     m = run(config)
     assert m["tokenizer"]["vocab_size"] == m["shards"]["vocab_size"] == len(vocab)
     assert m["shards"]["special_token_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT
 from data_prep.e5_file import read_q4_file
-from data_prep.e5_teacher import check_against_engine, convert
+from data_prep.e5_teacher import check_against_engine, check_tokens, convert, converted_embeddings
 from data_prep.unigram import precompiled_charsmap
 from q4fixture import PIECES, SHAPE, write_q4_file
 
@@ -92,13 +92,37 @@ def test_check_against_engine_records_cosine_per_language_and_refuses_below_thre
     ours = rng.normal(size=(4, 8)).astype(np.float32)
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     close = ours + 1e-4 * rng.normal(size=ours.shape).astype(np.float32)
-    result = check_against_engine(ours, [5, 6, 7, 8], close, [5, 6, 7, 8], ["en", "en", "hi", "hi"])
+    result = check_against_engine(ours, close, ["en", "en", "hi", "hi"])
     assert set(result["min_cosine_per_lang"]) == {"en", "hi"} and result["min_cosine"] > 0.999
-    assert result["token_counts_agree"]
     far = ours.copy()
     far[3] = -far[3]
     with pytest.raises(ValueError, match="cosine with the package's engine"):
-        check_against_engine(ours, [5, 6, 7, 8], far, [5, 6, 7, 8], ["en", "en", "hi", "hi"])
+        check_against_engine(ours, far, ["en", "en", "hi", "hi"])
+
+
+def test_a_tokenizer_that_splits_a_check_sentence_otherwise_than_the_engine_is_refused(converted, tmp_path):
+    """The engine's ids are those of the converted tokenizer (the C engine is the package's, not here); a copy
+    whose piece scores were altered splits "abc" as "▁ab" "c": refused, naming the language and sentence."""
+    import json
+    import shutil
+
+    directory, _, _ = converted
+    texts, langs = ["abc ab.", "b c"], ["en", "de"]
+    _, engine_ids = converted_embeddings(directory, texts)
+    engine_ids = [ids[1:-1] for ids in engine_ids]  # the engine's: content only
+    counts = [len(ids) + 2 for ids in engine_ids]
+    assert check_tokens([[0, *ids, 2] for ids in engine_ids], counts, engine_ids, langs, texts)["agree"]
+    altered = tmp_path / "altered"
+    shutil.copytree(directory, altered)
+    spec = json.loads((altered / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["vocab"] = [[p, -1.0 if p == "▁abc" else -0.1 if p in ("▁ab", "c") else s]
+                              for p, s in spec["model"]["vocab"]]
+    (altered / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    _, ours = converted_embeddings(altered, texts)
+    with pytest.raises(ValueError, match=r"encodes the en check sentence 'passage: abc ab\.'"):
+        check_tokens(ours, counts, engine_ids, langs, texts)
+    with pytest.raises(ValueError, match=r"the package's engine as \d+ tokens"):  # the prebuilt engine: counts
+        check_tokens([ids + [2] for ids in ours], counts, None, langs, texts)
 
 
 def test_a_file_of_another_format_is_refused_naming_it(tmp_path):

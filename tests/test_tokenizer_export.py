@@ -89,3 +89,26 @@ def test_fine_tuned_task_model_saves_a_portable_tokenizer(tmp_path):
     assert config["tokenizer_class"] == CLASS_KNOWN_TO_4_44
     assert AutoTokenizer.from_pretrained(str(tmp_path))("john visited paris")["input_ids"] == \
         tokenizer("john visited paris")["input_ids"]
+
+
+def test_exports_tokenizer_length_is_the_models_own(trained, tmp_path):
+    """A model with 256 positions: its export's and its fine-tuned task model's tokenizers truncate to 256
+    (the corpus tokenizer says 512), so ``truncation=True`` gives inputs the model takes."""
+    from ds_kd.finetune.data import TaskLabels
+    from ds_kd.finetune.heads import TaskModel, save_task_model
+    from ds_kd.model import BertForMaskedLM, make_config
+    from ds_kd.training import export
+
+    tok, directory = trained
+    model = BertForMaskedLM(make_config("tiny-leanbert", vocab_size=tok.get_vocab_size()))
+    assert model.config.max_position_embeddings == 256
+    export(model, directory, tmp_path / "export", {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    save_task_model(TaskModel(model.bert, "pair", TaskLabels(classes=("0", "1"))), tmp_path / "task", exported)
+    long_text = " ".join(TEXTS * 30)
+    for where in ("export", "task"):
+        hf = AutoTokenizer.from_pretrained(str(tmp_path / where))
+        assert hf.model_max_length == 256, where
+        ids = hf(long_text, truncation=True, return_tensors="pt")["input_ids"]
+        assert ids.shape[1] == 256, where
+    model.bert(ids, ids.ne(0).long())  # the model takes it (512 would be past its position table)

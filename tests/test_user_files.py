@@ -128,8 +128,8 @@ def test_other_readers_of_user_files_drop_a_bom(tmp_path):
     # a brought tokenizer: BERT vocab.txt (the first token is [PAD]) and a bare tokenizer.json
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "vocab.txt").write_bytes(with_bom("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n##b\n"))
-    assert special_token_ids(load_existing(tmp_path / "bert"), "bert")["pad"] == 0
+    assert special_token_ids(load_existing(tmp_path / "bert", lowercase=True), "bert")["pad"] == 0
     (tmp_path / "bare").mkdir()
-    tok_json = load_existing(tmp_path / "bert").backend_tokenizer.to_str()
+    tok_json = load_existing(tmp_path / "bert", lowercase=True).backend_tokenizer.to_str()
     (tmp_path / "bare" / "tokenizer.json").write_bytes(with_bom(tok_json))
     assert load_existing(tmp_path / "bare").backend_tokenizer.token_to_id("[PAD]") == 0

@@ -184,7 +184,7 @@ def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **i
     if tokenizer is not None:
         from ds_kd.tokenizer_files import save_tokenizer_files
 
-        save_tokenizer_files(tokenizer, directory)
+        save_tokenizer_files(tokenizer, directory, model.encoder.config.max_position_embeddings)
 
 
 def load_task_model(directory: Path | str) -> tuple[TaskModel, dict]:
