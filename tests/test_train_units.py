@@ -267,10 +267,31 @@ def test_json_optimizer_and_scheduler_blocks_are_honoured_and_the_effective_conf
 
     reference = WarmupLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **scheduler["params"])
     want = []
-    for _ in range(3):  # DeepSpeed's own schedule, stepped once per optimizer step
+    for _ in range(3):  # DeepSpeed's own schedule: each optimizer step applies the rate set before it
+        want.append(reference.optimizer.param_groups[0]["lr"])
         reference.step()
-        want.append(reference.get_lr()[0])
     assert lrs == pytest.approx(want, rel=1e-6) and want[-1] > want[0]
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_applied_down_to_the_last(tiny_corpus, tmp_path, monkeypatch):
+    from ds_kd.logbook import read_metrics
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    applied = []
+    take_step = DeepSpeedEngine._take_model_step
+
+    def spy(self, *args, **kwargs):  # the rate the optimizer's update uses, read as the engine updates
+        applied.append(self.optimizer.param_groups[0]["lr"])
+        return take_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "_take_model_step", spy)
+    run(config(tiny_corpus, tmp_path, max_steps=4, log_every=1, warmup_steps=1, decay="linear", lr=1e-3,
+               num_workers=0))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    # warm-up of one step, then linear decay to 0 at the end of step 4: the last step still applies a third
+    assert lrs == pytest.approx(applied)
+    assert applied == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
 
 def test_logged_training_metrics_are_window_means_with_wall_clock(tmp_path):
