@@ -1,6 +1,7 @@
 """Fast checks of the training pieces that need no launcher: bad input, schedules, LAMB, config overrides."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -317,15 +318,49 @@ def test_logged_training_metrics_are_window_means_with_wall_clock(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step*")) == ["step00000005", "step00000006"]
 
 
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``: a 7-byte header, then LevelDB-log blocks of
+    32 KiB whose chunks carry protobuf ``wandb_internal.Record`` s)."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, records, pos, chunk = path.read_bytes(), [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            records.append(Record.FromString(chunk))
+            chunk = b""
+    return records
+
+
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     from ds_kd.logbook import WANDB_ID_FILE, Logbook, WandbConfig, wandb_key
 
     ids = []
-    for _ in range(2):
-        book = Logbook(tmp_path, True, WandbConfig(mode="offline"), {"a": 1}, 2)
-        book.log(1, {"loss": 1.0, "val_ppl": 3.0})
+    for first, last in ((1, 3), (2, 4)):  # the second process resumes from a checkpoint of step 1
+        book = Logbook(tmp_path, True, WandbConfig(mode="offline"), {"a": 1}, 4, initial_step=first - 1)
+        for step in range(first, last + 1):
+            book.log(step, {"loss": 1.0 / step})
+        book.log(last, {"val_ppl": 3.0})
         ids.append(book.wandb_run.id)
         book.close()
     assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+    fragments = [wandb_records(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
+    assert len(fragments) == 2  # W&B writes one file per process; `wandb sync` joins those of a resumed run
+    for records, steps in zip(fragments, ([1, 2, 3], [2, 3, 4])):
+        run = next(r.run for r in records if r.HasField("run"))
+        assert run.run_id == ids[0] and run.resume  # marked as a resume of the one run, for `wandb sync`
+        history = [r.history for r in records if r.HasField("history")]
+        # the history continues at the resumed step (it restarted at 0), train and val rows of a step joined
+        assert [h.step.num for h in history] == steps
+        assert [json.loads(next(i.value_json for i in h.item if i.key == "optimizer_step" or
+                                i.nested_key == ["optimizer_step"])) for h in history] == steps
     assert (wandb_key("loss"), wandb_key("val_ppl_fr"), wandb_key("elapsed_s")) == (
         "train/loss", "val/ppl_fr", "time/elapsed_s")
