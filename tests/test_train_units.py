@@ -115,6 +115,31 @@ def test_distillation_checks_max_len_against_teacher_and_student(tiny_corpus, tm
     assert not (tmp_path / "kd").exists()
 
 
+def test_a_teacher_that_overflows_in_fp16_is_named_as_the_cause_with_what_to_do(tiny_corpus, tmp_path, monkeypatch):
+    from ds_kd.distill import run as distill_run
+    from ds_kd.distill.run import DistillRunConfig
+    from ds_kd.loop import NonFiniteLossError
+    from ds_kd.model import BertForMaskedLM, make_config
+
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    teacher = BertForMaskedLM(make_config("tiny-base", vocab_size=vocab))
+    with torch.no_grad():  # layer 1's feed-forward output sums ~0.8 x 1000 x 192: past fp16's 65504, fine in fp32
+        teacher.bert.encoder.layer[0].intermediate.dense.bias.fill_(1.0)
+        teacher.bert.encoder.layer[0].output.dense.weight.fill_(1000.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    for f in (tiny_corpus / "tokenizer").iterdir():
+        shutil.copy2(f, tmp_path / "teacher" / f.name)
+    monkeypatch.setattr(distill_run, "resolve_teacher_dtype", lambda *a: torch.float16)  # as on a GPU
+    cfg = DistillRunConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "kd"),
+                           teacher=str(tmp_path / "teacher"), student="tiny-leanbert", max_steps=2, num_workers=0,
+                           ds_overrides={"fp16.enabled": False})  # an fp32 engine: the student cannot overflow
+    with pytest.raises(NonFiniteLossError) as raised:
+        distill_run.run(cfg)
+    message = str(raised.value)
+    assert "teacher: it overflowed in fp16" in message and "from its layer 1 on" in message
+    assert "--teacher-dtype bf16" in message and "--overwrite" in message and "lower the learning rate" not in message
+
+
 class _Fp16Engine:
     """The engine surface the loop uses; ``overflow_at`` lists the optimizer-step attempts (1-based) whose
     update DeepSpeed's loss scaler skips."""
