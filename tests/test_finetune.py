@@ -184,20 +184,31 @@ def job_config(model_dir, data, out, **kw) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_runs_own_zero_shot_average_counts_every_tested_language_and_the_papers_keeps_its_exclusions(task):
+    from ds_kd.finetune.job import zero_shot_split
+
+    spec = TASKS[task]
+    tested = [*spec.test_langs, "zz"]  # every language of the paper's table, and one beyond it
+    paper, own = zero_shot_split(spec, tested)
+    assert own == [lang for lang in tested if lang != "en"]
+    assert paper == [lang for lang in spec.test_langs if lang != "en" and lang not in spec.zero_shot_exclude]
+
+
 def test_job_writes_result_with_zero_shot_average(model_dir, tmp_path):
-    # PAWS-X: ja is a test language left out of the zero-shot average; it is an extra test split.
+    # PAWS-X: ja is a test language the paper leaves out of its zero-shot average; "it" is an extra test split.
     data = write_task_data(tmp_path / "data", "pawsx", "pair", ["en", "fr", "de", "es", "ja", "it"],
                            num_train=24, num_eval=8)
     result = run(job_config(model_dir, data, tmp_path / "job"))
     saved = read_result(tmp_path / "job")
     assert set(saved["scores"]) == {"en", "fr", "de", "es", "ja", "it"}
-    # The paper's average keeps the paper's list; the run's own also counts "it", tested but not in the paper.
+    # The paper's average keeps the paper's list; the run's own counts every tested language: ja and "it" too.
     assert saved["zero_shot_langs_paper"] == ["fr", "de", "es"]
     assert saved["zero_shot_avg_paper"] == pytest.approx(
         statistics.mean(saved["scores"][lang]["accuracy"] for lang in ("fr", "de", "es")))
-    assert saved["zero_shot_langs"] == ["fr", "de", "es", "it"]
+    assert saved["zero_shot_langs"] == ["fr", "de", "es", "ja", "it"]
     assert saved["zero_shot_avg"] == pytest.approx(
-        statistics.mean(saved["scores"][lang]["accuracy"] for lang in ("fr", "de", "es", "it")))
+        statistics.mean(saved["scores"][lang]["accuracy"] for lang in ("fr", "de", "es", "ja", "it")))
     assert saved["en"] == saved["scores"]["en"]["accuracy"] and saved["metric"] == "accuracy"
     assert saved["task"] == "pawsx" and saved["seed"] == 3 and saved["model"] == "tiny"
     assert saved["best_epoch"] in (1, 2) and len(saved["dev_history"]) == 2

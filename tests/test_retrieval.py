@@ -161,3 +161,40 @@ def test_any_language_code_of_the_heldout_directory(models, tmp_path, capsys):
     # Without --langs: every language the held-out directory aligns to English.
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 0
     assert json.loads((out / "retrieval.json").read_text())["langs"] == ["sw", "zh-hans"]
+
+
+def test_a_model_is_pooled_by_its_recorded_recipe_and_every_row_says_how_it_was_pooled(models, tmp_path):
+    import transformers
+
+    from data_prep.e5_teacher import convert
+    from ds_kd.retrieval import Pooling, embed, load_encoder
+    from q4fixture import write_q4_file
+
+    write_q4_file(tmp_path / "tiny-q4.bin", seed=3)
+    convert(tmp_path / "tiny-q4.bin", tmp_path / "e5")  # the e5 conversion records e5's recipe
+    e5 = tmp_path / "e5"
+    texts = ["abc ab. abc", "ab abc. ab abc", "c b a abc ab"]
+    # e5's recipe by hand, through transformers: "query: " + text, mean of the last layer over the attention mask
+    hf = transformers.BertModel.from_pretrained(e5, add_pooling_layer=False).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(e5)(["query: " + t for t in texts], padding=True,
+                                                           return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    encoder, tokenizer, num_layers = load_encoder(e5)
+    pooling = Pooling.of(e5, None, "xtreme")
+    got = embed(encoder, tokenizer, texts, [num_layers], RetrievalConfig(), pooling=pooling)[0]
+    assert pooling.layer == "last" and torch.allclose(got, want, atol=1e-5)
+
+    en = [f"{t} {i}" for i, t in enumerate(sentences(12, seed=5))]
+    heldout = write_heldout(tmp_path / "h", {"en": en, "fr": [" ".join(s.split()[::2]) for s in en]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"e5={e5}", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(out), "--langs", "fr"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["models"]["e5"]["layer"] == num_layers  # the recipe's layer, not the default --layer xtreme
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "retrieval.md").read_text().splitlines()
+            if line.startswith("| e5 ") or line.startswith("| base ")}
+    assert "'query: ' + text" in rows["e5"] and "[CLS]/[SEP] included" in rows["e5"] and "recipe" in rows["e5"]
+    assert "the sub-word tokens, of the text as is" in rows["base"] and "recipe" not in rows["base"]

@@ -1,6 +1,7 @@
 """Fast checks of the training pieces that need no launcher: bad input, schedules, LAMB, config overrides."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,6 +113,31 @@ def test_distillation_checks_max_len_against_teacher_and_student(tiny_corpus, tm
     with pytest.raises(ValueError, match=r"--max-len 100 exceeds the teacher's 64 position embeddings"):
         distill(cfg)
     assert not (tmp_path / "kd").exists()
+
+
+def test_a_teacher_that_overflows_in_fp16_is_named_as_the_cause_with_what_to_do(tiny_corpus, tmp_path, monkeypatch):
+    from ds_kd.distill import run as distill_run
+    from ds_kd.distill.run import DistillRunConfig
+    from ds_kd.loop import NonFiniteLossError
+    from ds_kd.model import BertForMaskedLM, make_config
+
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    teacher = BertForMaskedLM(make_config("tiny-base", vocab_size=vocab))
+    with torch.no_grad():  # layer 1's feed-forward output sums ~0.8 x 1000 x 192: past fp16's 65504, fine in fp32
+        teacher.bert.encoder.layer[0].intermediate.dense.bias.fill_(1.0)
+        teacher.bert.encoder.layer[0].output.dense.weight.fill_(1000.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    for f in (tiny_corpus / "tokenizer").iterdir():
+        shutil.copy2(f, tmp_path / "teacher" / f.name)
+    monkeypatch.setattr(distill_run, "resolve_teacher_dtype", lambda *a: torch.float16)  # as on a GPU
+    cfg = DistillRunConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "kd"),
+                           teacher=str(tmp_path / "teacher"), student="tiny-leanbert", max_steps=2, num_workers=0,
+                           ds_overrides={"fp16.enabled": False})  # an fp32 engine: the student cannot overflow
+    with pytest.raises(NonFiniteLossError) as raised:
+        distill_run.run(cfg)
+    message = str(raised.value)
+    assert "teacher: it overflowed in fp16" in message and "from its layer 1 on" in message
+    assert "--teacher-dtype bf16" in message and "--overwrite" in message and "lower the learning rate" not in message
 
 
 class _Fp16Engine:
@@ -267,10 +293,31 @@ def test_json_optimizer_and_scheduler_blocks_are_honoured_and_the_effective_conf
 
     reference = WarmupLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **scheduler["params"])
     want = []
-    for _ in range(3):  # DeepSpeed's own schedule, stepped once per optimizer step
+    for _ in range(3):  # DeepSpeed's own schedule: each optimizer step applies the rate set before it
+        want.append(reference.optimizer.param_groups[0]["lr"])
         reference.step()
-        want.append(reference.get_lr()[0])
     assert lrs == pytest.approx(want, rel=1e-6) and want[-1] > want[0]
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_applied_down_to_the_last(tiny_corpus, tmp_path, monkeypatch):
+    from ds_kd.logbook import read_metrics
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    applied = []
+    take_step = DeepSpeedEngine._take_model_step
+
+    def spy(self, *args, **kwargs):  # the rate the optimizer's update uses, read as the engine updates
+        applied.append(self.optimizer.param_groups[0]["lr"])
+        return take_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "_take_model_step", spy)
+    run(config(tiny_corpus, tmp_path, max_steps=4, log_every=1, warmup_steps=1, decay="linear", lr=1e-3,
+               num_workers=0))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    # warm-up of one step, then linear decay to 0 at the end of step 4: the last step still applies a third
+    assert lrs == pytest.approx(applied)
+    assert applied == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
 
 def test_logged_training_metrics_are_window_means_with_wall_clock(tmp_path):
@@ -296,15 +343,49 @@ def test_logged_training_metrics_are_window_means_with_wall_clock(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step*")) == ["step00000005", "step00000006"]
 
 
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``: a 7-byte header, then LevelDB-log blocks of
+    32 KiB whose chunks carry protobuf ``wandb_internal.Record`` s)."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, records, pos, chunk = path.read_bytes(), [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            records.append(Record.FromString(chunk))
+            chunk = b""
+    return records
+
+
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     from ds_kd.logbook import WANDB_ID_FILE, Logbook, WandbConfig, wandb_key
 
     ids = []
-    for _ in range(2):
-        book = Logbook(tmp_path, True, WandbConfig(mode="offline"), {"a": 1}, 2)
-        book.log(1, {"loss": 1.0, "val_ppl": 3.0})
+    for first, last in ((1, 3), (2, 4)):  # the second process resumes from a checkpoint of step 1
+        book = Logbook(tmp_path, True, WandbConfig(mode="offline"), {"a": 1}, 4, initial_step=first - 1)
+        for step in range(first, last + 1):
+            book.log(step, {"loss": 1.0 / step})
+        book.log(last, {"val_ppl": 3.0})
         ids.append(book.wandb_run.id)
         book.close()
     assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+    fragments = [wandb_records(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
+    assert len(fragments) == 2  # W&B writes one file per process; `wandb sync` joins those of a resumed run
+    for records, steps in zip(fragments, ([1, 2, 3], [2, 3, 4])):
+        run = next(r.run for r in records if r.HasField("run"))
+        assert run.run_id == ids[0] and run.resume  # marked as a resume of the one run, for `wandb sync`
+        history = [r.history for r in records if r.HasField("history")]
+        # the history continues at the resumed step (it restarted at 0), train and val rows of a step joined
+        assert [h.step.num for h in history] == steps
+        assert [json.loads(next(i.value_json for i in h.item if i.key == "optimizer_step" or
+                                i.nested_key == ["optimizer_step"])) for h in history] == steps
     assert (wandb_key("loss"), wandb_key("val_ppl_fr"), wandb_key("elapsed_s")) == (
         "train/loss", "val/ppl_fr", "time/elapsed_s")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
-from ds_kd.model import BertForMaskedLM, EncoderOutput, masked_lm_loss
+from ds_kd.model import BertForMaskedLM, EncoderOutput, MLMOutput, masked_lm_loss
 from ds_kd.sentence_attention import SentenceBuckets
 
 log = logging.getLogger(__name__)
@@ -221,20 +221,14 @@ class Distiller(nn.Module):
         cfg = self.config
         denominators = denominators or {}
         input_ids, labels = batch["input_ids"], batch["labels"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        token_type_ids = batch.get("token_type_ids")
-        packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
-        if packing["sequence_ids"] is not None:  # one per-sentence layout for teacher and student
-            packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])
+        attention_mask, packing = _inputs(batch)
         masked_BT = labels.ne(-100)
         nowhere_BT = torch.zeros_like(masked_BT)  # no logits: the MLM head runs on zero rows
         want_hidden = cfg.embedding_weight > 0 or cfg.hidden_weight > 0
         want_scores = cfg.attention_weight > 0
         want_logits = cfg.mlm_weight > 0 or self.output_enabled
 
-        student = self.student(input_ids, attention_mask, token_type_ids=token_type_ids,
+        student = self.student(input_ids, attention_mask, token_type_ids=batch.get("token_type_ids"),
                                predicted=masked_BT if want_logits else nowhere_BT,
                                output_hidden_states=want_hidden, output_attention_scores=want_scores, **packing)
         # One log-softmax over the vocabulary serves the MLM loss and, at T = 1, the output loss.
@@ -243,11 +237,7 @@ class Distiller(nn.Module):
         if cfg.mlm_weight > 0:
             terms["mlm"] = masked_lm_loss(None, labels[masked_BT], denominators.get("masked"), log_probs)
         if self.output_enabled or want_hidden or want_scores:
-            with torch.no_grad():
-                teacher = self.teacher(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                       predicted=masked_BT if self.output_enabled else nowhere_BT,
-                                       output_hidden_states=want_hidden, output_attention_scores=want_scores,
-                                       **packing)
+            teacher = self._teacher(batch, attention_mask, packing, want_hidden, want_scores)
             if self.output_enabled:
                 terms["output"] = soft_cross_entropy(student.logits, teacher.logits[:, :self.vocab_size], cfg.temperature,
                                                      log_probs if cfg.temperature == 1.0 else None,
@@ -258,6 +248,36 @@ class Distiller(nn.Module):
         logged = {name: value.detach() for name, value in terms.items()}
         logged["total"] = loss.detach()
         return DistillOutput(loss, logged)
+
+    @torch.no_grad()
+    def _teacher(self, batch: Mapping[str, torch.Tensor], attention_mask: torch.Tensor, packing: dict,
+                 hidden: bool, scores: bool) -> MLMOutput:
+        """The frozen teacher on ``batch``: logits at the masked positions when the output loss is on."""
+        masked_BT = batch["labels"].ne(-100)
+        return self.teacher(batch["input_ids"], attention_mask, token_type_ids=batch.get("token_type_ids"),
+                            predicted=masked_BT if self.output_enabled else torch.zeros_like(masked_BT),
+                            output_hidden_states=hidden, output_attention_scores=scores, **packing)
+
+    def first_nonfinite_teacher_output(self, batch: Mapping[str, torch.Tensor]) -> str | None:
+        """Where the teacher's outputs on ``batch`` (as :meth:`forward` takes it) first stop being finite:
+        "embeddings", "layer <i>" or "logits"; None when every one is finite. A half-precision teacher whose
+        activations leave its range (±65504 in fp16) gives inf, then NaN, and so does every loss it feeds."""
+        attention_mask, packing = _inputs(batch)
+        out = self._teacher(batch, attention_mask, packing, hidden=True, scores=False)
+        named = [("embeddings" if i == 0 else f"layer {i}", h) for i, h in enumerate(out.encoder.hidden_states)]
+        return next((name for name, t in [*named, ("logits", out.logits)] if not torch.isfinite(t).all()), None)
+
+
+def _inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """(attention mask, all ones when the batch has none; the packing inputs of teacher and student, with one
+    per-sentence layout built for both)."""
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(batch["input_ids"])
+    packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
+    if packing["sequence_ids"] is not None:
+        packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])
+    return attention_mask, packing
 
 
 def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
+from ds_kd.loop import NonFiniteLossError
 from ds_kd.model import BertForMaskedLM
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
@@ -102,6 +103,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     shards (see :func:`load_teacher`) or a bad student before any work. The unknown-token rate of every language
     of the validation shards is logged, with a warning above 1% naming the teacher (``ds_kd.vocab_check``)."""
 
+    seen: dict = {}  # the Distiller and its last micro-batch: what tells whether a non-finite loss was the teacher's
+
     def plan(data: CorpusData) -> StagePlan:
         student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
         teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
@@ -129,7 +132,10 @@ def run(cfg: DistillRunConfig) -> RunResult:
             summary = distiller.summary()
             log.info("distillation: %s", summary)
 
+            seen["distiller"] = distiller
+
             def step(engine, batch, denominators):
+                seen["batch"] = batch
                 out = engine(batch, denominators)
                 return out.loss, {k: v for k, v in out.terms.items() if k != "total"}
 
@@ -147,6 +153,32 @@ def run(cfg: DistillRunConfig) -> RunResult:
 
         return StagePlan({"teacher": teacher.config, "student": student_cfg}, build)
 
-    return run_stage(cfg, "distill", "distillation",
-                     {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                      "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan)
+    try:
+        return run_stage(cfg, "distill", "distillation",
+                         {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan)
+    except NonFiniteLossError as error:
+        if (message := teacher_overflow(seen["distiller"], seen["batch"])) is not None:
+            raise NonFiniteLossError(message) from error
+        raise
+
+
+def teacher_overflow(distiller: Distiller, batch: dict) -> str | None:
+    """After a non-finite loss (every rank calls this, together): the one-line message naming the teacher as the
+    cause, and what to do, when its outputs on ``batch`` (the last micro-batch) are not finite on some rank;
+    None when they all are (the loss went non-finite elsewhere)."""
+    where = distiller.first_nonfinite_teacher_output(batch)
+    if not dist.all_reduce(torch.tensor(float(where is not None), device=dist.device()), "max").item():
+        return None
+    dtype = str(next(distiller.teacher.parameters()).dtype).replace("torch.", "")
+    found = f"from its {where} on" if where else "on another rank"
+    if dtype != "float16":
+        return f"non-finite loss from the teacher: its {dtype} outputs are not finite ({found}); check the " \
+               f"teacher's weights (--teacher)"
+    engine_fp16 = any(p.dtype == torch.float16 for p in distiller.student.parameters())
+    fix = ("the fp16 DeepSpeed config casts the teacher too: start again with a bf16 or fp32 config "
+           "(--ds-override fp16.enabled=false) and --overwrite" if engine_fp16 else
+           "start again with --teacher-dtype bf16 (or fp32) and --overwrite (a resume keeps the run's teacher "
+           "precision)")
+    return (f"non-finite loss from the teacher: it overflowed in fp16 (activations past ±65504; its outputs are "
+            f"not finite {found}), not the student, the learning rate or the data; {fix}")

@@ -3,8 +3,8 @@
 ``run(FinetuneConfig(...))`` writes ``<out>/result.json`` (atomically, last) and returns a ``FinetuneResult``.
 Two zero-shot averages of the headline metric: the paper's (``zero_shot_avg_paper``, over
 ``ds_kd.tasks.zero_shot_langs(spec)`` that have test data: the paper's table languages but English and the
-task's exclusions, e.g. PAWS-X ja), and the run's own (``zero_shot_avg``), which also counts every other
-non-English language tested. After every epoch a checkpoint (``ds_kd.finetune.state``) lets ``resume`` continue
+task's exclusions, e.g. PAWS-X ja), and the run's own (``zero_shot_avg``), over every non-English language
+tested (PAWS-X ja included). After every epoch a checkpoint (``ds_kd.finetune.state``) lets ``resume`` continue
 a killed job exactly.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ class FinetuneResult:
     zero_shot_avg: float | None
     """This run's zero-shot average: mean headline metric over ``zero_shot_langs`` (None when empty)."""
     zero_shot_langs: list[str]
-    """Every non-English test language of this run but the task's exclusions: the paper's, then others."""
+    """Every non-English test language of this run, the task's exclusions included (PAWS-X ja)."""
     zero_shot_avg_paper: float | None
     """The paper's zero-shot average: over ``zero_shot_langs_paper`` (what the report's tables show)."""
     zero_shot_langs_paper: list[str]
@@ -349,11 +349,9 @@ def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) ->
 
 
 def zero_shot_split(spec: TaskSpec, tested: list[str]) -> tuple[list[str], list[str]]:
-    """(the paper's zero-shot languages that were tested, this run's: those plus every other tested language
-    but English and the task's exclusions)."""
-    paper = [lang for lang in zero_shot_langs(spec) if lang in tested]
-    others = [lang for lang in tested if lang != "en" and lang not in spec.test_langs]
-    return paper, paper + others
+    """(the paper's zero-shot languages that were tested: the task's exclusions left out, as the paper; this
+    run's: every tested language but English, in ``tested``'s order, exclusions included)."""
+    return [lang for lang in zero_shot_langs(spec) if lang in tested], [lang for lang in tested if lang != "en"]
 
 
 def run(cfg: FinetuneConfig, loss_fn: LossFn = task_loss) -> FinetuneResult:
