@@ -40,6 +40,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# Everything but the tests that start ranks through the deepspeed launcher (marked `slow` by tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
 bench: setup
 	$(PY) -m data_prep.bench_corpus
 

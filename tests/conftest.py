@@ -105,3 +105,44 @@ def tiny_corpus(tmp_path_factory) -> Path:
                      bpe=BpeConfig(vocab_size=300),
                      shard=ShardConfig(block_size=100, shard_mb=0.02, num_workers=1, batch_size=64)))
     return root / "corpus"
+
+
+LAUNCHER_CALLS = ("deepspeed_cmd", "run_until_checkpoint")
+"""The helpers above that start ranks through the real ``deepspeed`` launcher."""
+
+
+def _launcher_helpers(module) -> set[str]:
+    """Names of the module's functions that reach a launcher call, directly or through one another."""
+    import inspect
+
+    sources = {name: inspect.getsource(fn) for name, fn in vars(module).items()
+               if inspect.isfunction(fn) and getattr(fn, "__module__", None) == module.__name__}
+    found = set(LAUNCHER_CALLS)
+    while True:
+        more = {name for name, src in sources.items() if name not in found and any(f in src for f in found)}
+        if not more:
+            return found
+        found |= more
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs the ``deepspeed`` launcher (itself, through a helper, or through one of its
+    fixtures) ``slow``, so that ``make test-fast`` (``-m "not slow"``) runs the rest; nobody has to remember the
+    mark when writing such a test."""
+    import inspect
+
+    helpers: dict[str, set[str]] = {}
+    for item in items:
+        module = item.module
+        names = helpers.setdefault(module.__name__, _launcher_helpers(module))
+        funcs = [item.function] + [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
+        for fn in funcs:
+            fn_module = sys.modules.get(getattr(fn, "__module__", ""), module)
+            known = names | helpers.setdefault(fn_module.__name__, _launcher_helpers(fn_module))
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            if any(name in src for name in known):
+                item.add_marker(pytest.mark.slow)
+                break
