@@ -28,27 +28,30 @@ log = logging.getLogger("ds_kd")
 def init_distributed(timeout_minutes: float = 10.0) -> None:
     """Join the process group the ``deepspeed`` launcher describes (env://), or make a group of one.
 
-    The timeout bounds how long a rank waits in a collective for a peer that died (then the job exits)."""
+    Each rank's accelerator device is set to its ``LOCAL_RANK`` first: DeepSpeed sets it only in
+    ``DeepSpeedEngine.__init__``, so a collective before the engine (the teacher's digest, a barrier) would run
+    every rank on device 0 (NCCL: "Duplicate GPU detected", or a wait until the timeout). The timeout bounds how
+    long a rank waits in a collective for a peer that died (then the job exits)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if dist.is_available() and dist.is_initialized():
         return
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    choose_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     if "RANK" not in os.environ:  # run directly with python: a single-process group
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
-        chosen = "MASTER_PORT" not in os.environ
-        for attempt in range(3):
-            if chosen:
-                os.environ["MASTER_PORT"] = str(_free_port())
-            try:
-                deepspeed.init_distributed(timeout=timeout, verbose=False)
-                break
-            except dist.DistNetworkError:  # the free port was taken by another process in between: take another
-                if not chosen or attempt == 2:
-                    raise
-    else:
-        deepspeed.init_distributed(timeout=timeout, verbose=False)
+    get_accelerator().set_device(local_rank())
+    for attempt in range(3 if choose_port else 1):
+        if choose_port:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            deepspeed.init_distributed(timeout=timeout, verbose=False)
+            break
+        except dist.DistNetworkError:  # the free port was taken by another process in between: take another
+            if not choose_port or attempt == 2:
+                raise
     if accelerator_name() == "cpu":
         remove_shm_buffer_name()
     if accelerator_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
