@@ -238,11 +238,16 @@ def engine_settings(engine) -> dict:
     }
 
 
-def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights of ``module`` (master weights where the optimizer keeps them), gathered under any
-    ZeRO stage; every rank must call it; rank 0 gets the dict, the others None."""
+def gather_full_state_dict(module: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights of ``module``, gathered under any ZeRO stage; every rank must call it; rank 0 gets the
+    dict, the others None.
+
+    A trained parameter comes from the optimizer's fp32 master copy where it keeps one: ZeRO's partitions, and
+    at ZeRO stage 0 in fp16/bf16 the engine's ``optimizer`` (DeepSpeed's fp16/bf16 optimizer keeps the masters
+    apart from the module, whose half copy is rounded). Frozen parameters and buffers come from the module."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    masters = _half_precision_masters(optimizer)
     state = {}
     seen: dict[int, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -252,6 +257,8 @@ def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] |
             continue
         seen[id(param)] = name
         full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            full = masters.get(id(param))
         if full is None:  # frozen or not managed by the optimizer: gather the module weight itself
             full = _gather_param(param)
         if is_main():
@@ -260,6 +267,20 @@ def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] |
         if is_main():
             state[name] = buf.detach().to("cpu").clone()
     return state if is_main() else None
+
+
+def _half_precision_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> its fp32 master weight, for DeepSpeed's fp16/bf16 optimizer of ZeRO stage 0.
+
+    With a client optimizer (ours: ``ds_kd.optim.build_optimizer``) DeepSpeed wraps it in
+    ``FP16_UnfusedOptimizer``, which keeps one fp32 copy per parameter but gives the parameter no
+    ``_hp_mapping``, so ``safe_get_full_fp32_param`` returns None there."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(param): master for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+            for param, master in zip(group, masters)}
 
 
 def _gather_param(param: torch.nn.Parameter) -> torch.Tensor:

@@ -334,7 +334,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     if len(set(digests)) != 1:
         raise RuntimeError(f"the ranks' weights differ after training (digests {digests}): replicas diverged")
     extra_manifest = {**job.manifest, **(job.final_check() if job.final_check is not None else {})}
-    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids)
+    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids, engine.optimizer)
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
@@ -350,8 +350,10 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
 
 
 def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
-           special_ids: dict[str, int]) -> Path | None:
-    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
+           special_ids: dict[str, int], optimizer=None) -> Path | None:
+    """Consolidated fp32 weights (gathered under ZeRO-3; the fp32 master weights of the engine's ``optimizer``
+    where it keeps them, see :func:`ds_kd.engine.gather_full_state_dict`) + config + tokenizer as a HF
+    directory, on rank 0.
 
     ``special_ids``: the tokenizer's by role (:attr:`CorpusData.special_ids`); ``config.json`` carries them
     (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them) and
@@ -361,7 +363,7 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
     if model.config.pad_token_id != special_ids["pad"]:
         log.warning("the model was built with pad id %d but its tokenizer pads with %d: the export says %d",
                     model.config.pad_token_id, special_ids["pad"], special_ids["pad"])
-    state = dist.gather_full_state_dict(model)
+    state = dist.gather_full_state_dict(model, optimizer)
     if dist.is_main():
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
