@@ -107,6 +107,9 @@ class TrainConfig:
     """Start over when ``out`` already holds a run (finished or not), whatever its settings."""
     dist_timeout_minutes: float = 10.0
     """How long a rank waits for a peer in a collective before the job fails."""
+    convert_timeout_minutes: float = 120.0
+    """How long ranks other than 0 wait for rank 0 to convert a checkpoint to a universal one (a resume on
+    another number of ranks) before the job fails; they wait on a file, not in a collective."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
     init_from: str | None = None
@@ -186,7 +189,8 @@ def check_train_flags(cfg: TrainConfig) -> None:
         raise ValueError("give exactly one of --max-steps and --epochs")
     positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
                 "--shuffle-window": cfg.shuffle_window, "--log-every": cfg.log_every,
-                "--dist-timeout-minutes": cfg.dist_timeout_minutes}
+                "--dist-timeout-minutes": cfg.dist_timeout_minutes,
+                "--convert-timeout-minutes": cfg.convert_timeout_minutes}
     not_negative = {"--num-workers": cfg.num_workers, "--eval-every": cfg.eval_every,
                     "--save-every": cfg.save_every, "--save-every-minutes": cfg.save_every_minutes,
                     "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps, "--lr": cfg.lr,
@@ -280,7 +284,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     if resume is not None:
         check_resume_identity(resume.state, job.identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])
-        ds_config = checkpoint.prepare(resume, ds_config)
+        ds_config = checkpoint.prepare(resume, ds_config, cfg.convert_timeout_minutes)
     if dist.is_main():  # after the resume checks: a refused resume leaves the recorded settings as they were
         prepare_out(out, action, run_settings or {})
     dist.barrier()
