@@ -17,7 +17,8 @@ the previous, complete checkpoint.
 
 - the number of ranks and nodes: a ZeRO checkpoint holds one optimizer partition per rank, so on another
   number of ranks the checkpoint is first converted to DeepSpeed's universal format (one file per parameter
-  and state) with ``python -m deepspeed.checkpoint.ds_to_universal``, run here by rank 0, and loaded with
+  and state) with ``python -m deepspeed.checkpoint.ds_to_universal``, run here by rank 0 while the other ranks
+  wait for its result on the file system (not in a collective, which would time out), and loaded with
   ``{"checkpoint": {"load_universal": true}}``; model, optimizer (fp32 master weights, moments, step) and
   LR scheduler come back;
 - the DataLoader workers per rank and the micro batch per rank, as long as the global batch stays;
@@ -39,6 +40,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,31 +188,73 @@ def universal_command(ckpt_dir: Path, tag: str, output: Path) -> list[str]:
             "--num_merge_workers", "1"]
 
 
-def prepare(plan: ResumePlan, ds_config: dict) -> dict:
+def prepare(plan: ResumePlan, ds_config: dict, wait_minutes: float) -> dict:
     """Make what loading ``plan`` needs before the engine is built; returns the DeepSpeed config to build it with.
 
-    For a universal resume, rank 0 converts the checkpoint (once; a finished conversion is reused) while the
-    others wait, and the config gets ``checkpoint.load_universal``."""
+    For a universal resume, rank 0 converts the checkpoint (once; a finished conversion is reused; see
+    :func:`convert`) and the config gets ``checkpoint.load_universal``. The other ranks wait for the converted
+    checkpoint's ``run_state.json`` on the shared file system, not in a collective: a collective fails after the
+    process group's timeout (``--dist-timeout-minutes``), shorter than the conversion of a large checkpoint.
+    They wait at most ``wait_minutes`` (``--convert-timeout-minutes``), then raise TimeoutError naming it."""
     if not plan.universal:
         return ds_config
     target = plan.ckpt_dir / UNIVERSAL / plan.tag
-    if dist.is_main() and not (target / RUN_STATE).is_file():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        command = universal_command(plan.ckpt_dir, plan.tag, tmp)
-        log.info("converting to a universal checkpoint: %s", " ".join(command))
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {plan.ckpt_dir / plan.tag} to a universal checkpoint failed (exit "
-                               f"{proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}\nthe command was: "
-                               f"{' '.join(command)}")
-        shutil.copy2(plan.ckpt_dir / plan.tag / RUN_STATE, tmp / RUN_STATE)  # marks the conversion complete
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    dist.barrier()
+    if dist.is_main():
+        if not (target / RUN_STATE).is_file():
+            convert(plan, target)
+    else:
+        wait_for_conversion(target, wait_minutes)
     from ds_kd.engine import apply_overrides
 
     return apply_overrides(ds_config, {"checkpoint.load_universal": True})
+
+
+PROGRESS_SECONDS = 60.0
+"""How often rank 0 logs that a conversion is still running."""
+
+
+def convert(plan: ResumePlan, target: Path) -> None:
+    """Rank 0: convert ``plan``'s checkpoint into ``target`` (written beside it, then renamed; its
+    ``run_state.json`` marks it complete), logging progress; the converter's output goes to ``<target>.log``.
+    Raises RuntimeError with the end of that output when the converter fails."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    output = target.with_name(target.name + ".log")
+    command = universal_command(plan.ckpt_dir, plan.tag, tmp)
+    log.info("converting to a universal checkpoint (the other ranks wait for %s; output in %s): %s",
+             target / RUN_STATE, output, " ".join(command))
+    start = time.monotonic()
+    with open(output, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while True:
+            try:
+                proc.wait(timeout=PROGRESS_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                log.info("still converting %s to a universal checkpoint: %.0f s so far (output in %s)",
+                         plan.ckpt_dir / plan.tag, time.monotonic() - start, output)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {plan.ckpt_dir / plan.tag} to a universal checkpoint failed (exit "
+                           f"{proc.returncode}):\n{output.read_text()[-3000:]}\nthe command was: {' '.join(command)}")
+    shutil.copy2(plan.ckpt_dir / plan.tag / RUN_STATE, tmp / RUN_STATE)  # marks the conversion complete
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("converted %s to a universal checkpoint in %.0f s", plan.ckpt_dir / plan.tag, time.monotonic() - start)
+
+
+def wait_for_conversion(target: Path, wait_minutes: float, poll_seconds: float = 1.0) -> None:
+    """A rank other than 0: wait until rank 0's conversion into ``target`` is complete; raise TimeoutError
+    after ``wait_minutes``."""
+    deadline = time.monotonic() + 60 * wait_minutes
+    while not (target / RUN_STATE).is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {dist.rank()}: {target / RUN_STATE} did not appear within "
+                               f"--convert-timeout-minutes {wait_minutes:g} while rank 0 converts the checkpoint to "
+                               f"a universal one: see rank 0's log and {target}.log; give a larger "
+                               f"--convert-timeout-minutes if it is only slow, and keep {target.parent} on a file "
+                               f"system every node shares")
+        time.sleep(poll_seconds)
 
 
 def load(engine, plan: ResumePlan) -> dict:

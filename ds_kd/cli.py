@@ -46,6 +46,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "epoch (default 8: 64k sentences at 8192 sentences a block)")
     g.add_argument("--dist-timeout-minutes", type=float, default=10.0,
                    help="how long a rank waits for a dead peer before the job fails")
+    g.add_argument("--convert-timeout-minutes", type=float, default=120.0,
+                   help="on a resume on another number of ranks: how long the other ranks wait for rank 0 to "
+                        "convert the checkpoint to a universal one before the job fails")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is read too
 
@@ -120,7 +123,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, overwrite=args.overwrite,
-        dist_timeout_minutes=args.dist_timeout_minutes,
+        dist_timeout_minutes=args.dist_timeout_minutes, convert_timeout_minutes=args.convert_timeout_minutes,
         wandb=wandb_config(args),
         init_from=args.init_from, init_layers=args.init_layers)
 

@@ -28,27 +28,30 @@ log = logging.getLogger("ds_kd")
 def init_distributed(timeout_minutes: float = 10.0) -> None:
     """Join the process group the ``deepspeed`` launcher describes (env://), or make a group of one.
 
-    The timeout bounds how long a rank waits in a collective for a peer that died (then the job exits)."""
+    Each rank's accelerator device is set to its ``LOCAL_RANK`` first: DeepSpeed sets it only in
+    ``DeepSpeedEngine.__init__``, so a collective before the engine (the teacher's digest, a barrier) would run
+    every rank on device 0 (NCCL: "Duplicate GPU detected", or a wait until the timeout). The timeout bounds how
+    long a rank waits in a collective for a peer that died (then the job exits)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if dist.is_available() and dist.is_initialized():
         return
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    choose_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     if "RANK" not in os.environ:  # run directly with python: a single-process group
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
-        chosen = "MASTER_PORT" not in os.environ
-        for attempt in range(3):
-            if chosen:
-                os.environ["MASTER_PORT"] = str(_free_port())
-            try:
-                deepspeed.init_distributed(timeout=timeout, verbose=False)
-                break
-            except dist.DistNetworkError:  # the free port was taken by another process in between: take another
-                if not chosen or attempt == 2:
-                    raise
-    else:
-        deepspeed.init_distributed(timeout=timeout, verbose=False)
+    get_accelerator().set_device(local_rank())
+    for attempt in range(3 if choose_port else 1):
+        if choose_port:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            deepspeed.init_distributed(timeout=timeout, verbose=False)
+            break
+        except dist.DistNetworkError:  # the free port was taken by another process in between: take another
+            if not choose_port or attempt == 2:
+                raise
     if accelerator_name() == "cpu":
         remove_shm_buffer_name()
     if accelerator_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -235,11 +238,16 @@ def engine_settings(engine) -> dict:
     }
 
 
-def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights of ``module`` (master weights where the optimizer keeps them), gathered under any
-    ZeRO stage; every rank must call it; rank 0 gets the dict, the others None."""
+def gather_full_state_dict(module: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights of ``module``, gathered under any ZeRO stage; every rank must call it; rank 0 gets the
+    dict, the others None.
+
+    A trained parameter comes from the optimizer's fp32 master copy where it keeps one: ZeRO's partitions, and
+    at ZeRO stage 0 in fp16/bf16 the engine's ``optimizer`` (DeepSpeed's fp16/bf16 optimizer keeps the masters
+    apart from the module, whose half copy is rounded). Frozen parameters and buffers come from the module."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    masters = _half_precision_masters(optimizer)
     state = {}
     seen: dict[int, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -249,6 +257,8 @@ def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] |
             continue
         seen[id(param)] = name
         full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            full = masters.get(id(param))
         if full is None:  # frozen or not managed by the optimizer: gather the module weight itself
             full = _gather_param(param)
         if is_main():
@@ -257,6 +267,20 @@ def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] |
         if is_main():
             state[name] = buf.detach().to("cpu").clone()
     return state if is_main() else None
+
+
+def _half_precision_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> its fp32 master weight, for DeepSpeed's fp16/bf16 optimizer of ZeRO stage 0.
+
+    With a client optimizer (ours: ``ds_kd.optim.build_optimizer``) DeepSpeed wraps it in
+    ``FP16_UnfusedOptimizer``, which keeps one fp32 copy per parameter but gives the parameter no
+    ``_hp_mapping``, so ``safe_get_full_fp32_param`` returns None there."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(param): master for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+            for param, master in zip(group, masters)}
 
 
 def _gather_param(param: torch.nn.Parameter) -> torch.Tensor:

@@ -17,8 +17,8 @@ a kill runs only what is missing, and a job killed midway resumes from its last 
 its job directories: a job whose settings changed since its last attempt (``job.json``: fine-tuning options,
 data, model directory, ft-distill options and its teacher job's settings; not threads or device) is cleared
 and run again, the others are kept. Every model directory is checked (``ds_kd.modeldir.load_tokenizer``)
-before any job starts. Workers: one per GPU (``CUDA_VISIBLE_DEVICES`` set per worker), else ``workers`` CPU
-processes with ``cores // workers`` torch threads each.
+before any job starts. Workers: one per GPU (a job's ``CUDA_VISIBLE_DEVICES`` is one entry of the grid's own),
+else ``workers`` CPU processes with ``cores // workers`` torch threads each.
 """
 from __future__ import annotations
 
@@ -281,13 +281,22 @@ def count_gpus(finetune: dict) -> int:
         return 0
 
 
+def gpu_ids(num_gpus: int) -> list[str]:
+    """This process's ``num_gpus`` GPUs as a job's ``CUDA_VISIBLE_DEVICES`` must name them: the entries of the
+    grid's own ``CUDA_VISIBLE_DEVICES`` (indices, ``GPU-<uuid>`` or ``MIG-<uuid>``, as SLURM or a shared node
+    hands them out), else ``0 .. num_gpus-1``. A job told ``i`` uses the machine's GPU i, not the grid's i-th."""
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return visible[:num_gpus] if visible else [str(i) for i in range(num_gpus)]
+
+
 def worker_layout(cfg: GridConfig) -> tuple[int, int, list[str | None]]:
     """(workers, threads per job, CUDA_VISIBLE_DEVICES per worker slot or None on CPU)."""
     cores = os.cpu_count() or 1
     num_gpus = count_gpus(cfg.finetune)
     if num_gpus:
         workers = cfg.workers or num_gpus
-        devices = [str(i % num_gpus) for i in range(workers)]
+        gpus = gpu_ids(num_gpus)
+        devices = [gpus[i % len(gpus)] for i in range(workers)]
     else:
         workers = cfg.workers or max(1, cores // 2)
         devices = [None] * workers

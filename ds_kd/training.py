@@ -107,6 +107,9 @@ class TrainConfig:
     """Start over when ``out`` already holds a run (finished or not), whatever its settings."""
     dist_timeout_minutes: float = 10.0
     """How long a rank waits for a peer in a collective before the job fails."""
+    convert_timeout_minutes: float = 120.0
+    """How long ranks other than 0 wait for rank 0 to convert a checkpoint to a universal one (a resume on
+    another number of ranks) before the job fails; they wait on a file, not in a collective."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
     init_from: str | None = None
@@ -186,7 +189,8 @@ def check_train_flags(cfg: TrainConfig) -> None:
         raise ValueError("give exactly one of --max-steps and --epochs")
     positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
                 "--shuffle-window": cfg.shuffle_window, "--log-every": cfg.log_every,
-                "--dist-timeout-minutes": cfg.dist_timeout_minutes}
+                "--dist-timeout-minutes": cfg.dist_timeout_minutes,
+                "--convert-timeout-minutes": cfg.convert_timeout_minutes}
     not_negative = {"--num-workers": cfg.num_workers, "--eval-every": cfg.eval_every,
                     "--save-every": cfg.save_every, "--save-every-minutes": cfg.save_every_minutes,
                     "--keep-last": cfg.keep_last, "--warmup-steps": cfg.warmup_steps, "--lr": cfg.lr,
@@ -280,7 +284,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     if resume is not None:
         check_resume_identity(resume.state, job.identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])
-        ds_config = checkpoint.prepare(resume, ds_config)
+        ds_config = checkpoint.prepare(resume, ds_config, cfg.convert_timeout_minutes)
     if dist.is_main():  # after the resume checks: a refused resume leaves the recorded settings as they were
         prepare_out(out, action, run_settings or {})
     dist.barrier()
@@ -334,7 +338,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     if len(set(digests)) != 1:
         raise RuntimeError(f"the ranks' weights differ after training (digests {digests}): replicas diverged")
     extra_manifest = {**job.manifest, **(job.final_check() if job.final_check is not None else {})}
-    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids)
+    export_dir = export(mlm_model, data.tokenizer_dir, out / "export", data.special_ids, engine.optimizer)
     if dist.is_main():
         write_manifest(out, stage, config=run_config, data_manifest=str(data.shard_dir / "manifest.json"),
                        steps=result.steps, val=result.val, export="export", replica_digests=digests,
@@ -350,8 +354,10 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
 
 
 def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
-           special_ids: dict[str, int]) -> Path | None:
-    """Consolidated fp32 weights (gathered under ZeRO-3) + config + tokenizer as a HF directory, on rank 0.
+           special_ids: dict[str, int], optimizer=None) -> Path | None:
+    """Consolidated fp32 weights (gathered under ZeRO-3; the fp32 master weights of the engine's ``optimizer``
+    where it keeps them, see :func:`ds_kd.engine.gather_full_state_dict`) + config + tokenizer as a HF
+    directory, on rank 0.
 
     ``special_ids``: the tokenizer's by role (:attr:`CorpusData.special_ids`); ``config.json`` carries them
     (``pad_token_id``, and ``bos_token_id``/``eos_token_id`` where the tokenizer has them) and
@@ -361,7 +367,7 @@ def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,
     if model.config.pad_token_id != special_ids["pad"]:
         log.warning("the model was built with pad id %d but its tokenizer pads with %d: the export says %d",
                     model.config.pad_token_id, special_ids["pad"], special_ids["pad"])
-    state = dist.gather_full_state_dict(model)
+    state = dist.gather_full_state_dict(model, optimizer)
     if dist.is_main():
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -276,3 +276,21 @@ def test_ft_distill_accepts_a_teacher_with_padded_vocabulary_rows_and_refuses_fe
     assert ft_distill.load_teacher(tmp_path / str(vocab + 5), job).encoder.config.vocab_size == vocab + 5
     with pytest.raises(ValueError, match=f"{tmp_path / str(vocab - 1)}: cannot distil .* fewer than the student's"):
         ft_distill.load_teacher(tmp_path / str(vocab - 1), job)
+
+
+@pytest.mark.parametrize("visible, workers, expected", [
+    ("2,3", None, ["2", "3"]),  # SLURM gave this job GPUs 2 and 3 of the node
+    ("2,3", 4, ["2", "3", "2", "3"]),
+    ("GPU-8f1c2e4a, MIG-5d2b9e01", None, ["GPU-8f1c2e4a", "MIG-5d2b9e01"]),
+    (None, None, ["0", "1"]),
+])
+def test_grid_jobs_run_on_the_gpus_the_grid_was_given(visible, workers, expected, monkeypatch, tmp_path):
+    from ds_kd import grid
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(grid, "count_gpus", lambda finetune: 2)  # torch counts the visible GPUs only
+    cfg = GridConfig(rows=[], tasks=[], data="", seeds=[], out=str(tmp_path), workers=workers)
+    assert grid.worker_layout(cfg)[2] == expected
