@@ -12,7 +12,7 @@ OUT    ?= out/demo
 GPU_CHECK_OUT ?= out/gpu_check.json
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test setup gpu-check clean-venv bench bench-shards
+.PHONY: demo test test-fast setup gpu-check clean-venv bench bench-shards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
