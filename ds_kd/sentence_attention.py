@@ -112,8 +112,7 @@ class SentenceBuckets:
 
             if want_scores:
                 scores_nHww = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(head_dim)
-                logits = scores_nHww if mask is None else scores_nHww.masked_fill(
-                    ~mask, torch.finfo(scores_nHww.dtype).min)
+                logits = scores_nHww if mask is None else mask_scores(scores_nHww, mask)
                 ctx = F.dropout(torch.softmax(logits, dim=-1), dropout_p, dropout_p > 0) @ heads(v)
                 scores.append(scores_nHww)
             else:
@@ -123,6 +122,13 @@ class SentenceBuckets:
             start += n * w
         context = torch.cat(out).index_select(0, self.scatter).view(b, t, d)
         return context, (SentenceScores(self, tuple(scores)) if want_scores else None)
+
+
+def mask_scores(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the pairs ``keep`` (broadcastable bool) rules out set to the dtype's minimum, the logits of
+    a softmax that gives them no weight. Filled, not added: a bias added to the scores overflows to -inf in
+    fp16, and a row of -inf turns into NaN under softmax."""
+    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
 
 
 @dataclass(frozen=True)
