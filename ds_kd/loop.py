@@ -10,7 +10,8 @@ its micro-batches, counts what each loss averages over (masked tokens, real toke
 every rank, and hands each micro-batch the global count divided by accumulation x ranks. DeepSpeed averages
 the micro-batches' gradients over both, so the step's gradient is that of sum(loss) / global count, the same
 for micro batch 8 x accumulation 1, 4 x 2, or 2 ranks x 4. A mean per micro-batch would weigh the tokens of a
-short micro-batch more.
+short micro-batch more. The counts reach the losses as Python numbers, never as tensors: DeepSpeed's
+``fp16.auto_cast`` casts every floating tensor given to ``engine(...)`` to fp16, whose largest number is 65,504.
 """
 from __future__ import annotations
 
@@ -82,17 +83,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def loss_denominators(batch: dict) -> dict[str, torch.Tensor]:
-    """What the per-token losses of one micro-batch average over, as float64 scalars.
+def loss_denominators(batch: dict) -> dict[str, int]:
+    """What the per-token losses of one micro-batch average over, as Python ints.
 
     ``masked``: predicted positions (``labels`` != -100; MLM and output loss); ``tokens``: real tokens
     (``attention_mask``; embedding and hidden-state MSE); ``pairs``: (query, key) pairs within one sentence,
     the attention-score MSE's count: the sum of squared sentence lengths (a row's length, unpacked; each packed
     sentence's, from ``sequence_ids``).
     """
-    lengths = sentence_lengths(batch).double()
-    return {"masked": batch["labels"].ne(-100).sum().double(), "tokens": lengths.sum(),
-            "pairs": lengths.square().sum()}
+    lengths = sentence_lengths(batch)
+    return {"masked": int(batch["labels"].ne(-100).sum()), "tokens": int(lengths.sum()),
+            "pairs": int(lengths.square().sum())}
 
 
 def sentence_lengths(batch: dict) -> torch.Tensor:
@@ -106,15 +107,18 @@ def sentence_lengths(batch: dict) -> torch.Tensor:
     return counts[counts > 0]
 
 
-def global_denominators(micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+def global_denominators(micro_batches: list[dict]) -> dict[str, float]:
     """The counts of :func:`loss_denominators` over every micro-batch of the step on every rank, divided by
     (micro-batches x ranks): the denominator each micro-batch's loss uses so that DeepSpeed's averaging over
-    accumulation and ranks yields the mean over the global batch. Every rank must call it (an all-reduce)."""
+    accumulation and ranks yields the mean over the global batch. Python floats, so that no cast of the inputs
+    of ``engine(...)`` reaches them (fp16 made a micro-batch's 387k attention pairs inf, and the term 0).
+    Every rank must call it (an all-reduce); the host reads the result back once."""
     counts = [loss_denominators(b) for b in micro_batches]
     names = sorted(counts[0])
-    total = dist.all_reduce(torch.stack([sum(c[n] for c in counts) for n in names]))
-    share = total / (len(micro_batches) * dist.world_size())
-    return {n: share[i].float() for i, n in enumerate(names)}
+    total = torch.tensor([sum(c[n] for c in counts) for n in names], dtype=torch.float64)
+    total = dist.all_reduce(total.to(dist.device())).tolist()
+    share = len(micro_batches) * dist.world_size()
+    return {n: total[i] / share for i, n in enumerate(names)}
 
 
 def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[], dict[str, float]],

@@ -489,7 +489,7 @@ def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
                    denominator: torch.Tensor | float | None = None,
                    log_probs_NV: torch.Tensor | None = None) -> torch.Tensor:
     """MLM cross-entropy of the N predicted positions, in float32: the sum over them divided by
-    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1).
+    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1; see :func:`divide_by_count`).
 
     ``logits_NV`` [N, V] are the logits at the predicted positions, ``labels_N`` [N] their token ids (-100
     entries are ignored); ``log_probs_NV``, the log-softmax of the logits computed already, may replace them.
@@ -499,8 +499,15 @@ def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
     if log_probs_NV is None:
         log_probs_NV = logits_NV.float().log_softmax(-1)
     total = F.nll_loss(log_probs_NV, labels_N, reduction="sum")
-    count = torch.as_tensor(labels_N.ne(-100).sum() if denominator is None else denominator,
-                            dtype=total.dtype, device=total.device)
+    return divide_by_count(total, labels_N.ne(-100).sum() if denominator is None else denominator)
+
+
+def divide_by_count(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """``total / count`` in ``total``'s dtype, dividing by 1 where the count is 0. A Python number (the training
+    loop's global counts) divides directly: no copy to the device, no cast to a half-precision tensor."""
+    if not torch.is_tensor(count):
+        return total / (count if count > 0 else 1)
+    count = count.to(total.dtype)
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 

@@ -102,7 +102,7 @@ def build_projections(student_width: int, teacher_width: int, num_student_layers
 
 def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor,
                        mapped_layers: list[int], projections: nn.ModuleDict,
-                       config: DistillConfig, denominators: Mapping[str, torch.Tensor] | None = None,
+                       config: DistillConfig, denominators: Mapping[str, float] | None = None,
                        sequence_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embedding, hidden-state and attention-score MSE terms (unweighted) for the terms with nonzero weight.
 
@@ -110,7 +110,7 @@ def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention
     embeddings on both sides, ``attention_scores[l - 1]`` belongs to layer l. Any encoder pair with the
     ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model). The hidden and attention
     terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them). ``denominators``
-    (``tokens``, ``pairs``; see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts.
+    (``tokens``, ``pairs``; see :func:`ds_kd.loop.global_denominators`) replace the batch's own counts.
     Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence only.
     """
     denominators = denominators or {}
@@ -212,12 +212,14 @@ class Distiller(nn.Module):
     # ---- the step's loss -----------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, torch.Tensor],
-                denominators: Mapping[str, torch.Tensor] | None = None) -> DistillOutput:
+                denominators: Mapping[str, float] | None = None) -> DistillOutput:
         """``batch``: ``input_ids`` and ``labels`` ([B, T], -100 where nothing is predicted), optional
         ``attention_mask`` (1 = real token) and ``token_type_ids``; packed rows add ``position_ids`` and
         ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`). ``denominators`` (``masked``, ``tokens``,
-        ``pairs``: see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts in every term's
-        mean; without them each term is the mean over this batch."""
+        ``pairs``: see :func:`ds_kd.loop.global_denominators`) replace the batch's own counts in every term's
+        mean; without them each term is the mean over this batch. Give them as Python numbers: under
+        DeepSpeed's ``fp16.auto_cast`` a tensor passed to ``engine(...)`` arrives in fp16, where counts past
+        65,504 are inf."""
         cfg = self.config
         denominators = denominators or {}
         input_ids, labels = batch["input_ids"], batch["labels"]
