@@ -166,7 +166,8 @@ class MLMOutput(Record):
 
     - ``loss``: mean cross-entropy over the predicted positions (None without labels)
     - ``logits`` [N, V] for the N predicted positions, in row-major (batch, time) order
-    - ``predicted`` [B, T] bool: where the logits are
+    - ``predicted``: where the logits are, as given ([B, T] bool, or [N] long flat positions; see
+      :func:`gather_predicted`)
     - ``encoder``: the :class:`EncoderOutput`
     """
 
@@ -426,15 +427,16 @@ class BertForMaskedLM(nn.Module):
                 output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
                 sequence_ids: torch.Tensor | None = None,
                 sentence_buckets: SentenceBuckets | None = None) -> MLMOutput:
-        """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` [B,T] bool overrides where
-        logits are computed (default: ``labels != -100``; all positions if neither is given). Packed rows
-        pass ``position_ids``, ``sequence_ids`` and optionally ``sentence_buckets`` (see :meth:`BertModel.forward`)."""
+        """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` overrides where logits are
+        computed (default: ``labels != -100``; all positions if neither is given): a [B, T] bool mask, or [N] long
+        flat positions computed on the host (see :func:`gather_predicted`). Packed rows pass ``position_ids``,
+        ``sequence_ids`` and optionally ``sentence_buckets`` (see :meth:`BertModel.forward`)."""
         enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores,
                         position_ids, sequence_ids, sentence_buckets)
         if predicted is None:
             predicted = labels.ne(-100) if labels is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        logits_NV = self.cls.predictions(enc.last_hidden_state[predicted])
-        loss = masked_lm_loss(logits_NV, labels[predicted]) if labels is not None else None
+        logits_NV = self.cls.predictions(gather_predicted(enc.last_hidden_state, predicted))
+        loss = masked_lm_loss(logits_NV, gather_predicted(labels, predicted)) if labels is not None else None
         return MLMOutput(loss, logits_NV, predicted, enc)
 
     # ---- Hugging Face directories -------------------------------------------------------------------
@@ -483,6 +485,15 @@ class BertForMaskedLM(nn.Module):
 
 
 TIED_DECODER = "cls.predictions.decoder.weight"
+
+
+def gather_predicted(x_BT: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """The entries of ``x_BT`` ([B, T, ...]) at the predicted positions, in row-major order: ``predicted`` is a
+    [B, T] bool mask (``x_BT[predicted]``, whose size depends on the mask's values, so a GPU run waits for them)
+    or [N] long flat positions ``row * T + t`` computed on the host (no wait; see :func:`ds_kd.loop.host_layout`)."""
+    if predicted.dtype == torch.bool:
+        return x_BT[predicted]
+    return x_BT.flatten(0, 1).index_select(0, predicted)
 
 
 def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
-from ds_kd.model import BertForMaskedLM, EncoderOutput, masked_lm_loss
+from ds_kd.loop import masked_positions
+from ds_kd.model import BertForMaskedLM, EncoderOutput, gather_predicted, masked_lm_loss
 from ds_kd.sentence_attention import SentenceBuckets
 
 log = logging.getLogger(__name__)
@@ -215,11 +216,12 @@ class Distiller(nn.Module):
                 denominators: Mapping[str, float] | None = None) -> DistillOutput:
         """``batch``: ``input_ids`` and ``labels`` ([B, T], -100 where nothing is predicted), optional
         ``attention_mask`` (1 = real token) and ``token_type_ids``; packed rows add ``position_ids`` and
-        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`). ``denominators`` (``masked``, ``tokens``,
-        ``pairs``: see :func:`ds_kd.loop.global_denominators`) replace the batch's own counts in every term's
-        mean; without them each term is the mean over this batch. Give them as Python numbers: under
-        DeepSpeed's ``fp16.auto_cast`` a tensor passed to ``engine(...)`` arrives in fp16, where counts past
-        65,504 are inf."""
+        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`); the host-built ``masked_positions`` and
+        ``sentence_buckets`` of :func:`ds_kd.loop.host_layout` are used when present. ``denominators``
+        (``masked``, ``tokens``, ``pairs``: see :func:`ds_kd.loop.global_denominators`) replace the batch's own
+        counts in every term's mean; without them each term is the mean over this batch. Give them as Python
+        numbers: under DeepSpeed's ``fp16.auto_cast`` a tensor passed to ``engine(...)`` arrives in fp16, where
+        counts past 65,504 are inf."""
         cfg = self.config
         denominators = denominators or {}
         input_ids, labels = batch["input_ids"], batch["labels"]
@@ -227,27 +229,29 @@ class Distiller(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_type_ids = batch.get("token_type_ids")
-        packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
-        if packing["sequence_ids"] is not None:  # one per-sentence layout for teacher and student
-            packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])
-        masked_BT = labels.ne(-100)
-        nowhere_BT = torch.zeros_like(masked_BT)  # no logits: the MLM head runs on zero rows
+        packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids"),
+                   "sentence_buckets": batch.get("sentence_buckets")}
+        if packing["sequence_ids"] is not None and packing["sentence_buckets"] is None:
+            packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])  # teacher and student's
+        masked = masked_positions(batch)
+        nowhere = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # no logits: the head runs on no row
         want_hidden = cfg.embedding_weight > 0 or cfg.hidden_weight > 0
         want_scores = cfg.attention_weight > 0
         want_logits = cfg.mlm_weight > 0 or self.output_enabled
 
         student = self.student(input_ids, attention_mask, token_type_ids=token_type_ids,
-                               predicted=masked_BT if want_logits else nowhere_BT,
+                               predicted=masked if want_logits else nowhere,
                                output_hidden_states=want_hidden, output_attention_scores=want_scores, **packing)
         # One log-softmax over the vocabulary serves the MLM loss and, at T = 1, the output loss.
         log_probs = student.logits.float().log_softmax(-1) if want_logits else None
         terms = {}
         if cfg.mlm_weight > 0:
-            terms["mlm"] = masked_lm_loss(None, labels[masked_BT], denominators.get("masked"), log_probs)
+            terms["mlm"] = masked_lm_loss(None, gather_predicted(labels, masked), denominators.get("masked"),
+                                          log_probs)
         if self.output_enabled or want_hidden or want_scores:
             with torch.no_grad():
                 teacher = self.teacher(input_ids, attention_mask, token_type_ids=token_type_ids,
-                                       predicted=masked_BT if self.output_enabled else nowhere_BT,
+                                       predicted=masked if self.output_enabled else nowhere,
                                        output_hidden_states=want_hidden, output_attention_scores=want_scores,
                                        **packing)
             if self.output_enabled:
