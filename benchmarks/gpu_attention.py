@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ds_kd.model import PACKED_ATTENTION, BertForMaskedLM, BertModel, attention_bias, make_config
+from ds_kd.model import PACKED_ATTENTION, BertForMaskedLM, BertModel, attention_keep, make_config
 from ds_kd.packing import best_fit, packed_batch
 
 BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
@@ -163,7 +163,7 @@ def flex_checks(preset: str, rows: int, max_len: int, repeats: int, device: torc
                       for _ in range(4))
     real = batch["attention_mask"].bool()[:, None, :, None]  # real query rows
     probe = probe * real
-    bias = attention_bias(batch["attention_mask"], seq_BT, torch.float32)
+    keep = attention_keep(batch["attention_mask"], seq_BT)  # boolean: what SDPA takes in every dtype
 
     def document(b, h, q_idx, kv_idx):
         return (seq_BT[b, q_idx] == seq_BT[b, kv_idx]) & (seq_BT[b, kv_idx] > 0)
@@ -187,12 +187,12 @@ def flex_checks(preset: str, rows: int, max_len: int, repeats: int, device: torc
         return {"output": out, "grad": grads}
 
     with sdpa_kernel(SDPBackend.MATH):
-        ref = outcome(*case(lambda *x: F.scaled_dot_product_attention(*x, attn_mask=bias), torch.float32))
+        ref = outcome(*case(lambda *x: F.scaled_dot_product_attention(*x, attn_mask=keep), torch.float32))
     results = []
     for dtype_name, dtype in DTYPES.items():
         for name, attend in (("flex document mask", lambda *x: flex(*x, block_mask=block_mask)),
-                             ("sdpa block-diagonal mask", lambda *x, d=dtype: F.scaled_dot_product_attention(
-                                 *x, attn_mask=bias.to(d)))):
+                             ("sdpa block-diagonal mask", lambda *x: F.scaled_dot_product_attention(
+                                 *x, attn_mask=keep))):
             entry = {"attention": name, "dtype": dtype_name}
             run, leaves = case(attend, dtype)
             start = time.perf_counter()

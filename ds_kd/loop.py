@@ -10,7 +10,13 @@ its micro-batches, counts what each loss averages over (masked tokens, real toke
 every rank, and hands each micro-batch the global count divided by accumulation x ranks. DeepSpeed averages
 the micro-batches' gradients over both, so the step's gradient is that of sum(loss) / global count, the same
 for micro batch 8 x accumulation 1, 4 x 2, or 2 ranks x 4. A mean per micro-batch would weigh the tokens of a
-short micro-batch more.
+short micro-batch more. The counts reach the losses as Python numbers, never as tensors: DeepSpeed's
+``fp16.auto_cast`` casts every floating tensor given to ``engine(...)`` to fp16, whose largest number is 65,504.
+
+The host never waits for the device within a micro-batch: what depends on the token ids alone (the counts, the
+masked positions, the per-sentence attention layout) is computed on the host by :func:`host_layout`, in the
+DataLoader worker where the ids already are, and the loop reads device values back twice per optimizer step
+(the global counts, then the step's metrics with the finite-loss flag), not once per micro-batch.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from ds_kd import checkpoint
 from ds_kd import engine as dist
 from ds_kd.logbook import Logbook
 from ds_kd.schema import LANGS
+from ds_kd.sentence_attention import SentenceBuckets
 
 log = logging.getLogger("ds_kd")
 
@@ -79,20 +86,44 @@ class LoopResult:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch with its tensors (and per-sentence layout) on ``device``; copies from pinned memory do not block."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, SentenceBuckets)) else v
+            for k, v in batch.items()}
 
 
-def loss_denominators(batch: dict) -> dict[str, torch.Tensor]:
-    """What the per-token losses of one micro-batch average over, as float64 scalars.
+def host_layout(batch: dict) -> dict:
+    """Add to a micro-batch of host tensors what the training step would otherwise make the host wait for the
+    device to compute: ``counts`` (:func:`loss_denominators`, Python ints), ``masked_positions`` [N] long (the
+    flat positions ``row * T + t`` of the predicted tokens, row-major: the MLM head's rows, gathered without a
+    boolean mask) and, for packed rows, ``sentence_buckets`` (:meth:`SentenceBuckets.build`). The training reader
+    runs it in its DataLoader workers (``ShardReader(prepare=host_layout)``); the loop runs it on any batch that
+    lacks it, before the copy to the device. Returns the same dict."""
+    if "counts" not in batch:
+        batch["counts"] = loss_denominators(batch)
+        batch["masked_positions"] = batch["labels"].flatten().ne(-100).nonzero().squeeze(1)
+        if batch.get("sequence_ids") is not None:
+            batch["sentence_buckets"] = SentenceBuckets.build(batch["sequence_ids"])
+    return batch
+
+
+def masked_positions(batch: dict) -> torch.Tensor:
+    """Where a batch's MLM logits are needed: the host-computed ``masked_positions`` of :func:`host_layout`, else
+    the [B, T] bool mask ``labels != -100`` (gathering with it makes the host wait for the device)."""
+    return batch["masked_positions"] if "masked_positions" in batch else batch["labels"].ne(-100)
+
+
+def loss_denominators(batch: dict) -> dict[str, int]:
+    """What the per-token losses of one micro-batch average over, as Python ints (from host tensors: reading
+    device tensors makes the host wait for the device).
 
     ``masked``: predicted positions (``labels`` != -100; MLM and output loss); ``tokens``: real tokens
     (``attention_mask``; embedding and hidden-state MSE); ``pairs``: (query, key) pairs within one sentence,
     the attention-score MSE's count: the sum of squared sentence lengths (a row's length, unpacked; each packed
     sentence's, from ``sequence_ids``).
     """
-    lengths = sentence_lengths(batch).double()
-    return {"masked": batch["labels"].ne(-100).sum().double(), "tokens": lengths.sum(),
-            "pairs": lengths.square().sum()}
+    lengths = sentence_lengths(batch)
+    return {"masked": int(batch["labels"].ne(-100).sum()), "tokens": int(lengths.sum()),
+            "pairs": int(lengths.square().sum())}
 
 
 def sentence_lengths(batch: dict) -> torch.Tensor:
@@ -106,15 +137,18 @@ def sentence_lengths(batch: dict) -> torch.Tensor:
     return counts[counts > 0]
 
 
-def global_denominators(micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+def global_denominators(micro_batches: list[dict]) -> dict[str, float]:
     """The counts of :func:`loss_denominators` over every micro-batch of the step on every rank, divided by
     (micro-batches x ranks): the denominator each micro-batch's loss uses so that DeepSpeed's averaging over
-    accumulation and ranks yields the mean over the global batch. Every rank must call it (an all-reduce)."""
-    counts = [loss_denominators(b) for b in micro_batches]
+    accumulation and ranks yields the mean over the global batch. Python floats, so that no cast of the inputs
+    of ``engine(...)`` reaches them (fp16 made a micro-batch's 387k attention pairs inf, and the term 0).
+    Every rank must call it (an all-reduce); the host reads the result back once."""
+    counts = [b["counts"] if "counts" in b else loss_denominators(b) for b in micro_batches]
     names = sorted(counts[0])
-    total = dist.all_reduce(torch.stack([sum(c[n] for c in counts) for n in names]))
-    share = total / (len(micro_batches) * dist.world_size())
-    return {n: share[i].float() for i, n in enumerate(names)}
+    total = torch.tensor([sum(c[n] for c in counts) for n in names], dtype=torch.float64)
+    total = dist.all_reduce(total.to(dist.device())).tolist()
+    share = len(micro_batches) * dist.world_size()
+    return {n: total[i] / share for i, n in enumerate(names)}
 
 
 def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[], dict[str, float]],
@@ -144,35 +178,37 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step applies: engine.step() moves the scheduler on
-        micro_batches = [to_device(next(stream), device) for _ in range(accumulation)]
+        micro_batches = [to_device(host_layout(next(stream)), device) for _ in range(accumulation)]
         denominators = global_denominators(micro_batches)
         sums: dict[str, torch.Tensor] = {}
-        tokens = torch.zeros((), device=device)
-        row_tokens = sum(b["attention_mask"].numel() for b in micro_batches)
+        num_non_finite = torch.zeros((), dtype=torch.float64, device=device)  # micro-batches with a non-finite loss
         for batch in micro_batches:
             if (seed := batch.pop("dropout_seed", None)) is not None:
                 torch.manual_seed(seed)  # dropout follows the data position, not the rank (see ds_kd.reader)
             loss, terms = step_fn(engine, batch, denominators)
-            _check_finite(loss, step + 1, uses_loss_scaler)
+            num_non_finite += (~torch.isfinite(loss.detach())).any()
             engine.backward(loss)
             engine.step()
             for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() / accumulation
-            tokens += batch["attention_mask"].sum()
+                sums[name] = sums.get(name, 0.0) + value.detach().double() / accumulation
+        names = sorted(sums)
+        num_tokens = [sum(b["counts"]["tokens"] for b in micro_batches),  # real, and of the rows
+                      sum(b["attention_mask"].numel() for b in micro_batches)]
+        reduced = dist.all_reduce(torch.cat([torch.stack([num_non_finite] + [sums[n] for n in names]),
+                                             torch.tensor(num_tokens, dtype=torch.float64).to(device)])).tolist()
+        _check_finite(reduced[0], reduced[1 + names.index("loss")] / dist.world_size(), step + 1, uses_loss_scaler)
         if not engine.was_step_applied():
             skipped_in_a_row = _count_skip(engine, step + 1, skipped_in_a_row)
             continue
         skipped_in_a_row = 0
         step += 1
-        names = sorted(sums)
-        reduced = dist.all_reduce(torch.stack([sums[n] for n in names]
-                                              + [tokens, torch.tensor(float(row_tokens), device=device)]))
-        metrics = {n: float(v) / dist.world_size() for n, v in zip(names, reduced[:-2])}
+        metrics = {n: v / dist.world_size() for n, v in zip(names, reduced[1:-2])}
+        real, row_tokens = reduced[-2:]
         result.losses.append(metrics["loss"])
-        result.tokens += int(reduced[-2])
-        result.row_tokens += int(reduced[-1])
-        metrics["packing_efficiency"] = float(reduced[-2]) / max(1.0, float(reduced[-1]))
-        window.add(metrics, float(reduced[-2]), time.perf_counter() - t0)
+        result.tokens += int(real)
+        result.row_tokens += int(row_tokens)
+        metrics["packing_efficiency"] = real / max(1.0, row_tokens)
+        window.add(metrics, real, time.perf_counter() - t0)
         _log_step(engine, logbook, cfg, step, window, lr)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)
@@ -229,12 +265,13 @@ def _count_skip(engine, step: int, skipped_in_a_row: int) -> int:
     return skipped_in_a_row
 
 
-def _check_finite(loss: torch.Tensor, step: int, uses_loss_scaler: bool) -> None:
-    bad = dist.all_reduce(torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=loss.device), "max")
-    if bad.item() and not uses_loss_scaler:
-        # Every rank sees the same flag and stops together; no checkpoint is written, so the last good one stays.
+def _check_finite(num_non_finite: float, loss: float, step: int, uses_loss_scaler: bool) -> None:
+    """Stop on a step whose micro-batches (``num_non_finite`` of them, all ranks) had a non-finite loss, unless
+    an fp16 loss scaler skips such steps."""
+    if num_non_finite and not uses_loss_scaler:
+        # Every rank sees the same count and stops together; no checkpoint is written, so the last good one stays.
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at optimizer step {step}; stopping. The last good checkpoint is "
+            f"non-finite loss ({loss}) at optimizer step {step}; stopping. The last good checkpoint is "
             f"intact: lower the learning rate or check the data, then resume with --resume.")
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_kd.sentence_attention import SentenceBuckets
+from ds_kd.sentence_attention import SentenceBuckets, mask_scores
 from ds_kd.textfile import read_json
 
 
@@ -166,7 +166,8 @@ class MLMOutput(Record):
 
     - ``loss``: mean cross-entropy over the predicted positions (None without labels)
     - ``logits`` [N, V] for the N predicted positions, in row-major (batch, time) order
-    - ``predicted`` [B, T] bool: where the logits are
+    - ``predicted``: where the logits are, as given ([B, T] bool, or [N] long flat positions; see
+      :func:`gather_predicted`)
     - ``encoder``: the :class:`EncoderOutput`
     """
 
@@ -212,20 +213,20 @@ class BertSelfAttention(nn.Module):
         b, t, _ = x_BTD.shape
         return x_BTD.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
 
-    def forward(self, x_BTD: torch.Tensor, bias_B1QT: torch.Tensor | SentenceBuckets, want_scores: bool):
+    def forward(self, x_BTD: torch.Tensor, keep_B1QT: torch.Tensor | SentenceBuckets, want_scores: bool):
         dropout_p = self.dropout_p if self.training else 0.0
-        if isinstance(bias_B1QT, SentenceBuckets):  # packed rows, attention per sentence
-            return bias_B1QT.attend(self.query(x_BTD), self.key(x_BTD), self.value(x_BTD), self.num_heads,
+        if isinstance(keep_B1QT, SentenceBuckets):  # packed rows, attention per sentence
+            return keep_B1QT.attend(self.query(x_BTD), self.key(x_BTD), self.value(x_BTD), self.num_heads,
                                     dropout_p, want_scores)
         q, k, v = self._heads(self.query(x_BTD)), self._heads(self.key(x_BTD)), self._heads(self.value(x_BTD))
         scores_BHTT = None
         if want_scores:
             # Explicit path: distillation needs the pre-softmax scores (TinyBERT's attention loss).
             scores_BHTT = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            probs = torch.softmax(scores_BHTT + bias_B1QT, dim=-1)
+            probs = torch.softmax(mask_scores(scores_BHTT, keep_B1QT), dim=-1)
             ctx = F.dropout(probs, dropout_p, self.training) @ v
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B1QT, dropout_p=dropout_p)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_B1QT, dropout_p=dropout_p)
         b, h, t, dh = ctx.shape
         return ctx.transpose(1, 2).reshape(b, t, h * dh), scores_BHTT
 
@@ -247,8 +248,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)  # the name gives HF's "attention.self.query" parameter path
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x_BTD, bias_B1QT, want_scores):
-        ctx_BTD, scores = self.self(x_BTD, bias_B1QT, want_scores)
+    def forward(self, x_BTD, keep_B1QT, want_scores):
+        ctx_BTD, scores = self.self(x_BTD, keep_B1QT, want_scores)
         return self.output(ctx_BTD, x_BTD), scores
 
 
@@ -279,8 +280,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x_BTD, bias_B1QT, want_scores):
-        attn_BTD, scores = self.attention(x_BTD, bias_B1QT, want_scores)
+    def forward(self, x_BTD, keep_B1QT, want_scores):
+        attn_BTD, scores = self.attention(x_BTD, keep_B1QT, want_scores)
         return self.output(self.intermediate(attn_BTD), attn_BTD), scores
 
 
@@ -325,13 +326,13 @@ class BertModel(nn.Module):
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"packed_attention {self.packed_attention!r}: expected one of {PACKED_ATTENTION}")
         if sequence_ids is not None and self.packed_attention == "sentences":
-            bias_B1QT = sentence_buckets if sentence_buckets is not None else SentenceBuckets.build(sequence_ids)
+            keep_B1QT = sentence_buckets if sentence_buckets is not None else SentenceBuckets.build(sequence_ids)
         else:
-            bias_B1QT = attention_bias(attention_mask, sequence_ids, x_BTD.dtype)
+            keep_B1QT = attention_keep(attention_mask, sequence_ids)
         hidden = [x_BTD] if output_hidden_states else None
         scores = [] if output_attention_scores else None
         for layer in self.encoder.layer:
-            x_BTD, layer_scores = layer(x_BTD, bias_B1QT, output_attention_scores)
+            x_BTD, layer_scores = layer(x_BTD, keep_B1QT, output_attention_scores)
             if hidden is not None:
                 hidden.append(x_BTD)
             if scores is not None:
@@ -339,20 +340,21 @@ class BertModel(nn.Module):
         return EncoderOutput(x_BTD, tuple(hidden) if hidden else None, tuple(scores) if scores else None)
 
 
-def attention_bias(attention_mask_BT: torch.Tensor, sequence_ids_BT: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask in ``dtype``: 0 where a query may attend to a key, the dtype's minimum elsewhere.
+def attention_keep(attention_mask_BT: torch.Tensor, sequence_ids_BT: torch.Tensor | None) -> torch.Tensor:
+    """Boolean attention mask, True where a query may attend to a key (what SDPA takes as ``attn_mask``).
 
     Without ``sequence_ids_BT``: a key mask [B, 1, 1, T] from ``attention_mask_BT`` (padding keys masked).
     With it: a block-diagonal mask [B, 1, T, T], key j visible to query i when both belong to the same
-    sentence (equal nonzero ids). A padding query sees nothing; its output is never used. The minimum rather
-    than -inf keeps such rows finite under softmax.
+    sentence (equal nonzero ids). A query that would see no key (a padding query of packed rows, every query of
+    an all-padding row) sees every key instead: its output is never used, and no row is left empty, which some
+    attention kernels turn into NaN that spreads through the next layer. A boolean mask rather than an
+    additive one: ``finfo.min`` added to the scores overflows to -inf in fp16 (and under fp16 autocast).
     """
     if sequence_ids_BT is None:
         keep = attention_mask_BT[:, None, None, :].bool()
     else:
         keep = same_sequence_pairs(sequence_ids_BT)[:, None]
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return keep | ~keep.any(dim=-1, keepdim=True)
 
 
 def same_sequence_pairs(sequence_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -425,15 +427,16 @@ class BertForMaskedLM(nn.Module):
                 output_attention_scores: bool = False, position_ids: torch.Tensor | None = None,
                 sequence_ids: torch.Tensor | None = None,
                 sentence_buckets: SentenceBuckets | None = None) -> MLMOutput:
-        """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` [B,T] bool overrides where
-        logits are computed (default: ``labels != -100``; all positions if neither is given). Packed rows
-        pass ``position_ids``, ``sequence_ids`` and optionally ``sentence_buckets`` (see :meth:`BertModel.forward`)."""
+        """``labels`` [B,T] hold -100 where nothing is predicted; ``predicted`` overrides where logits are
+        computed (default: ``labels != -100``; all positions if neither is given): a [B, T] bool mask, or [N] long
+        flat positions computed on the host (see :func:`gather_predicted`). Packed rows pass ``position_ids``,
+        ``sequence_ids`` and optionally ``sentence_buckets`` (see :meth:`BertModel.forward`)."""
         enc = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attention_scores,
                         position_ids, sequence_ids, sentence_buckets)
         if predicted is None:
             predicted = labels.ne(-100) if labels is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        logits_NV = self.cls.predictions(enc.last_hidden_state[predicted])
-        loss = masked_lm_loss(logits_NV, labels[predicted]) if labels is not None else None
+        logits_NV = self.cls.predictions(gather_predicted(enc.last_hidden_state, predicted))
+        loss = masked_lm_loss(logits_NV, gather_predicted(labels, predicted)) if labels is not None else None
         return MLMOutput(loss, logits_NV, predicted, enc)
 
     # ---- Hugging Face directories -------------------------------------------------------------------
@@ -484,11 +487,20 @@ class BertForMaskedLM(nn.Module):
 TIED_DECODER = "cls.predictions.decoder.weight"
 
 
+def gather_predicted(x_BT: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """The entries of ``x_BT`` ([B, T, ...]) at the predicted positions, in row-major order: ``predicted`` is a
+    [B, T] bool mask (``x_BT[predicted]``, whose size depends on the mask's values, so a GPU run waits for them)
+    or [N] long flat positions ``row * T + t`` computed on the host (no wait; see :func:`ds_kd.loop.host_layout`)."""
+    if predicted.dtype == torch.bool:
+        return x_BT[predicted]
+    return x_BT.flatten(0, 1).index_select(0, predicted)
+
+
 def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
                    denominator: torch.Tensor | float | None = None,
                    log_probs_NV: torch.Tensor | None = None) -> torch.Tensor:
     """MLM cross-entropy of the N predicted positions, in float32: the sum over them divided by
-    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1).
+    ``denominator`` (default N, i.e. the mean; a count of 0 divides by 1; see :func:`divide_by_count`).
 
     ``logits_NV`` [N, V] are the logits at the predicted positions, ``labels_N`` [N] their token ids (-100
     entries are ignored); ``log_probs_NV``, the log-softmax of the logits computed already, may replace them.
@@ -498,8 +510,15 @@ def masked_lm_loss(logits_NV: torch.Tensor | None, labels_N: torch.Tensor,
     if log_probs_NV is None:
         log_probs_NV = logits_NV.float().log_softmax(-1)
     total = F.nll_loss(log_probs_NV, labels_N, reduction="sum")
-    count = torch.as_tensor(labels_N.ne(-100).sum() if denominator is None else denominator,
-                            dtype=total.dtype, device=total.device)
+    return divide_by_count(total, labels_N.ne(-100).sum() if denominator is None else denominator)
+
+
+def divide_by_count(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """``total / count`` in ``total``'s dtype, dividing by 1 where the count is 0. A Python number (the training
+    loop's global counts) divides directly: no copy to the device, no cast to a half-precision tensor."""
+    if not torch.is_tensor(count):
+        return total / (count if count > 0 else 1)
+    count = count.to(total.dtype)
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 

@@ -141,7 +141,7 @@ class PackedStreamPlan(StreamPlan):
         batch["window"] = torch.tensor(self.locator.as_list())
         seed = np.random.SeedSequence([self.seed, _DROPOUT, first_row]).generate_state(1, np.uint32)
         batch["dropout_seed"] = int(seed[0])
-        return batch
+        return self.finish(batch)
 
     def rows_per_sentence(self) -> float:
         """Rows per sentence in the first window: how a budget in epochs converts to packed steps."""

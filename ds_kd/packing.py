@@ -4,7 +4,7 @@ One sentence per row pads every row to the longest of its batch: on the default 
 percentile 73) batches of 32 are about 42% real tokens. Packing fills rows of ``max_len`` tokens with whole
 sentences instead (Krell et al. 2021, "Efficient sequence packing without cross-contamination"): each keeps
 its own ``[CLS] ... [SEP]``, its positions restart at 0, and attention stays inside the sentence
-(``sequence_ids``, see :func:`ds_kd.model.attention_bias`), so every sentence gets exactly the outputs it gets
+(``sequence_ids``, see :func:`ds_kd.model.attention_keep`), so every sentence gets exactly the outputs it gets
 alone. A sentence never spans two rows.
 
 The rows of a window of sentences are chosen by best-fit decreasing (longest first, each into the open row

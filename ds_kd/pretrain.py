@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ds_kd.model import BertForMaskedLM, masked_lm_loss
+from ds_kd.loop import masked_positions
+from ds_kd.model import BertForMaskedLM, gather_predicted, masked_lm_loss
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
 from ds_kd.warmstart import init_model
@@ -25,11 +26,13 @@ class PretrainConfig(TrainConfig):
 
 def mlm_step(engine, batch: dict, denominators: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MLM cross-entropy at the masked positions, summed and divided by the global batch's masked-token share
-    ``denominators["masked"]`` (see :func:`ds_kd.loop.global_denominators`)."""
-    masked_BT = batch["labels"].ne(-100)
-    out = engine(batch["input_ids"], batch["attention_mask"], predicted=masked_BT,
-                 position_ids=batch.get("position_ids"), sequence_ids=batch.get("sequence_ids"))
-    loss = masked_lm_loss(out.logits, batch["labels"][masked_BT], denominators["masked"])
+    ``denominators["masked"]`` (see :func:`ds_kd.loop.global_denominators`). Uses the host-built masked positions
+    and per-sentence layout of :func:`ds_kd.loop.host_layout` when the batch has them."""
+    predicted = masked_positions(batch)
+    out = engine(batch["input_ids"], batch["attention_mask"], predicted=predicted,
+                 position_ids=batch.get("position_ids"), sequence_ids=batch.get("sequence_ids"),
+                 sentence_buckets=batch.get("sentence_buckets"))
+    loss = masked_lm_loss(out.logits, gather_predicted(batch["labels"], predicted), denominators["masked"])
     return loss, {"mlm": loss}
 
 

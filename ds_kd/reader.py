@@ -171,6 +171,9 @@ class StreamPlan:
     masker: Masker
     collate: Callable[[list[Sentence], list[np.ndarray]], dict] | None = None
     """Turns the masked sentences (with their labels) into a batch; None: pad to the longest (MLM)."""
+    prepare: Callable[[dict], dict] | None = None
+    """Applied to every finished batch in the worker: host-side work for the consumer (training passes
+    :func:`ds_kd.loop.host_layout`)."""
 
     def __post_init__(self) -> None:
         self.order = SentenceOrder(self.table.num_sentences, self.seed, self.shuffle, self.shuffle_window)
@@ -230,7 +233,11 @@ class StreamPlan:
         batch["sentence_ids"] = torch.tensor([sid for sid, _, _ in sentences], dtype=torch.long)
         seed = np.random.SeedSequence([self.seed, _DROPOUT, int(positions[0])]).generate_state(1, np.uint32)
         batch["dropout_seed"] = int(seed[0])
-        return batch
+        return self.finish(batch)
+
+    def finish(self, batch: dict) -> dict:
+        """``batch`` after :attr:`prepare`."""
+        return batch if self.prepare is None else self.prepare(batch)
 
 
 class ShardStream(IterableDataset):
@@ -254,11 +261,13 @@ class ShardReader:
     ``[B, T]`` long tensors with T the longest sentence of the batch, ``lang_ids`` ``[B]`` (indices into
     :attr:`lang_codes`, the manifest's ``lang_codes``), ``sentence_ids`` ``[B]`` and ``dropout_seed`` (an int). Iterating again
     continues where the last iteration stopped. ``collate`` replaces the padding (e.g. by packing): it gets
-    the masked sentences [(sentence id, input ids, language id)] and their labels and returns the batch.
+    the masked sentences [(sentence id, input ids, language id)] and their labels and returns the batch;
+    ``prepare`` then runs on every batch in the worker (see :attr:`StreamPlan.prepare`).
     """
 
     def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1,
-                 collate: Callable[[list[Sentence], list[np.ndarray]], dict] | None = None):
+                 collate: Callable[[list[Sentence], list[np.ndarray]], dict] | None = None,
+                 prepare: Callable[[dict], dict] | None = None):
         check_config(cfg, rank, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = read_shards_manifest(cfg.shard_dir)
@@ -275,7 +284,7 @@ class ShardReader:
 
             plan_class = PackedStreamPlan
         self._plan = plan_class(table, rank, world_size, cfg.micro_batch_size, cfg.seed, shuffle, cfg.shuffle_window,
-                                epochs, cfg.split != "train", cfg.max_len, special, masker, collate)
+                                epochs, cfg.split != "train", cfg.max_len, special, masker, collate, prepare)
         self._steps = 0  # micro-steps of the whole job handed out
         self._log = sentence_log(cfg.split, rank)
 

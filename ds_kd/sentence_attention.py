@@ -12,10 +12,11 @@ than half of it), and the result is the same function as the masked product: eve
 itself (the project's tests compare values and gradients of both).
 
 The idea of variable-length attention kernels (FlashAttention's ``varlen``), built from the standard SDPA so that
-it runs, and is tested, on CPU; measured with ``launch/bench_packing.py``. On GPU the layout costs one
-device-to-host copy of the sequence ids per forward pass, and the bucket shapes change from batch to batch (no
-CUDA graphs or static-shape compilation); a fused varlen kernel would also avoid the gather and scatter. Neither
-that kernel nor this path on CUDA has been run by the project's tests.
+it runs, and is tested, on CPU; measured with ``launch/bench_packing.py``. The layout is built on the host from
+the sequence ids; training builds it in the DataLoader worker (:func:`ds_kd.loop.host_layout`), where the ids
+already are, so the device is never waited for (built from device ids it costs one device-to-host copy). The
+bucket shapes change from batch to batch (no CUDA graphs or static-shape compilation); a fused varlen kernel would
+also avoid the gather and scatter. Neither that kernel nor this path on CUDA has been run by the project's tests.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class SentenceBuckets:
     @classmethod
     def build(cls, sequence_ids_BT: torch.Tensor) -> "SentenceBuckets":
         """The layout of ``sequence_ids_BT`` [B, T] (0 at padding, equal positive ids for the tokens of one
-        sentence of a row). Computed on the host (one device-to-host copy of the ids per forward pass).
+        sentence of a row), on the ids' device. Computed on the host: ids on a GPU are copied back first, which
+        makes the host wait for the device (build it from host ids and move it with :meth:`to`).
 
         Raises ValueError when the batch holds no real token."""
         rows, width = sequence_ids_BT.shape
@@ -91,6 +93,18 @@ class SentenceBuckets:
         return cls(torch.from_numpy(gather).to(device), torch.from_numpy(scatter).to(device), tuple(shapes),
                    tuple(masks))
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SentenceBuckets":
+        """The same layout with its tensors on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SentenceBuckets":
+        """The same layout in page-locked host memory (a DataLoader with ``pin_memory`` calls this)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "SentenceBuckets":
+        return SentenceBuckets(fn(self.gather), fn(self.scatter), self.shapes,
+                               tuple(None if m is None else fn(m) for m in self.key_masks))
+
     def keeps(self) -> list[torch.Tensor]:
         """Per bucket, [sentences, width] bool: which slots hold a real token."""
         return [torch.ones(n, w, dtype=torch.bool, device=self.gather.device) if mask is None else mask.view(n, w)
@@ -112,8 +126,7 @@ class SentenceBuckets:
 
             if want_scores:
                 scores_nHww = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(head_dim)
-                logits = scores_nHww if mask is None else scores_nHww.masked_fill(
-                    ~mask, torch.finfo(scores_nHww.dtype).min)
+                logits = scores_nHww if mask is None else mask_scores(scores_nHww, mask)
                 ctx = F.dropout(torch.softmax(logits, dim=-1), dropout_p, dropout_p > 0) @ heads(v)
                 scores.append(scores_nHww)
             else:
@@ -123,6 +136,13 @@ class SentenceBuckets:
             start += n * w
         context = torch.cat(out).index_select(0, self.scatter).view(b, t, d)
         return context, (SentenceScores(self, tuple(scores)) if want_scores else None)
+
+
+def mask_scores(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the pairs ``keep`` (broadcastable bool) rules out set to the dtype's minimum, the logits of
+    a softmax that gives them no weight. Filled, not added: a bias added to the scores overflows to -inf in
+    fp16, and a row of -inf turns into NaN under softmax."""
+    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from ds_kd import checkpoint
 from ds_kd import engine as dist
 from ds_kd.logbook import Logbook, WandbConfig
-from ds_kd.loop import LoopConfig, StepFn, mlm_perplexity, train
+from ds_kd.loop import LoopConfig, StepFn, host_layout, mlm_perplexity, train
 from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, read_manifest, remove_outputs,
                              rerun_action, write_manifest)
 from ds_kd.model import BertConfig, BertForMaskedLM
@@ -277,10 +277,15 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
         resume = checkpoint.plan_resume(ckpt_dir, ds_config, type(optimizer).__name__)
         if resume is None and action == "extend":
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint of the finished run to extend")
+    on_gpu = dist.device().type == "cuda"
+    if on_gpu:  # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 sums); cuDNN already allows it
+        torch.set_float32_matmul_precision("high")
+    # The workers build what the step needs from the ids on the host (host_layout), into pinned memory on a GPU.
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
                                       micro_batch_size=checkpoint.batch_settings(ds_config)["micro_batch_per_rank"],
                                       seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
-                                      max_len=cfg.max_len, packing=cfg.packing), dist.rank(), dist.world_size())
+                                      max_len=cfg.max_len, packing=cfg.packing, pin_memory=on_gpu),
+                         dist.rank(), dist.world_size(), prepare=host_layout)
     if resume is not None:
         check_resume_identity(resume.state, job.identity or {}, ckpt_dir)
         reader.load_state_dict(resume.state["reader"])

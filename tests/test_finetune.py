@@ -472,3 +472,22 @@ def test_fresh_heads_train_at_their_own_default_rate_for_every_kind(model_dir):
         head = {id(p) for _, p in model.head_parameters()}
         for group in optimizer.param_groups:
             assert group["initial_lr"] == (1e-3 if id(group["params"][0]) in head else 2e-5), kind
+
+
+def test_pointer_decoder_runs_in_fp16_and_stays_causal():
+    """In fp16 the ruled-out logits are filled with the dtype's minimum (-1e9 does not fit fp16: the fill raised),
+    every logit is finite and the real ones match fp32; and step i's logits never depend on later target ids."""
+    from ds_kd.finetune.pointer import PointerDecoder
+
+    torch.manual_seed(0)
+    decoder = PointerDecoder(16, 2, 10, num_layers=1, ffn_size=32, dropout=0.0).eval()
+    ids, memory = torch.tensor([[1, 4, 12, 5]]), torch.randn(1, 6, 16)
+    attention, pointer = torch.tensor([[1, 1, 1, 1, 0, 0]]), torch.tensor([[0, 1, 0, 1, 0, 0]])
+    with torch.no_grad():
+        full = decoder(ids, memory, attention, pointer)
+        later_changed = decoder(torch.tensor([[1, 4, 13, 7]]), memory, attention, pointer)
+        half = decoder.half()(ids, memory.half(), attention, pointer)
+    assert torch.equal(full[0, :2], later_changed[0, :2]) and not torch.equal(full[0, 2:], later_changed[0, 2:])
+    assert half.isfinite().all()
+    allowed = full > -1e8
+    torch.testing.assert_close(half.float()[allowed], full[allowed], rtol=0.02, atol=0.02)

@@ -222,3 +222,57 @@ def test_export_config_is_a_hf_bert_config(tmp_path):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model preset 'bert-huge'"):
         make_config("bert-huge")
+
+
+def _sharp_fp16_pair(seed: int = 0) -> tuple[BertForMaskedLM, BertForMaskedLM]:
+    """The same model in fp32 and fp16, with opposite query and key biases that put every attention score near
+    -25, below the -16 where an additive finfo.min mask overflows to -inf in fp16 (softmax ignores the shift)."""
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(TINY).eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.bias.fill_(10 / TINY.head_dim ** 0.5)
+            layer.attention.self.key.bias.fill_(-10 / TINY.head_dim ** 0.5)
+    half = BertForMaskedLM(TINY).eval()
+    half.load_state_dict(model.state_dict())
+    return model, half.half()
+
+
+@pytest.mark.parametrize("packed_attention", ["masked", "sentences"])
+@pytest.mark.parametrize("want_scores", [False, True])
+def test_fp16_padding_stays_finite_and_real_tokens_match_fp32(packed_attention, want_scores):
+    """Packed rows with padding, and unpacked rows (one all padding), in fp16: every hidden state is finite, the
+    padding queries' too (a NaN there spreads to every token through the next layer's keys), and the real tokens'
+    last hidden states equal the fp32 model's to fp16 precision. Every attention path: SDPA and explicit (with
+    scores), block-diagonal mask and per-sentence buckets."""
+    full, half = _sharp_fp16_pair()
+    ids, _, _ = _batch()
+    sequence_ids = torch.tensor([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11, [1] * 3 + [0] * 8])
+    position_ids = torch.tensor([list(range(5)) + list(range(4)) + [0, 0], list(range(11)), list(range(3)) + [0] * 8])
+    unpacked_mask = torch.ones(3, 11, dtype=torch.long)
+    unpacked_mask[1, 6:] = 0
+    unpacked_mask[2] = 0  # a row of padding only
+    for model in (full, half):
+        model.bert.packed_attention = packed_attention
+    calls = [dict(attention_mask=(sequence_ids > 0).long(), position_ids=position_ids, sequence_ids=sequence_ids),
+             dict(attention_mask=unpacked_mask)]
+    for kwargs in calls:
+        real = kwargs["attention_mask"].bool()
+        with torch.no_grad():
+            got = half.bert(ids, output_hidden_states=True, output_attention_scores=want_scores, **kwargs)
+            want = full.bert(ids, output_hidden_states=True, output_attention_scores=want_scores, **kwargs)
+        assert all(h.isfinite().all() for h in got.hidden_states), kwargs.keys()
+        torch.testing.assert_close(got.last_hidden_state[real].float(), want.last_hidden_state[real],
+                                   rtol=0.05, atol=0.05)
+
+
+def test_attention_keep_leaves_no_query_without_a_key():
+    from ds_kd.model import attention_keep
+
+    sequence_ids = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 0]])
+    keep = attention_keep((sequence_ids > 0).long(), sequence_ids)
+    assert keep.dtype == torch.bool and keep.any(dim=-1).all()
+    assert keep[0, 0].tolist() == [[True, True, False, False], [True, True, False, False],
+                                   [False, False, True, False], [True, True, True, True]]
+    assert attention_keep(torch.tensor([[1, 1, 0], [0, 0, 0]]), None)[:, 0, 0].tolist() == [
+        [True, True, False], [True, True, True]]

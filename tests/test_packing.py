@@ -122,7 +122,7 @@ def test_mlm_loss_and_every_distillation_term_count_what_they_count_unpacked():
         assert losses[0] == pytest.approx(losses[1], abs=1e-6)
         denominators = [loss_denominators(b) for b in (packed, unpacked)]
         for name in ("masked", "tokens", "pairs"):
-            assert denominators[0][name].item() == denominators[1][name].item(), name
+            assert denominators[0][name] == denominators[1][name], name
         distiller = Distiller(_model("tiny-large", 1), _model("tiny-leanbert", 2), DistillConfig()).eval()
         terms = [distiller(b).terms for b in (packed, unpacked)]
     for name in ("mlm", "output", "embedding", "hidden", "attention"):
@@ -195,6 +195,22 @@ def test_packed_epochs_hold_every_sentence_once_in_full_rows(corpus):
         total += batch["attention_mask"].shape[0] * ROW_LEN
     assert sorted(counts) == list(range(NUM_TRAIN)) and set(counts.values()) == {2}
     assert real / total > 0.85  # best-fit rows of 48 from sentences of 4-33 tokens, windows of 14
+
+
+def test_packed_reader_workers_prepare_the_step_layout(corpus):
+    """With ``prepare=host_layout`` (what training passes) the DataLoader workers hand over each batch's loss
+    counts, masked positions and per-sentence layout, equal to those built from the batch afterwards."""
+    from ds_kd.loop import host_layout
+
+    shard_dir, _ = corpus
+    reader = ShardReader(packed_config(shard_dir, num_workers=2), 0, 1, prepare=host_layout)
+    for batch in islice(iter(reader), 3):
+        again = host_layout({k: batch[k] for k in ("labels", "attention_mask", "sequence_ids")})
+        assert batch["counts"] == again["counts"]
+        assert torch.equal(batch["masked_positions"], again["masked_positions"])
+        got, want = batch["sentence_buckets"], again["sentence_buckets"]
+        assert got.shapes == want.shapes and torch.equal(got.gather, want.gather)
+        assert torch.equal(got.scatter, want.scatter)
 
 
 def test_packed_order_does_not_depend_on_ranks_or_workers(corpus):

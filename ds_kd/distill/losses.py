@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_kd.model import same_sequence_pairs
+from ds_kd.model import divide_by_count, same_sequence_pairs
 from ds_kd.sentence_attention import SentenceScores
 
 
@@ -167,9 +167,7 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, explicit: list[i
 
 def _mean(total: torch.Tensor, own_count, denominator) -> torch.Tensor:
     """``total`` over ``denominator`` when given, else over ``own_count``; a count of 0 divides by 1."""
-    count = torch.as_tensor(own_count if denominator is None else denominator, dtype=total.dtype,
-                            device=total.device)
-    return total / torch.where(count > 0, count, torch.ones_like(count))
+    return divide_by_count(total, own_count if denominator is None else denominator)
 
 
 def _check_same_shape(what: str, student: torch.Tensor, teacher: torch.Tensor) -> None:

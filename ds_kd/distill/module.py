@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
-from ds_kd.model import BertForMaskedLM, EncoderOutput, MLMOutput, masked_lm_loss
+from ds_kd.loop import masked_positions
+from ds_kd.model import BertForMaskedLM, EncoderOutput, MLMOutput, gather_predicted, masked_lm_loss
 from ds_kd.sentence_attention import SentenceBuckets
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def build_projections(student_width: int, teacher_width: int, num_student_layers
 
 def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor,
                        mapped_layers: list[int], projections: nn.ModuleDict,
-                       config: DistillConfig, denominators: Mapping[str, torch.Tensor] | None = None,
+                       config: DistillConfig, denominators: Mapping[str, float] | None = None,
                        sequence_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embedding, hidden-state and attention-score MSE terms (unweighted) for the terms with nonzero weight.
 
@@ -110,7 +111,7 @@ def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention
     embeddings on both sides, ``attention_scores[l - 1]`` belongs to layer l. Any encoder pair with the
     ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model). The hidden and attention
     terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them). ``denominators``
-    (``tokens``, ``pairs``; see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts.
+    (``tokens``, ``pairs``; see :func:`ds_kd.loop.global_denominators`) replace the batch's own counts.
     Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence only.
     """
     denominators = denominators or {}
@@ -212,30 +213,34 @@ class Distiller(nn.Module):
     # ---- the step's loss -----------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, torch.Tensor],
-                denominators: Mapping[str, torch.Tensor] | None = None) -> DistillOutput:
+                denominators: Mapping[str, float] | None = None) -> DistillOutput:
         """``batch``: ``input_ids`` and ``labels`` ([B, T], -100 where nothing is predicted), optional
         ``attention_mask`` (1 = real token) and ``token_type_ids``; packed rows add ``position_ids`` and
-        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`). ``denominators`` (``masked``, ``tokens``,
-        ``pairs``: see :func:`ds_kd.loop.loss_denominators`) replace the batch's own counts in every term's
-        mean; without them each term is the mean over this batch."""
+        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`); the host-built ``masked_positions`` and
+        ``sentence_buckets`` of :func:`ds_kd.loop.host_layout` are used when present. ``denominators``
+        (``masked``, ``tokens``, ``pairs``: see :func:`ds_kd.loop.global_denominators`) replace the batch's own
+        counts in every term's mean; without them each term is the mean over this batch. Give them as Python
+        numbers: under DeepSpeed's ``fp16.auto_cast`` a tensor passed to ``engine(...)`` arrives in fp16, where
+        counts past 65,504 are inf."""
         cfg = self.config
         denominators = denominators or {}
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask, packing = _inputs(batch)
-        masked_BT = labels.ne(-100)
-        nowhere_BT = torch.zeros_like(masked_BT)  # no logits: the MLM head runs on zero rows
+        masked = masked_positions(batch)
+        nowhere = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # no logits: the head runs on no row
         want_hidden = cfg.embedding_weight > 0 or cfg.hidden_weight > 0
         want_scores = cfg.attention_weight > 0
         want_logits = cfg.mlm_weight > 0 or self.output_enabled
 
         student = self.student(input_ids, attention_mask, token_type_ids=batch.get("token_type_ids"),
-                               predicted=masked_BT if want_logits else nowhere_BT,
+                               predicted=masked if want_logits else nowhere,
                                output_hidden_states=want_hidden, output_attention_scores=want_scores, **packing)
         # One log-softmax over the vocabulary serves the MLM loss and, at T = 1, the output loss.
         log_probs = student.logits.float().log_softmax(-1) if want_logits else None
         terms = {}
         if cfg.mlm_weight > 0:
-            terms["mlm"] = masked_lm_loss(None, labels[masked_BT], denominators.get("masked"), log_probs)
+            terms["mlm"] = masked_lm_loss(None, gather_predicted(labels, masked), denominators.get("masked"),
+                                          log_probs)
         if self.output_enabled or want_hidden or want_scores:
             teacher = self._teacher(batch, attention_mask, packing, want_hidden, want_scores)
             if self.output_enabled:
@@ -253,10 +258,10 @@ class Distiller(nn.Module):
     def _teacher(self, batch: Mapping[str, torch.Tensor], attention_mask: torch.Tensor, packing: dict,
                  hidden: bool, scores: bool) -> MLMOutput:
         """The frozen teacher on ``batch``: logits at the masked positions when the output loss is on."""
-        masked_BT = batch["labels"].ne(-100)
+        predicted = (masked_positions(batch) if self.output_enabled
+                     else torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device))
         return self.teacher(batch["input_ids"], attention_mask, token_type_ids=batch.get("token_type_ids"),
-                            predicted=masked_BT if self.output_enabled else torch.zeros_like(masked_BT),
-                            output_hidden_states=hidden, output_attention_scores=scores, **packing)
+                            predicted=predicted, output_hidden_states=hidden, output_attention_scores=scores, **packing)
 
     def first_nonfinite_teacher_output(self, batch: Mapping[str, torch.Tensor]) -> str | None:
         """Where the teacher's outputs on ``batch`` (as :meth:`forward` takes it) first stop being finite:
@@ -274,9 +279,10 @@ def _inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(batch["input_ids"])
-    packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
-    if packing["sequence_ids"] is not None:
-        packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])
+    packing = {"position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids"),
+               "sentence_buckets": batch.get("sentence_buckets")}
+    if packing["sequence_ids"] is not None and packing["sentence_buckets"] is None:
+        packing["sentence_buckets"] = SentenceBuckets.build(packing["sequence_ids"])  # teacher and student's
     return attention_mask, packing
 
 

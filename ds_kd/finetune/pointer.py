@@ -20,6 +20,12 @@ from ds_kd.finetune.data import BOS, EOS, PAD
 NEG = -1e9
 
 
+def rule_out(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the entries ``where`` (broadcastable bool) set to :data:`NEG`, or to the dtype's minimum
+    where NEG does not fit it (fp16): filled, never added, so that nothing overflows to -inf."""
+    return logits.masked_fill(where, max(NEG, torch.finfo(logits.dtype).min))
+
+
 class PointerDecoder(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_vocab: int, num_layers: int = 3,
                  ffn_size: int = 512, dropout: float = 0.1, max_target_len: int = 256):
@@ -51,17 +57,18 @@ class PointerDecoder(nn.Module):
         if ids_BU.shape[1] > self.max_target_len:
             raise ValueError(f"target of {ids_BU.shape[1]} steps exceeds max_target_len={self.max_target_len}")
         steps = ids_BU.shape[1]
-        causal = torch.triu(torch.full((steps, steps), float("-inf"), device=ids_BU.device), diagonal=1)
+        # Boolean (True: not allowed), not an additive -inf: it holds in every dtype autocast may choose.
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=ids_BU.device).triu(diagonal=1)
         h_BUD = self.layers(self.embed_targets(ids_BU, memory_BTD), memory_BTD, tgt_mask=causal,
                             tgt_is_causal=True, memory_key_padding_mask=~attention_mask_BT.bool())
         gen_BUV = self.generate(h_BUD)
         # [PAD] and [BOS] are inputs only; they are never predicted.
         never = torch.zeros(self.num_vocab, dtype=torch.bool, device=ids_BU.device)
         never[PAD] = never[BOS] = True
-        gen_BUV = gen_BUV.masked_fill(never, NEG)
+        gen_BUV = rule_out(gen_BUV, never)
         scores_BUT = self.pointer_query(h_BUD) @ self.pointer_key(memory_BTD).transpose(1, 2)
         scores_BUT = scores_BUT / math.sqrt(h_BUD.shape[-1])
-        scores_BUT = scores_BUT.masked_fill(~pointer_mask_BT.bool()[:, None, :], NEG)
+        scores_BUT = rule_out(scores_BUT, ~pointer_mask_BT.bool()[:, None, :])
         return torch.cat([gen_BUV, scores_BUT], dim=-1)
 
     @torch.no_grad()
