@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
     get_accelerator().set_device(local_rank())
+    if accelerator_name() == "cpu":
+        clear_stale_build_lock(SHM_OP)
     for attempt in range(3 if choose_port else 1):
         if choose_port:
             os.environ["MASTER_PORT"] = str(_free_port())
@@ -58,6 +61,47 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
         # Ranks on one CPU machine share its cores: without this each rank starts one thread per core.
         local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size())))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+SHM_OP = "deepspeed_shm_comm"
+"""The C++ op DeepSpeed's CPU accelerator JIT-compiles (once per environment) when the process group starts."""
+
+STALE_LOCK_SECONDS = 600.0
+"""A build lock older than this is stale: the op compiles in about 40 s on 2 cores (minutes on a loaded machine)."""
+
+
+def clear_stale_build_lock(op: str, stale_after_s: float = STALE_LOCK_SECONDS, poll_s: float = 1.0) -> None:
+    """Before DeepSpeed loads the JIT-compiled ``op``: say when it is about to be compiled, and never wait forever
+    on a build lock that nobody holds.
+
+    Torch's extension loader takes ``<build dir>/lock`` (created exclusively, no owner recorded) around every
+    build and up-to-date check, and every other process waits, without a timeout or a message, until the file is
+    gone. A process killed while it held the lock (a test timeout, a ``kill -9`` of a launcher during start-up)
+    leaves it behind, and every later run then hangs silently at start. Here: while the lock exists, wait (saying
+    so once); once it is older than ``stale_after_s`` seconds, remove it with a warning naming the file.
+
+    Project code, not a library's: torch offers no timeout on this lock (``torch.utils.cpp_extension``)."""
+    from torch.utils.cpp_extension import _get_build_directory  # the directory torch's loader builds ``op`` in
+
+    build_dir = Path(_get_build_directory(op, verbose=False))
+    if not (build_dir / f"{op}.so").exists():
+        log.info("DeepSpeed compiles its CPU op %s into %s: once per environment, about a minute", op, build_dir)
+    lock, said = build_dir / "lock", False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after_s:
+            log.warning("removing %s: a build lock %.0f s old, left by a process killed while it compiled or "
+                        "checked %s (every later run would wait on it forever)", lock, age, op)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            log.info("waiting for %s: another process is compiling or checking %s (a lock older than %.0f s is "
+                     "removed as stale)", lock, op, stale_after_s)
+            said = True
+        time.sleep(poll_s)
 
 
 def shm_buffer_path(rank_number: int) -> Path:

@@ -65,3 +65,51 @@ def test_export_at_zero_stage_0_in_half_precision_is_the_fp32_master_weights(tin
     assert weights.dtype == torch.float32 and weights.numel() == masters.numel()
     assert torch.equal(weights.sort().values, masters)
     assert not torch.equal(weights, weights.bfloat16().float())  # not the module's rounded copy
+
+
+def _build_lock(tmp_path, monkeypatch, age_s: float) -> Path:
+    """A torch-extension build lock of DeepSpeed's CPU op, ``age_s`` seconds old, under a private build root."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / engine.SHM_OP / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    return lock
+
+
+def test_a_build_lock_left_by_a_killed_process_is_removed_with_a_warning_naming_it(tmp_path, monkeypatch, caplog):
+    lock = _build_lock(tmp_path, monkeypatch, age_s=engine.STALE_LOCK_SECONDS + 60)
+    with caplog.at_level("INFO", logger="ds_kd"):
+        engine.clear_stale_build_lock(engine.SHM_OP)
+    assert not lock.exists()
+    assert any(r.levelname == "WARNING" and str(lock) in r.getMessage() for r in caplog.records)
+    assert any("compiles its CPU op" in r.getMessage() for r in caplog.records)  # no .so yet: it says so first
+
+
+def test_a_held_build_lock_is_waited_for_and_left_to_its_holder(tmp_path, monkeypatch, caplog):
+    import threading
+    import time
+
+    lock = _build_lock(tmp_path, monkeypatch, age_s=0)
+    released = []
+    holder = threading.Timer(0.5, lambda: (lock.unlink(), released.append(time.monotonic())))
+    holder.start()
+    with caplog.at_level("INFO", logger="ds_kd"):
+        engine.clear_stale_build_lock(engine.SHM_OP, poll_s=0.05)
+    returned = time.monotonic()
+    holder.join()
+    assert released and returned >= released[0]  # it waited for the holder instead of taking the lock away
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+    assert any("waiting for" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lock_that_stays_is_removed_once_stale_instead_of_hanging(tmp_path, monkeypatch):
+    import time
+
+    lock = _build_lock(tmp_path, monkeypatch, age_s=0)
+    start = time.monotonic()
+    engine.clear_stale_build_lock(engine.SHM_OP, stale_after_s=0.5, poll_s=0.05)
+    assert not lock.exists() and 0.4 <= time.monotonic() - start < 5
