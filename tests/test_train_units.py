@@ -365,6 +365,26 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def closed_wandb_records(path: Path, timeout_s: float = 120.0) -> list:
+    """:func:`wandb_records` once the file holds the run's ``exit`` record: W&B's service process writes the file
+    on its own and may still be writing it when ``finish()`` has returned (seen on a loaded machine)."""
+    import struct
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = wandb_records(path)
+        except (DecodeError, struct.error):  # a record still being written
+            records = []
+        if any(r.HasField("exit") for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     from ds_kd.logbook import WANDB_ID_FILE, Logbook, WandbConfig, wandb_key
 
@@ -377,7 +397,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
         ids.append(book.wandb_run.id)
         book.close()
     assert ids[0] == ids[1] == (tmp_path / WANDB_ID_FILE).read_text().strip()
-    fragments = [wandb_records(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
+    fragments = [closed_wandb_records(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
     assert len(fragments) == 2  # W&B writes one file per process; `wandb sync` joins those of a resumed run
     for records, steps in zip(fragments, ([1, 2, 3], [2, 3, 4])):
         run = next(r.run for r in records if r.HasField("run"))
