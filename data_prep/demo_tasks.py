@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             m = build_tasks(args.heldout, args.out, Sizes(args.num_train, args.num_dev, args.num_test), args.seed)
             for task, counts in m["counts"].items():
                 print(f"[demo_tasks] {task}: " + "  ".join(f"{k}={n}" for k, n in counts.items()), flush=True)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

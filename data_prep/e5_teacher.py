@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         build(args.out, args.cache, not args.no_engine_check)
-    except ValueError as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

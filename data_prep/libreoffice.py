@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         fetch(args.raw, args.cache, tuple(args.langs))
-    except ValueError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

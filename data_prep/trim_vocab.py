@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         trim(args.model, args.corpus, args.out, args.tokenizer)
-    except (ValueError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         comparisons = parse_findings(args.finding)
-    except ValueError as e:
+    except UsageError as e:
         p.error(str(e))
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:
