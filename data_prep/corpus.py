@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANG_CODE_FORM, LANGS, MAX_LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
@@ -67,7 +68,7 @@ def run_step(directory: Path, stage: str, settings: dict, work: Callable[[], dic
     if has_manifest(directory):
         manifest = read_manifest(directory)
         if manifest.get("settings") != settings:
-            raise ValueError(f"{directory / 'manifest.json'}: written with other settings "
+            raise UsageError(f"{directory / 'manifest.json'}: written with other settings "
                              f"{manifest.get('settings')} than now {settings}; use another --out or delete "
                              f"{directory}")
         print(f"[corpus] {stage}: done already ({directory}), skipped", flush=True)
@@ -146,7 +147,7 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
     if has_manifest(out):
         version = read_manifest(out).get("schema_version", 1)
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{out / 'manifest.json'}: shards of schema version {version}, this code writes and "
+            raise UsageError(f"{out / 'manifest.json'}: shards of schema version {version}, this code writes and "
                              f"reads version {SCHEMA_VERSION}: delete {out} and run the same command again to "
                              f"rewrite them (the earlier steps are kept)")
         check_tokenizer_matches(out, config.out / "tokenizer")
@@ -169,7 +170,7 @@ def run(config: CorpusConfig) -> dict:
     """Run the four steps (skipping finished ones) and return their manifests by step name. Raises ValueError
     for ``lowercase`` set where no ``vocab.txt`` alone is brought (it would be ignored)."""
     if config.lowercase is not None and (config.tokenizer is None or (config.tokenizer / "tokenizer.json").is_file()):
-        raise ValueError("--lowercase/--no-lowercase applies only to a --tokenizer directory holding a vocab.txt "
+        raise UsageError("--lowercase/--no-lowercase applies only to a --tokenizer directory holding a vocab.txt "
                          "without tokenizer.json (a tokenizer.json's normaliser decides the casing); drop the flag")
     read_m = read_step(config)
     sample_m = sample_step(config, read_m)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(config_from_args(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

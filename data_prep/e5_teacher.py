@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_kd.errors import UsageError
+
 from data_prep.e5_file import bert_state_dict, read_q4_file
 from data_prep.unigram import XLMR_SPECIALS, build_unigram_tokenizer, save_unigram_tokenizer
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
@@ -135,11 +137,11 @@ def convert(model_file: Path, out: Path) -> dict:
     q4 = read_q4_file(model_file)
     h = q4.header
     if len(q4.pieces) > h["vocab"]:
-        raise ValueError(f"{model_file}: {len(q4.pieces)} tokenizer pieces but only {h['vocab']} embedding rows")
+        raise UsageError(f"{model_file}: {len(q4.pieces)} tokenizer pieces but only {h['vocab']} embedding rows")
     specials = dict(XLMR_SPECIALS)
     ids = q4.special_ids
     if [q4.pieces[ids[k]] for k in ("bos", "eos", "pad", "unk")] != ["<s>", "</s>", "<pad>", "<unk>"]:
-        raise ValueError(f"{model_file}: special pieces are not XLM-R's <s> </s> <pad> <unk> at ids {ids}")
+        raise UsageError(f"{model_file}: special pieces are not XLM-R's <s> </s> <pad> <unk> at ids {ids}")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: torch.from_numpy(np.ascontiguousarray(t)) for name, t in bert_state_dict(q4).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         build(args.out, args.cache, not args.no_engine_check)
-    except ValueError as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, processors
 
+from ds_kd.errors import UsageError
 from ds_kd.schema import REQUIRED_ROLES, tokenizer_special_ids
 from ds_kd.tokenizer_files import load_pretrained, make_portable
 
@@ -74,7 +75,7 @@ def roles_from_json(tok: Tokenizer) -> dict[str, int]:
         found = sorted(t for t in vocab if t.lower() in names)
         preferred = [t for t in found if t in special] or found
         if len(preferred) > 1:
-            raise ValueError(f"several tokens could be the {role} token: {preferred}; name it in the "
+            raise UsageError(f"several tokens could be the {role} token: {preferred}; name it in the "
                              f"tokenizer's transformers files (tokenizer_config.json: {role}_token)")
         if preferred:
             ids[role] = vocab[preferred[0]]
@@ -87,7 +88,7 @@ def special_token_ids(fast, where: Path | str) -> dict[str, int]:
     ids = {**roles_from_json(fast.backend_tokenizer), **tokenizer_special_ids(fast)}
     missing = [role for role in REQUIRED_ROLES if role not in ids]
     if missing:
-        raise ValueError(f"{where}: the tokenizer has no {' / '.join(missing)} token; MLM pretraining needs "
+        raise UsageError(f"{where}: the tokenizer has no {' / '.join(missing)} token; MLM pretraining needs "
                          f"pad, mask, cls and sep tokens (found {ids or 'none'}). Add them to the tokenizer or "
                          f"name them in its tokenizer_config.json")
     return ids
@@ -119,7 +120,7 @@ def copy_existing(tokenizer_dir: Path, out_dir: Path, lowercase: bool | None = N
     if not wraps_with_cls_sep(backend, ids):
         enc = backend.encode(PROBE)
         if any(enc.special_tokens_mask):
-            raise ValueError(f"{tokenizer_dir}: its post-processor encodes {PROBE!r} as {enc.tokens}, not "
+            raise UsageError(f"{tokenizer_dir}: its post-processor encodes {PROBE!r} as {enc.tokens}, not "
                              f"{backend.id_to_token(ids['cls'])} ... {backend.id_to_token(ids['sep'])}; "
                              f"MLM shards need every sentence between its cls and sep tokens")
         add_template(backend, ids)
@@ -150,7 +151,7 @@ def corpus_special_ids(tokenizer_dir: Path) -> tuple[dict[str, int], dict[str, s
     fast = load_existing(tokenizer_dir)
     ids = special_token_ids(fast, tokenizer_dir)
     if not wraps_with_cls_sep(fast.backend_tokenizer, ids):
-        raise ValueError(f"{tokenizer_dir}: sequences are not encoded as cls ... sep; delete "
+        raise UsageError(f"{tokenizer_dir}: sequences are not encoded as cls ... sep; delete "
                          f"{tokenizer_dir.parent / 'tokenizer'} and {tokenizer_dir.parent / 'shards'} and run "
                          f"python -m data_prep corpus again")
     tokens = {role: fast.backend_tokenizer.id_to_token(i) for role, i in ids.items()}

@@ -27,6 +27,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
@@ -130,7 +131,7 @@ def check_available(langs: tuple[str, ...]) -> None:
     packaged = {package_name(code) for code in codes}
     missing = [lang for lang in langs if package_name(lang) not in packaged]
     if missing:
-        raise ValueError(f"--langs: Debian has no LibreOffice help package for {' '.join(missing)} "
+        raise UsageError(f"--langs: Debian has no LibreOffice help package for {' '.join(missing)} "
                          f"({' '.join(package_name(lang) for lang in missing)}); codes with one: {' '.join(codes)}. "
                          + LOCAL_TEXT_HINT)
 
@@ -139,7 +140,7 @@ def help_text_dir(unpacked: Path, deb: Path) -> Path:
     """``usr/share/libreoffice/help/<dir>/text`` of an unpacked package (``<dir>``: en-US, pt-BR, fi ...)."""
     found = sorted(d / "text" for d in (unpacked / HELP_ROOT).glob("*") if (d / "text").is_dir())
     if len(found) != 1:
-        raise ValueError(f"{deb}: expected the help pages of one language under {HELP_ROOT}/<lang>/text, found "
+        raise UsageError(f"{deb}: expected the help pages of one language under {HELP_ROOT}/<lang>/text, found "
                          f"{len(found)}. " + LOCAL_TEXT_HINT)
     return found[0]
 
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         fetch(args.raw, args.cache, tuple(args.langs))
-    except ValueError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

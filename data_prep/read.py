@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from ds_kd.errors import UsageError
 from ds_kd.textfile import BOM, iter_byte_lines
 
 TEXT_SUFFIXES = {".txt", ".json", ".jsonl", ""}
@@ -133,7 +134,7 @@ def check_lang_dir(lang_dir: Path) -> list[Path]:
                                 f"holding .txt/.gz/.bz2/.xz or WikiExtractor files)")
     files = list_input_files(lang_dir)
     if not files:
-        raise ValueError(f"{lang_dir}: language directory holds no input files (.txt, .gz, .bz2, .xz, "
+        raise UsageError(f"{lang_dir}: language directory holds no input files (.txt, .gz, .bz2, .xz, "
                          f".json/.jsonl or WikiExtractor wiki_NN)")
     return files
 
@@ -152,7 +153,7 @@ def read_language(lang_dir: Path, out_path: Path, config: ReadConfig) -> dict:
                 num_chars += len(sentence)
     if num_sentences == 0:
         tmp.unlink()
-        raise ValueError(f"{lang_dir}: no sentence survived reading ({dict(drops)} dropped) in "
+        raise UsageError(f"{lang_dir}: no sentence survived reading ({dict(drops)} dropped) in "
                          f"{', '.join(str(p) for p in files)}")
     os.replace(tmp, out_path)
     return {"num_sentences": num_sentences, "num_chars": num_chars, "num_bytes": out_path.stat().st_size,

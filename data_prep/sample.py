@@ -28,6 +28,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from ds_kd.errors import UsageError
+
 TRAIN_FILE = "train.tsv"
 VAL_FILE = "val.tsv"
 
@@ -52,7 +54,7 @@ def mix_probabilities(counts: dict[str, int], alpha: float) -> dict[str, float]:
     """q_i = p_i^alpha / sum_j p_j^alpha with p_i = n_i / sum_j n_j (XLM, Conneau & Lample 2019)."""
     total = sum(counts.values())
     if total <= 0:
-        raise ValueError(f"no sentences to mix: {counts}")
+        raise UsageError(f"no sentences to mix: {counts}")
     weights = {lang: (n / total) ** alpha if n > 0 else 0.0 for lang, n in counts.items()}
     norm = sum(weights.values())
     return {lang: w / norm for lang, w in weights.items()}
@@ -148,7 +150,7 @@ def write_mix(read_dir: Path, read_counts: dict[str, dict], out_dir: Path, confi
     for lang, plan in plans.items():
         plan.p, plan.q, plan.num_sampled = p[lang], q[lang], sampled[lang]
         if plan.num_sampled and not plan.num_train_available:
-            raise ValueError(f"{read_dir / (lang + '.txt')}: no training sentence left after the validation "
+            raise UsageError(f"{read_dir / (lang + '.txt')}: no training sentence left after the validation "
                              f"hold-out; give this language more text or lower --val-per-lang")
     num_buckets = shuffle_into(read_dir, read_counts, held_out, plans, out_dir, config)
     os.replace(out_dir / f".{VAL_FILE}.tmp", out_dir / VAL_FILE)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from ds_kd.errors import UsageError
 from tqdm import tqdm
 
 from ds_kd.manifest import atomic_write_text
@@ -51,9 +53,9 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
-            raise ValueError(f"block_size must be at least 1 sentence, got {self.block_size}")
+            raise UsageError(f"block_size must be at least 1 sentence, got {self.block_size}")
         if self.shard_mb <= 0:
-            raise ValueError(f"shard_mb must be positive, got {self.shard_mb}")
+            raise UsageError(f"shard_mb must be positive, got {self.shard_mb}")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -202,7 +204,7 @@ def finished_records(split_dir: Path, settings: dict) -> list[dict]:
         record = {"lang_codes": list(LANGS), **json.loads(progress.read_text(encoding="utf-8"))}
         differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
         if differ:
-            raise ValueError(f"{shard}: written by an earlier run with other settings {differ} (recorded, now); "
+            raise UsageError(f"{shard}: written by an earlier run with other settings {differ} (recorded, now); "
                              f"delete {split_dir.parent} to rewrite the shards")
         if shard.stat().st_size != record["num_bytes"]:
             return records  # damaged after its record was written: write it again, and what follows

@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from data_prep.read import open_binary
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.modeldir import DS_KD_KEY
@@ -122,7 +123,7 @@ def kept_ids(spec: dict, used: np.ndarray) -> list[int]:
         if model["type"] == "BPE":
             keep |= merge_closure(model, keep)
     else:
-        raise ValueError(f"tokenizer model {model['type']!r} is not trimmed (Unigram, WordPiece and BPE are)")
+        raise UsageError(f"tokenizer model {model['type']!r} is not trimmed (Unigram, WordPiece and BPE are)")
     return sorted(keep)
 
 
@@ -238,7 +239,7 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     rows = int(config["vocab_size"])
     if rows < tokenizer_size:
-        raise ValueError(f"{model_dir / 'config.json'}: {rows} vocabulary rows for a tokenizer of {tokenizer_size} "
+        raise UsageError(f"{model_dir / 'config.json'}: {rows} vocabulary rows for a tokenizer of {tokenizer_size} "
                          f"tokens: not the checkpoint of this tokenizer")
     state = load_hf_state_dict(model_dir)
     index = torch.tensor(keep, dtype=torch.long)
@@ -250,7 +251,7 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
         else:
             trimmed[name] = t.contiguous()
     if not any(n.endswith("word_embeddings.weight") for n in cut):
-        raise ValueError(f"{model_dir}: no word_embeddings.weight with {rows} rows found to trim")
+        raise UsageError(f"{model_dir}: no word_embeddings.weight with {rows} rows found to trim")
     save_file(trimmed, str(out / "model.safetensors"), metadata={"format": "pt"})
     new_id = {old: new for new, old in enumerate(keep)}
     config["vocab_size"] = len(keep)
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         trim(args.model, args.corpus, args.out, args.tokenizer)
-    except (ValueError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

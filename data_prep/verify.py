@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ds_kd.errors import UsageError
     from ds_kd.manifest import MissingStageError
     from ds_kd.shards import ShardError, verify_shards
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         num_bytes = verify_shards(shard_dir)
-    except (ShardError, ValueError, MissingStageError) as e:
+    except (ShardError, UsageError, MissingStageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{shard_dir}: every shard matches its sha256 ({num_bytes / 2**20:.1f} MiB in "

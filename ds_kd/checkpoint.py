@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ds_kd import engine as dist
+from ds_kd.errors import UsageError
 from ds_kd.manifest import atomic_write_text
 
 log = logging.getLogger("ds_kd")
@@ -141,7 +142,7 @@ def plan_resume(ckpt_dir: Path, ds_config: dict, optimizer: str) -> ResumePlan |
         return None
     state_file = ckpt_dir / tag / RUN_STATE
     if not state_file.is_file():
-        raise ValueError(f"{state_file} is missing: checkpoint {tag} was written by an older version of this code "
+        raise UsageError(f"{state_file} is missing: checkpoint {tag} was written by an older version of this code "
                          f"(per-rank reader positions), which this version cannot resume exactly; start a new --out")
     state = json.loads(state_file.read_text())
     saved, now = state["engine"], batch_settings(ds_config)
@@ -164,20 +165,20 @@ def refuse_changes(where: Path, saved: dict, now: dict, saved_optimizer: str | N
         hint = (f"--ds-override gradient_accumulation_steps={saved['global_batch'] // per_step}"
                 if saved["global_batch"] % per_step == 0 else
                 "a micro batch and accumulation whose product with the ranks gives it")
-        raise ValueError(f"{where}: written with a global batch of {layout(saved)} sequences (sentences, or packed "
+        raise UsageError(f"{where}: written with a global batch of {layout(saved)} sequences (sentences, or packed "
                          f"rows), this run's is "
                          f"{layout(now)}. The data position and the learning-rate schedule count global batches, "
                          f"so it must stay {saved['global_batch']}: e.g. {hint}")
     if saved["zero_stage"] != now["zero_stage"]:
-        raise ValueError(f"{where}: written under ZeRO stage {saved['zero_stage']}, this run uses stage "
+        raise UsageError(f"{where}: written under ZeRO stage {saved['zero_stage']}, this run uses stage "
                          f"{now['zero_stage']}; DeepSpeed loads a checkpoint (also a universal one) only into the "
                          f"stage that wrote it: --ds-override zero_optimization.stage={saved['zero_stage']}")
     if saved["precision"] != now["precision"]:
-        raise ValueError(f"{where}: written in {saved['precision']}, this run trains in {now['precision']}; the "
+        raise UsageError(f"{where}: written in {saved['precision']}, this run trains in {now['precision']}; the "
                          f"optimizer state is laid out per precision: resume in {saved['precision']} "
                          f"(--ds-override {saved['precision']}.enabled=true and the other off)")
     if saved_optimizer is not None and saved_optimizer != optimizer:
-        raise ValueError(f"{where}: written with the {saved_optimizer} optimizer, this run uses {optimizer}: "
+        raise UsageError(f"{where}: written with the {saved_optimizer} optimizer, this run uses {optimizer}: "
                          f"resume with the same --optimizer")
 
 

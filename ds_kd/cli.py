@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from ds_kd.logbook import WandbConfig
 
 
@@ -157,13 +158,18 @@ def setup_logging() -> None:
 
 
 def main_guard(fn) -> int:
-    """Run ``fn``; a user error (bad input, missing stage) prints one clear line and exits 2, not a traceback."""
+    """Run ``fn`` and return the exit status: 0, or 2 with one logged line for an error the user can fix.
+
+    One line for a :class:`~ds_kd.errors.UsageError`, a missing input stage (``MissingStageError``), a path the
+    user named that is missing or already taken (``FileNotFoundError``/``FileExistsError``, whose message names
+    it) and a diverged run (``NonFiniteLossError``, which says what to change). Every other exception, a plain
+    ValueError included, propagates with its traceback: it is a bug, not a usage error."""
     from ds_kd.loop import NonFiniteLossError
     from ds_kd.manifest import MissingStageError
 
     try:
         fn()
         return 0
-    except (MissingStageError, FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as e:
+    except (UsageError, MissingStageError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
         logging.getLogger("ds_kd").error("%s", e)
         return 2

@@ -18,6 +18,8 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_kd.errors import UsageError
+
 OPTIMIZER_TYPES = {"adam": "adamw", "adamw": "adamw", "lamb": "lamb"}
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam", "bias_correction"}
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-6}
@@ -77,7 +79,7 @@ def check_keys(keys, where: str) -> None:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"{where}: unknown DeepSpeed config key {key!r}{hint}; DeepSpeed would ignore it")
+            raise UsageError(f"{where}: unknown DeepSpeed config key {key!r}{hint}; DeepSpeed would ignore it")
 
 
 def check_ds_config(config: dict, source: str) -> None:
@@ -92,7 +94,7 @@ def check_ds_config(config: dict, source: str) -> None:
         DeepSpeedConfig(dict(config))
     except Exception as e:  # pydantic ValidationError, AssertionError, ValueError ...: one line each
         lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic" not in line]
-        raise ValueError(f"{source}: DeepSpeed rejects the config: {' | '.join(lines[:3]) or type(e).__name__}") \
+        raise UsageError(f"{source}: DeepSpeed rejects the config: {' | '.join(lines[:3]) or type(e).__name__}") \
             from None
 
 
@@ -127,18 +129,18 @@ def resolve_optimizer(config: dict, flags: dict, source: str) -> tuple[Optimizer
                              tuple(settings["betas"]), float(settings["eps"]), "flags"), config
     if given:
         flag_list = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise ValueError(f"{source}: the config's optimizer block sets the optimizer; {flag_list} would "
+        raise UsageError(f"{source}: the config's optimizer block sets the optimizer; {flag_list} would "
                          f"contradict it: drop the flag(s) or the block")
     kind = str(block.get("type", "")).lower()
     if kind not in OPTIMIZER_TYPES:
-        raise ValueError(f"{source}: optimizer type {block.get('type')!r} is not supported here; use one of "
+        raise UsageError(f"{source}: optimizer type {block.get('type')!r} is not supported here; use one of "
                          f"Adam, AdamW, Lamb (or drop the block and use --optimizer)")
     params = dict(block.get("params", {}))
     unknown = sorted(set(params) - OPTIMIZER_PARAMS)
     if unknown:
-        raise ValueError(f"{source}: optimizer.params {unknown} not supported (known: {sorted(OPTIMIZER_PARAMS)})")
+        raise UsageError(f"{source}: optimizer.params {unknown} not supported (known: {sorted(OPTIMIZER_PARAMS)})")
     if kind == "adam" and params.get("adam_w_mode", True) is False:
-        raise ValueError(f"{source}: Adam with adam_w_mode false (L2 regularisation) is not supported; use AdamW")
+        raise UsageError(f"{source}: Adam with adam_w_mode false (L2 regularisation) is not supported; use AdamW")
     spec = OptimizerSpec(OPTIMIZER_TYPES[kind], float(params.get("lr", DEFAULT_OPTIMIZER["lr"])),
                          float(params.get("weight_decay", 0.0)),
                          tuple(params.get("betas", DEFAULT_OPTIMIZER["betas"])),
@@ -155,11 +157,11 @@ def check_scheduler(config: dict, flags: dict, source: str) -> bool:
     from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
     if block.get("type") not in VALID_LR_SCHEDULES:
-        raise ValueError(f"{source}: scheduler type {block.get('type')!r} unknown to DeepSpeed; known: "
+        raise UsageError(f"{source}: scheduler type {block.get('type')!r} unknown to DeepSpeed; known: "
                          f"{', '.join(VALID_LR_SCHEDULES)}")
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
     if given:
-        raise ValueError(f"{source}: the config's scheduler block sets the learning-rate schedule; "
+        raise UsageError(f"{source}: the config's scheduler block sets the learning-rate schedule; "
                          f"{', '.join(given)} would contradict it: drop the flag(s) or the block")
     return True
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ds_kd.errors import UsageError
 from ds_kd.textfile import read_json
 
 log = logging.getLogger("ds_kd")
@@ -192,7 +193,7 @@ def load_ds_config(path: str | Path) -> dict:
     try:
         return read_json(path)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
 
 def apply_overrides(config: dict, overrides: dict[str, Any]) -> dict:
@@ -213,7 +214,7 @@ def apply_overrides(config: dict, overrides: dict[str, Any]) -> dict:
 def parse_override(text: str) -> tuple[str, Any]:
     """``key.sub=value`` with a JSON value (``8``, ``true``, ``"x"``) or a bare string."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not KEY=VALUE")
+        raise UsageError(f"override {text!r} is not KEY=VALUE")
     key, raw = text.split("=", 1)
     try:
         return key, json.loads(raw)

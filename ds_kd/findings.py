@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ds_kd.errors import UsageError
+
 FINDINGS = {
     1: "KD during pretraining helps zero-shot transfer over Vanilla",
     2: "KD during fine-tuning can hurt zero-shot transfer",
@@ -111,7 +113,7 @@ def judge(comparisons: list[Comparison], zero_shot: dict[str, dict[str, list[flo
     results = {number: FindingResult(number) for number in FINDINGS}
     for comp in comparisons:
         if comp.finding not in FINDINGS:
-            raise ValueError(f"finding {comp.finding}: the paper has findings {', '.join(map(str, FINDINGS))}")
+            raise UsageError(f"finding {comp.finding}: the paper has findings {', '.join(map(str, FINDINGS))}")
         a, b = zero_shot.get(comp.expected, {}), zero_shot.get(comp.other, {})
         tasks = [t for t in a if t in b and a[t] and b[t]]
         if not tasks:

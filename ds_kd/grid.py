@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from ds_kd.logbook import WandbConfig
 from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
 from ds_kd.tasks import get_task
@@ -148,11 +149,11 @@ def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] 
     roles, ppl = roles or {}, ppl or {}
     dirs = dict(models)
     if len(dirs) != len(models):
-        raise ValueError(f"a model name is given twice in --models: {[n for n, _ in models]}")
+        raise UsageError(f"a model name is given twice in --models: {[n for n, _ in models]}")
     for student, teacher in ft_distill:
         for name, what in ((student, "student"), (teacher, "teacher")):
             if name not in dirs:
-                raise ValueError(f"--ft-distill {student}={teacher}: the {what} {name!r} is not one of --models "
+                raise UsageError(f"--ft-distill {student}={teacher}: the {what} {name!r} is not one of --models "
                                  f"({', '.join(dirs) or 'none'})")
     teachers = {t for _, t in ft_distill}
     rows = [ModelRow(name, d, default_role(name, teachers), None, ppl.get(name) or ppl_run_of(d))
@@ -161,14 +162,14 @@ def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] 
     names = [r.name for r in rows]
     for name, role in roles.items():
         if name not in names:
-            raise ValueError(f"role given for {name!r}, which is no row of the grid ({', '.join(names)})")
+            raise UsageError(f"role given for {name!r}, which is no row of the grid ({', '.join(names)})")
         if role not in ROLES:
-            raise ValueError(f"role {role!r} of {name!r}: expected one of {', '.join(ROLES)}")
+            raise UsageError(f"role {role!r} of {name!r}: expected one of {', '.join(ROLES)}")
     for row in rows:
         row.role = roles.get(row.name, row.role)
     slugs = [slug(n) for n in names]
     if len(set(slugs)) != len(slugs):
-        raise ValueError(f"row names {names} give clashing directory names {slugs}")
+        raise UsageError(f"row names {names} give clashing directory names {slugs}")
     return rows
 
 

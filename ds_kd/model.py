@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_kd.errors import UsageError
 from ds_kd.sentence_attention import SentenceBuckets, mask_scores
 from ds_kd.textfile import read_json
 
@@ -63,7 +64,7 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+            raise UsageError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
 
     @property
     def head_dim(self) -> int:
@@ -80,11 +81,11 @@ class BertConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> "BertConfig":
         if d.get("model_type", "bert") != "bert":
-            raise ValueError(f"not a BERT checkpoint: model_type={d.get('model_type')!r}")
+            raise UsageError(f"not a BERT checkpoint: model_type={d.get('model_type')!r}")
         if d.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"unsupported hidden_act {d.get('hidden_act')!r} (only 'gelu')")
+            raise UsageError(f"unsupported hidden_act {d.get('hidden_act')!r} (only 'gelu')")
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"unsupported position_embedding_type {d.get('position_embedding_type')!r}")
+            raise UsageError(f"unsupported position_embedding_type {d.get('position_embedding_type')!r}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
@@ -117,7 +118,7 @@ def make_config(preset: str, vocab_size: int | None = None, **overrides) -> Bert
     elif preset.endswith(".json") or Path(preset).exists():
         base = config_from_file(Path(preset))
     else:
-        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} (or a config.json file)")
+        raise UsageError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} (or a config.json file)")
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     return replace(base, **overrides)
@@ -131,7 +132,7 @@ def config_from_file(path: Path) -> BertConfig:
     try:
         return BertConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as e:  # bad JSON, a non-BERT model_type, heads not dividing the width, ...
-        raise ValueError(f"{path}: {e}") from None
+        raise UsageError(f"{path}: {e}") from None
 
 
 class Record(dict):
@@ -476,7 +477,7 @@ class BertForMaskedLM(nn.Module):
         mapped = {k: v for k, v in state.items() if k in own and k != TIED_DECODER}
         missing = [k for k in own if k not in mapped and k != TIED_DECODER]
         if [k for k in missing if not k.startswith("cls.")]:
-            raise ValueError(f"{directory}: checkpoint lacks encoder weights, e.g. {missing[:3]}")
+            raise UsageError(f"{directory}: checkpoint lacks encoder weights, e.g. {missing[:3]}")
         model.load_state_dict(mapped, strict=False)
         model.has_mlm_head = not missing
         return model
@@ -536,7 +537,7 @@ def read_hf_config(directory: Path | str) -> BertConfig:
     try:
         return BertConfig.from_hf_dict(read_json(cfg_path))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{directory}: {e}") from None
+        raise UsageError(f"{directory}: {e}") from None
 
 
 def load_hf_state_dict(directory: Path | str) -> dict[str, torch.Tensor]:
@@ -566,7 +567,7 @@ def load_hf_state_dict(directory: Path | str) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in hf.state_dict().items() if k not in missing}
     decoder, embeddings = state.get(TIED_DECODER), state["bert.embeddings.word_embeddings.weight"]
     if decoder is not None and not torch.equal(decoder, embeddings):
-        raise ValueError(f"{directory}: the MLM decoder is not tied to the word embeddings "
+        raise UsageError(f"{directory}: the MLM decoder is not tied to the word embeddings "
                          "(tie_word_embeddings false); this model ties them")
     return state
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ds_kd.errors import UsageError
+
 DS_KD_KEY = "ds_kd"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
                    "vocab.json")
@@ -68,10 +70,10 @@ def load_tokenizer(directory: Path | str, needed_by: str):
                                                       f'{directory / "tokenizer_config.json"} (needed by {needed_by})')
     ids = tokenizer.get_vocab().values()
     if not ids:
-        raise ValueError(f"{directory}: its tokenizer has an empty vocabulary (needed by {needed_by})")
+        raise UsageError(f"{directory}: its tokenizer has an empty vocabulary (needed by {needed_by})")
     num_ids = max(ids) + 1
     if rows is not None and num_ids > int(rows):
-        raise ValueError(f"{directory}: the tokenizer has token ids up to {num_ids - 1}, but the model's embedding "
+        raise UsageError(f"{directory}: the tokenizer has token ids up to {num_ids - 1}, but the model's embedding "
                          f"has {rows} rows (config.json vocab_size): not this model's tokenizer (needed by "
                          f"{needed_by})")
     return tokenizer

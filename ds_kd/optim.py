@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from ds_kd.errors import UsageError
+
 
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2020): Adam moments with a per-tensor trust ratio ||w|| / ||update||.
@@ -58,7 +60,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
-    raise ValueError(f"unknown optimizer {name!r}; known: adamw, lamb")
+    raise UsageError(f"unknown optimizer {name!r}; known: adamw, lamb")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
@@ -72,7 +74,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str) -> flo
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if decay == "constant":
         return 1.0
-    raise ValueError(f"unknown decay {decay!r}; known: linear, cosine, constant")
+    raise UsageError(f"unknown decay {decay!r}; known: linear, cosine, constant")
 
 
 class LRSchedule:

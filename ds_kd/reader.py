@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ds_kd.errors import UsageError
 from ds_kd.masking import Masker, MaskingConfig, pad_batch
 from ds_kd.schema import SPLITS
 from ds_kd.shards import Block, BlockTable, lang_codes, read_shards_manifest, special_ids, unmasked_ids
@@ -376,18 +377,18 @@ class ShardReader:
         which holds whenever the global batch is the one of the run that saved it. Raises ValueError saying
         what differs."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state of version {state.get('version')}, this reader reads {STATE_VERSION}: "
+            raise UsageError(f"reader state of version {state.get('version')}, this reader reads {STATE_VERSION}: "
                              f"the checkpoint was written by an older version of the code")
         mine = {"split": self.cfg.split, "seed": self.cfg.seed, **self.fingerprint()}
         differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"cannot resume the {self.cfg.split} stream of {self.cfg.shard_dir} exactly: {detail}")
+            raise UsageError(f"cannot resume the {self.cfg.split} stream of {self.cfg.shard_dir} exactly: {detail}")
         unit = "rows" if self.cfg.packing else "sentences"
         consumed = int(state[f"{unit}_consumed"])
         steps, rest = divmod(consumed, self._plan.step_size)
         if rest:
-            raise ValueError(f"the saved position, {consumed} {unit}, is not a whole number of micro-steps of "
+            raise UsageError(f"the saved position, {consumed} {unit}, is not a whole number of micro-steps of "
                              f"{self.world_size} ranks x {self.cfg.micro_batch_size} {unit}: keep the global "
                              f"batch (micro batch x accumulation x ranks) of the run that saved it")
         self._steps = steps

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_kd import paper_results as paper
+from ds_kd.errors import UsageError
 from ds_kd.findings import Comparison, default_comparisons, judge
 from ds_kd.findings import markdown as findings_markdown
 from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_role
@@ -81,7 +82,7 @@ def collect(grid_dir: Path | str) -> dict[tuple[str, str], dict[int, dict]]:
             result = json.loads(path.read_text(encoding="utf-8"))
             key, seed = (result["model"], result["task"]), int(result["seed"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a fine-tuning result.json ({e})") from None
+            raise UsageError(f"{path}: not a fine-tuning result.json ({e})") from None
         mtime = path.stat().st_mtime
         if seed not in found.get(key, {}) or found[key][seed][0] < mtime:
             found.setdefault(key, {})[seed] = (mtime, result)
@@ -165,7 +166,7 @@ def perplexity_table(plan: dict, order: list[str], roles: dict[str, str], ppl: d
             if "val_ppl" in val:
                 values = [float(val["val_ppl"])]
             elif record.get("perplexity_measured", True):
-                raise ValueError(f"{manifest}: no val.val_ppl (the run never evaluated on its validation split)")
+                raise UsageError(f"{manifest}: no val.val_ppl (the run never evaluated on its validation split)")
         matched = paper.paper_model(name)
         rows[name] = {"perplexity": Cell(values, paper.PERPLEXITY.get(matched) if matched else None)}
     table = Table("table2_perplexity", "Table 2: MLM perplexity on the validation set (all languages)",

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ds_kd.errors import UsageError
 from ds_kd.manifest import atomic_write_text
 from ds_kd.textfile import read_text
 
@@ -113,12 +114,12 @@ def read_keyed_text(root: Path, lang: str) -> list[tuple[tuple[str, str], str]]:
     texts = read_text(text_path).splitlines()
     keys = read_text(key_path).splitlines()
     if len(texts) != len(keys):
-        raise ValueError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
+        raise UsageError(f"{key_path}: {len(keys)} alignment keys for {len(texts)} lines of {text_path}")
     out = []
     for lineno, (key, text) in enumerate(zip(keys, texts), 1):
         page, sep, pid = key.partition("\t")
         if not sep:
-            raise ValueError(f"{key_path}:{lineno}: expected '<page><TAB><paragraph id>', found {key!r}")
+            raise UsageError(f"{key_path}:{lineno}: expected '<page><TAB><paragraph id>', found {key!r}")
         out.append(((page, pid), text))
     return out
 
@@ -149,7 +150,7 @@ def read_pairs(heldout: Path | str, langs: list[str], cfg: RetrievalConfig) -> d
         pairs = [(pivot[key], text) for key, text in read_keyed_text(heldout, lang) if key in pivot]
         out[lang] = select_pairs(pairs, cfg)
         if not out[lang]:
-            raise ValueError(f"{heldout}: no aligned {cfg.pivot}-{lang} pairs left to retrieve")
+            raise UsageError(f"{heldout}: no aligned {cfg.pivot}-{lang} pairs left to retrieve")
     return out
 
 
@@ -164,9 +165,9 @@ def pick_layer(layer: str | int, num_layers: int) -> int:
     try:
         index = int(layer)
     except ValueError:
-        raise ValueError(f"layer {layer!r}: expected 'xtreme', 'last' or a layer number") from None
+        raise UsageError(f"layer {layer!r}: expected 'xtreme', 'last' or a layer number") from None
     if not 0 <= index <= num_layers:
-        raise ValueError(f"layer {index} is outside 0..{num_layers}")
+        raise UsageError(f"layer {index} is outside 0..{num_layers}")
     return index
 
 
@@ -311,13 +312,13 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
     ``<out>/retrieval.json`` and ``<out>/retrieval.md``; return the result. ValueError for a layer given for a
     model that is not evaluated."""
     if not models:
-        raise ValueError("no models to evaluate")
+        raise UsageError("no models to evaluate")
     from ds_kd.modeldir import load_tokenizer
 
     layers = layers or {}
     unknown = sorted(set(layers) - set(models))
     if unknown:
-        raise ValueError(f"--layer-of {', '.join(unknown)}: not among the models ({', '.join(models)})")
+        raise UsageError(f"--layer-of {', '.join(unknown)}: not among the models ({', '.join(models)})")
     out = Path(out)
     start = time.perf_counter()
     # every model directory is checked before the first is evaluated

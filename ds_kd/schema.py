@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import re
 
+from ds_kd.errors import UsageError
+
 # The paper's eight languages, in the paper's order: the default of every command. A corpus may hold any
 # languages; its shards manifest's ``lang_codes`` lists them, and language ids in blocks and batches index that.
 LANGS: tuple[str, ...] = ("en", "fr", "de", "ja", "hi", "it", "es", "pt")
@@ -135,17 +137,17 @@ def check_langs(langs: list[str] | tuple[str, ...], flag: str = "--langs") -> No
     """Raise ValueError naming ``flag`` unless ``langs`` are at least one and at most :data:`MAX_LANGS`
     distinct codes of the form :data:`LANG_CODE` (any language, not only :data:`LANGS`)."""
     if not langs:
-        raise ValueError(f"{flag}: no language given")
+        raise UsageError(f"{flag}: no language given")
     for code in langs:
         if (problem := lang_code_problem(code)) is not None:
-            raise ValueError(f"{flag}: {problem}")
+            raise UsageError(f"{flag}: {problem}")
     from collections import Counter
 
     twice = sorted(code for code, n in Counter(langs).items() if n > 1)
     if twice:
-        raise ValueError(f"{flag}: language code(s) {', '.join(twice)} given more than once")
+        raise UsageError(f"{flag}: language code(s) {', '.join(twice)} given more than once")
     if len(langs) > MAX_LANGS:
-        raise ValueError(f"{flag}: {len(langs)} languages, but a shard stores a sentence's language in one byte, "
+        raise UsageError(f"{flag}: {len(langs)} languages, but a shard stores a sentence's language in one byte, "
                          f"so a corpus holds at most {MAX_LANGS}; build several corpora or merge languages")
 
 
@@ -179,8 +181,8 @@ def check_tokenizer_matches(shards_manifest, tokenizer_dir) -> None:
 
     vocab_size = Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
     if vocab_size != shards_manifest["vocab_size"]:
-        raise ValueError(f"{tok_file}: vocabulary of {vocab_size} tokens, but {where} was written with "
+        raise UsageError(f"{tok_file}: vocabulary of {vocab_size} tokens, but {where} was written with "
                          f"{shards_manifest['vocab_size']}; use the corpus's own tokenizer directory")
     if tokenizer_hash(tok_file) != shards_manifest["tokenizer_hash"]:
-        raise ValueError(f"{tok_file}: not the tokenizer {where} was written with (hash differs, same "
+        raise UsageError(f"{tok_file}: not the tokenizer {where} was written with (hash differs, same "
                          f"vocabulary size); use the corpus's own tokenizer directory")

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ds_kd.errors import UsageError
 from ds_kd.manifest import MANIFEST, read_manifest
 from ds_kd.schema import (BLOCK_MEMBERS, LANGS, REQUIRED_ROLES, REWRITE_HINT, SCHEMA_VERSION, SPLITS, block_key,
                           bpe_special_ids, check_langs, role_of)
@@ -37,7 +38,7 @@ def read_shards_manifest(shard_dir: str | Path) -> dict:
                                                   "`python -m data_prep corpus`")
     version = manifest.get("schema_version", 1)
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{Path(shard_dir) / MANIFEST}: shards of schema version {version} (one sentence per "
+        raise UsageError(f"{Path(shard_dir) / MANIFEST}: shards of schema version {version} (one sentence per "
                          f"tar member), but this reader reads version {SCHEMA_VERSION} (blocks of sentences): "
                          f"{REWRITE_HINT}")
     return manifest
@@ -52,7 +53,7 @@ def lang_codes(manifest: dict, shard_dir: str | Path | None = None) -> tuple[str
         check_langs(codes, "lang_codes")
     except ValueError as e:
         where = Path(shard_dir) / MANIFEST if shard_dir is not None else "the shards manifest"
-        raise ValueError(f"{where}: {e}") from None
+        raise UsageError(f"{where}: {e}") from None
     return codes
 
 
@@ -60,7 +61,7 @@ def check_vocab(shard_dir: str | Path, vocab_size: int, what: str = "model") -> 
     """Raise ValueError naming the manifest when ``vocab_size`` differs from the one the shards hold."""
     manifest = read_shards_manifest(shard_dir)
     if int(manifest["vocab_size"]) != int(vocab_size):
-        raise ValueError(f"the {what} has a vocabulary of {vocab_size} tokens but the shards were written "
+        raise UsageError(f"the {what} has a vocabulary of {vocab_size} tokens but the shards were written "
                          f"with {manifest['vocab_size']} (see {Path(shard_dir) / MANIFEST}); use the corpus's "
                          f"own tokenizer or rewrite the shards")
 
@@ -82,7 +83,7 @@ def special_ids(manifest: dict, shard_dir: str | Path | None = None) -> dict[str
         ids = bpe_special_ids()
     missing = [role for role in REQUIRED_ROLES if role not in ids]
     if missing:
-        raise ValueError(f"{_where(shard_dir)}: no special token ids recorded for {', '.join(missing)} (needed to "
+        raise UsageError(f"{_where(shard_dir)}: no special token ids recorded for {', '.join(missing)} (needed to "
                          f"mask and pad; a brought tokenizer numbers them its own way, so ids 0..4 are not "
                          f"assumed). {_rerun_hint(corpus, source)}")
     return ids
@@ -98,7 +99,7 @@ def unmasked_ids(manifest: dict, shard_dir: str | Path | None = None) -> list[in
     recorded = manifest.get("all_special_ids")
     source = _step_setting(corpus, "tokenizer", "source")
     if recorded is None and source not in (None, "bpe"):
-        raise ValueError(f"{_where(shard_dir)}: no all_special_ids recorded (every special token of the brought "
+        raise UsageError(f"{_where(shard_dir)}: no all_special_ids recorded (every special token of the brought "
                          f"tokenizer, language tags included, which masking must leave alone). "
                          f"{_rerun_hint(corpus, source)}")
     return sorted({*special_ids(manifest, shard_dir).values(), *map(int, recorded or ())})
@@ -167,7 +168,7 @@ class BlockTable:
         shard_dir = Path(shard_dir)
         entries = ((manifest.get("splits") or {}).get(split) or {}).get("shards")
         if not entries:
-            raise ValueError(f"{shard_dir / MANIFEST}: no {split} shards listed")
+            raise UsageError(f"{shard_dir / MANIFEST}: no {split} shards listed")
         paths, columns = [], {k: [] for k in ("shard", "local", "start", "end", "crc32", "num_sentences")}
         for index, entry in enumerate(entries):
             path = shard_dir / split / entry["file"]

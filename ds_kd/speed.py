@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ds_kd.errors import UsageError
 from ds_kd.manifest import atomic_write_text
 
 
@@ -65,7 +66,7 @@ def sentence_lengths(texts: list[str], tokenizer, cfg: SpeedConfig) -> list[int]
     """Sub-word lengths ([CLS] and [SEP] included) of ``num_sentences`` texts drawn with the seed."""
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise ValueError("no text to take sentence lengths from")
+        raise UsageError("no text to take sentence lengths from")
     rng = random.Random(cfg.seed)
     chosen = [rng.choice(texts) for _ in range(cfg.num_sentences)]
     # [CLS] and [SEP] counted here: not every tokenizer adds them itself.
@@ -145,7 +146,7 @@ def speedups(results: dict[str, dict], teacher_of: dict[str, str], batch_size: i
     for student, teacher in teacher_of.items():
         for name in (student, teacher):
             if name not in results:
-                raise ValueError(f"--teacher-of {student}={teacher}: no model named {name!r} "
+                raise UsageError(f"--teacher-of {student}={teacher}: no model named {name!r} "
                                  f"(models: {', '.join(results)})")
         s, t = results[student], results[teacher]
         out[student] = {"teacher": teacher,
@@ -212,7 +213,7 @@ def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, st
     unknown-token rate of ``texts`` (named ``texts_from``) under every model's tokenizer is reported, with a
     warning above 1% (``ds_kd.vocab_check``)."""
     if not models:
-        raise ValueError("no models to time")
+        raise UsageError("no models to time")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     timed = [load_timed(name, d) for name, d in models.items()]
@@ -221,7 +222,7 @@ def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, st
         lengths = [min(n, cfg.max_len) for n in lengths]
     else:
         if not texts:
-            raise ValueError("give sentence lengths or texts to take them from")
+            raise UsageError("give sentence lengths or texts to take them from")
         from ds_kd.vocab_check import report_unknown, text_unknown_rate
 
         for m in timed:

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from ds_kd.textfile import open_text
 
 
@@ -46,7 +47,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from ds_kd.textfile import read_text
 
 PORTABLE_CLASS = "PreTrainedTokenizerFast"
@@ -81,7 +82,7 @@ def vocab_casing(directory: Path, lowercase: bool | None, how_to_say: str) -> tu
     said = CASING_NAME.search(directory.resolve().name)
     if said:
         return bool(said.group(1)), f"the directory's name {directory.resolve().name}"
-    raise ValueError(f"{directory / VOCAB_FILE}: nothing says whether this vocabulary is cased (no do_lower_case in "
+    raise UsageError(f"{directory / VOCAB_FILE}: nothing says whether this vocabulary is cased (no do_lower_case in "
                      f"{CONFIG_FILE} or config.json, no 'cased'/'uncased' in a name); {how_to_say}")
 
 

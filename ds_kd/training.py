@@ -31,6 +31,7 @@ import torch
 
 from ds_kd import checkpoint
 from ds_kd import engine as dist
+from ds_kd.errors import UsageError
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, host_layout, mlm_perplexity, train
 from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, read_manifest, remove_outputs,
@@ -186,7 +187,7 @@ class EngineSetup:
 def check_train_flags(cfg: TrainConfig) -> None:
     """One-line errors naming the flag, before anything is built or created."""
     if (cfg.max_steps is None) == (cfg.epochs is None):
-        raise ValueError("give exactly one of --max-steps and --epochs")
+        raise UsageError("give exactly one of --max-steps and --epochs")
     positive = {"--max-steps": cfg.max_steps, "--epochs": cfg.epochs, "--max-len": cfg.max_len,
                 "--shuffle-window": cfg.shuffle_window, "--log-every": cfg.log_every,
                 "--dist-timeout-minutes": cfg.dist_timeout_minutes,
@@ -197,12 +198,12 @@ def check_train_flags(cfg: TrainConfig) -> None:
                     "--weight-decay": cfg.weight_decay}
     for flag, value in positive.items():
         if value is not None and not value > 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
+            raise UsageError(f"{flag} must be positive, got {value}")
     for flag, value in not_negative.items():
         if value is not None and value < 0:
-            raise ValueError(f"{flag} must not be negative, got {value}")
+            raise UsageError(f"{flag} must not be negative, got {value}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
+        raise UsageError(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
 
 
 def build_ds_config(cfg: TrainConfig) -> EngineSetup:
@@ -227,7 +228,7 @@ def build_ds_config(cfg: TrainConfig) -> EngineSetup:
         # tensors: a trust ratio ||w|| / ||update|| taken there mixes layers, which is not LAMB. Only fp32 at
         # stage 0 keeps whole tensors.
         where = f"ZeRO stage {stage}" if stage > 0 else f"{half[0]} (DeepSpeed's {half[0]} optimizer)"
-        raise ValueError(f"LAMB needs whole tensors for its layer-wise trust ratio, but {where} ({source}) hands "
+        raise UsageError(f"LAMB needs whole tensors for its layer-wise trust ratio, but {where} ({source}) hands "
                          f"the optimizer flat buffers; use --ds-override zero_optimization.stage=0 with fp32 "
                          f"(--ds-override fp16.enabled=false, bf16 off), or AdamW")
     return EngineSetup(config, optimizer, ds_scheduler)
@@ -239,7 +240,7 @@ def check_max_len(max_len: int, **models) -> None:
     first sentence that long may come hours in."""
     for name, config in models.items():
         if max_len > config.max_position_embeddings:
-            raise ValueError(f"--max-len {max_len} exceeds the {name}'s {config.max_position_embeddings} position "
+            raise UsageError(f"--max-len {max_len} exceeds the {name}'s {config.max_position_embeddings} position "
                              f"embeddings (max_position_embeddings); use --max-len {config.max_position_embeddings}"
                              f" or less")
 
@@ -249,7 +250,7 @@ def check_resume_identity(saved: dict, identity: dict, ckpt_dir: Path) -> None:
     differ = [k for k, v in identity.items() if k in saved and saved[k] != v]
     if differ:
         detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {identity[k]!r}" for k in differ)
-        raise ValueError(f"cannot resume {ckpt_dir}: it was written under other inputs ({detail})")
+        raise UsageError(f"cannot resume {ckpt_dir}: it was written under other inputs ({detail})")
 
 
 def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetup, stage: str,
@@ -317,7 +318,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
             schedule.set(warmup, total_steps, cfg.decay or "linear", scheduler)
         log.info("resumed from %s at optimizer step %d", resume.tag, start_step)
         if start_step >= total_steps:
-            raise ValueError(f"{out}: {start_step} optimizer steps are already done; the budget asks for "
+            raise UsageError(f"{out}: {start_step} optimizer steps are already done; the budget asks for "
                              f"{total_steps}: give a larger --max-steps/--epochs to extend the run")
 
     def evaluate() -> dict[str, float]:

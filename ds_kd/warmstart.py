@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ds_kd.errors import UsageError
 from ds_kd.model import BertConfig, BertForMaskedLM, make_config
 
 log = logging.getLogger("ds_kd")
@@ -45,12 +46,12 @@ def check_layers(layers: list[int] | None, num_layers: int, directory: str | Pat
     if layers is None:
         return
     if not layers:
-        raise ValueError("--init-layers needs at least one layer number")
+        raise UsageError("--init-layers needs at least one layer number")
     bad = [l for l in layers if not 1 <= l <= num_layers]
     if bad:
-        raise ValueError(f"--init-layers {bad}: {directory} has layers 1..{num_layers} (numbers are 1-based)")
+        raise UsageError(f"--init-layers {bad}: {directory} has layers 1..{num_layers} (numbers are 1-based)")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"--init-layers {layers}: a layer is named twice")
+        raise UsageError(f"--init-layers {layers}: a layer is named twice")
 
 
 def student_config(shape: str, vocab_size: int, init_from: str | Path | None = None,
@@ -61,14 +62,14 @@ def student_config(shape: str, vocab_size: int, init_from: str | Path | None = N
     whose shape differs from the checkpoint's (width, heads, FFN, layers, positions, token types)."""
     if init_from is None:
         if shape == FROM_INIT:
-            raise ValueError(f"{FROM_INIT} takes the shape of --init-from, which is not given")
+            raise UsageError(f"{FROM_INIT} takes the shape of --init-from, which is not given")
         if init_layers is not None:
-            raise ValueError("--init-layers needs --init-from (the checkpoint whose layers are copied)")
+            raise UsageError("--init-layers needs --init-from (the checkpoint whose layers are copied)")
         return make_config(shape, vocab_size=vocab_size)
     source = checkpoint_config(init_from)
     check_layers(init_layers, source.num_hidden_layers, init_from)
     if source.vocab_size < vocab_size:
-        raise ValueError(f"{Path(init_from) / 'config.json'}: vocabulary of {source.vocab_size} rows, fewer than "
+        raise UsageError(f"{Path(init_from) / 'config.json'}: vocabulary of {source.vocab_size} rows, fewer than "
                          f"the {vocab_size} tokens of the shards' tokenizer: start from a checkpoint of that "
                          f"tokenizer")
     derived = replace(source, vocab_size=vocab_size,
@@ -79,7 +80,7 @@ def student_config(shape: str, vocab_size: int, init_from: str | Path | None = N
     differ = [f"{name} {getattr(preset, name)} vs {getattr(derived, name)}" for name in SHAPE_FIELDS
               if getattr(preset, name) != getattr(derived, name)]
     if differ:
-        raise ValueError(f"preset {shape!r} does not have the shape of --init-from {init_from}"
+        raise UsageError(f"preset {shape!r} does not have the shape of --init-from {init_from}"
                          f"{' with --init-layers ' + ' '.join(map(str, init_layers)) if init_layers else ''}: "
                          f"{'; '.join(differ)} (preset vs checkpoint); use {FROM_INIT} to take the checkpoint's "
                          f"shape")

@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, wandb_config
+from ds_kd.errors import UsageError
 from ds_kd.finetune.job import FinetuneConfig, run
 from ds_kd.flags import HelpFormatter
 from ds_kd.tasks import TASKS
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, wandb = parse_all(argv)
     try:
         result = run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     zs = "n/a" if result.zero_shot_avg is None else f"{result.zero_shot_avg:.4f}"

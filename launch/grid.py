@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import field_doc  # noqa: E402  (launch/finetune.py: --help text from FinetuneConfig's docstrings)
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config  # noqa: E402
+from ds_kd.errors import UsageError  # noqa: E402
 from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
 from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
 from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
     roles = {name: role for role in ROLES for name in getattr(args, f"{role}s")}
     try:
         rows = build_rows(args.models, args.ft_distill, roles, dict(args.ppl))
-    except ValueError as e:
+    except UsageError as e:
         raise SystemExit(f"error: {e}") from None
     finetune = {fld.name: getattr(args, fld.name) for fld in fields(FinetuneConfig)
                 if fld.name not in PER_JOB and getattr(args, fld.name) is not None}
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         result = run_grid(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[grid] {result.num_jobs} jobs: {result.num_skipped} were done before, {result.num_done} finished now, "

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
+from ds_kd.errors import UsageError
 from ds_kd.findings import FINDINGS, Comparison
 from ds_kd.flags import HelpFormatter
 from ds_kd.logbook import log_results
@@ -26,14 +27,14 @@ def parse_findings(groups: list[list[str]]) -> list[Comparison]:
     out = []
     for number, *pairs in groups:
         if number not in {str(n) for n in FINDINGS}:
-            raise ValueError(f"--finding {number}: the paper's findings are {', '.join(map(str, FINDINGS))}")
+            raise UsageError(f"--finding {number}: the paper's findings are {', '.join(map(str, FINDINGS))}")
         if not pairs:
-            raise ValueError(f"--finding {number}: give at least one EXPECTED=OTHER pair of rows")
+            raise UsageError(f"--finding {number}: give at least one EXPECTED=OTHER pair of rows")
         for pair in pairs:
             try:
                 out.append(Comparison(int(number), *name_value(pair)))
             except argparse.ArgumentTypeError as e:
-                raise ValueError(f"--finding {number}: {e} (EXPECTED=OTHER)") from None
+                raise UsageError(f"--finding {number}: {e} (EXPECTED=OTHER)") from None
     return out
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         comparisons = parse_findings(args.finding)
-    except ValueError as e:
+    except UsageError as e:
         p.error(str(e))
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:

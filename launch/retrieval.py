@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.retrieval import RetrievalConfig, run
 from ds_kd.schema import LANGS
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.pivot, args.all_layers)
     try:
         result = run(checkpoint_dirs(args.models), args.heldout, args.out, args.langs, cfg, dict(args.layer_of))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((args.out / "retrieval.md").read_text(encoding="utf-8"))

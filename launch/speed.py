@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter
 from ds_kd.speed import SpeedConfig, run
 from ds_kd.textfile import read_text
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(models, args.out, dict(args.teacher_of), texts, args.lengths, cfg,
                      str(args.heldout / args.lang / "help.txt") if args.heldout else "")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((args.out / "speed.md").read_text(encoding="utf-8"))

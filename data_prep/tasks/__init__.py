@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from data_prep.tasks.taskdata import LangChoice, TaskData, TaskDataError, write_task_data
 
 TASK_NAMES = ("xnli", "pawsx", "wikiann", "matis", "mtop")
@@ -32,7 +33,7 @@ def load_task(task: str, src: Path | str, choice: LangChoice = LangChoice(), *, 
         return matis.load(src, choice, matis_misaligned)
     loaders = {"xnli": xnli.load, "pawsx": pawsx.load}
     if task not in loaders:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_NAMES)}")
+        raise UsageError(f"unknown task {task!r}; known: {', '.join(TASK_NAMES)}")
     return loaders[task](src, choice)
 
 

@@ -5,8 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.tasks import TASK_NAMES, LangChoice, TaskDataError, prepare_task, task_settings
+from data_prep.tasks import TASK_NAMES, LangChoice, prepare_task, task_settings
 from data_prep.tasks.wikiann import WHITESPACE_RULES
+from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import describe_differences, has_manifest, read_manifest, settings_differences
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             manifest = prepare_task(task, sources[task], args.out, choice, **options)
-        except (TaskDataError, FileNotFoundError) as e:
+        except (UsageError, FileNotFoundError) as e:
             print(f"error: {task}: {e}", file=sys.stderr)
             return 1
         print(_summary(manifest))

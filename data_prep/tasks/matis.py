@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from data_prep.tasks.taskdata import LangChoice, TaskData, TaskDataError, read_tsv_with_header, row_error
 
 FILE_PATTERN = re.compile(r"^(train|dev|test)_([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*)\.tsv$")
@@ -67,7 +68,7 @@ def load(src: Path, choice: LangChoice = LangChoice(), misaligned: str = "error"
     """``misaligned``: ``error`` (default) or ``remove`` train/dev rows whose slot labels and tokens differ in
     number (test rows with that fault are always removed and counted, as in the paper)."""
     if misaligned not in ("error", "remove"):
-        raise ValueError(f"misaligned must be 'error' or 'remove', not {misaligned!r}")
+        raise UsageError(f"misaligned must be 'error' or 'remove', not {misaligned!r}")
     files = find_files(src)
     choice.check_available({lang for split, lang in files if split != "train"}, src,
                            train_available={lang for split, lang in files if split == "train"})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ds_kd.errors import UsageError
 from data_prep.tasks.taskdata import LangChoice, TaskData, read_lines, row_error
 
 FILE_SPLITS = {"train": "train", "eval": "dev", "test": "test"}
@@ -116,7 +117,7 @@ def read_file(path: Path, split: str, lang: str, data: TaskData, uncopyable: str
 def load(src: Path, choice: LangChoice = LangChoice(), uncopyable: str = "error") -> TaskData:
     """``uncopyable``: ``error`` (default) or ``remove`` rows whose form copies a token absent from the source."""
     if uncopyable not in ("error", "remove"):
-        raise ValueError(f"uncopyable must be 'error' or 'remove', not {uncopyable!r}")
+        raise UsageError(f"uncopyable must be 'error' or 'remove', not {uncopyable!r}")
     root = find_root(src)
     langs = sorted(d.name for d in root.iterdir() if d.is_dir())
     choice.check_available([lang for lang in langs if any((root / lang / f"{s}.txt").is_file() for s in ("eval", "test"))],

@@ -15,6 +15,7 @@ from typing import IO, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from ds_kd.errors import UsageError
 from ds_kd.manifest import write_manifest
 from ds_kd.tasks import get_task, split_path
 from ds_kd.textfile import iter_byte_lines
@@ -23,7 +24,7 @@ SPLITS = ("train", "dev", "test")
 REMOVED_FILE = "removed.jsonl"
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UsageError):
     """A source file that does not follow its release format; the message starts with ``file:line``."""
 
 

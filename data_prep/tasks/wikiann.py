@@ -23,6 +23,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from ds_kd.errors import UsageError
 from data_prep.tasks.taskdata import LangChoice, TaskData, TaskDataError, iter_lines, read_lines, row_error
 
 TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -93,7 +94,7 @@ def add_sentence(data: TaskData, split: str, lang: str, record: dict, blank: lis
 
 def check_rule(rule: str) -> None:
     if rule not in WHITESPACE_RULES:
-        raise ValueError(f"unknown whitespace-token rule {rule!r}; expected {', '.join(WHITESPACE_RULES)}")
+        raise UsageError(f"unknown whitespace-token rule {rule!r}; expected {', '.join(WHITESPACE_RULES)}")
 
 
 def xtreme_sources(src: Path) -> dict[str, dict[str, object]]:
@@ -252,4 +253,4 @@ def load(src: Path, choice: LangChoice = LangChoice(), source_format: str = "aut
         return load_xtreme(src, choice, whitespace_tokens)
     if source_format == "xtreme-tsv":
         return load_xtreme_tsv(src, choice)
-    raise ValueError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme, xtreme-tsv or hf")
+    raise UsageError(f"unknown WikiANN format {source_format!r}; expected auto, xtreme, xtreme-tsv or hf")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ds_kd.errors import UsageError
 from ds_kd.model import divide_by_count, same_sequence_pairs
 from ds_kd.sentence_attention import SentenceScores
 
@@ -150,16 +151,16 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, explicit: list[i
     if explicit is not None:
         explicit = list(explicit)
         if len(explicit) != num_student_layers:
-            raise ValueError(f"explicit layer map {explicit} has {len(explicit)} entries; the student has "
+            raise UsageError(f"explicit layer map {explicit} has {len(explicit)} entries; the student has "
                              f"{num_student_layers} layers (one teacher layer per student layer)")
         bad = [g for g in explicit if not isinstance(g, int) or isinstance(g, bool) or not
                1 <= g <= num_teacher_layers]
         if bad:
-            raise ValueError(f"explicit layer map {explicit}: entries {bad} are not teacher layers "
+            raise UsageError(f"explicit layer map {explicit}: entries {bad} are not teacher layers "
                              f"1..{num_teacher_layers} (1-based; 0 is the embeddings, distilled separately)")
         return explicit
     if num_teacher_layers % num_student_layers:
-        raise ValueError(f"teacher has {num_teacher_layers} layers, student {num_student_layers}: not divisible, "
+        raise UsageError(f"teacher has {num_teacher_layers} layers, student {num_student_layers}: not divisible, "
                          f"so no uniform layer map; give an explicit one (e.g. --layer-map 3 6 9 12)")
     step = num_teacher_layers // num_student_layers
     return [m * step for m in range(1, num_student_layers + 1)]

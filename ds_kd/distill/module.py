@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
+from ds_kd.errors import UsageError
 from ds_kd.loop import masked_positions
 from ds_kd.model import BertForMaskedLM, EncoderOutput, MLMOutput, gather_predicted, masked_lm_loss
 from ds_kd.sentence_attention import SentenceBuckets
@@ -54,13 +55,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in TERMS:
             if getattr(self, f"{name}_weight") < 0:
-                raise ValueError(f"{name}_weight must be >= 0, got {getattr(self, f'{name}_weight')}")
+                raise UsageError(f"{name}_weight must be >= 0, got {getattr(self, f'{name}_weight')}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise UsageError(f"temperature must be positive, got {self.temperature}")
         if not any(getattr(self, f"{name}_weight") > 0 for name in TERMS):
-            raise ValueError("every loss weight is zero: nothing to train on")
+            raise UsageError("every loss weight is zero: nothing to train on")
         if self.layer_reduction not in LAYER_REDUCTIONS:
-            raise ValueError(f"layer_reduction must be one of {', '.join(LAYER_REDUCTIONS)}, "
+            raise UsageError(f"layer_reduction must be one of {', '.join(LAYER_REDUCTIONS)}, "
                              f"got {self.layer_reduction!r}")
 
     def weight(self, term: str) -> float:
@@ -156,7 +157,7 @@ class Distiller(nn.Module):
         self.config = config = config or DistillConfig()
         t_cfg, s_cfg = teacher.config, student.config
         if t_cfg.vocab_size < s_cfg.vocab_size:
-            raise ValueError(f"teacher vocabulary ({t_cfg.vocab_size}) is smaller than the student's "
+            raise UsageError(f"teacher vocabulary ({t_cfg.vocab_size}) is smaller than the student's "
                              f"({s_cfg.vocab_size}): the teacher must use the shards' tokenizer")
         # A teacher embedding may have padded rows past the tokenizer (never looked up): its logits are cut.
         self.vocab_size = s_cfg.vocab_size
@@ -166,7 +167,7 @@ class Distiller(nn.Module):
             log.warning("the teacher has no MLM head (a BertModel checkpoint): the output loss is off; "
                         "training on the MLM and intermediate losses only")
         if not self.output_enabled and not any(config.weight(n) > 0 for n in TERMS if n != "output"):
-            raise ValueError("the teacher has no MLM head and every other loss weight is zero: nothing to train on")
+            raise UsageError("the teacher has no MLM head and every other loss weight is zero: nothing to train on")
         teacher.requires_grad_(False)
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)

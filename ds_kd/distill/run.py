@@ -14,6 +14,7 @@ import torch
 
 from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
+from ds_kd.errors import UsageError
 from ds_kd.loop import NonFiniteLossError
 from ds_kd.model import BertForMaskedLM
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
@@ -42,7 +43,7 @@ class DistillRunConfig(TrainConfig):
 def resolve_teacher_dtype(requested: str, accel: str) -> torch.dtype:
     """fp16 on GPU; where fp16 is unsupported (CPU) fall back to bf16, then fp32, and say so."""
     if requested not in ("auto", *TEACHER_DTYPES):
-        raise ValueError(f"unknown teacher dtype {requested!r}; known: auto, fp16, bf16, fp32")
+        raise UsageError(f"unknown teacher dtype {requested!r}; known: auto, fp16, bf16, fp32")
     support = dist.half_precision_support(accel)
     want = "fp16" if requested == "auto" else requested
     if want in support and not support[want]:
@@ -71,7 +72,7 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
     teacher = BertForMaskedLM.from_pretrained(directory)
     rows = teacher.config.vocab_size
     if rows < data_vocab_size:
-        raise ValueError(f"{directory}/config.json: teacher vocabulary of {rows} tokens (embedding rows), fewer than "
+        raise UsageError(f"{directory}/config.json: teacher vocabulary of {rows} tokens (embedding rows), fewer than "
                          f"the {data_vocab_size} of the tokenizer the shards were written with: distil on shards "
                          f"made with the teacher's tokenizer (python -m data_prep corpus --tokenizer {directory})")
     if rows > data_vocab_size:

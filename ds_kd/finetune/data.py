@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ds_kd.errors import UsageError
+
 PAD, BOS, EOS = 0, 1, 2
 DECODER_SPECIALS = ("[PAD]", "[BOS]", "[EOS]")
 IGNORE = -100
@@ -85,7 +87,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     for name in ("cls_token", "sep_token", "pad_token"):
         tok_id = getattr(tokenizer, f"{name}_id", None)
         if tok_id is None:
-            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {name} "
+            raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {name} "
                              f"(a BERT tokenizer needs [CLS], [SEP] and [PAD])")
         ids.append(tok_id)
     return ids[0], ids[1], ids[2]

@@ -32,6 +32,7 @@ from torch import nn
 
 from ds_kd.distill.losses import layer_map, soft_cross_entropy
 from ds_kd.distill.module import DistillConfig, build_projections, intermediate_terms
+from ds_kd.errors import UsageError
 from ds_kd.finetune.heads import TASK_MODEL_JSON, TaskModel, load_task_model
 from ds_kd.finetune import state
 from ds_kd.finetune.job import (RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, result_from_dict, run,
@@ -107,7 +108,7 @@ def load_teacher(directory: Path, job: Job) -> TaskModel:
     elif load_tokenizer(directory, "ft-distill (the teacher)").get_vocab() != job.tokenizer.get_vocab():
         problems.append("its tokenizer differs from the student's")
     if problems:
-        raise ValueError(f"{directory}: cannot distil from this teacher: " + "; ".join(problems))
+        raise UsageError(f"{directory}: cannot distil from this teacher: " + "; ".join(problems))
     teacher.requires_grad_(False)
     return teacher.to(job.device).eval()
 

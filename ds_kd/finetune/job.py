@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ds_kd.errors import UsageError
 from ds_kd.finetune import state
 from ds_kd.finetune.data import Encoded, TaskLabels, build_labels, encode_records
 from ds_kd.finetune.heads import TaskModel, freeze_embeddings, save_task_model
@@ -97,11 +98,11 @@ class FinetuneConfig:
         get_task(self.task)  # an unknown task is an error now, not after loading the model
         for name in ("epochs", "batch_size", "eval_batch_size", "beam_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
+            raise UsageError(f"threads must be at least 1, got {self.threads}")
         if self.max_len < 8:
-            raise ValueError(f"max_len must be at least 8 sub-words, got {self.max_len}")
+            raise UsageError(f"max_len must be at least 8 sub-words, got {self.max_len}")
 
 
 @dataclass
@@ -233,7 +234,7 @@ def resolve_device(name: str | None) -> torch.device:
 def build_model(cfg: FinetuneConfig, spec: TaskSpec, labels: TaskLabels) -> TaskModel:
     encoder = BertForMaskedLM.from_pretrained(cfg.model).bert
     if cfg.max_len > encoder.config.max_position_embeddings:
-        raise ValueError(f"--max-len {cfg.max_len} exceeds the encoder's {encoder.config.max_position_embeddings} "
+        raise UsageError(f"--max-len {cfg.max_len} exceeds the encoder's {encoder.config.max_position_embeddings} "
                          f"positions ({cfg.model}/config.json)")
     model = TaskModel(encoder, spec.kind, labels, segment_ids_trained=segment_ids_trained(cfg.model))
     if not cfg.unfreeze_embeddings:
@@ -268,7 +269,7 @@ def prepare(cfg: FinetuneConfig, settings: dict | None = None) -> Job:
     device = resolve_device(cfg.device)
     data = load_job_data(cfg, spec, tokenizer)
     if not data.train:
-        raise ValueError(f"{split_path(cfg.data, spec.name, 'train', 'en')}: no usable training records")
+        raise UsageError(f"{split_path(cfg.data, spec.name, 'train', 'en')}: no usable training records")
     model = build_model(cfg, spec, data.labels).to(device)
     return Job(cfg, spec, device, tokenizer, data, model, generator, started,
                settings if settings is not None else state.job_settings(cfg))
