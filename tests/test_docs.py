@@ -55,6 +55,7 @@ def makefile_targets() -> frozenset[str]:
 def _import_file(path: Path):
     spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
