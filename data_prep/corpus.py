@@ -29,9 +29,10 @@ from ds_kd.errors import UsageError
 from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANG_CODE_FORM, LANGS, MAX_LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
+from ds_kd.tokenizer_files import vocab_casing
 
 from data_prep.bpe import BpeConfig, describe, save_tokenizer, train_bpe
-from data_prep.existing_tokenizer import copy_existing
+from data_prep.existing_tokenizer import LOWERCASE_FLAGS, copy_existing
 from data_prep.read import DROP_REASONS, ReadConfig, check_lang_dir, read_language_job
 from data_prep.sample import TRAIN_FILE, SampleConfig, write_mix
 from data_prep.shard import PROGRESS_DIR, ShardConfig, write_shards
@@ -167,11 +168,14 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
 
 
 def run(config: CorpusConfig) -> dict:
-    """Run the four steps (skipping finished ones) and return their manifests by step name. Raises ValueError
-    for ``lowercase`` set where no ``vocab.txt`` alone is brought (it would be ignored)."""
+    """Run the four steps (skipping finished ones) and return their manifests by step name. Raises UsageError,
+    before any step writes, for ``lowercase`` set where no ``vocab.txt`` alone is brought (it would be ignored)
+    and for a ``vocab.txt`` alone whose casing neither ``lowercase`` nor its directory states."""
     if config.lowercase is not None and (config.tokenizer is None or (config.tokenizer / "tokenizer.json").is_file()):
         raise UsageError("--lowercase/--no-lowercase applies only to a --tokenizer directory holding a vocab.txt "
                          "without tokenizer.json (a tokenizer.json's normaliser decides the casing); drop the flag")
+    if config.tokenizer is not None and not (config.tokenizer / "tokenizer.json").is_file():
+        vocab_casing(config.tokenizer, config.lowercase, LOWERCASE_FLAGS)  # refused before any step writes
     read_m = read_step(config)
     sample_m = sample_step(config, read_m)
     tok_m = tokenizer_step(config)

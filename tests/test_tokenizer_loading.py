@@ -90,7 +90,7 @@ def test_a_vocab_txt_alone_whose_casing_nothing_states_is_refused_naming_the_fla
     err = capsys.readouterr().err
     assert code == 2 and f"{tok_dir / 'vocab.txt'}: nothing says whether this vocabulary is cased" in err
     assert "--lowercase" in err and "--no-lowercase" in err
-    assert not (tmp_path / "corpus" / "shards").exists()
+    assert not (tmp_path / "corpus").exists()  # refused before the read and sample steps wrote anything
     assert main(["--raw", str(raw), "--out", str(tmp_path / "bpe"), "--lowercase"]) == 2  # it would be ignored
     assert "--lowercase/--no-lowercase applies only to a --tokenizer directory" in capsys.readouterr().err
     model_dir = cased_vocab_dir(tmp_path, "model", config={"model_type": "bert", "vocab_size": len(CASED_VOCAB)})
