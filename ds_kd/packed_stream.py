@@ -1,6 +1,6 @@
 """The packed training and validation stream: rows of whole sentences, one global order, split at read time.
 
-The sentence order is :class:`ds_kd.reader.SentenceOrder`'s. Each of its windows (``shuffle_window`` blocks of
+The sentence order is :class:`ds_kd.order.SentenceOrder`'s. Each of its windows (``shuffle_window`` blocks of
 one epoch, whose sentences are permuted together) is packed on its own: its sentences, cut to ``max_len``, go
 into rows of ``max_len`` tokens by best-fit decreasing (:func:`ds_kd.packing.best_fit`), and the rows are
 permuted (seeded by (seed, epoch, window)) so that a batch does not hold only long or only short sentences. The
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ds_kd.packing import best_fit, packed_batch
-from ds_kd.reader import _DROPOUT, StreamPlan
+from ds_kd.order import RNG_DROPOUT, StreamPlan
 
 _ROW_ORDER = 5
 
@@ -42,7 +42,7 @@ class Locator:
 
 
 class PackedStreamPlan(StreamPlan):
-    """A :class:`ds_kd.reader.StreamPlan` whose micro-batches are ``micro_batch_size`` packed rows."""
+    """A :class:`ds_kd.order.StreamPlan` whose micro-batches are ``micro_batch_size`` packed rows."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,7 +54,7 @@ class PackedStreamPlan(StreamPlan):
     def bounds(self, epoch: int) -> np.ndarray:
         """Window bounds of an epoch, in positions within it [num_windows + 1]."""
         if self.shuffle:
-            return self.order._layout(epoch)[1]
+            return self.order.layout(epoch)[1]
         sizes = self.table.num_sentences
         ends = np.cumsum(sizes)[self.shuffle_window - 1::self.shuffle_window]
         return np.unique(np.concatenate([[0], ends, [self.order.num_sentences]]))
@@ -139,7 +139,7 @@ class PackedStreamPlan(StreamPlan):
         batch["sentence_ids"] = torch.tensor([sid for sid, _, _ in sentences], dtype=torch.long)
         batch["stream_positions"] = torch.from_numpy(positions)
         batch["window"] = torch.tensor(self.locator.as_list())
-        seed = np.random.SeedSequence([self.seed, _DROPOUT, first_row]).generate_state(1, np.uint32)
+        seed = np.random.SeedSequence([self.seed, RNG_DROPOUT, first_row]).generate_state(1, np.uint32)
         batch["dropout_seed"] = int(seed[0])
         return self.finish(batch)
 

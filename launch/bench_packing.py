@@ -30,7 +30,7 @@ def corpus_lengths(corpus: Path, limit: int) -> np.ndarray:
 
     shard_dir = corpus / "shards" if (corpus / "shards").is_dir() else corpus
     reader = ShardReader(ReaderConfig(str(shard_dir), split="train", num_workers=0, max_len=10**6))
-    plan = reader._plan
+    plan = reader.plan
     _, ids = plan.order.lookup(np.arange(min(limit, plan.order.num_sentences)))
     from ds_kd.packed_stream import PackedStreamPlan
 
