@@ -126,11 +126,24 @@ def slug(name: str) -> str:
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", name)).strip("_") or "model"
 
 
-def default_role(name: str, teachers: set[str]) -> str:
-    """Teachers of ft-distill rows and mBERT8 rows teach; LeanBERT-sized rows are students; others baselines."""
-    if name in teachers or re.match(r"(?i)mbert[-_ ]?8", name):
-        return "teacher"
-    return "student" if "leanbert" in name.lower() else "baseline"
+def run_manifest(model_dir: str) -> dict:
+    """The ``manifest.json`` of the pretraining or distillation run that exported ``model_dir`` (``<run>/export``);
+    {} for any other directory (a public checkpoint, a fine-tuned model)."""
+    run = ppl_run_of(model_dir)
+    return json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8")) if run else {}
+
+
+def default_roles(model_dirs: dict[str, str], teachers: set[str] = frozenset()) -> dict[str, str]:
+    """Each row's role from the manifests of the runs that made the models (``stage``), never from its name:
+    a row is a teacher when it teaches an ft-distill row (``teachers``) or its directory is the ``teacher`` of a
+    distillation run among ``model_dirs``; a student when its model was distilled (stage ``distill``); else a
+    baseline (a Vanilla pretraining, a public checkpoint). ``model_dirs``: row name -> model directory."""
+    manifests = {name: run_manifest(d) for name, d in model_dirs.items()}
+    taught = {str(Path(m["teacher"]).resolve()) for m in manifests.values()
+              if m.get("stage") == "distill" and m.get("teacher")}
+    return {name: "teacher" if name in teachers or str(Path(d).resolve()) in taught
+            else "student" if manifests[name].get("stage") == "distill" else "baseline"
+            for name, d in model_dirs.items()}
 
 
 def ppl_run_of(model_dir: str) -> str | None:
@@ -144,7 +157,7 @@ def ppl_run_of(model_dir: str) -> str | None:
 def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] = (),
                roles: dict[str, str] | None = None, ppl: dict[str, str] | None = None) -> list[ModelRow]:
     """Rows from ``NAME=DIR`` pairs and ``STUDENT=TEACHER`` ft-distill pairs; ``roles`` overrides the default
-    role of any row, ``ppl`` the perplexity run of any row."""
+    role (:func:`default_roles`) of any row, ``ppl`` the perplexity run of any row."""
     roles, ppl = roles or {}, ppl or {}
     dirs = dict(models)
     if len(dirs) != len(models):
@@ -154,9 +167,8 @@ def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] 
             if name not in dirs:
                 raise ValueError(f"--ft-distill {student}={teacher}: the {what} {name!r} is not one of --models "
                                  f"({', '.join(dirs) or 'none'})")
-    teachers = {t for _, t in ft_distill}
-    rows = [ModelRow(name, d, default_role(name, teachers), None, ppl.get(name) or ppl_run_of(d))
-            for name, d in models]
+    default = default_roles(dirs, {t for _, t in ft_distill})
+    rows = [ModelRow(name, d, default[name], None, ppl.get(name) or ppl_run_of(d)) for name, d in models]
     rows += [ModelRow(s + FT_DISTILL_SUFFIX, dirs[s], "student", t) for s, t in ft_distill]
     names = [r.name for r in rows]
     for name, role in roles.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 from ds_kd import paper_results as paper
 from ds_kd.findings import Comparison, default_comparisons, judge
 from ds_kd.findings import markdown as findings_markdown
-from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_role
+from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_roles
 from ds_kd.logbook import ResultTable
 from ds_kd.tasks import TASKS, zero_shot_langs
 from ds_kd.textfile import read_text
@@ -107,11 +107,16 @@ def row_order(names: set[str], plan: dict) -> list[str]:
     return sorted(names, key=key)
 
 
-def resolve_roles(names: list[str], plan: dict, students: list[str] | None = None) -> dict[str, str]:
-    """The grid's recorded roles (default rule for rows it does not know); ``students``, when given, is the
-    complete list of students (rows the grid called students and that are not listed become baselines)."""
+def resolve_roles(names: list[str], plan: dict, students: list[str] | None = None,
+                  model_dirs: dict[str, str] | None = None) -> dict[str, str]:
+    """The grid's recorded roles; rows it does not record take :func:`ds_kd.grid.default_roles` of their model
+    directories (``model_dirs``: row name -> directory, e.g. from the results), baseline where none is known.
+    ``students``, when given, is the complete list of students (rows the grid called students and that are not
+    listed become baselines)."""
     recorded = {r["name"]: r["role"] for r in plan.get("rows", [])}
-    roles = {n: recorded.get(n) or default_role(n, set()) for n in names}
+    dirs = {**(model_dirs or {}), **{r["name"]: r["model_dir"] for r in plan.get("rows", []) if r.get("model_dir")}}
+    derived = default_roles(dirs)
+    roles = {n: recorded.get(n) or derived.get(n, "baseline") for n in names}
     if students is not None:
         roles = {n: "student" if n in students else ("baseline" if r == "student" else r) for n, r in roles.items()}
     return roles
@@ -183,7 +188,9 @@ def build_tables(grid_dir: Path | str, students: list[str] | None = None,
     plan = load_plan(grid_dir)
     names = {m for m, _ in results} | {r["name"] for r in plan.get("rows", [])}
     order = row_order(names, plan)
-    roles = resolve_roles(order, plan, students)
+    roles = resolve_roles(order, plan, students,
+                          {m: r["model_dir"] for (m, _), seeds in results.items() for r in seeds.values()
+                           if r.get("model_dir")})
     tasks = [t for t in paper.TASK_ORDER if any(t == task for _, task in results)]
     tasks += sorted({task for _, task in results} - set(tasks))
 

@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model directory named 'export' when it holds a manifest.json)")
     for role in ROLES:
         g.add_argument(f"--{role}s", nargs="+", default=[], metavar="NAME",
-                       help=f"rows whose role is {role} (default roles: teachers of ft-distill rows and mBERT8* "
-                            f"rows teach, rows with LeanBERT in the name are students, others are baselines)")
+                       help=f"rows whose role is {role} (default roles, from the manifest of the run that exported "
+                            f"each model, never from its name: teachers of ft-distill rows and models that taught a "
+                            f"distilled row teach; distilled models (stage distill) are students; others, e.g. "
+                            f"Vanilla pretraining or a public checkpoint, are baselines)")
     add_wandb_flags(p.add_argument_group("Weights & Biases: every job's results as tables, once the grid ends"),
                     RESULTS_WANDB_HELP)
     f = p.add_argument_group("fine-tuning options for every job (default: launch/finetune.py's)")

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: GRID_DIR/report)")
     p.add_argument("--students", nargs="+", default=None, metavar="NAME",
                    help="the rows that are students, for the best-student marks (default: the roles recorded in "
-                        "GRID_DIR/grid.json; rows with LeanBERT in the name where none is recorded)")
+                        "GRID_DIR/grid.json; where none is recorded, distilled models are students, see launch/grid.py "
+                        "--students)")
     p.add_argument("--ppl", nargs="+", default=[], type=name_value, metavar="NAME=RUN_DIR",
                    help="pretraining/distillation run directory of a row for Table 2 (its manifest.json has "
                         "val.val_ppl); overrides the grid's record (default: the parent of a model dir named export)")

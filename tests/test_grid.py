@@ -81,8 +81,8 @@ def test_grid_runs_every_job_once_and_resumes_after_a_kill(encoders, data, tmp_p
     third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "8 were done before, 0 finished now" in third.stdout
     assert results(out) == after
-    plan_json = json.loads((out / "grid.json").read_text())
-    assert {r["name"]: r["role"] for r in plan_json["rows"]} == {"mBERT8": "teacher", "mLeanBERT": "student"}
+    plan_json = json.loads((out / "grid.json").read_text())  # plain model directories: no run says who teaches
+    assert {r["name"]: r["role"] for r in plan_json["rows"]} == {"mBERT8": "baseline", "mLeanBERT": "baseline"}
 
     # The report of this grid: Table 5's cells are the mean and sample std of the jobs' zero-shot averages.
     write_report(out)
@@ -165,7 +165,8 @@ def test_grid_refuses_a_model_directory_without_its_tokenizer(encoders, data, tm
 def test_plan_counts_and_orders_teachers_first(encoders, tmp_path):
     rows = build_rows([("mBERT8", "a"), ("Vanilla mLeanBERT", "b"), ("mBERT", "c")],
                       [("Vanilla mLeanBERT", "mBERT8")])
-    assert [(r.name, r.role) for r in rows] == [("mBERT8", "teacher"), ("Vanilla mLeanBERT", "student"),
+    # No run manifest behind these directories: only the ft-distill pair gives roles.
+    assert [(r.name, r.role) for r in rows] == [("mBERT8", "teacher"), ("Vanilla mLeanBERT", "baseline"),
                                                 ("mBERT", "baseline"), ("Vanilla mLeanBERT (ft-distill)", "student")]
     jobs = plan(GridConfig(rows, ["xnli", "mtop"], "d", [1, 2, 3], str(tmp_path)))
     assert len(jobs) == 4 * 2 * 3
@@ -175,6 +176,27 @@ def test_plan_counts_and_orders_teachers_first(encoders, tmp_path):
                                        and j.teacher.task == j.task for j in distilled)
     with pytest.raises(ValueError, match="not one of --models"):
         build_rows([("mLeanBERT", "a")], [("mLeanBERT", "mBERT8")])
+
+
+def fake_run(run: Path, **manifest) -> str:
+    """``<run>/export`` of a finished run whose manifest holds ``manifest`` (stage, teacher)."""
+    (run / "export").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return str(run / "export")
+
+
+def test_roles_come_from_the_runs_manifests_not_from_the_names(tmp_path):
+    # Names that the old rule read the other way round: "mBERT8" here is a Vanilla pretraining, "Vanilla
+    # LeanBERT" the distilled student, "mLeanBERT" the pretrained model that taught it.
+    teacher = fake_run(tmp_path / "t", stage="pretrain")
+    models = [("mBERT8", fake_run(tmp_path / "v", stage="pretrain")),
+              ("Vanilla LeanBERT", fake_run(tmp_path / "kd", stage="distill", teacher=str(Path(teacher).resolve()))),
+              ("mLeanBERT", teacher), ("public", str(tmp_path / "hf"))]
+    roles = {r.name: r.role for r in build_rows(models)}
+    assert roles == {"mBERT8": "baseline", "Vanilla LeanBERT": "student", "mLeanBERT": "teacher",
+                     "public": "baseline"}
+    # Explicit roles still win.
+    assert build_rows(models, roles={"mBERT8": "student"})[0].role == "student"
 
 
 # ---- the ft-distill loss -----------------------------------------------------------------------------------
