@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ds_kd.logbook import WandbConfig
 from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
-from ds_kd.tasks import get_task
+from ds_kd.tasks import TASKS, get_task
 
 GRID_JSON = "grid.json"
 JOB_JSON = "job.json"
@@ -251,6 +251,23 @@ def refresh(job: GridJob, cfg: GridConfig, threads: int) -> bool:
     return True
 
 
+def present_tasks(data: str | Path) -> list[str]:
+    """The tasks whose normalised data is under ``data``: ``<data>/<task>/manifest.json`` exists (``python -m
+    data_prep tasks`` writes it last)."""
+    return [task for task in TASKS if (Path(data) / task / "manifest.json").is_file()]
+
+
+def check_task_data(cfg: GridConfig) -> None:
+    """Every task of the grid has its normalised data, before any job starts; raises ValueError naming the first
+    missing folder and the command that writes it."""
+    missing = [task for task in cfg.tasks if task not in present_tasks(cfg.data)]
+    if missing:
+        raise ValueError(f"no task data for {', '.join(missing)} under --data {cfg.data} ({Path(cfg.data) / missing[0]}"
+                         f"/manifest.json is missing): write it with `python -m data_prep tasks --task {missing[0]} "
+                         f"--src SRC --out {cfg.data}`, or leave it out of --tasks (present: "
+                         f"{', '.join(present_tasks(cfg.data)) or 'none'})")
+
+
 def check_models(cfg: GridConfig) -> None:
     """Every row's model directory has its tokenizer, which fits the model (``ds_kd.modeldir``), before any job
     starts; raises FileNotFoundError / ValueError naming the row and the directory."""
@@ -362,6 +379,7 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     from tqdm.auto import tqdm
 
     jobs = plan(cfg)
+    check_task_data(cfg)
     check_models(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_plan(cfg)

@@ -22,7 +22,7 @@ from finetune import field_doc  # noqa: E402  (launch/finetune.py: --help text f
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config  # noqa: E402
 from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
 from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
-from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
+from ds_kd.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid  # noqa: E402
 from ds_kd.logbook import log_results  # noqa: E402
 from ds_kd.report import job_tables  # noqa: E402
 from ds_kd.tasks import TASKS  # noqa: E402
@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ft-distill rows: the encoder of row STUDENT fine-tuned with distillation from row "
                         "TEACHER's fine-tuned job of the same task and seed; the row is named 'STUDENT (ft-distill)' "
                         "and TEACHER's jobs save their model and run first")
-    add_list_argument(g, "--tasks", default=["all"], metavar="TASK",
-                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)})")
+    add_list_argument(g, "--tasks", default=None, metavar="TASK",
+                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)}); a task "
+                           f"without data under --data is refused before any job starts (default: the tasks "
+                           f"present under --data, i.e. with a <task>/manifest.json)")
     g.add_argument("--data", required=True, help="normalised task-data root (python -m data_prep tasks ...)")
     add_list_argument(g, "--seeds", item_type=int, default=[1, 2, 3, 4],
                       help="seeds per (row, task), space- or comma-separated")
@@ -99,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> GridConfig:
     args = build_parser().parse_args(argv)
-    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
+    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks or present_tasks(args.data)
+    if not tasks:
+        raise SystemExit(f"error: no task data under --data {args.data} (no <task>/manifest.json): write it with "
+                         f"`python -m data_prep tasks --task all --src SRC --out {args.data}`")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(TASKS)} or 'all'")
