@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:
         print(path)
+    if report.gaps:
+        print(f"{len(report.gaps)} planned job(s) have no result (failed, stopped or never started): listed in "
+              f"{report.files[0]}", file=sys.stderr)
     out = report.files[0].parent
     images = {f"report/{p.stem}": p for p in report.files if p.suffix == ".png"}
     findings = {f"finding {f.finding}": f.verdict for f in report.findings}
