@@ -41,6 +41,7 @@ from ds_kd.tasks import TASKS, get_task
 GRID_JSON = "grid.json"
 JOB_JSON = "job.json"
 RESULT = "result.json"  # ds_kd.finetune.job.RESULT, repeated so the grid process need not import torch
+LAST_CHECKPOINT = "checkpoint/last.pt"  # ds_kd.finetune.state's CHECKPOINT/LAST, for the same reason
 LOG = "log.txt"
 ROLES = ("teacher", "student", "baseline")
 FT_DISTILL_SUFFIX = " (ft-distill)"
@@ -202,13 +203,14 @@ def plan(cfg: GridConfig) -> list[GridJob]:
 
 
 def job_spec(job: GridJob, cfg: GridConfig, threads: int) -> dict:
-    """The content of ``job.json``: the job's ``FinetuneConfig`` fields (resuming its own checkpoint, with
-    ``threads`` torch threads), a digest of the task data's manifest, and for ft-distill rows the teacher, the
-    distillation options and the teacher job's settings (a re-run teacher makes its students re-run)."""
+    """The content of ``job.json``: the job's ``FinetuneConfig`` fields (resuming its own checkpoint where it has
+    one, with ``threads`` torch threads), a digest of the task data's manifest, and for ft-distill rows the
+    teacher, the distillation options and the teacher job's settings (a re-run teacher makes its students
+    re-run)."""
     finetune = {**cfg.finetune, "model": job.row.model_dir, "task": job.task, "data": cfg.data, "out": str(job.out),
                 "seed": job.seed, "name": job.row.name, "save_model": job.save_model or cfg.finetune.get("save_model",
                                                                                                         False),
-                "threads": threads, "resume": True}
+                "threads": threads, "resume": (job.out / LAST_CHECKPOINT).is_file()}
     manifest = Path(cfg.data) / job.task / "manifest.json"
     spec = {"finetune": finetune, "threads": threads,
             "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
