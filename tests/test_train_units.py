@@ -161,6 +161,23 @@ def test_the_default_student_is_the_teachers_shape_with_a_third_of_its_layers(ti
     assert json.loads((tmp_path / "kd" / "manifest.json").read_text())["student"] == "from-teacher"
 
 
+def test_a_tiny_preset_trains_at_its_own_default_lr_and_an_explicit_lr_wins(tiny_corpus, tmp_path):
+    from ds_kd.ds_config import resolve_optimizer
+    from ds_kd.model import default_lr
+
+    cfg = PretrainConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "pt"),
+                         model="tiny-leanbert", max_steps=1, num_workers=0, max_len=64,
+                         ds_overrides={"fp16.enabled": False, "train_micro_batch_size_per_gpu": 2})
+    run(cfg)
+    built = json.loads((tmp_path / "pt" / "ds_config.json").read_text())["optimizer"]["params"]["lr"]
+    recorded = json.loads((tmp_path / "pt" / "manifest.json").read_text())["settings"]["lr"]
+    assert built == recorded == 2e-3
+    # An explicit rate wins over the preset's; the paper's presets keep 1e-4 (and record no lr, as before).
+    assert resolve_optimizer({}, {"lr": 1e-3}, "f", default_lr=2e-3)[0].lr == 1e-3
+    assert resolve_optimizer({"optimizer": {"type": "AdamW"}}, {}, "f", default_lr=2e-3)[0].lr == 2e-3
+    assert default_lr("mbert8-base") is None and resolve_optimizer({}, {}, "f", default_lr=None)[0].lr == 1e-4
+
+
 class _Fp16Engine:
     """The engine surface the loop uses; ``overflow_at`` lists the optimizer-step attempts (1-based) whose
     update DeepSpeed's loss scaler skips."""

@@ -174,7 +174,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     try:
         return run_stage(cfg, "distill", "distillation",
                          {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan)
+                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan,
+                         {FROM_INIT: cfg.init_from, FROM_TEACHER: cfg.teacher}.get(cfg.student, cfg.student))
     except NonFiniteLossError as error:
         if (message := teacher_overflow(seen["distiller"], seen["batch"])) is not None:
             raise NonFiniteLossError(message) from error
