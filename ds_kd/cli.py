@@ -61,7 +61,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adamw", "lamb"], default=None,
                    help=f"optimizer (default adamw{from_json}); LAMB needs ZeRO stage 0, since ZeRO's flat "
                         f"partitions have no per-layer trust ratio")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default 1e-4{from_json})")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default 1e-4; 2e-3 for the tiny-* presets and models of "
+                        f"their width, e.g. a from-teacher student of a tiny teacher, which learn nothing at 1e-4 in "
+                        f"the steps a CPU run gives them{from_json})")
     g.add_argument("--weight-decay", type=float, default=None,
                    help=f"weight decay on matrices (default 0.01{from_json})")
     from_json = "; a scheduler block in the DeepSpeed JSON sets the schedule instead: giving both is an error"

@@ -117,14 +117,17 @@ class OptimizerSpec:
                            "weight_decay": self.weight_decay}}
 
 
-def resolve_optimizer(config: dict, flags: dict, source: str) -> tuple[OptimizerSpec, dict]:
+def resolve_optimizer(config: dict, flags: dict, source: str,
+                      default_lr: float | None = None) -> tuple[OptimizerSpec, dict]:
     """The optimizer from the JSON's ``optimizer`` block or from ``flags`` (``optimizer``, ``lr``,
     ``weight_decay``; None = not given), and the config without the block (the engine gets the optimizer
-    built). Raises ValueError for an unsupported type or parameter, or a flag that contradicts the block."""
+    built). ``default_lr``: the model's default peak rate where neither gives one (None: 1e-4). Raises
+    ValueError for an unsupported type or parameter, or a flag that contradicts the block."""
     given = {k: v for k, v in flags.items() if v is not None}
     block = config.get("optimizer")
+    defaults = {**DEFAULT_OPTIMIZER, **({"lr": default_lr} if default_lr is not None else {})}
     if block is None:
-        settings = {**DEFAULT_OPTIMIZER, **{("name" if k == "optimizer" else k): v for k, v in given.items()}}
+        settings = {**defaults, **{("name" if k == "optimizer" else k): v for k, v in given.items()}}
         return OptimizerSpec(settings["name"], float(settings["lr"]), float(settings["weight_decay"]),
                              tuple(settings["betas"]), float(settings["eps"]), "flags"), config
     if given:
@@ -141,7 +144,7 @@ def resolve_optimizer(config: dict, flags: dict, source: str) -> tuple[Optimizer
         raise UsageError(f"{source}: optimizer.params {unknown} not supported (known: {sorted(OPTIMIZER_PARAMS)})")
     if kind == "adam" and params.get("adam_w_mode", True) is False:
         raise UsageError(f"{source}: Adam with adam_w_mode false (L2 regularisation) is not supported; use AdamW")
-    spec = OptimizerSpec(OPTIMIZER_TYPES[kind], float(params.get("lr", DEFAULT_OPTIMIZER["lr"])),
+    spec = OptimizerSpec(OPTIMIZER_TYPES[kind], float(params.get("lr", defaults["lr"])),
                          float(params.get("weight_decay", 0.0)),
                          tuple(params.get("betas", DEFAULT_OPTIMIZER["betas"])),
                          float(params.get("eps", DEFAULT_OPTIMIZER["eps"])), source)

@@ -37,11 +37,12 @@ from pathlib import Path
 from ds_kd.errors import UsageError
 from ds_kd.logbook import WandbConfig
 from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
-from ds_kd.tasks import get_task
+from ds_kd.tasks import TASKS, get_task
 
 GRID_JSON = "grid.json"
 JOB_JSON = "job.json"
 RESULT = "result.json"  # ds_kd.finetune.job.RESULT, repeated so the grid process need not import torch
+LAST_CHECKPOINT = "checkpoint/last.pt"  # ds_kd.finetune.state's CHECKPOINT/LAST, for the same reason
 LOG = "log.txt"
 ROLES = ("teacher", "student", "baseline")
 FT_DISTILL_SUFFIX = " (ft-distill)"
@@ -127,11 +128,24 @@ def slug(name: str) -> str:
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", name)).strip("_") or "model"
 
 
-def default_role(name: str, teachers: set[str]) -> str:
-    """Teachers of ft-distill rows and mBERT8 rows teach; LeanBERT-sized rows are students; others baselines."""
-    if name in teachers or re.match(r"(?i)mbert[-_ ]?8", name):
-        return "teacher"
-    return "student" if "leanbert" in name.lower() else "baseline"
+def run_manifest(model_dir: str) -> dict:
+    """The ``manifest.json`` of the pretraining or distillation run that exported ``model_dir`` (``<run>/export``);
+    {} for any other directory (a public checkpoint, a fine-tuned model)."""
+    run = ppl_run_of(model_dir)
+    return json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8")) if run else {}
+
+
+def default_roles(model_dirs: dict[str, str], teachers: set[str] = frozenset()) -> dict[str, str]:
+    """Each row's role from the manifests of the runs that made the models (``stage``), never from its name:
+    a row is a teacher when it teaches an ft-distill row (``teachers``) or its directory is the ``teacher`` of a
+    distillation run among ``model_dirs``; a student when its model was distilled (stage ``distill``); else a
+    baseline (a Vanilla pretraining, a public checkpoint). ``model_dirs``: row name -> model directory."""
+    manifests = {name: run_manifest(d) for name, d in model_dirs.items()}
+    taught = {str(Path(m["teacher"]).resolve()) for m in manifests.values()
+              if m.get("stage") == "distill" and m.get("teacher")}
+    return {name: "teacher" if name in teachers or str(Path(d).resolve()) in taught
+            else "student" if manifests[name].get("stage") == "distill" else "baseline"
+            for name, d in model_dirs.items()}
 
 
 def ppl_run_of(model_dir: str) -> str | None:
@@ -145,7 +159,7 @@ def ppl_run_of(model_dir: str) -> str | None:
 def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] = (),
                roles: dict[str, str] | None = None, ppl: dict[str, str] | None = None) -> list[ModelRow]:
     """Rows from ``NAME=DIR`` pairs and ``STUDENT=TEACHER`` ft-distill pairs; ``roles`` overrides the default
-    role of any row, ``ppl`` the perplexity run of any row."""
+    role (:func:`default_roles`) of any row, ``ppl`` the perplexity run of any row."""
     roles, ppl = roles or {}, ppl or {}
     dirs = dict(models)
     if len(dirs) != len(models):
@@ -155,9 +169,8 @@ def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] 
             if name not in dirs:
                 raise UsageError(f"--ft-distill {student}={teacher}: the {what} {name!r} is not one of --models "
                                  f"({', '.join(dirs) or 'none'})")
-    teachers = {t for _, t in ft_distill}
-    rows = [ModelRow(name, d, default_role(name, teachers), None, ppl.get(name) or ppl_run_of(d))
-            for name, d in models]
+    default = default_roles(dirs, {t for _, t in ft_distill})
+    rows = [ModelRow(name, d, default[name], None, ppl.get(name) or ppl_run_of(d)) for name, d in models]
     rows += [ModelRow(s + FT_DISTILL_SUFFIX, dirs[s], "student", t) for s, t in ft_distill]
     names = [r.name for r in rows]
     for name, role in roles.items():
@@ -191,13 +204,14 @@ def plan(cfg: GridConfig) -> list[GridJob]:
 
 
 def job_spec(job: GridJob, cfg: GridConfig, threads: int) -> dict:
-    """The content of ``job.json``: the job's ``FinetuneConfig`` fields (resuming its own checkpoint, with
-    ``threads`` torch threads), a digest of the task data's manifest, and for ft-distill rows the teacher, the
-    distillation options and the teacher job's settings (a re-run teacher makes its students re-run)."""
+    """The content of ``job.json``: the job's ``FinetuneConfig`` fields (resuming its own checkpoint where it has
+    one, with ``threads`` torch threads), a digest of the task data's manifest, and for ft-distill rows the
+    teacher, the distillation options and the teacher job's settings (a re-run teacher makes its students
+    re-run)."""
     finetune = {**cfg.finetune, "model": job.row.model_dir, "task": job.task, "data": cfg.data, "out": str(job.out),
                 "seed": job.seed, "name": job.row.name, "save_model": job.save_model or cfg.finetune.get("save_model",
                                                                                                         False),
-                "threads": threads, "resume": True}
+                "threads": threads, "resume": (job.out / LAST_CHECKPOINT).is_file()}
     manifest = Path(cfg.data) / job.task / "manifest.json"
     spec = {"finetune": finetune, "threads": threads,
             "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
@@ -238,6 +252,23 @@ def refresh(job: GridJob, cfg: GridConfig, threads: int) -> bool:
         else:
             target.unlink(missing_ok=True)
     return True
+
+
+def present_tasks(data: str | Path) -> list[str]:
+    """The tasks whose normalised data is under ``data``: ``<data>/<task>/manifest.json`` exists (``python -m
+    data_prep tasks`` writes it last)."""
+    return [task for task in TASKS if (Path(data) / task / "manifest.json").is_file()]
+
+
+def check_task_data(cfg: GridConfig) -> None:
+    """Every task of the grid has its normalised data, before any job starts; raises UsageError naming the first
+    missing folder and the command that writes it."""
+    missing = [task for task in cfg.tasks if task not in present_tasks(cfg.data)]
+    if missing:
+        raise UsageError(f"no task data for {', '.join(missing)} under --data {cfg.data} ({Path(cfg.data) / missing[0]}"
+                         f"/manifest.json is missing): write it with `python -m data_prep tasks --task {missing[0]} "
+                         f"--src SRC --out {cfg.data}`, or leave it out of --tasks (present: "
+                         f"{', '.join(present_tasks(cfg.data)) or 'none'})")
 
 
 def check_models(cfg: GridConfig) -> None:
@@ -351,6 +382,7 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     from tqdm.auto import tqdm
 
     jobs = plan(cfg)
+    check_task_data(cfg)
     check_models(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_plan(cfg)

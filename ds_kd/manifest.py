@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ds_kd.errors import UsageError
+
 MANIFEST = "manifest.json"
 
 
@@ -137,8 +139,12 @@ def rerun_action(where: Path | str, what: str, recorded: dict | None, wanted: di
     ``"skip"`` (finished with the same settings: nothing to do), ``"resume"`` (continue an unfinished run:
     only the budget may differ) or ``"extend"`` (``--resume`` on a finished run whose settings differ only in
     the budget of :data:`BUDGET_KEYS`: continue training to the new budget; the caller checks it is larger).
-    Raises :class:`FileExistsError` naming every setting that differs otherwise."""
+    Raises :class:`FileExistsError` naming every setting that differs otherwise, UsageError for ``resume`` where
+    there is nothing to resume."""
     if not (finished or unfinished):
+        if resume:
+            raise UsageError(f"--resume: {where} holds no checkpoint of a {what} to resume: drop --resume to start "
+                             f"one there, or check --out")
         return "start"
     if overwrite:
         return "overwrite"

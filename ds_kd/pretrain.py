@@ -13,7 +13,7 @@ from ds_kd.loop import masked_positions
 from ds_kd.model import BertForMaskedLM, gather_predicted, masked_lm_loss
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
-from ds_kd.warmstart import init_model
+from ds_kd.warmstart import FROM_INIT, init_model
 
 
 @dataclass
@@ -54,4 +54,5 @@ def run(cfg: PretrainConfig) -> RunResult:
 
         return StagePlan({"model": model_cfg}, build)
 
-    return run_stage(cfg, "pretrain", "pretraining", {"model": cfg.model}, plan)
+    return run_stage(cfg, "pretrain", "pretraining", {"model": cfg.model}, plan,
+                     cfg.init_from if cfg.model == FROM_INIT else cfg.model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ds_kd import paper_results as paper
 from ds_kd.errors import UsageError
 from ds_kd.findings import Comparison, default_comparisons, judge
 from ds_kd.findings import markdown as findings_markdown
-from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, RESULT, default_role
+from ds_kd.grid import FT_DISTILL_SUFFIX, GRID_JSON, LOG, RESULT, default_roles, slug
 from ds_kd.logbook import ResultTable
 from ds_kd.tasks import TASKS, zero_shot_langs
 from ds_kd.textfile import read_text
@@ -66,11 +67,26 @@ class Table:
 
 
 @dataclass
+class Gap:
+    """A job of the grid's plan without a result."""
+
+    model: str
+    task: str
+    seed: int
+    log: Path | None
+    """The job's ``log.txt`` when it started (it failed, or was stopped); None when it never started."""
+    error: str
+    """The first line of its error (the last exception line of its log), "" when it never started."""
+
+
+@dataclass
 class Report:
     tables: list[Table]
     files: list[Path] = field(default_factory=list)
     findings: list = field(default_factory=list)
     """``ds_kd.findings.FindingResult`` per finding of the paper."""
+    gaps: list[Gap] = field(default_factory=list)
+    """The planned jobs without a result (listed in ``report.md``)."""
 
 
 def collect(grid_dir: Path | str) -> dict[tuple[str, str], dict[int, dict]]:
@@ -108,14 +124,55 @@ def row_order(names: set[str], plan: dict) -> list[str]:
     return sorted(names, key=key)
 
 
-def resolve_roles(names: list[str], plan: dict, students: list[str] | None = None) -> dict[str, str]:
-    """The grid's recorded roles (default rule for rows it does not know); ``students``, when given, is the
-    complete list of students (rows the grid called students and that are not listed become baselines)."""
+def resolve_roles(names: list[str], plan: dict, students: list[str] | None = None,
+                  model_dirs: dict[str, str] | None = None) -> dict[str, str]:
+    """The grid's recorded roles; rows it does not record take :func:`ds_kd.grid.default_roles` of their model
+    directories (``model_dirs``: row name -> directory, e.g. from the results), baseline where none is known.
+    ``students``, when given, is the complete list of students (rows the grid called students and that are not
+    listed become baselines)."""
     recorded = {r["name"]: r["role"] for r in plan.get("rows", [])}
-    roles = {n: recorded.get(n) or default_role(n, set()) for n in names}
+    dirs = {**(model_dirs or {}), **{r["name"]: r["model_dir"] for r in plan.get("rows", []) if r.get("model_dir")}}
+    derived = default_roles(dirs)
+    roles = {n: recorded.get(n) or derived.get(n, "baseline") for n in names}
     if students is not None:
         roles = {n: "student" if n in students else ("baseline" if r == "student" else r) for n, r in roles.items()}
     return roles
+
+
+def find_gaps(grid_dir: Path | str, plan: dict, results: dict) -> list[Gap]:
+    """Every job of ``grid.json``'s plan (its rows x tasks x seeds) that has no result in ``results``
+    (:func:`collect`): failed or stopped when its directory has a log (with the first line of its error), missing
+    when it never started (its teacher job failed, or the grid stopped before it)."""
+    gaps = []
+    for row in plan.get("rows", []):
+        for task in plan.get("tasks", []):
+            for seed in plan.get("seeds", []):
+                if seed not in results.get((row["name"], task), {}):
+                    log = Path(grid_dir) / "jobs" / slug(row["name"]) / task / f"seed{seed}" / LOG
+                    gaps.append(Gap(row["name"], task, seed, *((log, first_error(log)) if log.is_file()
+                                                               else (None, ""))))
+    return gaps
+
+
+def first_error(log: Path) -> str:
+    """The line that names a job's error: the last exception line of its log (``ValueError: ...``, the first line
+    of the message), else its last line."""
+    lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)]
+    return (errors or lines or [""])[-1]
+
+
+def gaps_markdown(gaps: list[Gap]) -> str:
+    """The table of planned jobs without a result (nothing when every job has one)."""
+    if not gaps:
+        return ""
+    lines = ["### Jobs without a result", "", "| model | task | seed | status | error | log |", "|---" * 6 + "|"]
+    for gap in gaps:
+        status = "failed or stopped" if gap.log else "missing (never started)"
+        error = gap.error.replace("|", "\\|")
+        lines.append(f"| {gap.model} | {gap.task} | {gap.seed} | {status} | {error} | {gap.log or ''} |")
+    return "\n".join(lines + ["", f"{len(gaps)} job(s) of the grid's plan (grid.json) have no result.json: the "
+                                   f"tables below leave them out. Run the grid's command again to run them.", ""])
 
 
 def mark_best(table: Table) -> None:
@@ -184,7 +241,9 @@ def build_tables(grid_dir: Path | str, students: list[str] | None = None,
     plan = load_plan(grid_dir)
     names = {m for m, _ in results} | {r["name"] for r in plan.get("rows", [])}
     order = row_order(names, plan)
-    roles = resolve_roles(order, plan, students)
+    roles = resolve_roles(order, plan, students,
+                          {m: r["model_dir"] for (m, _), seeds in results.items() for r in seeds.values()
+                           if r.get("model_dir")})
     tasks = [t for t in paper.TASK_ORDER if any(t == task for _, task in results)]
     tasks += sorted({task for _, task in results} - set(tasks))
 
@@ -363,8 +422,10 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(grid_dir, students, ppl)
     settings = finetune_settings(grid_dir)
-    report = Report(tables, findings=find(tables, load_plan(grid_dir), comparisons, settings))
-    parts = [f"# Results of {Path(grid_dir).resolve().name}", ""]
+    plan = load_plan(grid_dir)
+    report = Report(tables, findings=find(tables, plan, comparisons, settings),
+                    gaps=find_gaps(grid_dir, plan, collect(grid_dir)))
+    parts = [f"# Results of {Path(grid_dir).resolve().name}", "", gaps_markdown(report.gaps)]
     for table in tables:
         parts.append(markdown(table))
         path = out / f"{table.stem}.csv"

@@ -36,7 +36,7 @@ from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.loop import LoopConfig, StepFn, host_layout, mlm_perplexity, train
 from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, read_manifest, remove_outputs,
                              rerun_action, write_manifest)
-from ds_kd.model import BertConfig, BertForMaskedLM
+from ds_kd.model import BertConfig, BertForMaskedLM, default_lr
 from ds_kd.modeldir import record
 from ds_kd.optim import LRSchedule, build_optimizer
 from ds_kd.tokenizer_files import make_portable
@@ -69,7 +69,8 @@ class TrainConfig:
     optimizer: str | None = None
     """adamw or lamb (None: the DeepSpeed JSON's optimizer block, else adamw)."""
     lr: float | None = None
-    """Peak learning rate (None: the JSON's optimizer block, else 1e-4)."""
+    """Peak learning rate (None: the JSON's optimizer block, else the model's default: ``ds_kd.model.default_lr``,
+    2e-3 for the tiny presets, else 1e-4)."""
     weight_decay: float | None = None
     """Decoupled weight decay on matrices, not on biases and LayerNorm (None: the JSON's, else 0.01)."""
     warmup_steps: int | None = None
@@ -206,9 +207,10 @@ def check_train_flags(cfg: TrainConfig) -> None:
         raise UsageError(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
 
 
-def build_ds_config(cfg: TrainConfig) -> EngineSetup:
+def build_ds_config(cfg: TrainConfig, default_lr: float | None = None) -> EngineSetup:
     """Load the DeepSpeed JSON, apply the overrides and the precision fallback, and check it all (unknown keys,
-    DeepSpeed's own validation, the optimizer and scheduler blocks against the flags) before any work.
+    DeepSpeed's own validation, the optimizer and scheduler blocks against the flags) before any work;
+    ``default_lr``: the model's peak rate where neither ``--lr`` nor the JSON gives one (``ds_kd.model.default_lr``).
     Raises ValueError naming the file, the override or the flag."""
     from ds_kd.ds_config import check_ds_config, check_keys, check_scheduler, resolve_optimizer
     from ds_kd.engine import apply_overrides, load_ds_config, resolve_precision
@@ -218,7 +220,7 @@ def build_ds_config(cfg: TrainConfig) -> EngineSetup:
     config = resolve_precision(apply_overrides(load_ds_config(source), cfg.ds_overrides))
     check_ds_config(config, source)
     optimizer, config = resolve_optimizer(
-        config, {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}, source)
+        config, {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}, source, default_lr)
     ds_scheduler = check_scheduler(
         config, {"warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "decay": cfg.decay}, source)
     stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -493,15 +495,17 @@ class StagePlan:
 
 
 def run_stage(cfg: TrainConfig, stage: str, what: str, stage_settings: dict,
-              plan: Callable[[CorpusData], StagePlan]) -> RunResult:
+              plan: Callable[[CorpusData], StagePlan], shape: str) -> RunResult:
     """Run one training stage (``stage``: the manifest's stage name, e.g. "pretrain"; ``what``: its name in
     messages, e.g. "pretraining") from the command line's ``cfg`` to the manifest.
 
     ``stage_settings`` joins :func:`train_settings` in what a re-run compares. ``plan(data)`` checks the stage's
     own inputs (raising ValueError or FileNotFoundError naming the flag or file) and returns the
-    :class:`StagePlan`. Everything that can be refused is refused before the process group, the run
-    directory or any weights exist."""
-    settings = {**train_settings(cfg), **stage_settings}
+    :class:`StagePlan`. ``shape`` (a preset, config file or checkpoint directory) gives the default peak rate
+    (:func:`ds_kd.model.default_lr`), recorded as the ``lr`` setting where it applies. Everything that can be
+    refused is refused before the process group, the run directory or any weights exist."""
+    lr = default_lr(shape) if cfg.lr is None else None
+    settings = {**train_settings(cfg), **stage_settings, **({"lr": lr} if lr is not None else {})}
     action = plan_out(cfg, what, settings)
     if action == "skip":
         return skipped_result(cfg)
@@ -509,7 +513,7 @@ def run_stage(cfg: TrainConfig, stage: str, what: str, stage_settings: dict,
     stage_plan = plan(data)
     check_max_len(cfg.max_len, **stage_plan.models)
     dist.init_distributed(cfg.dist_timeout_minutes)
-    setup = build_ds_config(cfg)  # checked with the real world size, before the run directory exists
+    setup = build_ds_config(cfg, lr)  # checked with the real world size, before the run directory exists
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # identical initial weights on every rank; dropout is seeded per micro-batch
     return run_training(cfg, stage_plan.build(setup), data, setup, stage, settings, action)

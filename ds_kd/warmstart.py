@@ -28,6 +28,9 @@ from ds_kd.model import BertConfig, BertForMaskedLM, make_config
 log = logging.getLogger("ds_kd")
 
 FROM_INIT = "from-init"
+FROM_TEACHER = "from-teacher"
+"""A distillation student of the teacher's width, heads, FFN and positions with a third of its layers, at least 1
+(``ds_kd.distill.run.student_config``)."""
 SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
                 "max_position_embeddings", "type_vocab_size")
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs  # noqa: E402
 from ds_kd.flags import HelpFormatter  # noqa: E402
 from ds_kd.model import PRESETS  # noqa: E402
-from ds_kd.warmstart import FROM_INIT  # noqa: E402
+from ds_kd.warmstart import FROM_INIT, FROM_TEACHER  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", required=True,
                    help="teacher directory: an export of launch/pretrain.py or any HF BERT checkpoint "
                         "(BertForMaskedLM, or BertModel: then the output loss is off) with the shards' tokenizer")
-    g.add_argument("--student", default=None, choices=[*sorted(PRESETS), FROM_INIT],
-                   help=f"student preset, or {FROM_INIT}: the shape of --init-from with as many layers as "
-                        f"--init-layers names (default: leanbert; {FROM_INIT} when --init-from is given)")
+    g.add_argument("--student", default=None, choices=[*sorted(PRESETS), FROM_INIT, FROM_TEACHER],
+                   help=f"student preset; {FROM_INIT}: the shape of --init-from with as many layers as "
+                        f"--init-layers names; {FROM_TEACHER}: the teacher's width, heads, FFN and positions with a "
+                        f"third of its layers, at least 1 (12 -> 4, 6 -> 2) (default: {FROM_TEACHER}; {FROM_INIT} "
+                        f"when --init-from is given)")
     g.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="teacher precision; auto: fp16 where supported (GPU), else bf16, else fp32 (logged)")
     g = p.add_argument_group("losses")
@@ -51,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
-    if args.student is None:
-        args.student = FROM_INIT if args.init_from else "leanbert"
     setup_logging()
     from ds_kd.distill.module import DistillConfig
     from ds_kd.distill.run import DistillRunConfig, run

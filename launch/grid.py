@@ -23,7 +23,7 @@ from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_con
 from ds_kd.errors import UsageError  # noqa: E402
 from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
 from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
-from ds_kd.grid import ROLES, GridConfig, build_rows, run_grid  # noqa: E402
+from ds_kd.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid  # noqa: E402
 from ds_kd.logbook import log_results  # noqa: E402
 from ds_kd.report import job_tables  # noqa: E402
 from ds_kd.tasks import TASKS  # noqa: E402
@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ft-distill rows: the encoder of row STUDENT fine-tuned with distillation from row "
                         "TEACHER's fine-tuned job of the same task and seed; the row is named 'STUDENT (ft-distill)' "
                         "and TEACHER's jobs save their model and run first")
-    add_list_argument(g, "--tasks", default=["all"], metavar="TASK",
-                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)})")
+    add_list_argument(g, "--tasks", default=None, metavar="TASK",
+                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)}); a task "
+                           f"without data under --data is refused before any job starts (default: the tasks "
+                           f"present under --data, i.e. with a <task>/manifest.json)")
     g.add_argument("--data", required=True, help="normalised task-data root (python -m data_prep tasks ...)")
     add_list_argument(g, "--seeds", item_type=int, default=[1, 2, 3, 4],
                       help="seeds per (row, task), space- or comma-separated")
@@ -70,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model directory named 'export' when it holds a manifest.json)")
     for role in ROLES:
         g.add_argument(f"--{role}s", nargs="+", default=[], metavar="NAME",
-                       help=f"rows whose role is {role} (default roles: teachers of ft-distill rows and mBERT8* "
-                            f"rows teach, rows with LeanBERT in the name are students, others are baselines)")
+                       help=f"rows whose role is {role} (default roles, from the manifest of the run that exported "
+                            f"each model, never from its name: teachers of ft-distill rows and models that taught a "
+                            f"distilled row teach; distilled models (stage distill) are students; others, e.g. "
+                            f"Vanilla pretraining or a public checkpoint, are baselines)")
     add_wandb_flags(p.add_argument_group("Weights & Biases: every job's results as tables, once the grid ends"),
                     RESULTS_WANDB_HELP)
     f = p.add_argument_group("fine-tuning options for every job (default: launch/finetune.py's)")
@@ -98,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> GridConfig:
     args = build_parser().parse_args(argv)
-    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
+    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks or present_tasks(args.data)
+    if not tasks:
+        raise SystemExit(f"error: no task data under --data {args.data} (no <task>/manifest.json): write it with "
+                         f"`python -m data_prep tasks --task all --src SRC --out {args.data}`")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(TASKS)} or 'all'")

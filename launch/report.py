@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: GRID_DIR/report)")
     p.add_argument("--students", nargs="+", default=None, metavar="NAME",
                    help="the rows that are students, for the best-student marks (default: the roles recorded in "
-                        "GRID_DIR/grid.json; rows with LeanBERT in the name where none is recorded)")
+                        "GRID_DIR/grid.json; where none is recorded, distilled models are students, see launch/grid.py "
+                        "--students)")
     p.add_argument("--ppl", nargs="+", default=[], type=name_value, metavar="NAME=RUN_DIR",
                    help="pretraining/distillation run directory of a row for Table 2 (its manifest.json has "
                         "val.val_ppl); overrides the grid's record (default: the parent of a model dir named export)")
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
     for path in report.files:
         print(path)
+    if report.gaps:
+        print(f"{len(report.gaps)} planned job(s) have no result (failed, stopped or never started): listed in "
+              f"{report.files[0]}", file=sys.stderr)
     out = report.files[0].parent
     images = {f"report/{p.stem}": p for p in report.files if p.suffix == ".png"}
     findings = {f"finding {f.finding}": f.verdict for f in report.findings}

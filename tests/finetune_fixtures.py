@@ -124,7 +124,10 @@ RECORDS = {"pair": pair_records, "tagging": tagging_records, "intent_slot": inte
 
 def write_task_data(root: Path, task: str, kind: str, langs: list[str], num_train: int = 16,
                     num_eval: int = 8) -> Path:
-    """``<root>/<task>/{train,dev,test}.<lang>.jsonl``: English train/dev/test, test only for the others."""
+    """``<root>/<task>/{train,dev,test}.<lang>.jsonl``: English train/dev/test, test only for the others, and the
+    ``manifest.json`` that ``python -m data_prep tasks`` writes last."""
+    from ds_kd.manifest import write_manifest
+
     make = RECORDS[kind]
     folder = root / task
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,6 +136,7 @@ def write_task_data(root: Path, task: str, kind: str, langs: list[str], num_trai
         with open(folder / f"{split}.{lang}.jsonl", "w", encoding="utf-8") as f:
             for rec in make(num, seed=100 + n):
                 f.write(json.dumps(rec) + "\n")
+    write_manifest(folder, "tasks", task=task)
     return root
 
 

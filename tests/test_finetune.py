@@ -376,6 +376,8 @@ def test_rerun_rule():
                             overwrite=overwrite, resume=resume)
 
     assert act(None, same, finished=False) == "start"
+    with pytest.raises(ValueError, match="--resume: OUT holds no checkpoint of a run to resume: drop --resume"):
+        act(None, same, finished=False, resume=True)
     assert act(same, same) == "skip" and act(same, same, resume=True) == "skip"
     with pytest.raises(FileExistsError, match=r"OUT holds a finished run with other settings \(lr: 0.001 -> 0.002\)"):
         act(same, lr)
@@ -416,6 +418,25 @@ def test_finetune_rerun_skips_same_settings_refuses_others_and_overwrites(model_
     assert finetune_main(args + ["--lr", "1e-3", "--seed", "2", "--overwrite"]) == 0
     again = json.loads((out / "result.json").read_text())
     assert again["config"]["lr"] == 1e-3 and again["seed"] == 2 and again["settings"]["lr"] == 1e-3
+
+
+def test_resume_without_a_checkpoint_is_refused_in_one_line(model_dir, tmp_path, capsys):
+    data = write_task_data(tmp_path / "data", "wikiann", "tagging", ["en"], num_train=8, num_eval=4)
+    out = tmp_path / "job"
+    assert load_script("finetune").main(["--model", str(model_dir), "--task", "wikiann", "--data", str(data),
+                                         "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --resume: {out} holds no checkpoint of a fine-tuning job to resume: drop --resume to "
+                   f"start one there, or check --out")
+    assert not (out / "result.json").exists()
+
+
+def test_result_is_named_after_the_run_that_exported_the_model(tmp_path):
+    data = write_task_data(tmp_path / "data", "wikiann", "tagging", ["en"], num_train=8, num_eval=4)
+    export = make_export_dir(tmp_path / "runs" / "mLeanBERT" / "export", "tiny-leanbert")
+    saved = run(job_config(export, data, tmp_path / "job", task="wikiann", epochs=1))
+    assert saved.model == "mLeanBERT" and read_result(tmp_path / "job")["model"] == "mLeanBERT"
+    assert run(job_config(export, data, tmp_path / "named", task="wikiann", epochs=1, name="mine")).model == "mine"
 
 
 # ---- a killed job resumes (issue 15 item 6) ----------------------------------------------------------------

@@ -3,8 +3,10 @@ grid, and the ft-distill loss: the first stage's own functions, a student that m
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -20,7 +22,8 @@ from ds_kd.distill import losses
 from ds_kd.distill.module import DistillConfig, build_projections, intermediate_terms
 from ds_kd.finetune import TaskModel, build_labels, collate, encode_records, freeze_embeddings
 from ds_kd.finetune import distill as ft_distill
-from ds_kd.grid import build_rows, plan, GridConfig
+from ds_kd.grid import build_rows, plan, run_grid, GridConfig
+from ds_kd.manifest import write_manifest
 from ds_kd.model import BertForMaskedLM
 from ds_kd.report import write_report
 from finetune_fixtures import RECORDS, broken_model_dirs, make_model_dir, write_task_data
@@ -81,8 +84,8 @@ def test_grid_runs_every_job_once_and_resumes_after_a_kill(encoders, data, tmp_p
     third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "8 were done before, 0 finished now" in third.stdout
     assert results(out) == after
-    plan_json = json.loads((out / "grid.json").read_text())
-    assert {r["name"]: r["role"] for r in plan_json["rows"]} == {"mBERT8": "teacher", "mLeanBERT": "student"}
+    plan_json = json.loads((out / "grid.json").read_text())  # plain model directories: no run says who teaches
+    assert {r["name"]: r["role"] for r in plan_json["rows"]} == {"mBERT8": "baseline", "mLeanBERT": "baseline"}
 
     # The report of this grid: Table 5's cells are the mean and sample std of the jobs' zero-shot averages.
     write_report(out)
@@ -113,8 +116,11 @@ def test_ft_distill_row_runs_after_its_teacher_and_failures_exit_nonzero(encoder
     assert (teacher / "model" / "task_model.json").is_file()
     assert (teacher / "result.json").stat().st_mtime < (job / "result.json").stat().st_mtime
 
-    # A job that fails (a task without data) is reported with its log, and the grid exits non-zero.
-    bad = subprocess.run(grid_command(encoders, data, tmp_path / "bad", "--tasks", "xnli", "--seeds", "1",
+    # A job that fails (a task whose folder has a manifest but no train file) is reported with its log, and the
+    # grid exits non-zero.
+    bad_data = shutil.copytree(data, tmp_path / "bad-data")
+    write_manifest(bad_data / "xnli", "tasks", task="xnli")
+    bad = subprocess.run(grid_command(encoders, bad_data, tmp_path / "bad", "--tasks", "xnli", "--seeds", "1",
                                       "--workers", "2", "--ft-distill", "mLeanBERT=mBERT8"),
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
@@ -165,7 +171,8 @@ def test_grid_refuses_a_model_directory_without_its_tokenizer(encoders, data, tm
 def test_plan_counts_and_orders_teachers_first(encoders, tmp_path):
     rows = build_rows([("mBERT8", "a"), ("Vanilla mLeanBERT", "b"), ("mBERT", "c")],
                       [("Vanilla mLeanBERT", "mBERT8")])
-    assert [(r.name, r.role) for r in rows] == [("mBERT8", "teacher"), ("Vanilla mLeanBERT", "student"),
+    # No run manifest behind these directories: only the ft-distill pair gives roles.
+    assert [(r.name, r.role) for r in rows] == [("mBERT8", "teacher"), ("Vanilla mLeanBERT", "baseline"),
                                                 ("mBERT", "baseline"), ("Vanilla mLeanBERT (ft-distill)", "student")]
     jobs = plan(GridConfig(rows, ["xnli", "mtop"], "d", [1, 2, 3], str(tmp_path)))
     assert len(jobs) == 4 * 2 * 3
@@ -175,6 +182,41 @@ def test_plan_counts_and_orders_teachers_first(encoders, tmp_path):
                                        and j.teacher.task == j.task for j in distilled)
     with pytest.raises(ValueError, match="not one of --models"):
         build_rows([("mLeanBERT", "a")], [("mLeanBERT", "mBERT8")])
+
+
+def test_tasks_default_to_those_with_data_and_a_task_without_data_is_refused_before_any_job(encoders, data,
+                                                                                           tmp_path):
+    spec = importlib.util.spec_from_file_location("launch_grid", ROOT / "launch" / "grid.py")
+    launch_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_grid)
+    cfg = launch_grid.parse_args(["--models", f"m={encoders['base']}", "--data", str(data), "--out", str(tmp_path)])
+    assert cfg.tasks == ["pawsx", "wikiann"]  # not all five: xnli, matis and mtop have no data here
+    cfg.tasks = ["pawsx", "matis"]
+    with pytest.raises(ValueError, match=r"no task data for matis .*matis/manifest.json is missing.*"
+                                         r"python -m data_prep tasks --task matis"):
+        run_grid(cfg)
+    assert not (tmp_path / "jobs").exists()
+
+
+def fake_run(run: Path, **manifest) -> str:
+    """``<run>/export`` of a finished run whose manifest holds ``manifest`` (stage, teacher)."""
+    (run / "export").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return str(run / "export")
+
+
+def test_roles_come_from_the_runs_manifests_not_from_the_names(tmp_path):
+    # Names that the old rule read the other way round: "mBERT8" here is a Vanilla pretraining, "Vanilla
+    # LeanBERT" the distilled student, "mLeanBERT" the pretrained model that taught it.
+    teacher = fake_run(tmp_path / "t", stage="pretrain")
+    models = [("mBERT8", fake_run(tmp_path / "v", stage="pretrain")),
+              ("Vanilla LeanBERT", fake_run(tmp_path / "kd", stage="distill", teacher=str(Path(teacher).resolve()))),
+              ("mLeanBERT", teacher), ("public", str(tmp_path / "hf"))]
+    roles = {r.name: r.role for r in build_rows(models)}
+    assert roles == {"mBERT8": "baseline", "Vanilla LeanBERT": "student", "mLeanBERT": "teacher",
+                     "public": "baseline"}
+    # Explicit roles still win.
+    assert build_rows(models, roles={"mBERT8": "student"})[0].role == "student"
 
 
 # ---- the ft-distill loss -----------------------------------------------------------------------------------

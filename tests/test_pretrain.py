@@ -215,3 +215,16 @@ def test_lamb_trains_on_two_ranks_at_zero_stage_0_in_fp32(tiny_corpus, tmp_path)
                        *args(tmp_path / "bf16", "--ds-override", "bf16.enabled=true")])
     assert refused.returncode == 2 and "bf16 (DeepSpeed's bf16 optimizer)" in refused.stderr
     assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.parametrize("script, extra", [("pretrain", ["--model", "tiny-leanbert"]),
+                                           ("distill", ["--teacher", "teacher-dir"])])
+def test_resume_without_a_checkpoint_is_refused_in_one_line(script, extra, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cmd([sys.executable, f"launch/{script}.py", *extra, "--deepspeed_config", "ds_configs/zero2.json",
+                    "--data", str(tmp_path / "corpus"), "--out", str(out), "--max-steps", "2", "--resume"])
+    what = {"pretrain": "pretraining", "distill": "distillation"}[script]
+    assert proc.returncode == 2
+    assert (f"--resume: {out} holds no checkpoint of a {what} to resume: drop --resume to start one there, or "
+            f"check --out") in proc.stderr
+    assert not out.exists()

@@ -130,6 +130,38 @@ def test_command_line_with_students_and_ppl_overrides(grid, tmp_path):
     assert float(read_csv(out / "table2_perplexity.csv")["Vanilla mLeanBERT", "perplexity"]["mean"]) == 11.0
 
 
+def test_rows_the_grid_did_not_record_take_their_role_from_their_runs_manifest(tmp_path):
+    root = tmp_path / "grid"
+    kd, vanilla = tmp_path / "kd", tmp_path / "vanilla"
+    for run, stage in ((kd, "distill"), (vanilla, "pretrain")):
+        (run / "export").mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({"stage": stage}))
+    rng = random.Random(0)
+    for name, run in (("mBERT8", vanilla), ("Vanilla mLeanBERT", kd)):  # names that say the opposite
+        result = write_result(root / "jobs" / name / "xnli" / "seed1", name, "xnli", 1, rng)
+        (root / "jobs" / name / "xnli" / "seed1" / "result.json").write_text(
+            json.dumps({**result, "model_dir": str(run / "export")}))
+    write_report(root, tmp_path / "report")
+    table = read_csv(tmp_path / "report" / "table5_zero_shot.csv")
+    assert table["mBERT8", "XNLI"]["role"] == "baseline"
+    assert table["Vanilla mLeanBERT", "XNLI"]["role"] == "student"
+
+
+def test_report_lists_the_planned_jobs_that_failed_or_never_started(grid, tmp_path):
+    root, _ = grid  # my-encoder has xnli results for seed 1 only; the plan has seeds 1 2 3
+    log = root / "jobs" / "my-encoder" / "xnli" / "seed2" / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("=== started\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "FileNotFoundError: data/xnli/train.en.jsonl: no train data for xnli/en\n  more detail\n")
+    report = write_report(root, tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert [(g.model, g.task, g.seed) for g in report.gaps] == [("my-encoder", "xnli", 2), ("my-encoder", "xnli", 3)]
+    assert (f"| my-encoder | xnli | 2 | failed or stopped | FileNotFoundError: data/xnli/train.en.jsonl: no train "
+            f"data for xnli/en | {log} |") in md
+    assert "| my-encoder | xnli | 3 | missing (never started) |  |  |" in md
+    assert "2 job(s) of the grid's plan (grid.json) have no result.json" in md
+
+
 def test_paper_tables_are_complete_and_consistent():
     for table in (paper.ENGLISH, paper.ZERO_SHOT):
         assert set(table) == set(paper.MODELS)

@@ -140,6 +140,44 @@ def test_a_teacher_that_overflows_in_fp16_is_named_as_the_cause_with_what_to_do(
     assert "--teacher-dtype bf16" in message and "--overwrite" in message and "lower the learning rate" not in message
 
 
+def test_the_default_student_is_the_teachers_shape_with_a_third_of_its_layers(tiny_corpus, tmp_path):
+    from ds_kd.distill.run import DistillRunConfig
+    from ds_kd.distill.run import run as distill
+    from ds_kd.model import BertForMaskedLM, make_config
+
+    vocab = json.loads((tiny_corpus / "shards" / "manifest.json").read_text())["vocab_size"]
+    BertForMaskedLM(make_config("tiny-large", vocab_size=vocab)).save_pretrained(tmp_path / "teacher")
+    for f in (tiny_corpus / "tokenizer").iterdir():
+        shutil.copy2(f, tmp_path / "teacher" / f.name)
+    cfg = DistillRunConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "kd"),
+                           teacher=str(tmp_path / "teacher"), max_steps=1, num_workers=0, max_len=64,
+                           ds_overrides={"fp16.enabled": False, "train_micro_batch_size_per_gpu": 2})
+    distill(cfg)
+    student = json.loads((tmp_path / "kd" / "export" / "config.json").read_text())
+    teacher = make_config("tiny-large")  # 12 layers of width 64, 4 heads, FFN 256
+    assert (student["num_hidden_layers"], student["hidden_size"], student["num_attention_heads"],
+            student["intermediate_size"]) == (4, teacher.hidden_size, teacher.num_attention_heads,
+                                              teacher.intermediate_size)
+    assert json.loads((tmp_path / "kd" / "manifest.json").read_text())["student"] == "from-teacher"
+
+
+def test_a_tiny_preset_trains_at_its_own_default_lr_and_an_explicit_lr_wins(tiny_corpus, tmp_path):
+    from ds_kd.ds_config import resolve_optimizer
+    from ds_kd.model import default_lr
+
+    cfg = PretrainConfig(deepspeed_config="ds_configs/zero2.json", data=str(tiny_corpus), out=str(tmp_path / "pt"),
+                         model="tiny-leanbert", max_steps=1, num_workers=0, max_len=64,
+                         ds_overrides={"fp16.enabled": False, "train_micro_batch_size_per_gpu": 2})
+    run(cfg)
+    built = json.loads((tmp_path / "pt" / "ds_config.json").read_text())["optimizer"]["params"]["lr"]
+    recorded = json.loads((tmp_path / "pt" / "manifest.json").read_text())["settings"]["lr"]
+    assert built == recorded == 2e-3
+    # An explicit rate wins over the preset's; the paper's presets keep 1e-4 (and record no lr, as before).
+    assert resolve_optimizer({}, {"lr": 1e-3}, "f", default_lr=2e-3)[0].lr == 1e-3
+    assert resolve_optimizer({"optimizer": {"type": "AdamW"}}, {}, "f", default_lr=2e-3)[0].lr == 2e-3
+    assert default_lr("mbert8-base") is None and resolve_optimizer({}, {}, "f", default_lr=None)[0].lr == 1e-4
+
+
 class _Fp16Engine:
     """The engine surface the loop uses; ``overflow_at`` lists the optimizer-step attempts (1-based) whose
     update DeepSpeed's loss scaler skips."""

@@ -59,7 +59,8 @@ COMMANDS = {
                                                 str(t / "o")]),
     "retrieval": ("launch/retrieval", "run", lambda t: ["--models", f"a={_model_dir(t)}", "--heldout", str(t),
                                                         "--langs", "fr", "--out", str(t / "o")]),
-    "grid": ("launch/grid", "run_grid", lambda t: ["--models", f"a={t}", "--data", str(t), "--out", str(t / "o")]),
+    "grid": ("launch/grid", "run_grid", lambda t: ["--models", f"a={t}", "--data", str(t), "--tasks", "xnli",
+                                                   "--out", str(t / "o")]),
     "finetune": ("launch/finetune", "run", lambda t: ["--model", str(t), "--task", "xnli", "--data", str(t),
                                                       "--out", str(t / "o")]),
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.trim_vocab import trim
+from ds_kd.manifest import write_manifest
 from test_trim_vocab import lines, make_checkpoint, train_tokenizer
 
 EN = lines(["en"], 40, seed=1)
@@ -68,6 +69,7 @@ def write_tagging(root: Path) -> Path:
                                       ("test", "ja", JA[:8], lambda t: [t[i:i + 3] for i in range(0, len(t), 3)])]:
         (folder / f"{split}.{lang}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(texts, words)),
                                                       encoding="utf-8")
+    write_manifest(folder, "tasks", task="wikiann")  # a task is present with its manifest (the grid checks it)
     return root
 
 

@@ -76,7 +76,7 @@ def test_grid_and_finetune_commands_take_the_wandb_flags():
     import finetune
     import grid as grid_cli
 
-    cfg = grid_cli.parse_args(["--models", "a=b", "--data", "d", "--out", "o", "--wandb-mode", "offline",
+    cfg = grid_cli.parse_args(["--models", "a=b", "--data", "d", "--tasks", "xnli", "--out", "o", "--wandb-mode", "offline",
                                "--wandb-group", "exp1"])
     assert cfg.wandb == WandbConfig(None, None, "exp1", "offline")
     job, wandb = finetune.parse_all(["--model", "m", "--task", "xnli", "--data", "d", "--out", "o",

@@ -16,11 +16,11 @@ from ds_kd import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.errors import UsageError
 from ds_kd.loop import NonFiniteLossError
-from ds_kd.model import BertForMaskedLM
+from ds_kd.model import BertConfig, BertForMaskedLM
 from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
 from ds_kd.vocab_check import report_unknown, shard_unknown_rates
-from ds_kd.warmstart import init_model
+from ds_kd.warmstart import FROM_INIT, FROM_TEACHER, init_model
 
 log = logging.getLogger("ds_kd")
 
@@ -31,13 +31,31 @@ TEACHER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.f
 class DistillRunConfig(TrainConfig):
     teacher: str = ""
     """Teacher directory: an export of ours or any HF BERT checkpoint (BertForMaskedLM or BertModel)."""
-    student: str = "leanbert"
-    """Student preset (leanbert, or tiny-leanbert on CPU), or from-init: the shape of ``init_from`` with
-    ``len(init_layers)`` layers (DistilBERT's recipe when ``init_from`` is the teacher)."""
+    student: str | None = None
+    """Student preset (e.g. leanbert, or tiny-leanbert on CPU); from-init: the shape of ``init_from`` with
+    ``len(init_layers)`` layers (DistilBERT's recipe when ``init_from`` is the teacher); from-teacher: the
+    teacher's width, heads, FFN and positions with a third of its layers, at least 1 (12 -> 4, 6 -> 2). None:
+    from-init with ``init_from``, else from-teacher (a shape that always fits the teacher)."""
     teacher_dtype: str = "auto"
     """Teacher precision: auto (fp16 where the accelerator has it, else bf16, else fp32), fp16, bf16 or fp32."""
     losses: DistillConfig = field(default_factory=DistillConfig)
     """Loss weights, temperature and layer map."""
+
+    def __post_init__(self) -> None:
+        self.student = self.student or (FROM_INIT if self.init_from else FROM_TEACHER)
+
+
+def student_config(cfg: DistillRunConfig, data: CorpusData) -> BertConfig:
+    """The student's config (:func:`ds_kd.training.model_config`), for from-teacher the teacher's config with
+    ``max(1, layers // 3)`` layers. Raises UsageError for from-teacher with ``init_from`` (its weights would not
+    fit: use from-init)."""
+    if cfg.student != FROM_TEACHER:
+        return model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
+    if cfg.init_from:
+        raise UsageError(f"--student {FROM_TEACHER} is a fresh student; with --init-from use --student {FROM_INIT} "
+                         f"(the shape of --init-from and --init-layers)")
+    teacher = model_config(FROM_INIT, data, cfg.teacher)
+    return replace(teacher, num_hidden_layers=max(1, teacher.num_hidden_layers // 3))
 
 
 def resolve_teacher_dtype(requested: str, accel: str) -> torch.dtype:
@@ -107,8 +125,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     seen: dict = {}  # the Distiller and its last micro-batch: what tells whether a non-finite loss was the teacher's
 
     def plan(data: CorpusData) -> StagePlan:
-        student_cfg = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
         teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+        student_cfg = student_config(cfg, data)
         report_unknown(cfg.teacher, shard_unknown_rates(data.shard_dir, data.manifest), say=log.info)
         losses = default_layer_map(cfg)
         head_trained = losses.mlm_weight > 0 or (losses.output_weight > 0 and getattr(teacher, "has_mlm_head", True))
@@ -157,7 +175,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     try:
         return run_stage(cfg, "distill", "distillation",
                          {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan)
+                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan,
+                         {FROM_INIT: cfg.init_from, FROM_TEACHER: cfg.teacher}.get(cfg.student, cfg.student))
     except NonFiniteLossError as error:
         if (message := teacher_overflow(seen["distiller"], seen["batch"])) is not None:
             raise NonFiniteLossError(message) from error

@@ -49,7 +49,8 @@ class FinetuneConfig:
     seed: int = 1
     """Seed of head initialisation, dropout and data order."""
     name: str | None = None
-    """Model name recorded in the result (default: the model directory's name)."""
+    """Model name recorded in the result (default: the run's name, i.e. the directory above ``export/`` for a
+    pretraining or distillation export, else the model directory's name)."""
     epochs: int = 3
     """Passes over English train; the epoch with the best English dev score is kept."""
     lr: float = 2e-5
@@ -329,7 +330,7 @@ def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) ->
         return sum(scores[lang][spec.metric] for lang in langs) / len(langs) if langs else None
 
     result = FinetuneResult(
-        task=spec.name, model=cfg.name or Path(cfg.model).resolve().name, model_dir=str(cfg.model), seed=cfg.seed,
+        task=spec.name, model=cfg.name or run_name(cfg.model), model_dir=str(cfg.model), seed=cfg.seed,
         scores=scores, metric=spec.metric, en=scores["en"][spec.metric] if "en" in scores else None,
         zero_shot_avg=average(run_langs), zero_shot_langs=run_langs, zero_shot_avg_paper=average(paper_langs),
         zero_shot_langs_paper=paper_langs, dev_best=dev_best,
@@ -347,6 +348,13 @@ def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) ->
     atomic_write_text(out / RESULT, json.dumps(asdict(result), indent=2, default=str) + "\n")
     state.remove(out)
     return result
+
+
+def run_name(model_dir: str) -> str:
+    """The default name of a model: the run's for ``<run>/export`` (``runs/mLeanBERT/export`` -> ``mLeanBERT``),
+    else the directory's own name."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "export" else path.name
 
 
 def zero_shot_split(spec: TaskSpec, tested: list[str]) -> tuple[list[str], list[str]]:
