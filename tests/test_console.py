@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from test_grid import data, encoders  # noqa: F401 (fixtures of the grid test)
 from test_train_units import _Fp16Engine, config
 
 # one micro-batch: two unpacked sentences of 3 and 2 real tokens
@@ -141,3 +142,20 @@ def test_tiny_run_banner_and_metric_lines_count_sentences_epochs_and_perplexity(
                                                         for r in rows] and len(rows) == 2
     assert f"ppl {rows[-1]['train_ppl']:.4g} | lr {rows[-1]['lr']:.2e} | grad norm {rows[-1]['grad_norm']:.3g}" \
         in lines[-1] and "loss scale" not in lines[-1]  # the fp16 JSON falls back to bf16 on this CPU
+
+
+def test_a_grid_off_a_terminal_prints_plain_progress_lines_and_job_logs_hold_no_bars(encoders, data, tmp_path):
+    import subprocess
+
+    from test_grid import ROOT, grid_command
+
+    out = tmp_path / "grid"
+    run = subprocess.run(grid_command(encoders, data, out, "--tasks", "pawsx", "--seeds", "1", "--workers", "1"),
+                         cwd=ROOT, capture_output=True, timeout=300)  # pipes, as under a launcher; bytes: text
+    output = (run.stdout + run.stderr).decode()                    # mode would turn carriage returns into newlines
+    assert run.returncode == 0, output
+    assert "\r" not in output and "\x1b" not in output and "grid:" not in output  # no bar
+    assert "[grid] 0/2 jobs done, 0 failed, 1 running, 2 remaining" in output
+    assert "[grid] 2/2 jobs done, 0 failed, 0 running, 0 remaining" in output
+    logs = [p.read_bytes().decode() for p in (out / "jobs").rglob("log.txt")]
+    assert len(logs) == 2 and not any("\r" in log for log in logs)  # the fine-tuning loop drew no bars there
