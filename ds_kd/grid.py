@@ -354,7 +354,7 @@ def start(job: GridJob, cfg: GridConfig, threads: int, device: str | None) -> su
     spec_path = job.out / JOB_JSON
     atomic_write_text(spec_path, json.dumps(job_spec(job, cfg, threads), indent=2) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # the log is a file: no bars
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     command = [cfg.python, "-m", "ds_kd.grid", "--job", str(spec_path)]
@@ -397,7 +397,7 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     num_done = 0
     where = f"{len(set(devices))} GPU(s)" if devices[0] is not None else f"CPU, {threads} thread(s) per job"
     print(f"[grid] {len(jobs)} jobs ({num_skipped} already done), {workers} worker(s) on {where}", flush=True)
-    bar = tqdm(total=len(jobs), initial=num_skipped, desc="grid", unit="job", dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), initial=num_skipped, desc="grid", unit="job", dynamic_ncols=True, disable=None)
 
     shown: list[tuple] = []
 
@@ -406,6 +406,9 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
         if shown[-1:] != [state]:
             shown.append(state)
             bar.set_postfix(done=state[0], failed=state[1], running=state[2], remaining=state[3])
+            if bar.disable:  # not a terminal: a plain line instead of the bar's carriage returns
+                print(f"[grid] {state[0]}/{len(jobs)} jobs done, {state[1]} failed, {state[2]} running, "
+                      f"{state[3]} remaining", flush=True)
 
     try:
         show()

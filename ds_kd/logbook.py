@@ -1,4 +1,5 @@
-"""Metrics on global rank 0 only: Weights & Biases, a local JSONL, a progress bar and a PNG of the curves.
+"""Metrics on global rank 0 only: Weights & Biases, a local JSONL, a console metric line, a progress bar (on a
+terminal only) and a PNG of the curves.
 
 W&B settings come from flags or the usual environment (``WANDB_PROJECT``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``,
 ``WANDB_MODE``). With no API key (``WANDB_API_KEY`` or a ``wandb login``) the run is kept offline in
@@ -6,10 +7,13 @@ W&B settings come from flags or the usual environment (``WANDB_PROJECT``, ``WAND
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -100,7 +104,11 @@ def log_results(run_dir: Path, cfg: WandbConfig, job_type: str, config: dict, ta
 
 
 class Logbook:
-    """Writes metrics keyed by optimizer step. On ranks other than 0 every method does nothing."""
+    """Writes metrics keyed by optimizer step. On ranks other than 0 every method does nothing.
+
+    When stderr is a terminal a progress bar is drawn there, and log lines (ours and DeepSpeed's) are written
+    above it through ``tqdm.write`` rather than onto it; otherwise (a pipe, a file: the launcher's case) there
+    is no bar and the metric lines of :meth:`log_train` are the progress."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, run_config: dict,
                  total_steps: int, initial_step: int = 0, elapsed_before: float = 0.0):
@@ -108,18 +116,23 @@ class Logbook:
         so ``elapsed_s`` counts the whole run over resumes."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
         self.wandb_run = None
         self.bar = None
+        self.redirect = contextlib.ExitStack()
         self.started = time.time() - elapsed_before
         if not enabled:
             return
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         default_mode = "online" if _has_wandb_key() else "offline"
         self.wandb_run = start_wandb(self.run_dir, wandb_cfg, run_config, default_mode)
-        from tqdm import tqdm
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-                        desc=self.run_dir.name)
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                            desc=self.run_dir.name, file=sys.stderr)
+            self.redirect.enter_context(logging_redirect_tqdm([logging.root, logging.getLogger("DeepSpeed")]))
 
     def elapsed(self) -> float:
         """Seconds since the run first started, over resumes."""
@@ -140,6 +153,12 @@ class Logbook:
             self.wandb_run.log({"optimizer_step": step, **{wandb_key(k): v for k, v in record.items()
                                                            if k != "optimizer_step"}}, step=step)
 
+    def log_train(self, step: int, metrics: dict[str, float], fp16: bool = False) -> None:
+        """:meth:`log`, and the metrics as one console line (:func:`metric_line`)."""
+        self.log(step, metrics)
+        if self.enabled:
+            log.info("%s", metric_line(step, self.total_steps, metrics, fp16))
+
     def advance(self, step: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.n = step
@@ -148,12 +167,33 @@ class Logbook:
     def close(self) -> None:
         if not self.enabled:
             return
+        self.redirect.close()
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def metric_line(step: int, total_steps: int, m: dict[str, float], fp16: bool = False) -> str:
+    """The training metrics of :func:`ds_kd.loop.train` as one line, e.g. ``step 40/1000 (epoch 0.213) | loss
+    5.61 (mlm 5.61) | ppl 273 | lr 1.00e-04 | grad norm 1.84 | 52,310 tokens/s | 410.2 sentences/s | 0.61 s/step,
+    eta 0:09:46``, with ``loss scale 65536 | 2 skipped steps`` when ``fp16`` (a loss scaler runs). The eta is
+    the steps left at the window's seconds per step. Omits what ``m`` lacks: the epoch (``epoch``) and the
+    perplexity (``train_ppl``, logged where an MLM loss exists)."""
+    terms = ", ".join(f"{k[len('loss_'):]} {v:.4g}" for k, v in sorted(m.items())
+                      if k.startswith("loss_") and k != "loss_scale")
+    parts = [f"step {step}/{total_steps}" + (f" (epoch {m['epoch']:.3f})" if "epoch" in m else ""),
+             f"loss {m['loss']:.4g}" + (f" ({terms})" if terms else "")]
+    if "train_ppl" in m:
+        parts.append(f"ppl {m['train_ppl']:.4g}")
+    eta = datetime.timedelta(seconds=round(m["seconds_per_step"] * (total_steps - step)))
+    parts += [f"lr {m['lr']:.2e}", f"grad norm {m['grad_norm']:.3g}", f"{m['tokens_per_s']:,.0f} tokens/s",
+              f"{m['sentences_per_s']:,.1f} sentences/s", f"{m['seconds_per_step']:.3g} s/step, eta {eta}"]
+    if fp16:
+        parts.append(f"loss scale {m['loss_scale']:g} | {m['skipped_steps']:.0f} skipped steps")
+    return " | ".join(parts)
 
 
 def wandb_key(name: str) -> str:

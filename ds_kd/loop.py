@@ -62,6 +62,8 @@ class LoopConfig:
     save_every_minutes: float = 0.0
     """Also checkpoint once this many minutes of wall time passed since the last checkpoint (0: never by time).
     Rank 0's clock decides, so every rank saves at the same step."""
+    sentences_per_epoch: int = 0
+    """Sentences of the training split: the logged ``epoch`` is sentences seen / this (0: no epoch logged)."""
 
 
 @dataclass
@@ -119,11 +121,12 @@ def loss_denominators(batch: dict) -> dict[str, int]:
     ``masked``: predicted positions (``labels`` != -100; MLM and output loss); ``tokens``: real tokens
     (``attention_mask``; embedding and hidden-state MSE); ``pairs``: (query, key) pairs within one sentence,
     the attention-score MSE's count: the sum of squared sentence lengths (a row's length, unpacked; each packed
-    sentence's, from ``sequence_ids``).
+    sentence's, from ``sequence_ids``); ``sentences``: sentences (rows unpacked, packed sentences), what the
+    logged sentences/s and epoch count.
     """
     lengths = sentence_lengths(batch)
     return {"masked": int(batch["labels"].ne(-100).sum()), "tokens": int(lengths.sum()),
-            "pairs": int(lengths.square().sum())}
+            "pairs": int(lengths.square().sum()), "sentences": len(lengths)}
 
 
 def sentence_lengths(batch: dict) -> torch.Tensor:
@@ -153,24 +156,29 @@ def global_denominators(micro_batches: list[dict]) -> dict[str, float]:
 
 def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[], dict[str, float]],
           logbook: Logbook, ckpt_dir: Path, cfg: LoopConfig, start_step: int,
-          reader_state: Callable[[], dict], checkpoint_extras: dict | None = None) -> LoopResult:
+          reader_state: Callable[[], dict], checkpoint_extras: dict | None = None,
+          sentences_before: int = 0) -> LoopResult:
     """Run optimizer steps ``start_step+1 .. cfg.max_steps``; ``reader_state()`` gives the data position for
-    checkpoints, ``checkpoint_extras`` more facts to store in each. Every rank runs this; only rank 0's logbook
-    writes. A step that DeepSpeed skips (fp16 overflow: no update, no LR step) does not count: the run applies
-    exactly ``cfg.max_steps`` updates. Logged training metrics are means over the steps since the last log."""
+    checkpoints, ``checkpoint_extras`` more facts to store in each, ``sentences_before`` the sentences read
+    before ``start_step`` (each checkpoint stores ``sentences_seen``). Every rank runs this; only rank 0's
+    logbook writes. A step that DeepSpeed skips (fp16 overflow: no update, no LR step) does not count: the run
+    applies exactly ``cfg.max_steps`` updates, though its sentences count as seen. Logged training metrics are
+    means over the steps since the last log, and every ``cfg.log_every`` steps rank 0 logs them in one line
+    (:meth:`Logbook.log_train`)."""
     device = dist.device()
     accumulation = engine.gradient_accumulation_steps()
     uses_loss_scaler = engine.fp16_enabled()
     result = LoopResult(steps=start_step)
     stream: Iterator[dict] = iter(batches)
-    step, skipped_in_a_row = start_step, 0
+    step, skipped_in_a_row, sentences_seen = start_step, 0, sentences_before
     window = _Window()
     started = last_save = time.perf_counter()
 
     def save() -> None:
         nonlocal last_save
         t0 = time.perf_counter()
-        extras = {"reader": reader_state(), "elapsed_s": logbook.elapsed(), **(checkpoint_extras or {})}
+        extras = {"reader": reader_state(), "elapsed_s": logbook.elapsed(), "sentences_seen": sentences_seen,
+                  **(checkpoint_extras or {})}
         tag = checkpoint.save(engine, ckpt_dir, step, extras, cfg.keep_last)
         last_save = time.perf_counter()
         log.info("checkpoint %s written to %s (%.1f s)", tag, ckpt_dir / tag, last_save - t0)
@@ -192,24 +200,26 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
             for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double() / accumulation
         names = sorted(sums)
-        num_tokens = [sum(b["counts"]["tokens"] for b in micro_batches),  # real, and of the rows
-                      sum(b["attention_mask"].numel() for b in micro_batches)]
+        sizes = [sum(b["counts"]["tokens"] for b in micro_batches),  # real tokens, tokens of the rows, sentences
+                 sum(b["attention_mask"].numel() for b in micro_batches),
+                 sum(b["counts"]["sentences"] for b in micro_batches)]
         reduced = dist.all_reduce(torch.cat([torch.stack([num_non_finite] + [sums[n] for n in names]),
-                                             torch.tensor(num_tokens, dtype=torch.float64).to(device)])).tolist()
+                                             torch.tensor(sizes, dtype=torch.float64).to(device)])).tolist()
         _check_finite(reduced[0], reduced[1 + names.index("loss")] / dist.world_size(), step + 1, uses_loss_scaler)
+        real, row_tokens, sentences = reduced[-3:]
+        sentences_seen += int(sentences)  # a skipped step read its sentences too
         if not engine.was_step_applied():
             skipped_in_a_row = _count_skip(engine, step + 1, skipped_in_a_row)
             continue
         skipped_in_a_row = 0
         step += 1
-        metrics = {n: v / dist.world_size() for n, v in zip(names, reduced[1:-2])}
-        real, row_tokens = reduced[-2:]
+        metrics = {n: v / dist.world_size() for n, v in zip(names, reduced[1:-3])}
         result.losses.append(metrics["loss"])
         result.tokens += int(real)
         result.row_tokens += int(row_tokens)
         metrics["packing_efficiency"] = real / max(1.0, row_tokens)
-        window.add(metrics, real, time.perf_counter() - t0)
-        _log_step(engine, logbook, cfg, step, window, lr)
+        window.add(metrics, real, sentences, time.perf_counter() - t0)
+        _log_step(engine, logbook, cfg, step, window, lr, sentences_seen)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             result.val = _validate(evaluate, logbook, step)
         if step < cfg.max_steps and _save_due(cfg, step, time.perf_counter() - last_save):
@@ -223,21 +233,25 @@ def train(engine, batches: Iterable[dict], step_fn: StepFn, evaluate: Callable[[
 
 
 class _Window:
-    """Training metrics summed over the steps since the last log, and their tokens and seconds."""
+    """Training metrics summed over the steps since the last log, and their real tokens, sentences and seconds."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.steps, self.tokens, self.seconds = 0, 0.0, 0.0
+        self.steps, self.tokens, self.sentences, self.seconds = 0, 0.0, 0.0, 0.0
 
-    def add(self, metrics: dict[str, float], tokens: float, seconds: float) -> None:
+    def add(self, metrics: dict[str, float], tokens: float, sentences: float, seconds: float) -> None:
         for name, value in metrics.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
         self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+        self.sentences += sentences
 
     def take(self) -> dict[str, float]:
-        """The window's means and throughput; the window starts again empty."""
+        """The window's means and throughput (real tokens/s, sentences/s, seconds per step); the window starts
+        again empty."""
         means = {name: value / self.steps for name, value in self.sums.items()}
-        means["tokens_per_s"] = self.tokens / max(self.seconds, 1e-9)
+        seconds = max(self.seconds, 1e-9)
+        means.update(tokens_per_s=self.tokens / seconds, sentences_per_s=self.sentences / seconds,
+                     seconds_per_step=self.seconds / self.steps)
         self.__init__()
         return means
 
@@ -275,7 +289,8 @@ def _check_finite(num_non_finite: float, loss: float, step: int, uses_loss_scale
             f"intact: lower the learning rate or check the data, then resume with --resume.")
 
 
-def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window, lr: float) -> None:
+def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Window, lr: float,
+              sentences_seen: int) -> None:
     logbook.advance(step, {"loss": window.sums["loss"] / window.steps,
                            "tok/s": window.tokens / max(window.seconds, 1e-9)})
     if step % cfg.log_every and step != cfg.max_steps:
@@ -290,8 +305,11 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Win
         "samples_seen": engine.global_samples,  # skipped fp16 steps consumed their samples too
         "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0,
         "skipped_steps": float(engine.skipped_steps),
+        "sentences_seen": sentences_seen,
     })
-    logbook.log(step, metrics)
+    if cfg.sentences_per_epoch:
+        metrics["epoch"] = sentences_seen / cfg.sentences_per_epoch
+    logbook.log_train(step, metrics, engine.fp16_enabled())
 
 
 def _validate(evaluate: Callable[[], dict[str, float]], logbook: Logbook, step: int) -> dict[str, float]:

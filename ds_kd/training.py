@@ -307,15 +307,18 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
         schedule_text = f"warmup {warmup}, {cfg.decay or 'linear'} decay"
     log.info("engine: %s; %s (%s); %d optimizer steps (%s); %d trainable parameters", settings, spec.name,
              spec.source, total_steps, schedule_text, num_trainable)
+    log.info("%s", start_banner(reader.num_samples, reader.steps_per_epoch(settings["global_batch"]), total_steps,
+                                settings, cfg.max_len, cfg.packing))
     if dist.is_main():
         from ds_kd.ds_config import write_effective_config
 
         write_effective_config(setup.ds_config, spec, out / "ds_config.json")
 
-    start_step, elapsed_before = 0, 0.0
+    start_step, elapsed_before, sentences_before = 0, 0.0, 0
     if resume is not None:
         start_step = checkpoint.load(engine, resume)["step"]
         elapsed_before = resume.state.get("elapsed_s", 0.0)
+        sentences_before = resume.state.get("sentences_seen", 0)  # 0 from checkpoints written before it was kept
         if not setup.ds_scheduler:  # the loaded scheduler brought the old run's length
             schedule.set(warmup, total_steps, cfg.decay or "linear", scheduler)
         log.info("resumed from %s at optimizer step %d", resume.tag, start_step)
@@ -337,9 +340,9 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step, elapsed_before)
     try:
         loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last,
-                              cfg.save_every_minutes)
+                              cfg.save_every_minutes, reader.num_samples)
         result = train(engine, reader, job.step, evaluate, logbook, ckpt_dir, loop_cfg, start_step,
-                       reader.state_dict, job.identity)
+                       reader.state_dict, job.identity, sentences_before)
     finally:
         logbook.close()
     digests = dist.replica_digests(engine.module)
@@ -359,6 +362,20 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
              f"{result.tokens:,}", result.seconds, result.tokens / max(result.seconds, 1e-9),
              result.val.get("val_ppl", math.nan), export_dir)
     return RunResult(out, result.steps, result.losses, result.val, export_dir)
+
+
+def start_banner(num_sentences: int, steps_per_epoch: float, total_steps: int, settings: dict, max_len: int,
+                 packing: bool) -> str:
+    """The run's size in one line: training sentences, epochs (``total_steps / steps_per_epoch``), optimizer
+    steps, the global batch as micro batch x accumulation x ranks (``settings``: :func:`ds_kd.engine.engine_settings`)
+    and the most tokens one optimizer step holds (global batch x ``max_len``; packed rows fill nearly all of it)."""
+    unit = "rows" if packing else "sentences"
+    batch = settings["global_batch"]
+    return (f"training on {num_sentences:,} sentences (train split) for {total_steps / steps_per_epoch:.3g} epochs "
+            f"= {total_steps:,} optimizer steps; global batch {batch:,} {unit} (micro batch "
+            f"{settings['micro_batch_per_rank']} x accumulation {settings['gradient_accumulation_steps']} x "
+            f"{settings['world_size']} ranks), up to {batch * max_len:,} tokens per optimizer step "
+            f"({batch:,} {unit} x --max-len {max_len})")
 
 
 def export(model: BertForMaskedLM, tokenizer_dir: Path, export_dir: Path,

@@ -60,7 +60,7 @@ def train_epoch(model: nn.Module, examples: list[Encoded], kind: str, optimizer:
     sums: dict[str, float] = {}
     total = num_batches(len(examples), batch_size)
     for _, batch in tqdm(make_batches(examples, kind, batch_size, generator), total=total, desc=desc,
-                         leave=False, mininterval=2):
+                         leave=False, mininterval=2, disable=None):  # None: no bar off a terminal (a job's log)
         with autocast(device, bf16):
             loss, logs = loss_fn(model, to_device(batch, device))
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +104,7 @@ def predict(model: TaskModel, records: list[dict], examples: list[Encoded], batc
     preds: list = [None] * len(records)
     batches = make_batches(examples, kind, batch_size)
     for indices, batch in tqdm(batches, total=num_batches(len(examples), batch_size), desc=desc, leave=False,
-                               mininterval=2):
+                               mininterval=2, disable=None):
         batch = to_device(batch, device)
         with autocast(device, bf16):
             if kind == "parse":
