@@ -101,14 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> GridConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks or present_tasks(args.data)
     if not tasks:
-        raise SystemExit(f"error: no task data under --data {args.data} (no <task>/manifest.json): write it with "
-                         f"`python -m data_prep tasks --task all --src SRC --out {args.data}`")
+        parser.error(f"no task data under --data {args.data} (no <task>/manifest.json): write it with "
+                     f"`python -m data_prep tasks --task all --src SRC --out {args.data}`")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(TASKS)} or 'all'")
+        parser.error(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)} or 'all'")
     roles = {name: role for role in ROLES for name in getattr(args, f"{role}s")}
     try:
         rows = build_rows(args.models, args.ft_distill, roles, dict(args.ppl))

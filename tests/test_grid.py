@@ -336,3 +336,14 @@ def test_grid_jobs_run_on_the_gpus_the_grid_was_given(visible, workers, expected
     monkeypatch.setattr(grid, "count_gpus", lambda finetune: 2)  # torch counts the visible GPUs only
     cfg = GridConfig(rows=[], tasks=[], data="", seeds=[], out=str(tmp_path), workers=workers)
     assert grid.worker_layout(cfg)[2] == expected
+
+
+def test_a_grid_with_no_task_data_or_an_unknown_task_exits_2_naming_what_to_do(tmp_path, capsys):
+    from conftest import load_script
+
+    grid = load_script("grid")
+    for tasks, said in (([], "no task data under --data"), (["--tasks", "xnlii"], "--tasks: unknown task(s) ['xnlii']")):
+        with pytest.raises(SystemExit) as stop:
+            grid.parse_args(["--models", f"a={tmp_path}", "--data", str(tmp_path), "--out", str(tmp_path / "g"),
+                             *tasks])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
