@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
     get_accelerator().set_device(local_rank())
     if accelerator_name() == "cpu":
+        use_environment_build_dir()
         clear_stale_build_lock(SHM_OP)
     for attempt in range(3 if choose_port else 1):
         if choose_port:
@@ -69,6 +71,16 @@ SHM_OP = "deepspeed_shm_comm"
 
 STALE_LOCK_SECONDS = 600.0
 """A build lock older than this is stale: the op compiles in about 40 s on 2 cores (minutes on a loaded machine)."""
+
+
+def use_environment_build_dir() -> Path:
+    """Build JIT-compiled ops under this Python environment (``<sys.prefix>/torch_extensions``) unless
+    ``TORCH_EXTENSIONS_DIR`` is set; returns the folder.
+
+    Torch rebuilds an op whose include paths changed, and DeepSpeed's include paths are inside the environment:
+    two environments sharing torch's default ``~/.cache/torch_extensions`` (a second clone, CI beside a demo)
+    rebuild the same op in turn, each waiting on the other's lock, about a minute each time on 2 cores."""
+    return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
 
 
 def clear_stale_build_lock(op: str, stale_after_s: float = STALE_LOCK_SECONDS, poll_s: float = 1.0) -> None:

@@ -113,3 +113,15 @@ def test_a_lock_that_stays_is_removed_once_stale_instead_of_hanging(tmp_path, mo
     start = time.monotonic()
     engine.clear_stale_build_lock(engine.SHM_OP, stale_after_s=0.5, poll_s=0.05)
     assert not lock.exists() and 0.4 <= time.monotonic() - start < 5
+
+
+def test_ops_are_built_under_this_python_environment_unless_the_user_says_where(tmp_path, monkeypatch):
+    import os
+    import sys
+    from pathlib import Path
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert engine.use_environment_build_dir() == Path(sys.prefix) / "torch_extensions"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert engine.use_environment_build_dir() == tmp_path
