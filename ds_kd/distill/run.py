@@ -125,8 +125,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
     seen: dict = {}  # the Distiller and its last micro-batch: what tells whether a non-finite loss was the teacher's
 
     def plan(data: CorpusData) -> StagePlan:
+        student_cfg = student_config(cfg, data)  # flags first: a student that cannot be built stops before any load
         teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
-        student_cfg = student_config(cfg, data)
         report_unknown(cfg.teacher, shard_unknown_rates(data.shard_dir, data.manifest), say=log.info)
         losses = default_layer_map(cfg)
         head_trained = losses.mlm_weight > 0 or (losses.output_weight > 0 and getattr(teacher, "has_mlm_head", True))
