@@ -128,10 +128,16 @@ def read_file(path: Path, config: ReadConfig, drops: Counter) -> Iterator[str]:
 
 
 def check_lang_dir(lang_dir: Path) -> list[Path]:
-    """The input files of a language directory; a missing or file-less directory is an error naming it."""
+    """The input files of a language directory; a missing or file-less directory is an error naming it (and,
+    when it is missing, the ``--raw`` folder or the language folders found there, for ``--langs``)."""
     if not lang_dir.is_dir():
-        raise FileNotFoundError(f"{lang_dir}: language directory does not exist (expected <raw>/<lang>/ "
-                                f"holding .txt/.gz/.bz2/.xz or WikiExtractor files)")
+        raw = lang_dir.parent
+        if not raw.is_dir():
+            raise FileNotFoundError(f"--raw {raw}: no such directory (expected <raw>/<lang>/ per language)")
+        found = sorted(d.name for d in raw.iterdir() if d.is_dir())
+        raise FileNotFoundError(f"{lang_dir}: language directory does not exist (expected <raw>/<lang>/ holding "
+                                f".txt/.gz/.bz2/.xz or WikiExtractor files); language folders in {raw}: "
+                                f"{', '.join(found) or 'none'}: name those with --langs")
     files = list_input_files(lang_dir)
     if not files:
         raise UsageError(f"{lang_dir}: language directory holds no input files (.txt, .gz, .bz2, .xz, "

@@ -31,10 +31,14 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "sp
 
 
 def read_config(directory: Path | str) -> dict:
-    """``config.json`` of a model directory; FileNotFoundError naming it when absent."""
+    """``config.json`` of a model directory; FileNotFoundError naming the directory when absent (and its
+    ``export/`` when it is a training run's directory, which holds the model there)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        export = Path(directory) / "export" / "config.json"
+        hint = (f": it is a training run's directory; its model is {export.parent}" if export.is_file()
+                else " (no config.json)")
+        raise FileNotFoundError(f"{directory}: not a model directory{hint}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -69,8 +69,8 @@ def parse_all(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, wandb = parse_all(argv)
     try:
+        cfg, wandb = parse_all(argv)  # the settings are checked as the config is built
         result = run(cfg)
     except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)

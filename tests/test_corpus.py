@@ -221,8 +221,12 @@ def test_bad_language_dirs_and_codes_name_the_problem(tmp_path, capsys):
     capsys.readouterr()
     # any code of the right form is a language; one without its directory is named (tests/test_langs.py: forms)
     assert corpus_mod.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "o"), "--langs", "en,xx"]) == 2
-    assert f"{tmp_path / 'raw' / 'xx'}: language directory does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'raw' / 'xx'}: language directory does not exist" in err
+    assert f"language folders in {tmp_path / 'raw'}: en, hi: name those with --langs" in err
     assert not (tmp_path / "o").exists()
+    assert corpus_mod.main(["--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--langs", "en"]) == 2
+    assert f"--raw {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
 
 
 def test_tokenizer_not_matching_the_shards_is_named(corpus, tmp_path):

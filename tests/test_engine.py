@@ -125,3 +125,14 @@ def test_ops_are_built_under_this_python_environment_unless_the_user_says_where(
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert engine.use_environment_build_dir() == tmp_path
+
+
+def test_a_built_op_is_announced_too_since_torch_may_rebuild_it(tmp_path, monkeypatch, caplog):
+    lock = _build_lock(tmp_path, monkeypatch, age_s=0)
+    lock.unlink()
+    (lock.parent / f"{engine.SHM_OP}.so").touch()
+    with caplog.at_level("INFO", logger="ds_kd"):
+        engine.clear_stale_build_lock(engine.SHM_OP)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"DeepSpeed loads its CPU op {engine.SHM_OP} from {lock.parent} (a minute when torch finds it out of date "
+        f"and rebuilds it)"]

@@ -148,3 +148,23 @@ def test_grid_rows_and_task_files_raise_usage_errors(tmp_path):
 
     with pytest.raises(UsageError, match="not a fine-tuning result.json"):
         collect(tmp_path)
+
+
+def test_finetune_settings_refused_as_the_config_is_built_are_one_line_naming_the_flag(tmp_path, capsys):
+    finetune = load_script("finetune")
+    assert finetune.main(["--model", str(tmp_path), "--task", "xnli", "--data", str(tmp_path), "--out",
+                          str(tmp_path / "o"), "--max-len", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: --max-len must be at least 8 sub-words, got 0"]
+
+
+def test_a_run_directory_given_as_a_model_points_at_its_export(tmp_path):
+    from ds_kd.modeldir import read_config
+
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"run: not a model directory: it is a training run's directory; "
+                                                r"its model is .*run/export"):
+        read_config(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"nothing: not a model directory \(no config.json\)"):
+        read_config(tmp_path / "nothing")

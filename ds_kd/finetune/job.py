@@ -99,11 +99,11 @@ class FinetuneConfig:
         get_task(self.task)  # an unknown task is an error now, not after loading the model
         for name in ("epochs", "batch_size", "eval_batch_size", "beam_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, got {self.threads}")
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
         if self.max_len < 8:
-            raise UsageError(f"max_len must be at least 8 sub-words, got {self.max_len}")
+            raise UsageError(f"--max-len must be at least 8 sub-words, got {self.max_len}")
 
 
 @dataclass
