@@ -109,3 +109,16 @@ def add_list_argument(container, *flags: str, item_type: Callable[[str], Any] = 
     """Add a list flag to a parser or group: ``--langs en fr``, ``--langs en,fr`` and ``--langs "en fr"`` all
     give ``["en", "fr"]``. ``item_type`` converts each item (e.g. int for seeds)."""
     return container.add_argument(*flags, nargs="+", type=split_list(item_type), action=ListAction, **kwargs)
+
+
+def field_doc(cls: type, name: str) -> str:
+    """The docstring under dataclass ``cls``'s field ``name`` (empty if none), so that ``--help`` and the dataclass
+    say the same."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
+            return " ".join(nxt.value.value.split())
+    return ""

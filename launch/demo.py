@@ -27,9 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from ds_kd.flags import HelpFormatter, add_list_argument  # noqa: E402
+from ds_kd.flags import HelpFormatter, add_list_argument
 
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")

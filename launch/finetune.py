@@ -18,21 +18,8 @@ from pathlib import Path
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, wandb_config
 from ds_kd.errors import UsageError
 from ds_kd.finetune.job import FinetuneConfig, run
-from ds_kd.flags import HelpFormatter
+from ds_kd.flags import HelpFormatter, field_doc
 from ds_kd.tasks import TASKS
-
-
-def field_doc(name: str) -> str:
-    """The docstring under a FinetuneConfig field, so --help and the dataclass say the same."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(FinetuneConfig))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
-            return " ".join(nxt.value.value.split())
-    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     required = {"model", "task", "data", "out"}
     for f in fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
-        doc = field_doc(f.name)
+        doc = field_doc(FinetuneConfig, f.name)
         if f.name == "task":
             p.add_argument(flag, required=True, choices=sorted(TASKS), help=doc)
         elif f.type in ("bool",) and f.name == "bf16":

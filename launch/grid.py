@@ -16,17 +16,14 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import field_doc  # noqa: E402  (launch/finetune.py: --help text from FinetuneConfig's docstrings)
-
-from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config  # noqa: E402
-from ds_kd.errors import UsageError  # noqa: E402
-from ds_kd.flags import HelpFormatter, add_list_argument, default_text  # noqa: E402
-from ds_kd.finetune.job import FinetuneConfig  # noqa: E402
-from ds_kd.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid  # noqa: E402
-from ds_kd.logbook import log_results  # noqa: E402
-from ds_kd.report import job_tables  # noqa: E402
-from ds_kd.tasks import TASKS  # noqa: E402
+from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
+from ds_kd.errors import UsageError
+from ds_kd.flags import HelpFormatter, add_list_argument, default_text, field_doc
+from ds_kd.finetune.job import FinetuneConfig
+from ds_kd.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid
+from ds_kd.logbook import log_results
+from ds_kd.report import job_tables
+from ds_kd.tasks import TASKS
 
 # Set by the grid for each job (threads: the grid's own --threads; every job resumes its own checkpoint, and a
 # job whose settings changed is cleared and run again, so --resume / --overwrite have no grid meaning).
@@ -82,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     for fld in fields(FinetuneConfig):
         if fld.name in PER_JOB:
             continue
-        flag, doc = "--" + fld.name.replace("_", "-"), field_doc(fld.name)
+        flag, doc = "--" + fld.name.replace("_", "-"), field_doc(FinetuneConfig, fld.name)
         default = None if fld.default is MISSING else fld.default
         if fld.name == "bf16":
             f.add_argument("--no-bf16", dest="bf16", action="store_const", const=False, default=None,

@@ -9,14 +9,12 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs  # noqa: E402
-from ds_kd.flags import HelpFormatter  # noqa: E402
-from ds_kd.model import PRESETS  # noqa: E402
-from ds_kd.warmstart import FROM_INIT  # noqa: E402
+from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs
+from ds_kd.flags import HelpFormatter
+from ds_kd.model import PRESETS
+from ds_kd.warmstart import FROM_INIT
 
 
 class _Parser(argparse.ArgumentParser):
