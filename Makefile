@@ -45,14 +45,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) -m data_prep.bench_corpus
+	$(PY) benchmarks/bench_corpus.py
 
 # mosaicml-streaming pins numpy<2.2 and transformers<5 and pulls torchvision and cloud SDKs: it is installed
 # without its dependencies, next to the few it imports (the `bench` extra).
 bench-shards: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m pip install -q --no-deps 'mosaicml-streaming==0.13.0'
-	$(PY) -m data_prep.bench_shards
+	$(PY) benchmarks/bench_shards.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ds_kd.model import PACKED_ATTENTION, BertForMaskedLM, BertModel, attention_keep, make_config
-from ds_kd.packing import best_fit, packed_batch
+from ds_kd.models.model import PACKED_ATTENTION, BertForMaskedLM, BertModel, attention_keep, make_config
+from ds_kd.data.packing import best_fit, packed_batch
 
 BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -24,7 +24,7 @@ TOLERANCE = {"fp16": 2e-2, "bf16": 8e-2}
 
 
 def make_batch(rows: int, max_len: int, vocab_size: int, device: torch.device, seed: int = 0) -> dict:
-    """Packed rows (:func:`ds_kd.packing.packed_batch`, [rows, <= max_len] each) of synthetic sentences: lengths
+    """Packed rows (:func:`ds_kd.data.packing.packed_batch`, [rows, <= max_len] each) of synthetic sentences: lengths
     log-normal around 24 tokens (4..max_len), random ids, 15% of the tokens predicted (``labels``)."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(math.log(24), 0.6, rows * max_len // 8), 4, max_len).astype(int)

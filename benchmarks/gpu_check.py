@@ -54,11 +54,11 @@ import torch  # noqa: E402
 
 from benchmarks.gpu_attention import attention_checks, flex_checks, make_batch, median_seconds  # noqa: E402
 from ds_kd.distill import DistillConfig, Distiller  # noqa: E402
-from ds_kd.flags import HelpFormatter  # noqa: E402
-from ds_kd.loop import loss_denominators  # noqa: E402
+from ds_kd.cli.flags import HelpFormatter  # noqa: E402
+from ds_kd.train.loop import loss_denominators  # noqa: E402
 from ds_kd.manifest import atomic_write_text  # noqa: E402
-from ds_kd.model import BertForMaskedLM, make_config  # noqa: E402
-from ds_kd.pretrain import mlm_step  # noqa: E402
+from ds_kd.models.model import BertForMaskedLM, make_config  # noqa: E402
+from ds_kd.train.pretrain import mlm_step  # noqa: E402
 
 PEAK_TFLOPS = {"H100 NVL": 835, "H100 PCIe": 756, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312}
 """Dense fp16/bf16 tensor-core TFLOP/s by a part of the device name, most specific first (NVIDIA datasheets: half

@@ -39,7 +39,7 @@ def available() -> list[str]:
 
 
 def usage(commands: list[str]) -> str:
-    from ds_kd.flags import plain_text
+    from ds_kd.cli.flags import plain_text
 
     return (plain_text(__doc__.strip()) + f"\n\nusage: python -m data_prep {{{','.join(commands)}}} [--help] ...\n"
             "(python -m data_prep COMMAND --help: that command's options, each with its default)")

@@ -2,7 +2,7 @@
 
 The tokenizer directory holds ``tokenizer.json`` (``tokenizers.Tokenizer.from_file``) and the files of
 ``PreTrainedTokenizerFast.save_pretrained`` (``transformers.AutoTokenizer.from_pretrained(dir)``), written so
-that every transformers version the project allows loads them (:mod:`ds_kd.tokenizer_files`).
+that every transformers version the project allows loads them (:mod:`ds_kd.data.tokenizer_files`).
 
 A learned tokenizer: NFKC (plus lower-casing and punctuation removal in spoken mode, so fine-tuning text
 gets the pretraining form), SentencePiece-style word boundaries (``▁``; works for Japanese, which has no
@@ -20,7 +20,7 @@ from typing import Iterator
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ds_kd.schema import SPECIAL_TOKENS, every_special_id, tokenizer_hash
-from ds_kd.tokenizer_files import make_portable
+from ds_kd.data.tokenizer_files import make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
 

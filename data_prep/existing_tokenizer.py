@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, processors
 
 from ds_kd.errors import UsageError
 from ds_kd.schema import REQUIRED_ROLES, tokenizer_special_ids
-from ds_kd.tokenizer_files import load_pretrained, make_portable
+from ds_kd.data.tokenizer_files import load_pretrained, make_portable
 
 TOKENIZER_FILE = "tokenizer.json"
 ROLE_NAMES = {
@@ -44,7 +44,7 @@ LOWERCASE_FLAGS = "pass --lowercase (an uncased vocabulary) or --no-lowercase (a
 
 def load_existing(tokenizer_dir: Path, lowercase: bool | None = None):
     """An existing tokenizer directory (``tokenizer.json``, transformers files or a BERT ``vocab.txt``) as a
-    transformers fast tokenizer, ready to encode (:func:`ds_kd.tokenizer_files.load_pretrained`: padding and
+    transformers fast tokenizer, ready to encode (:func:`ds_kd.data.tokenizer_files.load_pretrained`: padding and
     truncation off; a ``vocab.txt``'s casing from the directory, else ``lowercase``, the corpus command's flag).
     Raises ``FileNotFoundError`` naming the directory when it holds none, ValueError when a ``vocab.txt``'s
     casing is unknown."""

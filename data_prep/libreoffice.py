@@ -28,7 +28,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.textfile import read_text

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ds_kd.manifest import atomic_write_text
 from ds_kd.schema import (BLOCK_LANGS, BLOCK_OFFSETS, BLOCK_TOKENS, LANGS, SCHEMA_VERSION, SHARD_PATTERN,
                           block_key, check_langs, token_dtype)
-from ds_kd.tokenizer_files import read_tokenizer_json
+from ds_kd.data.tokenizer_files import read_tokenizer_json
 
 PROGRESS_DIR = ".progress"
 END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks

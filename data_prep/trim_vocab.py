@@ -12,7 +12,7 @@ occur plus every special/added token (in the old order, so ``<s> <pad> </s> <unk
   present) and ``vocab_size`` in ``config.json`` updated; every other weight unchanged;
 - what it was trimmed to (source model, corpus files, languages of the TSV lines and lines per language, vocabulary
   size before and after) in ``config.json`` under ``ds_kd.trimmed_to`` and in ``manifest.json``: every command
-  that feeds text to the model names it when that text comes out with unknown tokens (:mod:`ds_kd.vocab_check`).
+  that feeds text to the model names it when that text comes out with unknown tokens (:mod:`ds_kd.models.vocab_check`).
 
 Tokenizing the corpus with the trimmed tokenizer gives the renumbered ids of the full one (checked on the
 corpus's first lines before anything is written), so the trimmed model gives the same outputs on that text.
@@ -34,10 +34,10 @@ import numpy as np
 
 from data_prep.read import open_binary
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter
+from ds_kd.cli.flags import HelpFormatter
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
-from ds_kd.modeldir import DS_KD_KEY
-from ds_kd.vocab_check import TRIMMED_KEY
+from ds_kd.models.modeldir import DS_KD_KEY
+from ds_kd.models.vocab_check import TRIMMED_KEY
 
 TEXT_FILES = (".txt", ".tsv", ".txt.gz", ".txt.bz2", ".txt.xz", ".tsv.gz", ".tsv.bz2", ".tsv.xz")
 VOCAB_TENSORS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight",
@@ -234,7 +234,7 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
     import torch
     from safetensors.torch import save_file
 
-    from ds_kd.model import load_hf_state_dict
+    from ds_kd.models.model import load_hf_state_dict
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     rows = int(config["vocab_size"])
@@ -270,7 +270,7 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
     skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError naming the bad input."""
     from tokenizers import Tokenizer
 
-    from ds_kd.tokenizer_files import encoding_only, read_tokenizer_json
+    from ds_kd.data.tokenizer_files import encoding_only, read_tokenizer_json
 
     if has_manifest(out):
         print(f"[trim_vocab] {out} done already, skipped", flush=True)
@@ -281,7 +281,7 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not found (--model must be a checkpoint directory with a "
                                     f"tokenizer.json, or give --tokenizer)")
-    full = read_tokenizer_json(tok_file)  # padding and truncation off (ds_kd.tokenizer_files)
+    full = read_tokenizer_json(tok_file)  # padding and truncation off (ds_kd.data.tokenizer_files)
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     files = corpus_files(corpus)
     used, num_lines, num_tokens, head, langs = used_ids(full, corpus_lines(files))

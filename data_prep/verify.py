@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ds_kd.flags import HelpFormatter
+    from ds_kd.cli.flags import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m data_prep verify", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ds_kd.errors import UsageError
     from ds_kd.manifest import MissingStageError
-    from ds_kd.shards import ShardError, verify_shards
+    from ds_kd.data.shards import ShardError, verify_shards
 
     shard_dir = args.shards / "shards" if (args.shards / "shards").is_dir() else args.shards
     start = time.perf_counter()

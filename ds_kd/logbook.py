@@ -177,7 +177,7 @@ class Logbook:
 
 
 def metric_line(step: int, total_steps: int, m: dict[str, float], fp16: bool = False) -> str:
-    """The training metrics of :func:`ds_kd.loop.train` as one line, e.g. ``step 40/1000 (epoch 0.213) | loss
+    """The training metrics of :func:`ds_kd.train.loop.train` as one line, e.g. ``step 40/1000 (epoch 0.213) | loss
     5.61 (mlm 5.61) | ppl 273 | lr 1.00e-04 | grad norm 1.84 | 52,310 tokens/s | 410.2 sentences/s | 0.61 s/step,
     eta 0:09:46``, with ``loss scale 65536 | 2 skipped steps`` when ``fp16`` (a loss scaler runs). The eta is
     the steps left at the window's seconds per step. Omits what ``m`` lacks: the epoch (``epoch``) and the

@@ -1,6 +1,6 @@
 """Schemas shared by ``data_prep`` and ``ds_kd``: languages and the WebDataset shard layout.
 
-Shard layout, schema version 2 (written by ``python -m data_prep corpus``, read by :mod:`ds_kd.shards`),
+Shard layout, schema version 2 (written by ``python -m data_prep corpus``, read by :mod:`ds_kd.data.shards`),
 readable with plain ``webdataset`` (one sample per block)::
 
     <corpus>/shards/manifest.json            schema_version, languages, vocab size, tokenizer hash, special

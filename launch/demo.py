@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.cli.flags import HelpFormatter, add_list_argument
 
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")

@@ -13,9 +13,9 @@ import sys
 
 
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs
-from ds_kd.flags import HelpFormatter
-from ds_kd.model import PRESETS
-from ds_kd.warmstart import FROM_INIT, FROM_TEACHER
+from ds_kd.cli.flags import HelpFormatter
+from ds_kd.models.model import PRESETS
+from ds_kd.models.warmstart import FROM_INIT, FROM_TEACHER
 
 
 def build_parser() -> argparse.ArgumentParser:

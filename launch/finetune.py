@@ -18,8 +18,8 @@ from pathlib import Path
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, wandb_config
 from ds_kd.errors import UsageError
 from ds_kd.finetune.job import FinetuneConfig, run
-from ds_kd.flags import HelpFormatter, field_doc
-from ds_kd.tasks import TASKS
+from ds_kd.cli.flags import HelpFormatter, field_doc
+from ds_kd.data.tasks import TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[finetune] {result.task} {result.model} seed {result.seed}: en {result.metric} {en}, "
           f"zero-shot avg {zs}, best epoch {result.best_epoch}, {result.seconds:.0f}s -> {result.config['out']}")
     from ds_kd.logbook import log_results
-    from ds_kd.report import job_tables
+    from ds_kd.eval.report import job_tables
 
     log_results(Path(cfg.out), wandb, "finetune", {"job": str(Path(cfg.out).resolve())}, job_tables(cfg.out))
     return 0

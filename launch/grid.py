@@ -18,12 +18,12 @@ from pathlib import Path
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument, default_text, field_doc
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, default_text, field_doc
 from ds_kd.finetune.job import FinetuneConfig
-from ds_kd.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid
+from ds_kd.eval.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid
 from ds_kd.logbook import log_results
-from ds_kd.report import job_tables
-from ds_kd.tasks import TASKS
+from ds_kd.eval.report import job_tables
+from ds_kd.data.tasks import TASKS
 
 # Set by the grid for each job (threads: the grid's own --threads; every job resumes its own checkpoint, and a
 # job whose settings changed is cleared and run again, so --resume / --overwrite have no grid meaning).

@@ -12,9 +12,9 @@ import sys
 
 
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs
-from ds_kd.flags import HelpFormatter
-from ds_kd.model import PRESETS
-from ds_kd.warmstart import FROM_INIT
+from ds_kd.cli.flags import HelpFormatter
+from ds_kd.models.model import PRESETS
+from ds_kd.models.warmstart import FROM_INIT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     setup_logging()
-    from ds_kd.pretrain import PretrainConfig, run
+    from ds_kd.train.pretrain import PretrainConfig, run
 
     return main_guard(lambda: run(PretrainConfig(model=args.model, **train_kwargs(args))))
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
 from ds_kd.errors import UsageError
-from ds_kd.findings import FINDINGS, Comparison
-from ds_kd.flags import HelpFormatter
+from ds_kd.eval.findings import FINDINGS, Comparison
+from ds_kd.cli.flags import HelpFormatter
 from ds_kd.logbook import log_results
-from ds_kd.report import report_tables, write_report
+from ds_kd.eval.report import report_tables, write_report
 
 
 def parse_findings(groups: list[list[str]]) -> list[Comparison]:

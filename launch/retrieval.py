@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument, lang_code
-from ds_kd.retrieval import RetrievalConfig, run
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
+from ds_kd.eval.retrieval import RetrievalConfig, run
 from ds_kd.schema import LANGS
 
 

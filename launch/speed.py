@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ds_kd.cli import checkpoint_dirs, name_value
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter
-from ds_kd.speed import SpeedConfig, run
+from ds_kd.cli.flags import HelpFormatter
+from ds_kd.eval.speed import SpeedConfig, run
 from ds_kd.textfile import read_text
 
 

@@ -1,5 +1,5 @@
 """Task data: the five fine-tuning benchmarks read in their released formats and written in the normalised
-layout of :mod:`ds_kd.tasks` (``python -m data_prep tasks --help``).
+layout of :mod:`ds_kd.data.tasks` (``python -m data_prep tasks --help``).
 
 One module per release format (:mod:`.xnli`, :mod:`.pawsx`, :mod:`.wikiann`, :mod:`.matis`, :mod:`.mtop`), each
 with ``load(src, choice) -> TaskData``; :mod:`.taskdata` holds the shared readers and the writer.

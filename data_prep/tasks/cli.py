@@ -8,7 +8,7 @@ from pathlib import Path
 from data_prep.tasks import TASK_NAMES, LangChoice, prepare_task, task_settings
 from data_prep.tasks.wikiann import WHITESPACE_RULES
 from ds_kd.errors import UsageError
-from ds_kd.flags import HelpFormatter, add_list_argument
+from ds_kd.cli.flags import HelpFormatter, add_list_argument
 from ds_kd.manifest import describe_differences, has_manifest, read_manifest, settings_differences
 
 DESCRIPTION = """\

@@ -2,7 +2,7 @@
 
 A loader turns one benchmark release into a :class:`TaskData` (records per split and language, plus the rows it
 removed and the release quirks it normalised); :func:`write_task_data` writes it in the layout of
-:mod:`ds_kd.tasks` and writes the manifest last.
+:mod:`ds_kd.data.tasks` and writes the manifest last.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ds_kd.errors import UsageError
 from ds_kd.manifest import write_manifest
-from ds_kd.tasks import get_task, split_path
+from ds_kd.data.tasks import get_task, split_path
 from ds_kd.textfile import iter_byte_lines
 
 SPLITS = ("train", "dev", "test")

@@ -10,15 +10,15 @@ Every loss is a mean over what it counts (rows, real tokens, real attention pair
 this batch's own; a ``denominator`` replaces it with a count taken elsewhere. The training loop passes the
 count of the whole global batch (every micro-batch of the step on every rank, divided by their number,
 because DeepSpeed averages the micro-batches' gradients), so the objective is the mean over the global
-batch however it is split into micro-batches and ranks (see :func:`ds_kd.loop.loss_denominators`).
+batch however it is split into micro-batches and ranks (see :func:`ds_kd.train.loop.loss_denominators`).
 """
 from __future__ import annotations
 
 import torch
 
 from ds_kd.errors import UsageError
-from ds_kd.model import divide_by_count, same_sequence_pairs
-from ds_kd.sentence_attention import SentenceScores
+from ds_kd.models.model import divide_by_count, same_sequence_pairs
+from ds_kd.models.sentence_attention import SentenceScores
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

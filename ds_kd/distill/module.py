@@ -16,9 +16,9 @@ from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
 from ds_kd.errors import UsageError
-from ds_kd.loop import masked_positions
-from ds_kd.model import BertForMaskedLM, EncoderOutput, MLMOutput, gather_predicted, masked_lm_loss
-from ds_kd.sentence_attention import SentenceBuckets
+from ds_kd.train.loop import masked_positions
+from ds_kd.models.model import BertForMaskedLM, EncoderOutput, MLMOutput, gather_predicted, masked_lm_loss
+from ds_kd.models.sentence_attention import SentenceBuckets
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention
     embeddings on both sides, ``attention_scores[l - 1]`` belongs to layer l. Any encoder pair with the
     ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model). The hidden and attention
     terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them). ``denominators``
-    (``tokens``, ``pairs``; see :func:`ds_kd.loop.global_denominators`) replace the batch's own counts.
+    (``tokens``, ``pairs``; see :func:`ds_kd.train.loop.global_denominators`) replace the batch's own counts.
     Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence only.
     """
     denominators = denominators or {}
@@ -217,9 +217,9 @@ class Distiller(nn.Module):
                 denominators: Mapping[str, float] | None = None) -> DistillOutput:
         """``batch``: ``input_ids`` and ``labels`` ([B, T], -100 where nothing is predicted), optional
         ``attention_mask`` (1 = real token) and ``token_type_ids``; packed rows add ``position_ids`` and
-        ``sequence_ids`` (see :meth:`ds_kd.model.BertModel.forward`); the host-built ``masked_positions`` and
-        ``sentence_buckets`` of :func:`ds_kd.loop.host_layout` are used when present. ``denominators``
-        (``masked``, ``tokens``, ``pairs``: see :func:`ds_kd.loop.global_denominators`) replace the batch's own
+        ``sequence_ids`` (see :meth:`ds_kd.models.model.BertModel.forward`); the host-built ``masked_positions`` and
+        ``sentence_buckets`` of :func:`ds_kd.train.loop.host_layout` are used when present. ``denominators``
+        (``masked``, ``tokens``, ``pairs``: see :func:`ds_kd.train.loop.global_denominators`) replace the batch's own
         counts in every term's mean; without them each term is the mean over this batch. Give them as Python
         numbers: under DeepSpeed's ``fp16.auto_cast`` a tensor passed to ``engine(...)`` arrives in fp16, where
         counts past 65,504 are inf."""

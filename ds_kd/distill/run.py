@@ -2,7 +2,7 @@
 
 The engine holds a :class:`~ds_kd.distill.module.Distiller`: the frozen teacher (half precision, no
 gradients, never in the optimizer), the student and the projections. Everything else (reader, loop,
-checkpoints, validation, export, logging) is :func:`ds_kd.training.run_stage`, shared with pretraining.
+checkpoints, validation, export, logging) is :func:`ds_kd.train.training.run_stage`, shared with pretraining.
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ds_kd import engine as dist
+from ds_kd.train import engine as dist
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.errors import UsageError
-from ds_kd.loop import NonFiniteLossError
-from ds_kd.model import BertConfig, BertForMaskedLM
-from ds_kd.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
+from ds_kd.train.loop import NonFiniteLossError
+from ds_kd.models.model import BertConfig, BertForMaskedLM
+from ds_kd.train.training import (CorpusData, EngineSetup, Job, RunResult, StagePlan, TrainConfig, model_config,
                             run_stage)
-from ds_kd.vocab_check import report_unknown, shard_unknown_rates
-from ds_kd.warmstart import FROM_INIT, FROM_TEACHER, init_model
+from ds_kd.models.vocab_check import report_unknown, shard_unknown_rates
+from ds_kd.models.warmstart import FROM_INIT, FROM_TEACHER, init_model
 
 log = logging.getLogger("ds_kd")
 
@@ -46,7 +46,7 @@ class DistillRunConfig(TrainConfig):
 
 
 def student_config(cfg: DistillRunConfig, data: CorpusData) -> BertConfig:
-    """The student's config (:func:`ds_kd.training.model_config`), for from-teacher the teacher's config with
+    """The student's config (:func:`ds_kd.train.training.model_config`), for from-teacher the teacher's config with
     ``max(1, layers // 3)`` layers. Raises UsageError for from-teacher with ``init_from`` (its weights would not
     fit: use from-init)."""
     if cfg.student != FROM_TEACHER:
@@ -82,7 +82,7 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
     e.g. multilingual-e5-small: 250,037 rows for 250,002 pieces); those rows are never looked up, and the
     teacher's MLM logits are cut to the tokenizer's ids. Raises ValueError naming ``config.json`` when the
     embedding is smaller, or when the directory's tokenizer is not the shards' one."""
-    from ds_kd.modeldir import load_tokenizer
+    from ds_kd.models.modeldir import load_tokenizer
 
     from ds_kd.schema import check_tokenizer_matches
 
@@ -118,9 +118,9 @@ def default_layer_map(cfg: DistillRunConfig) -> DistillConfig:
 
 def run(cfg: DistillRunConfig) -> RunResult:
     """Distil ``cfg.teacher`` into ``cfg.student`` (fresh, or started from ``cfg.init_from``); ``cfg.out``
-    holding a run: see :func:`ds_kd.training.plan_out`. Raises ValueError for a teacher that does not fit the
+    holding a run: see :func:`ds_kd.train.training.plan_out`. Raises ValueError for a teacher that does not fit the
     shards (see :func:`load_teacher`) or a bad student before any work. The unknown-token rate of every language
-    of the validation shards is logged, with a warning above 1% naming the teacher (``ds_kd.vocab_check``)."""
+    of the validation shards is logged, with a warning above 1% naming the teacher (``ds_kd.models.vocab_check``)."""
 
     seen: dict = {}  # the Distiller and its last micro-batch: what tells whether a non-finite loss was the teacher's
 

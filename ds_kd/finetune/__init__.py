@@ -5,6 +5,7 @@
 - ``pointer``: the mTOP ``PointerDecoder`` with batched beam search.
 - ``loop``: ``train_epoch`` with a swappable ``loss_fn(model, batch)``, ``predict``, ``evaluate``.
 - ``job``: ``FinetuneConfig`` and ``run(cfg) -> FinetuneResult`` (writes ``result.json``).
+- ``metrics``: accuracy, span F1, intent/slot scores, logical-form exact match.
 - ``state``: a job's settings, the re-run rule on its directory, per-epoch checkpoints for ``--resume``.
 """
 from ds_kd.finetune.data import TaskLabels, build_labels, collate, encode_records

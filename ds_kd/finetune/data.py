@@ -1,4 +1,4 @@
-"""Normalised task records (``ds_kd.tasks``) into encoder tensors.
+"""Normalised task records (``ds_kd.data.tasks``) into encoder tensors.
 
 - ``pair``: ``[CLS] a [SEP] b [SEP]`` with token types 0/1; both texts are cut longest-first to ``max_len``.
   An encoder that never learnt segment ids gets 0 for both instead (``TaskModel.segments``).

@@ -38,7 +38,7 @@ from ds_kd.finetune import state
 from ds_kd.finetune.job import (RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, result_from_dict, run,
                                 test_and_write)
 from ds_kd.manifest import atomic_write_text
-from ds_kd.modeldir import load_tokenizer
+from ds_kd.models.modeldir import load_tokenizer
 
 DISTILL_JSON = "distill.json"
 TEACHER_ONLY_KEYS = ("labels", "intent_labels", "target_out")  # targets: the teacher needs inputs only

@@ -1,4 +1,4 @@
-"""One task model over any BERT encoder; the head is chosen by the task kind (``ds_kd.tasks.TaskSpec.kind``).
+"""One task model over any BERT encoder; the head is chosen by the task kind (``ds_kd.data.tasks.TaskSpec.kind``).
 
 - ``pair`` (XNLI, PAWS-X): [CLS] -> pooler -> classes. Our exports have no pooler and HF checkpoints carry a
   pre-trained one (trained on NSP); a freshly initialised dense+tanh pooler for every encoder treats both alike.
@@ -22,9 +22,9 @@ from torch import nn
 
 from ds_kd.finetune.data import IGNORE, PAD, TaskLabels
 from ds_kd.finetune.pointer import PointerDecoder
-from ds_kd.model import BertConfig, BertModel, EncoderOutput
+from ds_kd.models.model import BertConfig, BertModel, EncoderOutput
 from ds_kd.schema import config_special_ids, tokenizer_special_ids
-from ds_kd.modeldir import DS_KD_KEY
+from ds_kd.models.modeldir import DS_KD_KEY
 
 KINDS = ("pair", "tagging", "intent_slot", "parse")
 
@@ -56,7 +56,7 @@ class Pooler(nn.Module):
 class TaskModel(nn.Module):
     """``encoder`` (a ``BertModel``) plus the head of ``kind``, sized by ``labels``.
 
-    ``segment_ids_trained``: whether the encoder learnt segment ids (``ds_kd.modeldir.segment_ids_trained`` of
+    ``segment_ids_trained``: whether the encoder learnt segment ids (``ds_kd.models.modeldir.segment_ids_trained`` of
     its directory). When it did not (our exports), the encoder sees segment id 0 for both sentences of a pair,
     whatever ``token_type_ids`` the batch holds (the RoBERTa / XLM-R convention); when it did, the batch's 0/1."""
 
@@ -182,7 +182,7 @@ def save_task_model(model: TaskModel, directory: Path | str, tokenizer=None, **i
     config = {**encoder_config, DS_KD_KEY: {"segment_ids_trained": model.segment_ids_trained}}
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
-        from ds_kd.tokenizer_files import save_tokenizer_files
+        from ds_kd.data.tokenizer_files import save_tokenizer_files
 
         save_tokenizer_files(tokenizer, directory, model.encoder.config.max_position_embeddings)
 

@@ -2,7 +2,7 @@
 
 ``run(FinetuneConfig(...))`` writes ``<out>/result.json`` (atomically, last) and returns a ``FinetuneResult``.
 Two zero-shot averages of the headline metric: the paper's (``zero_shot_avg_paper``, over
-``ds_kd.tasks.zero_shot_langs(spec)`` that have test data: the paper's table languages but English and the
+``ds_kd.data.tasks.zero_shot_langs(spec)`` that have test data: the paper's table languages but English and the
 task's exclusions, e.g. PAWS-X ja), and the run's own (``zero_shot_avg``), over every non-English language
 tested (PAWS-X ja included). After every epoch a checkpoint (``ds_kd.finetune.state``) lets ``resume`` continue
 a killed job exactly.
@@ -24,11 +24,11 @@ from ds_kd.finetune.data import Encoded, TaskLabels, build_labels, encode_record
 from ds_kd.finetune.heads import TaskModel, freeze_embeddings, save_task_model
 from ds_kd.finetune.loop import LossFn, evaluate, num_batches, task_loss, train_epoch
 from ds_kd.manifest import atomic_write_text
-from ds_kd.model import BertForMaskedLM, count_parameters
-from ds_kd.modeldir import load_tokenizer, segment_ids_trained
-from ds_kd.optim import LRSchedule
-from ds_kd.tasks import TaskSpec, get_task, load_split, split_path, zero_shot_langs
-from ds_kd.vocab_check import report_unknown, unknown_rate
+from ds_kd.models.model import BertForMaskedLM, count_parameters
+from ds_kd.models.modeldir import load_tokenizer, segment_ids_trained
+from ds_kd.train.optim import LRSchedule
+from ds_kd.data.tasks import TaskSpec, get_task, load_split, split_path, zero_shot_langs
+from ds_kd.models.vocab_check import report_unknown, unknown_rate
 
 RESULT = "result.json"
 MAX_TARGET_LEN = 256  # the decoder's learned positions (TaskModel's default max_target_len)
@@ -127,7 +127,7 @@ class FinetuneResult:
     zero_shot_avg_paper: float | None
     """The paper's zero-shot average: over ``zero_shot_langs_paper`` (what the report's tables show)."""
     zero_shot_langs_paper: list[str]
-    """The paper's zero-shot languages of the task (``ds_kd.tasks.zero_shot_langs``) that were tested."""
+    """The paper's zero-shot languages of the task (``ds_kd.data.tasks.zero_shot_langs``) that were tested."""
     dev_best: float
     """Best English dev headline metric."""
     best_epoch: int
@@ -151,7 +151,7 @@ class FinetuneResult:
     settings: dict = field(default_factory=dict)
     """What determined this result (``ds_kd.finetune.state.job_settings``), compared when the job is re-run."""
     unknown_token_rates: dict[str, float] = field(default_factory=dict)
-    """Per task-data file read: the share of its tokens unknown to the model's tokenizer (``ds_kd.vocab_check``;
+    """Per task-data file read: the share of its tokens unknown to the model's tokenizer (``ds_kd.models.vocab_check``;
     above 1% the job warned)."""
 
 
@@ -167,7 +167,7 @@ class JobData:
     max_decode_steps: int | None = None
     """``parse``: decoding stops after this many steps (1.5 x the longest training form + 8)."""
     unknown_token_rates: dict[str, float] = field(default_factory=dict)
-    """Per file read (train, dev, every test): share of its tokens unknown to the tokenizer (``ds_kd.vocab_check``)."""
+    """Per file read (train, dev, every test): share of its tokens unknown to the tokenizer (``ds_kd.models.vocab_check``)."""
 
 
 def test_langs(root: Path | str, spec: TaskSpec) -> list[str]:
@@ -179,7 +179,7 @@ def test_langs(root: Path | str, spec: TaskSpec) -> list[str]:
 
 def load_job_data(cfg: FinetuneConfig, spec: TaskSpec, tokenizer) -> JobData:
     """Read and encode English train and dev and every test language; report each file's unknown-token rate
-    (``ds_kd.vocab_check``: a warning above 1% names the model directory and the file)."""
+    (``ds_kd.models.vocab_check``: a warning above 1% names the model directory and the file)."""
     train = load_split(cfg.data, spec.name, "train", "en")[: cfg.max_train_examples]
     labels = build_labels(spec.kind, train)
     encoded = encode_records(tokenizer, spec.kind, train, labels, cfg.max_len)

