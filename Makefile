@@ -38,7 +38,7 @@ demo: setup
 	$(PY) launch/demo.py --out $(OUT)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Everything but the tests that start ranks through the deepspeed launcher (marked `slow` by tests/conftest.py).
 test-fast: setup

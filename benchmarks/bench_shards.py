@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_corpus import LANG_WEIGHTS, peak_rss_of
 from ds_kd.schema import LANGS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script bench_corpus.py
+from bench_corpus import LANG_WEIGHTS, peak_rss_of  # noqa: E402
 
 GOALS = {"bytes_vs_mds": 1.05, "bytes_vs_old": 0.1, "read_vs_mds": 1.0, "seek_ratio": 2.0, "memory_growth": 0.25}
 
@@ -320,21 +322,28 @@ def format_report(rows: list[dict], offset: int, num_cores: int) -> tuple[str, d
     return "\n".join(lines), ratios
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from ds_kd.cli.flags import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_shards.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-lines", type=int, default=20000,
-                   help="paragraph lines of English at 1x; the other languages in proportion (default: %(default)s)")
+                   help="paragraph lines of English at 1x; the other languages in proportion")
     p.add_argument("--total", type=int, default=200_000,
-                   help="sentences in the training mix at 1x, as the default corpus (default: %(default)s)")
-    p.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="input sizes (default: 1 10)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary, as the demo (default: %(default)s)")
+                   help="sentences in the training mix at 1x, as the default corpus")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="input sizes")
+    p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary, as the demo")
     p.add_argument("--bpe-sentences", type=int, default=200_000,
-                   help="BPE learns on this many sentences at every size (default: %(default)s)")
+                   help="BPE learns on this many sentences at every size")
     p.add_argument("--read-sentences", type=int, default=200_000,
-                   help="sentences read in the throughput runs (default: %(default)s)")
-    p.add_argument("--offset", type=int, default=10**6, help="resume position of the seek test (default: 1e6)")
+                   help="sentences read in the throughput runs")
+    p.add_argument("--offset", type=int, default=10**6, help="resume position of the seek test")
     p.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one, removed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_shards-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -78,10 +78,12 @@ def one_thread():
 
 
 def load_script(name: str):
-    """A launch/ script as a module (launch/ is run by path, not a package)."""
+    """A script of launch/ (or of benchmarks/ for a ``bench_*`` name) as a module: they are run by path, not
+    imported as a package."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    folder = "benchmarks" if name.startswith("bench_") else "launch"
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses of a script resolve their annotations through sys.modules
     spec.loader.exec_module(module)

@@ -9,10 +9,10 @@ import pytest
 
 from tests.conftest import load_script
 
-LAUNCH = ["bench_grid", "bench_packing", "bench_train", "demo", "distill", "finetune", "grid", "pretrain", "report", "retrieval",
-          "speed"]
+SCRIPTS = ["demo", "distill", "finetune", "grid", "pretrain", "report", "retrieval", "speed",  # launch/
+           "bench_corpus", "bench_grid", "bench_packing", "bench_shards", "bench_train"]  # benchmarks/
 DATA_PREP = {"corpus": "data_prep.corpus", "libreoffice": "data_prep.libreoffice", "tasks": "data_prep.tasks.cli",
-             "demo_tasks": "data_prep.demo_tasks", "bench_corpus": "benchmarks/bench_corpus.py",
+             "demo_tasks": "data_prep.demo_tasks",
              "e5_teacher": "data_prep.e5_teacher", "trim_vocab": "data_prep.trim_vocab", "verify": "data_prep.verify"}
 MARKUP = re.compile(r"``|`|:[a-z]+:`|\bNone\b|\bTrue\b|\bFalse\b|\[['\"]|%\(|(?<![\w*])\*\w[^*\n]*\w\*(?![\w*])")
 
@@ -38,7 +38,7 @@ def _needs_no_default(parser: argparse.ArgumentParser, action: argparse.Action) 
             or action.required or in_required_group)
 
 
-@pytest.mark.parametrize("command", LAUNCH + list(DATA_PREP))
+@pytest.mark.parametrize("command", SCRIPTS + list(DATA_PREP))
 def test_help_shows_every_default_without_markup(command):
     parser = parser_of(command)
     text = parser.format_help()
@@ -76,7 +76,7 @@ def test_langs_space_or_comma_separated(command):
 
 
 def test_every_command_with_langs_is_covered():
-    having = {c for c in LAUNCH + list(DATA_PREP)
+    having = {c for c in SCRIPTS + list(DATA_PREP)
               if any("--langs" in a.option_strings for a in parser_of(c)._actions)}
     assert having == set(LANG_COMMANDS)
 
