@@ -186,3 +186,44 @@ def check_tokenizer_matches(shards_manifest, tokenizer_dir) -> None:
     if tokenizer_hash(tok_file) != shards_manifest["tokenizer_hash"]:
         raise UsageError(f"{tok_file}: not the tokenizer {where} was written with (hash differs, same "
                          f"vocabulary size); use the corpus's own tokenizer directory")
+
+
+def model_tokenizer_mismatch(model_dir, shards_manifest: dict, corpus_tokenizer_dir) -> str | None:
+    """How the tokenizer of model directory ``model_dir`` differs from the one the shards were written with
+    (``shards_manifest``; ``corpus_tokenizer_dir``: the corpus's tokenizer), or None when it is that one or the
+    directory has no tokenizer to compare. A ``tokenizer.json`` must hash like the shards' (a corpus built with
+    ``--tokenizer model_dir`` copies it byte for byte); a bare BERT ``vocab.txt`` must list the corpus
+    tokenizer's tokens in id order."""
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        if tokenizer_hash(model_dir / "tokenizer.json") == shards_manifest["tokenizer_hash"]:
+            return None
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    elif (model_dir / "vocab.txt").is_file():
+        from tokenizers import Tokenizer
+
+        lines = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        corpus_vocab = Tokenizer.from_file(str(Path(corpus_tokenizer_dir) / "tokenizer.json")).get_vocab(True)
+        if {token: i for i, token in enumerate(lines)} == corpus_vocab:
+            return None
+        size = len(lines)
+    else:
+        return None
+    if size != shards_manifest["vocab_size"]:
+        return f"{size} tokens, the corpus's {shards_manifest['vocab_size']}"
+    return f"the same {size} tokens in number, but other tokens or rules"
+
+
+def check_model_tokenizer(model_dir, flag: str, shards_manifest: dict, corpus_tokenizer_dir) -> None:
+    """Raise UsageError, one line naming ``flag`` and ``model_dir``, when the model's tokenizer is not the one the
+    shards were written with (:func:`model_tokenizer_mismatch`): the shards' token ids would index other tokens'
+    embedding rows. The fix it names: build the corpus with ``python -m data_prep corpus --tokenizer model_dir``."""
+    differs = model_tokenizer_mismatch(model_dir, shards_manifest, corpus_tokenizer_dir)
+    if differs is not None:
+        raise UsageError(f"{flag} {model_dir}: its tokenizer is not the one the shards were written with "
+                         f"({differs}); build the corpus with it: python -m data_prep corpus --tokenizer "
+                         f"{model_dir} (with your --raw and --langs, a new --out), and train on that corpus")

@@ -54,7 +54,7 @@ def student_config(cfg: DistillRunConfig, data: CorpusData) -> BertConfig:
     if cfg.init_from:
         raise UsageError(f"--student {FROM_TEACHER} is a fresh student; with --init-from use --student {FROM_INIT} "
                          f"(the shape of --init-from and --init-layers)")
-    teacher = model_config(FROM_INIT, data, cfg.teacher)
+    teacher = model_config(FROM_INIT, data, cfg.teacher, init_flag="--teacher")
     return replace(teacher, num_hidden_layers=max(1, teacher.num_hidden_layers // 3))
 
 
@@ -76,15 +76,17 @@ def teacher_digest(teacher: torch.nn.Module) -> str:
     return dist.replica_digests(teacher)[0]
 
 
-def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) -> BertForMaskedLM:
+def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict,
+                 tokenizer_dir: Path) -> BertForMaskedLM:
     """The teacher checkpoint, checked against the shards: its embedding must have a row for every token id of
     the shards' tokenizer (``data_vocab_size``). More rows are fine (public checkpoints often pad the matrix,
     e.g. multilingual-e5-small: 250,037 rows for 250,002 pieces); those rows are never looked up, and the
     teacher's MLM logits are cut to the tokenizer's ids. Raises ValueError naming ``config.json`` when the
-    embedding is smaller, or when the directory's tokenizer is not the shards' one."""
+    embedding is smaller, or when the directory's tokenizer is not the shards' one (``tokenizer_dir``: the
+    corpus's; :func:`ds_kd.schema.check_model_tokenizer`)."""
     from ds_kd.models.modeldir import load_tokenizer
 
-    from ds_kd.schema import check_tokenizer_matches
+    from ds_kd.schema import check_model_tokenizer
 
     directory = Path(directory)
     teacher = BertForMaskedLM.from_pretrained(directory)
@@ -97,8 +99,7 @@ def load_teacher(directory: str, data_vocab_size: int, shards_manifest: dict) ->
         log.info("teacher embedding has %d rows for a %d-token tokenizer: the %d rows above are never used",
                  rows, data_vocab_size, rows - data_vocab_size)
     load_tokenizer(directory, "distillation (--teacher)")  # a teacher without its tokenizer, or another's, stops here
-    if (directory / "tokenizer.json").is_file():
-        check_tokenizer_matches(shards_manifest, directory)
+    check_model_tokenizer(directory, "--teacher", shards_manifest, tokenizer_dir)
     return teacher
 
 
@@ -126,7 +127,7 @@ def run(cfg: DistillRunConfig) -> RunResult:
 
     def plan(data: CorpusData) -> StagePlan:
         student_cfg = student_config(cfg, data)  # flags first: a student that cannot be built stops before any load
-        teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest)
+        teacher = load_teacher(cfg.teacher, data.vocab_size, data.manifest, data.tokenizer_dir)
         report_unknown(cfg.teacher, shard_unknown_rates(data.shard_dir, data.manifest), say=log.info)
         losses = default_layer_map(cfg)
         head_trained = losses.mlm_weight > 0 or (losses.output_weight > 0 and getattr(teacher, "has_mlm_head", True))

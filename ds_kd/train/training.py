@@ -155,10 +155,15 @@ def resolve_data(data: str | Path, tokenizer: str | Path | None) -> CorpusData:
 
 
 def model_config(shape: str, data: CorpusData, init_from: str | None = None,
-                 init_layers: list[int] | None = None) -> BertConfig:
+                 init_layers: list[int] | None = None, init_flag: str = "--init-from") -> BertConfig:
     """The config for training on ``data``: a preset, or the ``--init-from`` checkpoint's shape (see
     :func:`ds_kd.models.warmstart.student_config`, which raises ValueError for a bad combination), with the
-    tokenizer's vocabulary size and pad id."""
+    tokenizer's vocabulary size and pad id. Raises UsageError naming ``init_flag`` when ``init_from`` has a
+    tokenizer other than the corpus's (:func:`ds_kd.schema.check_model_tokenizer`)."""
+    from ds_kd.schema import check_model_tokenizer
+
+    if init_from:
+        check_model_tokenizer(init_from, init_flag, data.manifest, data.tokenizer_dir)
     return replace(student_config(shape, data.vocab_size, init_from, init_layers),
                    pad_token_id=data.special_ids["pad"])
 

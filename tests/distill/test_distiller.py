@@ -294,9 +294,9 @@ def test_load_teacher_accepts_more_embedding_rows_than_tokens_and_refuses_fewer(
     BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB + 35)).save_pretrained(tmp_path / "padded")
     tokenizer.save_pretrained(str(tmp_path / "padded"))
     manifest = {"vocab_size": VOCAB, "tokenizer_hash": tokenizer_hash(tmp_path / "padded" / "tokenizer.json")}
-    assert load_teacher(str(tmp_path / "padded"), VOCAB, manifest).config.vocab_size == VOCAB + 35
+    assert load_teacher(str(tmp_path / "padded"), VOCAB, manifest, tmp_path / "padded").config.vocab_size == VOCAB + 35
     BertForMaskedLM(make_config("tiny-base", vocab_size=VOCAB - 1)).save_pretrained(tmp_path / "small")
     tokenizer.save_pretrained(str(tmp_path / "small"))
     with pytest.raises(ValueError, match=f"{tmp_path / 'small'}/config.json: teacher vocabulary of {VOCAB - 1} "
                                          f"tokens .* fewer than the {VOCAB} of the tokenizer"):
-        load_teacher(str(tmp_path / "small"), VOCAB, manifest)
+        load_teacher(str(tmp_path / "small"), VOCAB, manifest, tmp_path / "padded")
