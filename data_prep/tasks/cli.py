@@ -33,11 +33,24 @@ xnli, pawsx and wikiann may also be
 """
 
 
+RELEASES = {
+    "xnli": "XNLI-1.0 and XNLI-MT-1.0 (github.com/facebookresearch/XNLI), or XTREME's download_data.sh xnli/",
+    "pawsx": "PAWS-X's x-final/ (github.com/google-research-datasets/paws), or XTREME's download_data.sh pawsx/",
+    "wikiann": "XTREME's panx_dataset or its download_data.sh panx/ (github.com/google-research/xtreme), or the "
+               "wikiann dataset saved with datasets' save_to_disk",
+    "matis": "the MultiATIS++ release (Xu et al., 2020: {train,dev,test}_<LANG>.tsv)",
+    "mtop": "mtop.zip (Li et al., 2021: dl.fbaipublicfiles.com/mtop/mtop.zip)",
+}
+"""Where each benchmark's release comes from, for ``--task all`` to name the source of a missing one."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep tasks", description=DESCRIPTION,
                                 formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=(*TASK_NAMES, "all"),
-                   help="benchmark to normalise; 'all' reads SRC/<task> for each of the five")
+                   help="benchmark to normalise; 'all' reads SRC/<task> for each of the five, builds those "
+                        "present, names the release and the command of each missing one, and exits 2 only when "
+                        "none is present")
     p.add_argument("--src", required=True, type=Path, help="folder holding the release files (see above)")
     p.add_argument("--out", required=True, type=Path, help="root of the normalised task data; writes OUT/<task>/")
     add_list_argument(p, "--langs", metavar="LANG",
@@ -90,16 +103,42 @@ def _summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def missing_task_line(task: str, src: Path, out: Path) -> str:
+    """What ``--task all`` prints for a task whose ``SRC/<task>`` folder is missing: the release and the
+    command that builds the task from it."""
+    folders = f"{src / task} or {src / 'panx'}" if task == "wikiann" else f"{src / task}"
+    return (f"{task}: skipped, no {folders}: it comes from {RELEASES[task]}; put it there, or run "
+            f"python -m data_prep tasks --task {task} --src <its folder> --out {out}")
+
+
+def task_sources(args: argparse.Namespace) -> dict[str, Path]:
+    """The source folder of each task asked for: ``--src`` for one task, ``SRC/<task>`` for ``all``."""
+    if args.task != "all":
+        return {args.task: args.src}
+    return {task: task_source(args.src, task) for task in TASK_NAMES}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tasks = TASK_NAMES if args.task == "all" else (args.task,)
-    sources = {t: task_source(args.src, t) if args.task == "all" else args.src for t in tasks}
-    missing = [str(s) for s in sources.values() if not s.is_dir()]
-    if missing:
-        print(f"error: source folder(s) not found: {', '.join(missing)}", file=sys.stderr)
+    sources = task_sources(args)
+    missing = [task for task, folder in sources.items() if not folder.is_dir()]
+    if args.task != "all" and missing:
+        print(f"error: source folder not found: {args.src}", file=sys.stderr)
         return 2
+    present = {task: folder for task, folder in sources.items() if task not in missing}
+    status = build_tasks(args, present) if present else 2
+    for task in missing:
+        print(missing_task_line(task, args.src, args.out), file=sys.stderr)
+    if not present:
+        print(f"error: none of the task folders {', '.join(TASK_NAMES)} is in --src {args.src}", file=sys.stderr)
+    return status
+
+
+def build_tasks(args: argparse.Namespace, sources: dict[str, Path]) -> int:
+    """Build each task of ``sources`` (task -> source folder) under ``--out``; the exit status: 0, 1 for a
+    malformed source, 2 for a task built earlier with other settings (each stops the run, naming it)."""
     choice = LangChoice(frozenset(args.langs) if args.langs else None, frozenset(args.train_langs))
-    for task in tasks:
+    for task in sources:
         options = ({"wikiann_format": args.wikiann_format, "wikiann_whitespace": args.wikiann_whitespace_tokens}
                    if task == "wikiann" else {})
         if task == "mtop":

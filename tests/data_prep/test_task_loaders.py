@@ -281,6 +281,27 @@ def test_cli_all_tasks_end_to_end(tmp_path, capsys):
     assert len(load_split(out, "pawsx", "dev", "en")) == 3
 
 
+def test_cli_all_builds_the_tasks_present_and_names_the_release_and_command_of_each_missing_one(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for task, writer in (("pawsx", fx.write_pawsx), ("matis", fx.write_matis)):
+        writer(tmp_path)[0].rename(src / task)
+    out = tmp_path / "out"
+    assert main(["--task", "all", "--src", str(src), "--out", str(out)]) == 0
+    assert sorted(p.parent.name for p in out.glob("*/manifest.json")) == ["matis", "pawsx"]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["xnli", "wikiann", "mtop"]
+    assert err[0] == (f"xnli: skipped, no {src / 'xnli'}: it comes from XNLI-1.0 and XNLI-MT-1.0 "
+                      f"(github.com/facebookresearch/XNLI), or XTREME's download_data.sh xnli/; put it there, or run "
+                      f"python -m data_prep tasks --task xnli --src <its folder> --out {out}")
+    assert f"no {src / 'wikiann'} or {src / 'panx'}" in err[1] and "mtop.zip" in err[2]
+    # nothing to build: the same lines, and a non-zero status
+    (tmp_path / "empty").mkdir()
+    assert main(["--task", "all", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 6 and err[-1].startswith("error: none of the task folders") and not (tmp_path / "o2").exists()
+
+
 def test_cli_malformed_source_fails_naming_line_and_writes_no_manifest(tmp_path, capsys):
     src, _, (path, line) = fx.write_matis(tmp_path, malformed="count")
     out = tmp_path / "out"
