@@ -6,6 +6,9 @@
     python launch/retrieval.py --models e5=out/demo/e5_trim student=out/demo/runs/e5-3l-kd/export \\
         --layer-of e5=last student=last --all-layers --heldout out/demo/heldout --out out/demo/retrieval
 
+    python launch/retrieval.py --models mBERT8=DIR --heldout ~/xtreme/download/tatoeba --min-chars 0 \\
+        --out out/retrieval-tatoeba
+
 Writes OUT/retrieval.json (X->en and en->X top-1 accuracy per language and model, the pooled layer of each,
 and with --all-layers every layer's average) and OUT/retrieval.md.
 A model is any HF BERT checkpoint directory holding its tokenizer files (an export of ours or a public one).
@@ -19,8 +22,7 @@ from pathlib import Path
 from ds_kd.cli import checkpoint_dirs, name_value
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
-from ds_kd.eval.retrieval import RetrievalConfig, run
-from ds_kd.schema import LANGS
+from ds_kd.eval.retrieval import RetrievalConfig, heldout_langs, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", type=name_value, help="encoders to evaluate")
     p.add_argument("--heldout", type=Path, required=True,
-                   help="held-out aligned text (<dir>/<lang>/help.txt + <dir>/alignment/<lang>.tsv), as "
-                        "`python -m data_prep demo_tasks --heldout` writes")
+                   help="aligned text: <dir>/<lang>/help.txt + <dir>/alignment/<lang>.tsv (as `python -m "
+                        "data_prep demo_tasks --heldout` writes), line-aligned <dir>/<lang>.txt files (line i of "
+                        "each the same sentence), or Tatoeba's <dir>/[tatoeba.]<lang>-<pivot>.{<lang>,<pivot>}")
     p.add_argument("--out", type=Path, required=True, help="folder for retrieval.json and retrieval.md")
     add_list_argument(p, "--langs", default=None, item_type=lang_code,
                       help="languages to retrieve against the pivot, space- or comma-separated: any codes the "
-                           "held-out directory holds (<dir>/<code>/help.txt) (default: every language with an "
-                           "alignment file <dir>/alignment/<code>.tsv, the paper's in its order first)")
+                           "held-out directory holds (default: every language it aligns to the pivot, the paper's "
+                           "in its order first)")
     p.add_argument("--layer", default=d.layer, help='hidden layer to mean-pool: "xtreme" (round(2L/3), layer 8 of '
                                                     '12 as XTREME), "last", or a number (0 = embeddings)')
     p.add_argument("--layer-of", nargs="*", default=[], metavar="NAME=LAYER", type=name_value,
@@ -51,20 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def heldout_langs(heldout: Path, pivot: str) -> list[str]:
-    """The languages aligned to ``pivot`` in ``heldout/alignment/<code>.tsv``: the paper's in its order, then
-    the others sorted."""
-    found = {p.stem for p in (heldout / "alignment").glob("*.tsv")} - {pivot}
-    return [lang for lang in LANGS if lang in found] + sorted(found - set(LANGS))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.langs is None:
         args.langs = heldout_langs(args.heldout, args.pivot)
         if not args.langs:
-            print(f"error: {args.heldout}/alignment: no <code>.tsv alignment files (give --langs, or write the "
-                  f"held-out text with `python -m data_prep demo_tasks --heldout`)", file=sys.stderr)
+            print(f"error: {args.heldout}: no language aligned to {args.pivot} (alignment/<code>.tsv, <code>.txt "
+                  f"beside {args.pivot}.txt, or [tatoeba.]<code>-{args.pivot}.<code>); give --langs or --pivot, or "
+                  f"write held-out text with `python -m data_prep demo_tasks --heldout`", file=sys.stderr)
             return 1
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
                           args.pivot, args.all_layers)

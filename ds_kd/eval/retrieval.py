@@ -18,8 +18,16 @@ Pairs: held-out alignment keys present in both languages, texts of at least ``mi
 whose English or X text occurs twice is left out (help pages repeat sentences, and a query with two correct
 answers has no single translation), then at most ``max_pairs`` pairs drawn with the seed (Tatoeba has 1000).
 
-The held-out directory has the layout of the default corpus: ``<dir>/<lang>/help.txt`` and
-``<dir>/alignment/<lang>.tsv`` (line i: "<page><TAB><paragraph id>" of line i of the text).
+The held-out directory has one of three layouts, recognised by its files:
+
+- keyed, as the default corpus's held-out text: ``<dir>/<lang>/help.txt`` and ``<dir>/alignment/<lang>.tsv``
+  (line i: "<page><TAB><paragraph id>" of line i of the text); a pair is a paragraph id present in both languages;
+- line-aligned, one file per language: ``<dir>/<lang>.txt``, line i of every file the same sentence (a parallel
+  corpus such as FLORES, or one's own translations);
+- line-aligned per pair, as Tatoeba: ``<dir>/<lang>-<pivot>.<lang>`` and ``<dir>/<lang>-<pivot>.<pivot>``
+  (XTREME's download: ``fr-en.fr``, ``fr-en.en``), or with a ``tatoeba.`` prefix (LASER's release:
+  ``tatoeba.fra-eng.fra``, ``tatoeba.fra-eng.eng``, codes as in the file names, the pivot ``eng``); line i of
+  the two files is a pair.
 """
 from __future__ import annotations
 
@@ -124,6 +132,71 @@ def read_keyed_text(root: Path, lang: str) -> list[tuple[tuple[str, str], str]]:
     return out
 
 
+PAIR_PREFIXES = ("", "tatoeba.")
+"""File-name prefixes of the per-pair layout: XTREME's download (``fr-en.fr``), LASER's Tatoeba release
+(``tatoeba.fra-eng.fra``)."""
+
+
+def pair_files(root: Path, lang: str, pivot: str) -> tuple[Path, Path]:
+    """The per-pair files of one language: (pivot side, ``lang`` side), the first prefix of
+    :data:`PAIR_PREFIXES` whose two files exist (else the first's names)."""
+    candidates = [(root / f"{pre}{lang}-{pivot}.{pivot}", root / f"{pre}{lang}-{pivot}.{lang}")
+                  for pre in PAIR_PREFIXES]
+    return next((pair for pair in candidates if all(path.is_file() for path in pair)), candidates[0])
+
+
+def text_files(root: Path, lang: str, pivot: str) -> tuple[Path, Path]:
+    """The (pivot side, ``lang`` side) files of one language's pairs in held-out directory ``root``, whichever
+    of the module's layouts it has (the files may not exist: :func:`line_aligned_pairs` says so)."""
+    if (root / "alignment").is_dir():
+        return root / pivot / "help.txt", root / lang / "help.txt"
+    if all(path.is_file() for path in pair_files(root, lang, pivot)):
+        return pair_files(root, lang, pivot)
+    return root / f"{pivot}.txt", root / f"{lang}.txt"
+
+
+def heldout_langs(root: Path, pivot: str) -> list[str]:
+    """The languages ``root`` aligns to ``pivot`` (alignment files, Tatoeba pairs or ``<lang>.txt`` files, by
+    its layout): the paper's in its order, then the others sorted."""
+    from ds_kd.schema import LANGS, lang_code_problem
+
+    if (root / "alignment").is_dir():
+        found = {p.stem for p in (root / "alignment").glob("*.tsv")}
+    else:
+        suffix = f"-{pivot}.{pivot}"
+        found = ({p.name[:-len(suffix)].removeprefix("tatoeba.") for p in root.glob(f"*{suffix}")}
+                 | ({p.stem for p in root.glob("*.txt")} if (root / f"{pivot}.txt").is_file() else set()))
+    found = {code for code in found if lang_code_problem(code) is None} - {pivot}
+    return [lang for lang in LANGS if lang in found] + sorted(found - set(LANGS))
+
+
+def line_aligned_pairs(root: Path, lang: str, pivot: str) -> list[tuple[str, str]]:
+    """(pivot text, ``lang`` text) of line i of the two line-aligned files (:func:`text_files`). Raises
+    FileNotFoundError naming the files expected and the languages found, UsageError when their line counts
+    differ."""
+    pivot_file, lang_file = text_files(root, lang, pivot)
+    for path in (pivot_file, lang_file):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: not found (expected line-aligned {root}/{lang}.txt beside {root}/{pivot}.txt, "
+                f"Tatoeba's {lang}-{pivot}.{lang} and .{pivot} (XTREME; LASER: tatoeba.{lang}-{pivot}.*), or the "
+                f"keyed layout "
+                f"<dir>/<lang>/help.txt with <dir>/alignment/<lang>.tsv); languages in {root}: "
+                f"{' '.join(heldout_langs(root, pivot)) or 'none'}")
+    pivots, others = read_text(pivot_file).splitlines(), read_text(lang_file).splitlines()
+    if len(pivots) != len(others):
+        raise UsageError(f"{lang_file}: {len(others)} lines for the {len(pivots)} of {pivot_file}; line-aligned "
+                         f"files hold line i of each as one translation pair")
+    return list(zip(pivots, others))
+
+
+def keyed_pairs(root: Path, langs: list[str], pivot: str) -> dict[str, list[tuple[str, str]]]:
+    """(pivot text, lang text) of each alignment key present in both languages, per language but the pivot."""
+    pivot_texts = dict(read_keyed_text(root, pivot))
+    return {lang: [(pivot_texts[key], text) for key, text in read_keyed_text(root, lang) if key in pivot_texts]
+            for lang in langs if lang != pivot}
+
+
 def select_pairs(pairs: list[tuple[str, str]], cfg: RetrievalConfig) -> list[tuple[str, str]]:
     """Long-enough pairs whose two texts are each unique, at most ``max_pairs`` drawn with the seed."""
     pivots, others = Counter(p for p, _ in pairs), Counter(x for _, x in pairs)
@@ -136,18 +209,18 @@ def select_pairs(pairs: list[tuple[str, str]], cfg: RetrievalConfig) -> list[tup
 
 def read_pairs(heldout: Path | str, langs: list[str], cfg: RetrievalConfig) -> dict[str, list[tuple[str, str]]]:
     """``{lang: [(pivot text, lang text)]}`` for every language but the pivot (any codes the held-out directory
-    holds). ValueError naming --langs/--pivot for a code of another form."""
+    holds, in any layout of the module's). ValueError naming --langs/--pivot for a code of another form."""
     from ds_kd.schema import check_langs
 
     check_langs(list(langs), "--langs")
     check_langs([cfg.pivot], "--pivot")
     heldout = Path(heldout)
-    pivot = dict(read_keyed_text(heldout, cfg.pivot))
+    if (heldout / "alignment").is_dir():
+        found = keyed_pairs(heldout, langs, cfg.pivot)
+    else:
+        found = {lang: line_aligned_pairs(heldout, lang, cfg.pivot) for lang in langs if lang != cfg.pivot}
     out = {}
-    for lang in langs:
-        if lang == cfg.pivot:
-            continue
-        pairs = [(pivot[key], text) for key, text in read_keyed_text(heldout, lang) if key in pivot]
+    for lang, pairs in found.items():
         out[lang] = select_pairs(pairs, cfg)
         if not out[lang]:
             raise UsageError(f"{heldout}: no aligned {cfg.pivot}-{lang} pairs left to retrieve")
@@ -270,13 +343,16 @@ def evaluate_model(model_dir: Path | str, pairs: dict[str, list[tuple[str, str]]
 
 def pair_unknown_rates(model_dir: Path | str, tokenizer, pairs: dict[str, list[tuple[str, str]]],
                        heldout: Path | str, pivot: str) -> dict[str, float]:
-    """Unknown-token rate of each language's chosen texts (``<heldout>/<lang>/help.txt``) under ``tokenizer``,
-    reported with a warning above 1% (:func:`ds_kd.models.vocab_check.report_unknown`)."""
+    """Unknown-token rate of the chosen texts of each file (:func:`text_files`) under ``tokenizer``, reported
+    with a warning above 1% (:func:`ds_kd.models.vocab_check.report_unknown`)."""
     from ds_kd.models.vocab_check import report_unknown, text_unknown_rate
 
-    texts = {pivot: list(dict.fromkeys(p for lang_pairs in pairs.values() for p, _ in lang_pairs)),
-             **{lang: [x for _, x in lang_pairs] for lang, lang_pairs in pairs.items()}}
-    rates = {str(Path(heldout) / lang / "help.txt"): text_unknown_rate(tokenizer, t) for lang, t in texts.items()}
+    texts: dict[str, list[str]] = {}
+    for lang, lang_pairs in pairs.items():
+        pivot_file, lang_file = text_files(Path(heldout), lang, pivot)
+        texts.setdefault(str(pivot_file), []).extend(p for p, _ in lang_pairs)
+        texts[str(lang_file)] = [x for _, x in lang_pairs]
+    rates = {path: text_unknown_rate(tokenizer, list(dict.fromkeys(t))) for path, t in texts.items()}
     report_unknown(model_dir, rates)
     return rates
 

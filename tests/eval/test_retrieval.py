@@ -198,3 +198,64 @@ def test_a_model_is_pooled_by_its_recorded_recipe_and_every_row_says_how_it_was_
             if line.startswith("| e5 ") or line.startswith("| base ")}
     assert "'query: ' + text" in rows["e5"] and "[CLS]/[SEP] included" in rows["e5"] and "recipe" in rows["e5"]
     assert "the sub-word tokens, of the text as is" in rows["base"] and "recipe" not in rows["base"]
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(t + "\n" for t in lines), encoding="utf-8")
+
+
+def test_line_aligned_files_one_per_language(models, tmp_path, capsys):
+    """<dir>/<lang>.txt, line i of each the same sentence: the languages are found, the identical side is
+    perfect, the permuted side scores its fixed points, and the unknown-token rates name the files."""
+    en = sentences(30)
+    perm = list(range(30))
+    random.Random(4).shuffle(perm)
+    heldout = tmp_path / "flores"
+    heldout.mkdir()
+    for lang, lines in {"en": en, "fr": list(en), "de": [en[j] for j in perm]}.items():
+        write_lines(heldout / f"{lang}.txt", lines)
+    write_lines(heldout / "README.txt", ["not a language"])
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["langs"] == ["fr", "de"]
+    scores = result["models"]["base"]["per_lang"]
+    assert scores["fr"]["fr->en"] == 1.0 and scores["fr"]["num_pairs"] == 30
+    assert scores["de"]["de->en"] == pytest.approx(sum(i == j for i, j in enumerate(perm)) / 30)
+    assert set(result["unknown_token_rates"]["base"]) == {str(heldout / f"{lang}.txt") for lang in ("en", "fr", "de")}
+    write_lines(heldout / "de.txt", en[:29])
+    capsys.readouterr()
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 1
+    assert f"error: {heldout / 'de.txt'}: 29 lines for the 30 of {heldout / 'en.txt'}" in capsys.readouterr().err
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
+                           "--langs", "hi"]) == 1
+    assert f"{heldout / 'hi.txt'}: not found" in capsys.readouterr().err
+
+
+def test_tatoeba_files_one_pair_each_in_xtremes_and_lasers_names(models, tmp_path):
+    """Tatoeba as XTREME's download writes it (fr-en.fr, fr-en.en) and as LASER releases it (tatoeba.deu-eng.deu,
+    tatoeba.deu-eng.eng): each pair has its own pivot side; the codes are those of the file names."""
+    en, other = sentences(20, seed=1), sentences(25, seed=2)
+    xtreme, laser = tmp_path / "xtreme", tmp_path / "laser"
+    xtreme.mkdir()
+    laser.mkdir()
+    write_lines(xtreme / "fr-en.en", en)
+    write_lines(xtreme / "fr-en.fr", list(en))
+    write_lines(xtreme / "de-en.en", other)
+    write_lines(xtreme / "de-en.de", other[::-1])
+    write_lines(laser / "tatoeba.deu-eng.eng", other)
+    write_lines(laser / "tatoeba.deu-eng.deu", other[::-1])
+    out = tmp_path / "out"
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(xtreme), "--out", str(out),
+                           "--min-chars", "0"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["langs"] == ["fr", "de"]
+    scores = result["models"]["base"]["per_lang"]
+    assert scores["fr"] == {"fr->en": 1.0, "en->fr": 1.0, "num_pairs": 20}
+    assert scores["de"]["num_pairs"] == 25 and scores["de"]["de->en"] == pytest.approx(1 / 25)  # the middle one
+    assert str(xtreme / "de-en.en") in result["unknown_token_rates"]["base"]
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(laser), "--out", str(out),
+                           "--min-chars", "0", "--pivot", "eng"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["langs"] == ["deu"]
+    assert result["models"]["base"]["per_lang"]["deu"]["deu->eng"] == scores["de"]["de->en"]
