@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         doc = field_doc(FinetuneConfig, f.name)
         if f.name == "task":
-            p.add_argument(flag, required=True, choices=sorted(TASKS), help=doc)
+            p.add_argument(flag, required=True, metavar="TASK",
+                           help=f"{doc} ({', '.join(sorted(TASKS))}, or a task of one's own under --data)")
         elif f.type in ("bool",) and f.name == "bf16":
             p.add_argument("--no-bf16", dest="bf16", action="store_false", help="Run CUDA in fp32. " + doc)
         elif f.type == "bool":

@@ -20,10 +20,10 @@ from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_con
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, default_text, field_doc
 from ds_kd.finetune.job import FinetuneConfig
-from ds_kd.eval.grid import ROLES, GridConfig, build_rows, present_tasks, run_grid
+from ds_kd.eval.grid import ROLES, GridConfig, build_rows, run_grid
 from ds_kd.logbook import log_results
 from ds_kd.eval.report import job_tables
-from ds_kd.data.tasks import TASKS
+from ds_kd.data.tasks import TASKS, present_tasks
 
 # Set by the grid for each job (threads: the grid's own --threads; every job resumes its own checkpoint, and a
 # job whose settings changed is cleared and run again, so --resume / --overwrite have no grid meaning).
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "TEACHER's fine-tuned job of the same task and seed; the row is named 'STUDENT (ft-distill)' "
                         "and TEACHER's jobs save their model and run first")
     add_list_argument(g, "--tasks", default=None, metavar="TASK",
-                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)}); a task "
+                      help=f"tasks to run, space- or comma-separated, or 'all' ({', '.join(TASKS)}), or tasks "
+                           f"of one's own under --data (python -m data_prep tasks --task own); a task "
                            f"without data under --data is refused before any job starts (default: the tasks "
                            f"present under --data, i.e. with a <task>/manifest.json)")
     g.add_argument("--data", required=True, help="normalised task-data root (python -m data_prep tasks ...)")
@@ -104,9 +105,10 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
     if not tasks:
         parser.error(f"no task data under --data {args.data} (no <task>/manifest.json): write it with "
                      f"`python -m data_prep tasks --task all --src SRC --out {args.data}`")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASKS and t not in present_tasks(args.data)]
     if unknown:
-        parser.error(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)} or 'all'")
+        parser.error(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}, 'all', or a task of one's "
+                     f"own with its data under --data")
     roles = {name: role for role in ROLES for name in getattr(args, f"{role}s")}
     try:
         rows = build_rows(args.models, args.ft_distill, roles, dict(args.ppl))

@@ -2,7 +2,8 @@
 layout of :mod:`ds_kd.data.tasks` (``python -m data_prep tasks --help``).
 
 One module per release format (:mod:`.xnli`, :mod:`.pawsx`, :mod:`.wikiann`, :mod:`.matis`, :mod:`.mtop`), each
-with ``load(src, choice) -> TaskData``; :mod:`.taskdata` holds the shared readers and the writer.
+with ``load(src, choice) -> TaskData``, and :mod:`.own` for a task of one's own in plain files (TSV, JSONL,
+CoNLL); :mod:`.taskdata` holds the shared readers and the writer.
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ TASK_NAMES = ("xnli", "pawsx", "wikiann", "matis", "mtop")
 
 def load_task(task: str, src: Path | str, choice: LangChoice = LangChoice(), *, wikiann_format: str = "auto",
               wikiann_whitespace: str = "keep", mtop_uncopyable: str = "error",
-              matis_misaligned: str = "error") -> TaskData:
+              matis_misaligned: str = "error", own: bool = False) -> TaskData:
     """Read one benchmark from ``src``: its release layout, XTREME's ``download_data.sh`` output (xnli, pawsx,
     wikiann) or a ``datasets`` save_to_disk folder (xnli, pawsx, wikiann), recognised by their files
-    (``wikiann_whitespace``: see ``data_prep.tasks.wikiann``)."""
-    from data_prep.tasks import matis, mtop, pawsx, wikiann, xnli
+    (``wikiann_whitespace``: see ``data_prep.tasks.wikiann``); with ``own``, the task of one's own named
+    ``task`` in plain files (``data_prep.tasks.own``)."""
+    from data_prep.tasks import matis, mtop, own as own_files, pawsx, wikiann, xnli
 
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory")
+    if own:
+        return own_files.load(task, src, choice)
     if task == "wikiann":
         return wikiann.load(src, choice, wikiann_format, wikiann_whitespace)
     if task == "mtop":

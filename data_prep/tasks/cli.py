@@ -25,6 +25,10 @@ What --src holds, per task (each layout is recognised by its files):
   matis    {train,dev,test}_<LANG>.tsv anywhere below --src
   mtop     [mtop/]<lang>/{train,eval,test}.txt (eval is written as dev)
   all      one folder per task named as above: SRC/xnli, SRC/pawsx, SRC/wikiann (or SRC/panx), SRC/matis, SRC/mtop
+  own      a task of one's own (--name NAME), SRC/<split>.<lang>.<ext> (split: train, dev, test), one format:
+           .tsv   classification: text<TAB>label or text_a<TAB>text_b<TAB>label (no header)
+           .jsonl classification: {"text": ..., "label": ...} or {"text_a": ..., "text_b": ..., "label": ...}
+           .conll tagging: token ... tag per line (BIO tags), a blank line between sentences
 xnli, pawsx and wikiann may also be
   - XTREME's download_data.sh output: [xnli/|pawsx/|panx/]{train,dev,test}-<lang>.tsv (test files without
     labels, as later XTREME versions ship them, are not written; the manifest notes them)
@@ -47,10 +51,13 @@ RELEASES = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep tasks", description=DESCRIPTION,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--task", required=True, choices=(*TASK_NAMES, "all"),
+    p.add_argument("--task", required=True, choices=(*TASK_NAMES, "all", "own"),
                    help="benchmark to normalise; 'all' reads SRC/<task> for each of the five, builds those "
                         "present, names the release and the command of each missing one, and exits 2 only when "
-                        "none is present")
+                        "none is present; 'own' reads a task of one's own (--name) from plain files")
+    p.add_argument("--name", default=None,
+                   help="with --task own: the task's name, its folder under --out and what --task of "
+                        "launch/finetune.py and launch/grid.py call it (lower case, digits, - and _; default: none)")
     p.add_argument("--src", required=True, type=Path, help="folder holding the release files (see above)")
     p.add_argument("--out", required=True, type=Path, help="root of the normalised task data; writes OUT/<task>/")
     add_list_argument(p, "--langs", metavar="LANG",
@@ -113,13 +120,18 @@ def missing_task_line(task: str, src: Path, out: Path) -> str:
 
 def task_sources(args: argparse.Namespace) -> dict[str, Path]:
     """The source folder of each task asked for: ``--src`` for one task, ``SRC/<task>`` for ``all``."""
+    if args.task == "own":
+        return {args.name: args.src}
     if args.task != "all":
         return {args.task: args.src}
     return {task: task_source(args.src, task) for task in TASK_NAMES}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.task == "own") != (args.name is not None):
+        parser.error("--name goes with --task own, and --task own needs it")
     sources = task_sources(args)
     missing = [task for task, folder in sources.items() if not folder.is_dir()]
     if args.task != "all" and missing:
@@ -145,6 +157,8 @@ def build_tasks(args: argparse.Namespace, sources: dict[str, Path]) -> int:
             options["mtop_uncopyable"] = args.mtop_uncopyable
         if task == "matis":
             options["matis_misaligned"] = args.matis_misaligned
+        if args.task == "own":
+            options["own"] = True
         if has_manifest(args.out / task) and not args.force:
             diffs = built_differently(read_manifest(args.out / task), task_settings(sources[task], choice, options))
             if diffs:

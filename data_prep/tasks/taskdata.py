@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ds_kd.errors import UsageError
 from ds_kd.manifest import write_manifest
-from ds_kd.data.tasks import get_task, split_path
+from ds_kd.data.tasks import get_task, own_task, split_path
 from ds_kd.textfile import iter_byte_lines
 
 SPLITS = ("train", "dev", "test")
@@ -106,6 +106,8 @@ class TaskData:
     normalised: dict[str, Counter] = field(default_factory=dict)  # "split.lang" -> {quirk: count}
     source_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kind: str | None = None
+    """A task of one's own: its kind (``ds_kd.data.tasks.own_task``); None for a benchmark of ``ds_kd.data.tasks.TASKS``."""
 
     def add(self, split: str, lang: str, record: dict) -> None:
         self.records.setdefault((split, lang), []).append(record)
@@ -157,7 +159,7 @@ def _nested_counts(items: Iterable[tuple[str, str, str]]) -> dict:
 
 def write_task_data(data: TaskData, out_root: Path | str, extra: dict | None = None) -> dict:
     """Write ``<out_root>/<task>/<split>.<lang>.jsonl``, ``removed.jsonl`` and, last, ``manifest.json``."""
-    spec = get_task(data.task)
+    spec = own_task(data.task, data.kind) if data.kind else get_task(data.task)
     task_dir = Path(out_root) / data.task
     task_dir.mkdir(parents=True, exist_ok=True)
     # A rebuild must not leave a finished-looking directory mixing old and new files.

@@ -7,7 +7,8 @@
 
 Records by kind:
 
-- ``pair``        {"id", "text_a", "text_b", "label"}                 (XNLI, PAWS-X)
+- ``pair``        {"id", "text_a", "text_b", "label"}                 (XNLI, PAWS-X; a task of one's own may leave
+                  out ``text_b``: one-sentence classification)
 - ``tagging``     {"id", "tokens": [...], "tags": [...]}               (WikiANN, BIO tags)
 - ``intent_slot`` {"id", "tokens": [...], "slots": [...], "intent"}    (MultiATIS++, BIO slots)
 - ``parse``       {"id", "tokens": [...], "logical_form"}              (mTOP: decoupled form, space-separated;
@@ -45,10 +46,39 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        raise UsageError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    return TASKS[name]
+OWN_TASK_METRICS = {"pair": "accuracy", "tagging": "f1"}
+"""The kinds a task of one's own may have (``python -m data_prep tasks --task own``: sentence or sentence-pair
+classification, tagging), with their headline metric."""
+
+
+def own_task(name: str, kind: str) -> TaskSpec:
+    """The spec of a task of one's own: its kind's metric; no paper table, every language with test data
+    tested, the zero-shot average over every one but English."""
+    if kind not in OWN_TASK_METRICS:
+        raise UsageError(f"task {name!r}: kind {kind!r} cannot be a task of one's own (known: "
+                         f"{', '.join(OWN_TASK_METRICS)})")
+    return TaskSpec(name, kind, OWN_TASK_METRICS[kind], ())
+
+
+def get_task(name: str, data: Path | str | None = None) -> TaskSpec:
+    """A benchmark of :data:`TASKS`, else a task of one's own written under ``data`` (its
+    ``<data>/<name>/manifest.json`` names the kind). UsageError naming both when it is neither."""
+    if name in TASKS:
+        return TASKS[name]
+    manifest = Path(data) / name / "manifest.json" if data is not None else None
+    if manifest is not None and manifest.is_file():
+        with open_text(manifest) as f:
+            return own_task(name, json.load(f)["kind"])
+    where = f" nor a task of one's own under {data} (no {manifest})" if data is not None else ""
+    raise UsageError(f"unknown task {name!r}: not one of {', '.join(TASKS)}{where}; write one of your own with "
+                     f"python -m data_prep tasks --task own --name {name} --src DIR --out DATA")
+
+
+def present_tasks(data: Path | str) -> list[str]:
+    """The tasks whose normalised data is under ``data`` (``<data>/<task>/manifest.json``, written last): the
+    benchmarks in :data:`TASKS` order, then the tasks of one's own by name."""
+    found = {p.parent.name for p in Path(data).glob("*/manifest.json")}
+    return [t for t in TASKS if t in found] + sorted(found - set(TASKS))
 
 
 def zero_shot_langs(spec: TaskSpec) -> tuple[str, ...]:

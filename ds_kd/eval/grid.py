@@ -37,7 +37,7 @@ from pathlib import Path
 from ds_kd.errors import UsageError
 from ds_kd.logbook import WandbConfig
 from ds_kd.manifest import atomic_write_text, describe_differences, settings_differences
-from ds_kd.data.tasks import TASKS, get_task
+from ds_kd.data.tasks import get_task, present_tasks
 
 GRID_JSON = "grid.json"
 JOB_JSON = "job.json"
@@ -71,7 +71,7 @@ class GridConfig:
     rows: list[ModelRow]
     """Model rows (plain and ft-distill)."""
     tasks: list[str]
-    """Task names of ``ds_kd.data.tasks.TASKS``."""
+    """Task names: benchmarks of ``ds_kd.data.tasks.TASKS`` or tasks of one's own under ``data``."""
     data: str
     """Normalised task-data root."""
     seeds: list[int]
@@ -189,7 +189,7 @@ def build_rows(models: list[tuple[str, str]], ft_distill: list[tuple[str, str]] 
 def plan(cfg: GridConfig) -> list[GridJob]:
     """Every (row, task, seed) job; teachers of ft-distill rows first (and saving their model)."""
     for task in cfg.tasks:
-        get_task(task)
+        get_task(task, cfg.data)
     by_key: dict[tuple[str, str, int], GridJob] = {}
     for row in cfg.rows:
         for task in cfg.tasks:
@@ -252,12 +252,6 @@ def refresh(job: GridJob, cfg: GridConfig, threads: int) -> bool:
         else:
             target.unlink(missing_ok=True)
     return True
-
-
-def present_tasks(data: str | Path) -> list[str]:
-    """The tasks whose normalised data is under ``data``: ``<data>/<task>/manifest.json`` exists (``python -m
-    data_prep tasks`` writes it last)."""
-    return [task for task in TASKS if (Path(data) / task / "manifest.json").is_file()]
 
 
 def check_task_data(cfg: GridConfig) -> None:

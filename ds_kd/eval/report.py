@@ -22,7 +22,7 @@ from ds_kd.eval.findings import Comparison, default_comparisons, judge
 from ds_kd.eval.findings import markdown as findings_markdown
 from ds_kd.eval.grid import FT_DISTILL_SUFFIX, GRID_JSON, LOG, RESULT, default_roles, slug
 from ds_kd.logbook import ResultTable
-from ds_kd.data.tasks import TASKS, zero_shot_langs
+from ds_kd.data.tasks import TASKS, TaskSpec, zero_shot_langs
 from ds_kd.textfile import read_text
 
 TASK_TITLES = {"xnli": "XNLI", "pawsx": "PAWS-X", "wikiann": "WikiANN", "matis": "MultiATIS++", "mtop": "mTOP"}
@@ -247,6 +247,8 @@ def build_tables(grid_dir: Path | str, students: list[str] | None = None,
     tasks = [t for t in paper.TASK_ORDER if any(t == task for _, task in results)]
     tasks += sorted({task for _, task in results} - set(tasks))
 
+    specs = {task: task_spec(task, results) for task in tasks}
+
     def by_task(name: str, task: str) -> list[dict]:
         return list(results.get((name, task), {}).values())
 
@@ -259,31 +261,44 @@ def build_tables(grid_dir: Path | str, students: list[str] | None = None,
                             lambda r, c, key=key: paper_zero_shot(r) if key == "zero_shot_avg_paper" else r.get(key),
                             lambda m, c, ref=ref: ref.get(m, {}).get(tasks[titles.index(c)]))
         table.note = "Headline metric per task: " + ", ".join(
-            f"{TASK_TITLES.get(t, t)} {METRIC_TITLES.get(TASKS[t].metric, TASKS[t].metric)}" for t in tasks) + "."
+            f"{TASK_TITLES.get(t, t)} {METRIC_TITLES.get(specs[t].metric, specs[t].metric)}" for t in tasks) + "."
         tables.append(table)
     for task in tasks:
-        spec = TASKS[task]
+        spec = specs[task]
         seen = {lang for r in results_for_task(results, task) for lang in r["scores"]}
         langs = [lang for lang in spec.test_langs if lang in seen] + sorted(seen - set(spec.test_langs))
-        table = score_table(f"table{spec.paper_table}_{task}",
-                            f"Table {spec.paper_table}: {TASK_TITLES.get(task, task)} "
+        numbered = f"Table {spec.paper_table}: " if spec.paper_table else ""
+        table = score_table(f"table{spec.paper_table}_{task}" if spec.paper_table else f"task_{task}",
+                            f"{numbered}{TASK_TITLES.get(task, task)} "
                             f"({METRIC_TITLES.get(spec.metric, spec.metric)}) per language",
                             langs + [ZERO_SHOT], lambda n, c, task=task: by_task(n, task), order, roles,
                             lambda r, c: paper_zero_shot(r) if c == ZERO_SHOT
                             else r["scores"].get(c, {}).get(r["metric"]),
                             lambda m, c, task=task: paper.ZERO_SHOT.get(m, {}).get(task) if c == ZERO_SHOT
                             else paper.PER_LANGUAGE.get(task, {}).get(m, {}).get(c))
-        table.note = (f"Zero-shot average over {', '.join(zero_shot_langs(spec))} (where tested)"
+        over = ", ".join(zero_shot_langs(spec)) or "every tested language but en (a task of one's own)"
+        table.note = (f"Zero-shot average over {over} (where tested)"
                       + (f"; {', '.join(spec.zero_shot_exclude)} left out as in the paper" if spec.zero_shot_exclude
                          else "") + ".")
         tables.append(table)
     return tables
 
 
+def task_spec(task: str, results) -> TaskSpec:
+    """A benchmark's spec, or for a task of one's own (``ds_kd.data.tasks.own_task``) one made from its results: their
+    metric, no paper table, no paper languages."""
+    if task in TASKS:
+        return TASKS[task]
+    return TaskSpec(task, "own", next(r["metric"] for r in results_for_task(results, task)), ())
+
+
 def paper_zero_shot(result: dict) -> float | None:
     """A job's zero-shot average over the paper's languages of its task (the tables keep the paper's lists; a
-    result written before the run's own average existed has only ``zero_shot_avg``, which was the paper's)."""
-    return result["zero_shot_avg_paper"] if "zero_shot_avg_paper" in result else result.get("zero_shot_avg")
+    result written before the run's own average existed has only ``zero_shot_avg``, which was the paper's; a task
+    of one's own has no paper languages: its average is over every tested language but English)."""
+    if "zero_shot_avg_paper" in result and result.get("task") in TASKS:
+        return result["zero_shot_avg_paper"]
+    return result.get("zero_shot_avg")
 
 
 def results_for_task(results, task: str) -> list[dict]:

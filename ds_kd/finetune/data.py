@@ -1,6 +1,7 @@
 """Normalised task records (``ds_kd.data.tasks``) into encoder tensors.
 
-- ``pair``: ``[CLS] a [SEP] b [SEP]`` with token types 0/1; both texts are cut longest-first to ``max_len``.
+- ``pair``: ``[CLS] a [SEP] b [SEP]`` with token types 0/1; both texts are cut longest-first to ``max_len``;
+  a record without ``text_b`` (one-sentence classification) is ``[CLS] a [SEP]``.
   An encoder that never learnt segment ids gets 0 for both instead (``TaskModel.segments``).
 - ``tagging`` / ``intent_slot``: every word is tokenized on its own; its label sits on its first sub-word and
   the other sub-words get -100, so the loss and the prediction see one position per word. Words that no
@@ -103,14 +104,14 @@ def encode_pairs(tokenizer, records: list[dict], labels: TaskLabels, max_len: in
     cls_id, sep_id, _ = special_ids(tokenizer)
     index = {c: i for i, c in enumerate(labels.classes)}
     ids_a = _piece_ids(tokenizer, [r["text_a"] for r in records])
-    ids_b = _piece_ids(tokenizer, [r["text_b"] for r in records])
+    ids_b = _piece_ids(tokenizer, [r.get("text_b") or "" for r in records])
     out = []
     for rec, a, b in zip(records, ids_a, ids_b):
-        a, b = list(a), list(b)
-        while len(a) + len(b) > max_len - 3:  # longest first, as BERT's reference code
+        a, b, second = list(a), list(b), "text_b" in rec
+        while len(a) + len(b) > max_len - 2 - second:  # longest first, as BERT's reference code
             (a if len(a) >= len(b) else b).pop()
-        ids = [cls_id, *a, sep_id, *b, sep_id]
-        types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        ids = [cls_id, *a, sep_id, *b, sep_id] if second else [cls_id, *a, sep_id]
+        types = [0] * (len(a) + 2) + [1] * (len(b) + 1) if second else [0] * len(ids)
         out.append(Encoded(ids, types, label=index.get(str(rec["label"]), IGNORE)))
     return out
 

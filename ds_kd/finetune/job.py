@@ -41,7 +41,8 @@ class FinetuneConfig:
     model: str
     """Encoder directory: an export of ours or any HF BERT checkpoint, with its tokenizer files."""
     task: str
-    """Task: xnli, pawsx, wikiann, matis or mtop (the benchmarks of the paper; their formats in README)."""
+    """Task: xnli, pawsx, wikiann, matis or mtop (the benchmarks of the paper), or a task of one's own under
+    ``data`` (``python -m data_prep tasks --task own``: docs/tasks.md)."""
     data: str
     """Normalised task-data root (holds ``<task>/<split>.<lang>.jsonl``)."""
     out: str
@@ -96,7 +97,7 @@ class FinetuneConfig:
     and one with other settings (model, data, task, seed, epochs, learning rates, ...) is refused, naming them."""
 
     def __post_init__(self) -> None:
-        get_task(self.task)  # an unknown task is an error now, not after loading the model
+        get_task(self.task, self.data)  # an unknown task is an error now, not after loading the model
         for name in ("epochs", "batch_size", "eval_batch_size", "beam_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -262,7 +263,7 @@ class Job:
 def prepare(cfg: FinetuneConfig, settings: dict | None = None) -> Job:
     """Check the model directory, seed, read and encode the task data, build the model on its device."""
     started = time.time()
-    spec = get_task(cfg.task)
+    spec = get_task(cfg.task, cfg.data)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg.model, "fine-tuning (--model)")
