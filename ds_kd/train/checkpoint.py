@@ -154,6 +154,17 @@ def plan_resume(ckpt_dir: Path, ds_config: dict, optimizer: str) -> ResumePlan |
     return plan
 
 
+def keep_global_batch(global_batch: int, world_size: int, micro_batch: int) -> str:
+    """The ``--ds-override`` flags that give ``global_batch`` on ``world_size`` ranks: the accumulation for
+    ``micro_batch``, else a micro batch of its own with accumulation 1, else a sentence saying what is needed."""
+    if global_batch % (world_size * micro_batch) == 0:
+        return f"--ds-override gradient_accumulation_steps={global_batch // (world_size * micro_batch)}"
+    if global_batch % world_size == 0:
+        return (f"--ds-override train_micro_batch_size_per_gpu={global_batch // world_size} "
+                f"--ds-override gradient_accumulation_steps=1")
+    return f"a micro batch and accumulation whose product with the {world_size} ranks is {global_batch}"
+
+
 def refuse_changes(where: Path, saved: dict, now: dict, saved_optimizer: str | None, optimizer: str) -> None:
     """Raise ValueError for a change of global batch, ZeRO stage, precision or optimizer (see the module doc)."""
     def layout(s: dict) -> str:
@@ -161,10 +172,7 @@ def refuse_changes(where: Path, saved: dict, now: dict, saved_optimizer: str | N
                 f"{s['gradient_accumulation_steps']} = {s['global_batch']}")
 
     if saved["global_batch"] != now["global_batch"]:
-        per_step = now["world_size"] * now["micro_batch_per_rank"]
-        hint = (f"--ds-override gradient_accumulation_steps={saved['global_batch'] // per_step}"
-                if saved["global_batch"] % per_step == 0 else
-                "a micro batch and accumulation whose product with the ranks gives it")
+        hint = keep_global_batch(saved["global_batch"], now["world_size"], now["micro_batch_per_rank"])
         raise UsageError(f"{where}: written with a global batch of {layout(saved)} sequences (sentences, or packed "
                          f"rows), this run's is "
                          f"{layout(now)}. The data position and the learning-rate schedule count global batches, "

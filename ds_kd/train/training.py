@@ -34,8 +34,8 @@ from ds_kd.train import engine as dist
 from ds_kd.errors import UsageError
 from ds_kd.logbook import Logbook, WandbConfig
 from ds_kd.train.loop import LoopConfig, StepFn, host_layout, mlm_perplexity, train
-from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, read_manifest, remove_outputs,
-                             rerun_action, write_manifest)
+from ds_kd.manifest import (BUDGET_KEYS, atomic_write_text, describe_differences, has_manifest, read_json_file,
+                             read_manifest, remove_outputs, rerun_action, settings_differences, write_manifest)
 from ds_kd.models.model import BertConfig, BertForMaskedLM, default_lr
 from ds_kd.models.modeldir import record
 from ds_kd.train.optim import LRSchedule, build_optimizer
@@ -456,8 +456,11 @@ def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:
     finished = has_manifest(out)
     recorded = (read_manifest(out).get("settings") if finished
                 else read_json_file(out / SETTINGS_JSON))
+    unfinished = checkpoint.latest_tag(out / "checkpoints") is not None
+    if (finished or unfinished) and recorded is not None and not cfg.overwrite:
+        check_global_batch(cfg, what, recorded, settings)
     action = rerun_action(out, what, recorded, settings, finished=finished,
-                          unfinished=checkpoint.latest_tag(out / "checkpoints") is not None, overwrite=cfg.overwrite,
+                          unfinished=unfinished, overwrite=cfg.overwrite,
                           resume=cfg.resume)
     if action == "skip":
         log.info("%s/manifest.json: %s already finished with the same settings: skipping (--overwrite runs it "
@@ -466,6 +469,30 @@ def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:
         log.info("%s: %s", out, "extending the finished run to the new budget" if action == "extend"
                  else "--overwrite: starting over")
     return action
+
+
+def check_global_batch(cfg: TrainConfig, what: str, recorded: dict, settings: dict) -> None:
+    """Refuse, in one line, a command whose global batch (micro batch x accumulation x ranks) is not the one
+    ``cfg.out``'s run recorded (a resume or extension on fewer ranks with the same JSON): the data position and
+    the learning-rate schedule count global batches. The message gives the overrides that keep it
+    (:func:`ds_kd.train.checkpoint.keep_global_batch`) and the other settings that differ."""
+    from ds_kd.train.engine import apply_overrides, load_ds_config
+
+    old, new = recorded.get("global_batch"), settings["global_batch"]
+    if old is None or old == new:
+        return
+    engine = apply_overrides(load_ds_config(cfg.deepspeed_config), cfg.ds_overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = int(engine.get("train_micro_batch_size_per_gpu") or max(1, new // world))
+    others = {key: diff for key, diff in settings_differences({**recorded, "global_batch": new}, settings).items()
+              if key.split(".")[0] not in BUDGET_KEYS}  # a budget may change on --resume
+    also = f"; other settings differ too ({describe_differences(others)})" if others else ""
+    raise UsageError(f"{cfg.out} holds a {what} trained with a global batch of {old} sequences (micro batch x "
+                     f"accumulation x ranks), this command's is {new} ({world} ranks x micro batch {micro} x "
+                     f"accumulation {engine.get('gradient_accumulation_steps', 1)}); the data position and the "
+                     f"learning-rate schedule count global batches: keep {old} with "
+                     f"{checkpoint.keep_global_batch(old, world, micro)}, or pass --overwrite to start over with "
+                     f"{new}{also}")
 
 
 def skipped_result(cfg: TrainConfig) -> RunResult:
