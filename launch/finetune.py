@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, wandb_config
 from ds_kd.errors import UsageError
-from ds_kd.finetune.job import FinetuneConfig, run
+from ds_kd.finetune.config import FinetuneConfig
 from ds_kd.cli.flags import HelpFormatter, field_doc
 from ds_kd.data.tasks import TASKS
 
@@ -59,6 +59,8 @@ def parse_all(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, wandb = parse_all(argv)  # the settings are checked as the config is built
+        from ds_kd.finetune.job import run  # torch, after the command line: --help stays quick
+
         result = run(cfg)
     except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)

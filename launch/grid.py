@@ -19,7 +19,7 @@ from pathlib import Path
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, default_text, field_doc
-from ds_kd.finetune.job import FinetuneConfig
+from ds_kd.finetune.config import FinetuneConfig
 from ds_kd.eval.grid import ROLES, GridConfig, build_rows, run_grid
 from ds_kd.logbook import log_results
 from ds_kd.eval.report import job_tables

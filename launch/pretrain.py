@@ -13,7 +13,7 @@ import sys
 
 from ds_kd.cli import add_train_args, main_guard, setup_logging, train_kwargs
 from ds_kd.cli.flags import HelpFormatter
-from ds_kd.models.model import PRESETS
+from ds_kd.models.config import PRESETS
 from ds_kd.models.warmstart import FROM_INIT
 
 

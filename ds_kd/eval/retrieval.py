@@ -37,13 +37,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from ds_kd.errors import UsageError
 from ds_kd.manifest import atomic_write_text
 from ds_kd.textfile import read_text
+
+if TYPE_CHECKING:  # torch is imported where embeddings are computed: the command's --help does without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,8 @@ def encode(tokenizer, texts: list[str], max_len: int,
     """(input_ids, attention_mask, pooled_mask) of ``[CLS] pieces [SEP]``, padded; ``pooled_mask`` marks the
     pieces, and [CLS] and [SEP] too when ``specials`` (the special tokens are added here, whatever the
     tokenizer's own post-processing)."""
+    import torch
+
     from ds_kd.finetune.data import special_ids
 
     cls_id, sep_id, pad_id = special_ids(tokenizer)
@@ -263,31 +266,43 @@ def encode(tokenizer, texts: list[str], max_len: int,
     return torch.tensor(rows), torch.tensor(masks), torch.tensor(pooled, dtype=torch.bool)
 
 
-@torch.inference_mode()
+def pool_batch(encoder, ids, mask, pooled, layers: list[int]):
+    """[len(layers), B, D]: the L2-normalised mean of each of ``layers``' hidden states over ``pooled``."""
+    import torch
+
+    # One sentence: segment 0 (no token types), right for encoders with and without trained segments.
+    hidden = encoder(ids, mask, output_hidden_states=True).hidden_states
+    weights_BT1 = pooled.unsqueeze(-1).float()
+    means_LBD = torch.stack([(hidden[i].float() * weights_BT1).sum(1) / weights_BT1.sum(1) for i in layers])
+    return torch.nn.functional.normalize(means_LBD, dim=-1)
+
+
 def embed(encoder, tokenizer, texts: list[str], layers: list[int], cfg: RetrievalConfig,
           desc: str = "", pooling: Pooling = Pooling("xtreme")) -> torch.Tensor:
     """[len(layers), N, D]: per hidden layer in ``layers`` (0 = embeddings), the L2-normalised mean over each
     text's tokens, with ``pooling``'s prefix and specials (its layer is the caller's to pick)."""
+    import torch
+    from tqdm import tqdm
+
     texts = [pooling.prefix + t for t in texts]
     out = []
     # Batches of similar length waste little on padding; the rows are put back in order at the end.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in tqdm(range(0, len(texts), cfg.batch_size), desc=desc or "embed", unit="batch", leave=False,
-                      disable=None):
-        ids, mask, pooled = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len,
-                                   pooling.specials)
-        # One sentence: segment 0 (no token types), right for encoders with and without trained segments.
-        hidden = encoder(ids, mask, output_hidden_states=True).hidden_states
-        weights_BT1 = pooled.unsqueeze(-1).float()
-        means_LBD = torch.stack([(hidden[i].float() * weights_BT1).sum(1) / weights_BT1.sum(1) for i in layers])
-        out.append(torch.nn.functional.normalize(means_LBD, dim=-1))
-    embedded_LND = torch.empty_like(torch.cat(out, dim=1))
-    embedded_LND[:, torch.tensor(order)] = torch.cat(out, dim=1)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), cfg.batch_size), desc=desc or "embed", unit="batch", leave=False,
+                          disable=None):
+            batch = encode(tokenizer, [texts[i] for i in order[start:start + cfg.batch_size]], cfg.max_len,
+                           pooling.specials)
+            out.append(pool_batch(encoder, *batch, layers))
+        embedded_LND = torch.empty_like(torch.cat(out, dim=1))
+        embedded_LND[:, torch.tensor(order)] = torch.cat(out, dim=1)
     return embedded_LND
 
 
 def top1_accuracy(queries_ND: torch.Tensor, candidates_ND: torch.Tensor) -> float:
     """Share of queries i whose most cosine-similar candidate is candidate i (rows L2-normalised)."""
+    import torch
+
     nearest = (queries_ND @ candidates_ND.T).argmax(dim=1)
     return (nearest == torch.arange(len(queries_ND))).float().mean().item()
 

@@ -20,12 +20,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from ds_kd.errors import UsageError
 from ds_kd.manifest import atomic_write_text
+
+if TYPE_CHECKING:  # torch is imported where the models run: the command's --help does without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def sentence_lengths(texts: list[str], tokenizer, cfg: SpeedConfig) -> list[int]
 
 def make_batches(lengths: list[int], vocab_size: int, batch_size: int, seed: int) -> list[tuple]:
     """(input_ids, attention_mask) batches in order; each padded with id 0 to its longest sentence."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, len(lengths), batch_size):
@@ -89,13 +92,15 @@ def make_batches(lengths: list[int], vocab_size: int, batch_size: int, seed: int
     return batches
 
 
-@torch.inference_mode()
 def time_pass(encoder: torch.nn.Module, batches: list[tuple]) -> float:
-    """Seconds for one forward pass over every batch."""
-    start = time.perf_counter()
-    for ids, mask in batches:
-        encoder(ids, mask)
-    return time.perf_counter() - start
+    """Seconds for one forward pass over every batch (under ``torch.inference_mode``)."""
+    import torch
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for ids, mask in batches:
+            encoder(ids, mask)
+        return time.perf_counter() - start
 
 
 def load_timed(name: str, directory: Path | str) -> Timed:
@@ -120,6 +125,8 @@ def count_encoder(timed: Timed) -> dict:
 
 def measure(models: list[Timed], lengths: list[int], cfg: SpeedConfig) -> dict[str, dict]:
     """Median ms per sentence at batch 1 and sentences/s at ``batch_size`` per model, repeats interleaved."""
+    from tqdm import tqdm
+
     plans = {m.name: {1: make_batches(lengths, m.vocab_size, 1, cfg.seed),
                       cfg.batch_size: make_batches(lengths, m.vocab_size, cfg.batch_size, cfg.seed)}
              for m in models}
@@ -193,7 +200,7 @@ def format_table(result: dict) -> str:
                      f"| {r['ms_per_sentence_batch1']:.2f} | {r[f'sentences_per_s_batch{b}']:.1f} | "
                      + " | ".join(cells) + " |")
     lengths = result["lengths"]
-    lines.append(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    lines.append(f"\n{platform.processor() or platform.machine()}, torch {result['torch']}, "
                  f"{result['threads']} thread(s); {len(lengths)} sentences of {min(lengths)}-{max(lengths)} "
                  f"sub-words (mean {statistics.mean(lengths):.1f}, from {result['lengths_from']}); median of "
                  f"{result['config']['num_repeats']} repeats after {result['config']['num_warmup']} warm-up passes.")
@@ -214,6 +221,8 @@ def run(models: dict[str, Path | str], out: Path | str, teacher_of: dict[str, st
     warning above 1% (``ds_kd.models.vocab_check``)."""
     if not models:
         raise UsageError("no models to time")
+    import torch
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     timed = [load_timed(name, d) for name, d in models.items()]

@@ -4,15 +4,27 @@
 - ``heads``: ``TaskModel`` (one module; the head follows the task kind), ``TaskOutput``, save/load.
 - ``pointer``: the mTOP ``PointerDecoder`` with batched beam search.
 - ``loop``: ``train_epoch`` with a swappable ``loss_fn(model, batch)``, ``predict``, ``evaluate``.
-- ``job``: ``FinetuneConfig`` and ``run(cfg) -> FinetuneResult`` (writes ``result.json``).
+- ``config``: ``FinetuneConfig``, a job's settings (no torch: the command lines' ``--help`` reads it).
+- ``job``: ``run(cfg) -> FinetuneResult`` (writes ``result.json``).
 - ``metrics``: accuracy, span F1, intent/slot scores, logical-form exact match.
 - ``state``: a job's settings, the re-run rule on its directory, per-epoch checkpoints for ``--resume``.
 """
-from ds_kd.finetune.data import TaskLabels, build_labels, collate, encode_records
-from ds_kd.finetune.heads import TaskModel, TaskOutput, freeze_embeddings, load_task_model, save_task_model
-from ds_kd.finetune.job import FinetuneConfig, FinetuneResult, read_result, run
-from ds_kd.finetune.loop import evaluate, predict, task_loss, train_epoch
+import importlib
 
-__all__ = ["TaskLabels", "build_labels", "collate", "encode_records", "TaskModel", "TaskOutput",
-           "freeze_embeddings", "load_task_model", "save_task_model", "FinetuneConfig", "FinetuneResult",
-           "read_result", "run", "evaluate", "predict", "task_loss", "train_epoch"]
+EXPORTS = {
+    "data": ["TaskLabels", "build_labels", "collate", "encode_records"],
+    "heads": ["TaskModel", "TaskOutput", "freeze_embeddings", "load_task_model", "save_task_model"],
+    "config": ["FinetuneConfig"],
+    "job": ["FinetuneResult", "read_result", "run"],
+    "loop": ["evaluate", "predict", "task_loss", "train_epoch"],
+}
+"""Module of each name the package exports, imported when the name is first used (PEP 562): importing one light
+module of the package, such as ``config`` for a command's ``--help``, does not import torch."""
+__all__ = [name for names in EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    for module, names in EXPORTS.items():
+        if name in names:
+            return getattr(importlib.import_module(f"ds_kd.finetune.{module}"), name)
+    raise AttributeError(f"module 'ds_kd.finetune' has no attribute {name!r}")

@@ -20,10 +20,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from ds_kd.errors import UsageError
-from ds_kd.models.model import BertConfig, BertForMaskedLM, make_config
+from ds_kd.models.config import BertConfig, make_config
+
+if TYPE_CHECKING:  # the command lines import this module for FROM_INIT and FROM_TEACHER: torch only when used
+    from ds_kd.models.model import BertForMaskedLM
 
 log = logging.getLogger("ds_kd")
 
@@ -90,24 +93,26 @@ def student_config(shape: str, vocab_size: int, init_from: str | Path | None = N
     return preset
 
 
-@torch.no_grad()
 def init_model(model: BertForMaskedLM, source: BertForMaskedLM, layers: list[int] | None = None) -> dict:
     """Copy ``source``'s embeddings, its ``layers`` (1-based, in this order; None: all) and, where it has one,
     its MLM head into ``model`` (in place, before any engine wraps it). Vocabulary rows past ``model``'s are
     left out. Returns what was copied, for the run manifest."""
+    import torch
+
     layers = list(layers) if layers else list(range(1, source.config.num_hidden_layers + 1))
     vocab = model.config.vocab_size
     src_emb, dst_emb = source.bert.embeddings, model.bert.embeddings
-    dst_emb.word_embeddings.weight.copy_(src_emb.word_embeddings.weight[:vocab])
-    for name in ("position_embeddings", "token_type_embeddings", "LayerNorm"):
-        getattr(dst_emb, name).load_state_dict(getattr(src_emb, name).state_dict())
-    for dst, number in zip(model.bert.encoder.layer, layers):
-        dst.load_state_dict(source.bert.encoder.layer[number - 1].state_dict())
     head = getattr(source, "has_mlm_head", True)
-    if head:
-        src_head, dst_head = source.cls.predictions, model.cls.predictions
-        dst_head.transform.load_state_dict(src_head.transform.state_dict())
-        dst_head.bias.copy_(src_head.bias[:vocab])
+    with torch.no_grad():
+        dst_emb.word_embeddings.weight.copy_(src_emb.word_embeddings.weight[:vocab])
+        for name in ("position_embeddings", "token_type_embeddings", "LayerNorm"):
+            getattr(dst_emb, name).load_state_dict(getattr(src_emb, name).state_dict())
+        for dst, number in zip(model.bert.encoder.layer, layers):
+            dst.load_state_dict(source.bert.encoder.layer[number - 1].state_dict())
+        if head:
+            src_head, dst_head = source.cls.predictions, model.cls.predictions
+            dst_head.transform.load_state_dict(src_head.transform.state_dict())
+            dst_head.bias.copy_(src_head.bias[:vocab])
     summary = {"layers": layers, "embeddings": True, "mlm_head": "copied" if head else "fresh (none in checkpoint)"}
     log.info("initialised from a checkpoint: %s", summary)
     return summary
