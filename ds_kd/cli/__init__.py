@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ds_kd.errors import UsageError
+from ds_kd.launcher_env import launcher_rank
 from ds_kd.logbook import WandbConfig
 
 
@@ -156,7 +157,7 @@ def setup_logging() -> None:
 
     # torch.distributed's deprecation notices, raised by DeepSpeed's own calls once per step, drown the log.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    rank = os.environ.get("RANK", "0")
+    rank = launcher_rank()  # RANK, or the openmpi/slurm/mvapich variable it is made from
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ds_kd.errors import UsageError
+from ds_kd.launcher_env import adopt_launcher_ranks, check_node_addresses
 from ds_kd.textfile import read_json
 
 log = logging.getLogger("ds_kd")
@@ -34,12 +35,18 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     Each rank's accelerator device is set to its ``LOCAL_RANK`` first: DeepSpeed sets it only in
     ``DeepSpeedEngine.__init__``, so a collective before the engine (the teacher's digest, a barrier) would run
     every rank on device 0 (NCCL: "Duplicate GPU detected", or a wait until the timeout). The timeout bounds how
-    long a rank waits in a collective for a peer that died (then the job exits)."""
+    long a rank waits in a collective for a peer that died (then the job exits).
+
+    Ranks started by ``--launcher openmpi|slurm|mvapich`` take their rank from that launcher's variables, and a
+    job of several nodes whose ranks would dial or advertise a loopback address is refused here, before the first
+    collective (:mod:`ds_kd.launcher_env`; UsageError naming the setting)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if dist.is_available() and dist.is_initialized():
         return
+    adopt_launcher_ranks()  # openmpi/slurm/mvapich set no RANK: never a group of one per rank
+    check_node_addresses(backend=get_accelerator().communication_backend_name())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     choose_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     if "RANK" not in os.environ:  # run directly with python: a single-process group
