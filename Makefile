@@ -37,8 +37,14 @@ gpu-check: setup
 demo: setup
 	$(PY) launch/demo.py --out $(OUT)
 
+# The multi-node tests need sshd and pdsh: installed quietly where we are root with apt-get (else they skip).
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    ! { [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null 2>&1; }; then \
+	    apt-get install -y -qq openssh-server pdsh >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq openssh-server pdsh >/dev/null 2>&1; } || \
+	    echo "[test] could not install openssh-server and pdsh: the multi-node tests will skip"; fi
+	$(PY) -m pytest -q -rs --durations=25 tests
 
 # Everything but the tests that start ranks through the deepspeed launcher (marked `slow` by tests/conftest.py).
 test-fast: setup

@@ -196,8 +196,8 @@ class EnvFileLine:
 def deepspeed_env_paths(environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> list[Path]:
     """The ``.deepspeed_env`` files that DeepSpeed's runner would export from (home first, then ``cwd``)."""
     name = environ.get("DS_ENV_FILE", ".deepspeed_env")
-    dirs = [Path(os.path.expanduser("~")), cwd or Path.cwd()]
-    return [d / name for d in dict.fromkeys(dirs) if (d / name).is_file()]
+    paths = [Path(os.path.expanduser("~")) / name, (cwd or Path.cwd()) / name]  # an absolute name is one file
+    return [p for p in dict.fromkeys(paths) if p.is_file()]
 
 
 def read_deepspeed_env(paths: list[Path]) -> list[EnvFileLine]:

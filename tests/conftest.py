@@ -109,8 +109,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return root / "corpus"
 
 
-LAUNCHER_CALLS = ("deepspeed_cmd", "run_until_checkpoint")
-"""The helpers above that start ranks through the real ``deepspeed`` launcher."""
+LAUNCHER_CALLS = ("deepspeed_cmd", "run_until_checkpoint", "DEEPSPEED")
+"""The helpers above that start ranks through the real ``deepspeed`` launcher, and its path itself."""
 
 
 def _launcher_helpers(module) -> set[str]:

@@ -124,3 +124,15 @@ def test_deepspeed_env_lines_the_launcher_cannot_read_are_named_by_line(tmp_path
     assert [(ln.number, ln.name, ln.value, ln.problem) for ln in lines] == [
         (1, "GLOO_SOCKET_IFNAME", "eth0", None), (2, "", "", "blank line"), (3, "# W&B", "", "comment"),
         (4, "WANDB_API_KEY", "abc=def", None), (5, "OMP_NUM_THREADS 4", "", "no NAME=value")]
+
+
+def test_the_preflight_check_fails_a_launching_shell_without_keepalives_or_with_a_bad_env_file(tmp_path):
+    from ds_kd.multinode import KEEPALIVE, launcher_items
+
+    path = tmp_path / ".deepspeed_env"
+    path.write_text("OMP_NUM_THREADS=4\n# a comment\n")
+    items = {i.item: i for i in launcher_items({}, read_deepspeed_env([path]))}
+    assert not items["keepalive"].ok and f'PDSH_SSH_ARGS_APPEND="{KEEPALIVE}"' in items["keepalive"].detail
+    assert not items[".deepspeed_env"].ok and f"{path}:2: comment" in items[".deepspeed_env"].detail
+    items = {i.item: i for i in launcher_items({"PDSH_SSH_ARGS_APPEND": KEEPALIVE}, [])}
+    assert items["keepalive"].ok and ".deepspeed_env" not in items
