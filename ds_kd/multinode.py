@@ -109,12 +109,12 @@ def ssh_transport(ssh_port: int | None = None, connect_timeout: int = 10) -> Tra
 def read_hostfile(path: Path) -> list[str]:
     """The hosts of a DeepSpeed hostfile (``host slots=N`` lines), in order; its own parser, so a hostfile the
     launcher refuses is refused here too (UsageError naming the file)."""
-    from deepspeed.launcher.runner import _parse_hostfile
+    from deepspeed.launcher.runner import fetch_hostfile
 
     if not path.is_file():
         raise UsageError(f"--hostfile {path}: no such file (lines of `host slots=N`)")
     try:
-        return list(_parse_hostfile(path.read_text().splitlines()))
+        return list(fetch_hostfile(str(path)))
     except ValueError as e:
         raise UsageError(f"--hostfile {path}: {e}") from None
 

@@ -63,7 +63,7 @@ def one_node(tiny_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_node") / "run"
     args = pretrain_args(tiny_corpus, out, 2)
     proc = run_cmd(deepspeed_cmd(args[0], args[1:], num_ranks=2),
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, tail(proc)
     return out
 
@@ -71,7 +71,8 @@ def one_node(tiny_corpus, tmp_path_factory) -> Path:
 def test_two_nodes_over_ssh_train_the_model_of_one_node_with_two_ranks(hosts, one_node, tiny_corpus, tmp_path):
     out = tmp_path / "run"
     start = time.time()
-    proc = run_cmd(over_ssh(hosts, hosts.hostfile(), pretrain_args(tiny_corpus, out, 2)), env=hosts.env())
+    proc = run_cmd(over_ssh(hosts, hosts.hostfile(), pretrain_args(tiny_corpus, out, 2)), env=hosts.env(),
+                   timeout=600)
     print(f"2 nodes x 1 rank over ssh: {time.time() - start:.0f} s")
     assert proc.returncode == 0, tail(proc)
     for address in hosts.addr:  # pdsh prefixes each host's lines with its name
@@ -117,7 +118,8 @@ def test_a_lost_node_ends_the_launcher_in_the_documented_bound_and_the_survivor_
     assert not (out / "manifest.json").exists()
     saved = int(latest.read_text().strip()[len("step"):])
     resume = pretrain_args(tiny_corpus, out, 1, "--resume")  # 1 rank x accumulation 2: the same global batch
-    proc = run_cmd(hosts.in_ns(0, *deepspeed_cmd(resume[0], resume[1:], num_ranks=1)), env=hosts.env())
+    proc = run_cmd(hosts.in_ns(0, *deepspeed_cmd(resume[0], resume[1:], num_ranks=1)), env=hosts.env(),
+                   timeout=600)
     assert proc.returncode == 0, tail(proc)
     got, want = losses(out), losses(one_node)
     for step in range(saved + 1, STEPS + 1):
