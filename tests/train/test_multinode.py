@@ -1,6 +1,6 @@
-"""Multi-node for real: two hosts (network namespaces with their own sshd, ``tests/multinode_hosts.py``) launched
+"""Multi-node for real: two hosts (network namespaces with their own sshd, ``tests/helpers/multinode_hosts.py``) launched
 with ``deepspeed --hostfile`` and its default pdsh launcher over ssh, a node's link cut after a checkpoint, and
-the pre-flight check ``python -m ds_kd.multinode check``. The machine must let us make namespaces (root, ``ip``,
+the pre-flight check ``python -m ds_kd.cli.multinode check``. The machine must let us make namespaces (root, ``ip``,
 sshd, pdsh; ``make test`` installs the packages where it can): else every test here is skipped, saying what is
 missing."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import multinode_hosts
-from conftest import DEEPSPEED, ROOT, deepspeed_cmd, free_port, run_cmd, tail
+from tests.helpers import multinode_hosts
+from tests.conftest import DEEPSPEED, ROOT, deepspeed_cmd, free_port, run_cmd, tail
 from ds_kd.logbook import read_metrics
 
 LACKS = multinode_hosts.missing()
@@ -132,7 +132,7 @@ def check(hosts, hostfile: Path, *args: str, env_file_text: str | None = None) -
         env_file = hosts.root / "check_env"
         env_file.write_text(env_file_text)
         env["DS_ENV_FILE"] = str(env_file)
-    proc = run_cmd(hosts.in_ns(0, sys.executable, "-m", "ds_kd.multinode", "check", "--hostfile", str(hostfile),
+    proc = run_cmd(hosts.in_ns(0, sys.executable, "-m", "ds_kd.cli.multinode", "check", "--hostfile", str(hostfile),
                                "--min-free-gb", "0.1", *args), env=env)
     print(proc.stdout)
     return proc

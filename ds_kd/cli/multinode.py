@@ -1,6 +1,6 @@
 """Pre-flight check of a multi-node run, before a run of days:
 
-    python -m ds_kd.multinode check --hostfile hostfile --out /shared/runs/teacher --data /shared/corpus
+    python -m ds_kd.cli.multinode check --hostfile hostfile --out /shared/runs/teacher --data /shared/corpus
 
 reaches every host of the hostfile over ssh (as DeepSpeed's pdsh launcher will) and reports per host and item:
 Python and the repository at this machine's absolute paths, the same commit and package versions, the
@@ -30,7 +30,7 @@ from typing import Callable
 from ds_kd.errors import UsageError
 from ds_kd.launcher_env import deepspeed_env_paths, read_deepspeed_env
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "deepspeed", "transformers", "tokenizers", "ds-kd")
 INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 KEEPALIVE = "-o ServerAliveInterval=10 -o ServerAliveCountMax=3"
@@ -219,9 +219,9 @@ def run_check(hosts: list[str], dirs: dict[str, Path], port: int, transport: Tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ds_kd.flags import HelpFormatter
+    from ds_kd.cli.flags import HelpFormatter
 
-    c = argparse.ArgumentParser(prog="python -m ds_kd.multinode", description=__doc__, formatter_class=HelpFormatter)
+    c = argparse.ArgumentParser(prog="python -m ds_kd.cli.multinode", description=__doc__, formatter_class=HelpFormatter)
     c.add_argument("command", choices=["check"], help="check: every host of --hostfile, before a multi-node run")
     c.add_argument("--hostfile", type=Path, required=True,
                    help="DeepSpeed hostfile (`host slots=N` lines), the one given to deepspeed --hostfile")

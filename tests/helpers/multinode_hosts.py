@@ -94,7 +94,7 @@ def sshd_config(root: Path, name: str, address: str) -> Path:
 
 def other_commit_head(root: Path) -> tuple[Path, Path]:
     """(this checkout's git HEAD file, a file naming its parent commit) for host B's second sshd."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     head = Path(sh("git", "-C", str(repo), "rev-parse", "--path-format=absolute", "--git-path", "HEAD").stdout.strip())
     other = root / "OTHER_HEAD"
     other.write_text(sh("git", "-C", str(repo), "rev-parse", "HEAD~1").stdout)

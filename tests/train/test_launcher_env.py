@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 
-from ds_kd import engine
+from ds_kd.train import engine
 from ds_kd.errors import UsageError
 from ds_kd.launcher_env import check_node_addresses, launcher_rank, read_deepspeed_env
 
@@ -128,7 +128,7 @@ def test_deepspeed_env_lines_the_launcher_cannot_read_are_named_by_line(tmp_path
 
 
 def test_the_preflight_check_fails_a_launching_shell_without_keepalives_or_with_a_bad_env_file(tmp_path):
-    from ds_kd.multinode import KEEPALIVE, launcher_items
+    from ds_kd.cli.multinode import KEEPALIVE, launcher_items
 
     path = tmp_path / ".deepspeed_env"
     path.write_text("OMP_NUM_THREADS=4\n# a comment\n")
