@@ -105,14 +105,17 @@ class TaskModel(nn.Module):
                 token_type_ids: torch.Tensor | None = None, word_start_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, intent_labels: torch.Tensor | None = None,
                 target_in: torch.Tensor | None = None, target_out: torch.Tensor | None = None,
-                output_hidden_states: bool = False, output_attention_scores: bool = False) -> TaskOutput:
+                output_hidden_states: bool = False, output_attention_scores: bool = False,
+                position_ids: torch.Tensor | None = None, sequence_ids: torch.Tensor | None = None) -> TaskOutput:
         """``labels``: [B] classes (pair) or [B, T] tags with -100 off word starts; ``intent_labels`` [B];
         ``target_in``/``target_out`` [B, U] decoder inputs / next-token ids (-100 padded). Without
-        ``target_in`` a parse model returns no logits (decode with ``decode``)."""
+        ``target_in`` a parse model returns no logits (decode with ``decode``). Packed rows of several sentences
+        (unlabelled transfer text) pass ``position_ids`` and ``sequence_ids`` [B, T] (``ds_kd.models.model.BertModel``):
+        per-token logits are then those of each sentence alone."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         enc = self.encoder(input_ids, attention_mask, self.segments(token_type_ids), output_hidden_states,
-                           output_attention_scores)
+                           output_attention_scores, position_ids=position_ids, sequence_ids=sequence_ids)
         hidden_BTD = enc.last_hidden_state
         logits, masks, targets = {}, {}, {}
         num = input_ids.shape[0]

@@ -109,30 +109,48 @@ def test_langs(root: Path | str, spec: TaskSpec) -> list[str]:
 def load_job_data(cfg: FinetuneConfig, spec: TaskSpec, tokenizer) -> JobData:
     """Read and encode English train and dev and every test language; report each file's unknown-token rate
     (``ds_kd.models.vocab_check``: a warning above 1% names the model directory and the file)."""
+    data = load_train_dev(cfg, spec, tokenizer, report=False)
+    tests, rates = load_test_data(cfg, spec, tokenizer, data.labels, report=False)
+    data.tests, data.unknown_token_rates = tests, {**data.unknown_token_rates, **rates}
+    report_unknown(cfg.model, data.unknown_token_rates)
+    return data
+
+
+def load_train_dev(cfg: FinetuneConfig, spec: TaskSpec, tokenizer, report: bool = True) -> JobData:
+    """English train and dev only (``tests`` left empty: a run that must not open a test file before its final
+    evaluation reads them later with ``load_test_data``); ``report``: warn about unknown-token rates now."""
     train = load_split(cfg.data, spec.name, "train", "en")[: cfg.max_train_examples]
     labels = build_labels(spec.kind, train)
     encoded = encode_records(tokenizer, spec.kind, train, labels, cfg.max_len)
     usable = [e for e in encoded
               if spec.kind != "parse" or (e.target is not None and len(e.target) <= MAX_TARGET_LEN)]
     longest = max((len(e.target) for e in usable), default=0) if spec.kind == "parse" else 0
-    rates: dict[str, float] = {}
-
-    def rate(name: str, lang: str, examples: list[Encoded]) -> None:
-        rates[str(split_path(cfg.data, spec.name, name, lang))] = unknown_rate(
-            (e.input_ids for e in examples), tokenizer.unk_token_id, tokenizer.all_special_ids)
-
-    def split(name: str, lang: str) -> tuple[list[dict], list[Encoded]]:
-        records = load_split(cfg.data, spec.name, name, lang)
-        examples = encode_records(tokenizer, spec.kind, records, labels, cfg.max_len)
-        rate(name, lang, examples)
-        return records, examples
-
-    rate("train", "en", encoded)
-    dev = split("dev", "en")
-    tests = {lang: split("test", lang) for lang in test_langs(cfg.data, spec)}
-    report_unknown(cfg.model, rates)
-    return JobData(labels, usable, dev, tests, len(encoded) - len(usable),
+    rates = {str(split_path(cfg.data, spec.name, "train", "en")): file_unknown_rate(encoded, tokenizer)}
+    dev_records = load_split(cfg.data, spec.name, "dev", "en")
+    dev = encode_records(tokenizer, spec.kind, dev_records, labels, cfg.max_len)
+    rates[str(split_path(cfg.data, spec.name, "dev", "en"))] = file_unknown_rate(dev, tokenizer)
+    if report:
+        report_unknown(cfg.model, rates)
+    return JobData(labels, usable, (dev_records, dev), {}, len(encoded) - len(usable),
                    min(MAX_TARGET_LEN, int(1.5 * longest) + 8) if spec.kind == "parse" else None, rates)
+
+
+def load_test_data(cfg: FinetuneConfig, spec: TaskSpec, tokenizer, labels: TaskLabels, report: bool = True
+                   ) -> tuple[dict[str, tuple[list[dict], list[Encoded]]], dict[str, float]]:
+    """Every test language's (records, encoded examples) and each file's unknown-token rate."""
+    tests, rates = {}, {}
+    for lang in test_langs(cfg.data, spec):
+        records = load_split(cfg.data, spec.name, "test", lang)
+        tests[lang] = records, encode_records(tokenizer, spec.kind, records, labels, cfg.max_len)
+        rates[str(split_path(cfg.data, spec.name, "test", lang))] = file_unknown_rate(tests[lang][1], tokenizer)
+    if report:
+        report_unknown(cfg.model, rates)
+    return tests, rates
+
+
+def file_unknown_rate(examples: list[Encoded], tokenizer) -> float:
+    """The share of the examples' tokens unknown to ``tokenizer`` (``ds_kd.models.vocab_check.unknown_rate``)."""
+    return unknown_rate((e.input_ids for e in examples), tokenizer.unk_token_id, tokenizer.all_special_ids)
 
 
 def build_optimizer(model: TaskModel, cfg: FinetuneConfig, num_steps: int, extra: list[nn.Parameter] = ()):

@@ -1,0 +1,505 @@
+"""The XtremeDistil run: ``run(TaskDistillConfig) -> FinetuneResult``, on any number of ranks.
+
+Every rank holds the frozen teacher (a task model of ``launch/finetune.py --save-model``) and a replica of the
+student; each optimizer step's global batch is split over the ranks and the gradients are summed (every loss is
+a sum over the rank's part divided by the global batch's count, so the step is the same on any number of
+ranks). The transfer set is a corpus of ``python -m data_prep corpus`` written with the teacher's tokenizer,
+read by the project's reader (``ds_kd.data.reader.ShardReader``: packed rows for per-token tasks, no masking) from
+one global order, so its position is a few integers; the teacher's outputs are computed online, in the same
+process (no cache to invalidate; the teacher's forward pass is the cost at scale, and a cache would have to be
+keyed by the teacher's digest and the data). The English labels are read in an order that is a pure function of
+(seed, step). English dev scores every ``eval_every`` steps of stages 2 and 3 (rank 0 scores, every rank
+follows); a sub-stage stops after ``patience`` scores without a new best, and the best dev weights so far are
+restored at the end of every sub-stage and before testing. Test files are read only then.
+
+The run directory::
+
+    <out>/checkpoint/last.pt   sub-stage, step in it, student and projections, optimizer, transfer position,
+                               label step, best dev score and weights, patience, per-sub-stage records
+    <out>/stages.json          one record per finished sub-stage (loss, trainable groups, steps, best dev score,
+                               stopped early, seconds)
+    <out>/model/               the student as a task model (``load_task_model``), with the tokenizer
+    <out>/result.json          the fine-tuning job's result (every test language, parameters, ...)
+    <out>/manifest.json        written last: settings, teacher, student config, stages, layer map
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ds_kd.train import engine as dist
+from ds_kd.errors import UsageError
+from ds_kd.finetune import state as job_state
+from ds_kd.finetune.data import IGNORE, collate
+from ds_kd.finetune.distill import teacher_model_dir
+from ds_kd.finetune.heads import TaskModel, load_task_model
+from ds_kd.finetune.job import (FinetuneConfig, FinetuneResult, Job, JobData, load_test_data, load_train_dev,
+                                result_from_dict, score_split, test_and_write)
+from ds_kd.finetune.xtremedistil import (EMBEDDINGS, STAGES, SubStage, attention_loss, build_projections,
+                                        layer_map, logit_loss, pca_embeddings, representation_loss, schedule,
+                                        set_trainable)
+from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, remove_outputs, rerun_action,
+                            write_manifest)
+from ds_kd.data.masking import MaskingConfig
+from ds_kd.models.model import BertModel, count_parameters, make_config
+from ds_kd.models.modeldir import load_tokenizer
+from ds_kd.data.tasks import get_task
+
+log = logging.getLogger("ds_kd")
+
+CHECKPOINT = job_state.CHECKPOINT
+LAST = "last.pt"
+STAGES_JSON = "stages.json"
+SETTINGS_JSON = "settings.json"
+OUTPUTS = ("result.json", "model", CHECKPOINT, STAGES_JSON, SETTINGS_JSON, "manifest.json")
+NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "threads", "name")
+
+
+@dataclass
+class TaskDistillConfig:
+    """One XtremeDistil run (``launch/task_distill.py``)."""
+
+    teacher: str
+    """Fine-tuned teacher: a task-model directory (``launch/finetune.py --save-model``) or a job holding model/."""
+    transfer: str
+    """Transfer set: a corpus directory of ``python -m data_prep corpus`` written with the teacher's tokenizer."""
+    task: str
+    """Task name (its English train/dev and every test language under ``data``)."""
+    data: str
+    """Normalised task-data root (``python -m data_prep tasks``)."""
+    out: str
+    """Run directory."""
+    student: str = "tiny-leanbert"
+    """Student shape: a preset name or a HF ``config.json`` (its vocabulary becomes the teacher's)."""
+    recipe: str = "xtremedistil"
+    """The recipe (only ``xtremedistil`` today)."""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run, in order: represent, logits, labels."""
+    gradual_unfreezing: bool = True
+    """Stages 2 and 3 unfreeze top-down one group at a time; False: one sub-stage per stage, all trainable."""
+    layer_map: str = "top"
+    """Stage 1's map of student hidden states onto the teacher's: top (top-aligned) or uniform (every k-th)."""
+    attention: bool = False
+    """Add attention-score MSE of the mapped layers to stage 1."""
+    temperature: float | None = None
+    """Stage 2: None for MSE on the raw logits (XtremeDistil); a temperature for soft cross-entropy instead."""
+    embeddings: str = "pca"
+    """Student word embeddings: pca (the teacher's compressed to the student's width), copy (same width) or random."""
+    freeze_embeddings: bool = False
+    """Keep the student's embeddings frozen throughout (and out of the unfreezing schedule)."""
+    transfer_batch: int = 32
+    """Transfer rows per optimizer step, all ranks together (packed rows of ``max_len`` for per-token tasks)."""
+    label_batch: int = 16
+    """English training examples per optimizer step of stage 3, all ranks together."""
+    represent_steps: int = 200
+    """Optimizer steps of stage 1."""
+    logits_steps: int = 100
+    """Optimizer steps of each sub-stage of stage 2 (fewer when it stops early)."""
+    labels_steps: int = 50
+    """Optimizer steps of each sub-stage of stage 3 (fewer when it stops early)."""
+    lr: float = 1e-3
+    """AdamW learning rate (constant; a fresh optimizer per sub-stage, as the official code recompiles)."""
+    eval_every: int = 25
+    """Score English dev every this many steps of stages 2 and 3 (and at each sub-stage's end)."""
+    patience: int = 3
+    """Dev scores without a new best after which a sub-stage stops early."""
+    max_len: int = 128
+    """Sub-words per transfer row and per labelled example."""
+    seed: int = 1
+    """Seed of the student's initialisation, the data orders and dropout."""
+    name: str | None = None
+    """Model name in result.json (default: the run directory's name)."""
+    num_workers: int = 1
+    """DataLoader workers per rank reading the transfer shards."""
+    save_every: int = 50
+    """Checkpoint every this many optimizer steps (and at every sub-stage's end)."""
+    threads: int | None = None
+    """torch CPU threads per rank (default: torch's)."""
+    resume: bool = False
+    """Continue an unfinished run from its checkpoint, on any number of ranks (same global batches)."""
+    overwrite: bool = False
+    """Start over when ``out`` holds a run."""
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        if self.recipe != "xtremedistil":
+            raise UsageError(f"--recipe {self.recipe!r}: the only recipe is xtremedistil")
+        if self.embeddings not in EMBEDDINGS:
+            raise UsageError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad or not self.stages:
+            raise UsageError(f"--stages takes some of {', '.join(STAGES)}, got {list(self.stages)}")
+        for name in ("transfer_batch", "label_batch", "eval_every", "patience", "save_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class Progress:
+    """Where the run is: everything a checkpoint restores besides weights and optimizer."""
+
+    sub_index: int = 0
+    step: int = 0
+    """Optimizer steps done in the current sub-stage."""
+    label_step: int = 0
+    """Optimizer steps of stage 3 done so far (the English order is a function of it)."""
+    best_score: float = float("-inf")
+    patience_used: int = 0
+    stage_loss: float = 0.0
+    """Sum of the current sub-stage's step losses."""
+    records: list[dict] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    """Every optimizer step's global loss, in order."""
+    seconds: float = 0.0
+
+
+def settings_of(cfg: TaskDistillConfig, teacher_dir: Path) -> dict:
+    """What determines the run's result (compared on a re-run): the config but paths of the output and speed
+    flags, the teacher's weights' digest, the transfer corpus's and the task data's manifests' digests."""
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    transfer = Path(cfg.transfer)
+    shards = transfer / "shards" if (transfer / "shards").is_dir() else transfer
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
+    settings.update(stages=list(cfg.stages), teacher=str(teacher_dir.resolve()),
+                    teacher_sha256=digest(teacher_dir / "task_model.safetensors"),
+                    transfer=str(shards.resolve()), transfer_manifest_sha256=digest(shards / "manifest.json"),
+                    data=str(Path(cfg.data).resolve()),
+                    data_manifest_sha256=digest(Path(cfg.data) / cfg.task / "manifest.json"))
+    return settings
+
+
+def plan_out(cfg: TaskDistillConfig, settings: dict) -> str:
+    """The re-run rule (``ds_kd.manifest.rerun_action``) on ``cfg.out``: start, skip, resume or overwrite."""
+    out = Path(cfg.out)
+    finished = has_manifest(out)
+    recorded = (json.loads((out / "manifest.json").read_text(encoding="utf-8"))["settings"] if finished
+                else read_json_file(out / SETTINGS_JSON))
+    return rerun_action(out, "task distillation", recorded, settings, finished=finished,
+                        unfinished=(out / CHECKPOINT / LAST).is_file(), overwrite=cfg.overwrite,
+                        resume=cfg.resume, can_extend=False)
+
+
+def build_student(cfg: TaskDistillConfig, teacher: TaskModel) -> TaskModel:
+    """The student task model: ``cfg.student``'s shape on the teacher's vocabulary, the teacher's head kind and
+    labels, word embeddings by ``cfg.embeddings`` (PCA of the teacher's, a copy, or random)."""
+    t_cfg = teacher.encoder.config
+    s_cfg = make_config(cfg.student, vocab_size=t_cfg.vocab_size, pad_token_id=t_cfg.pad_token_id,
+                        max_position_embeddings=t_cfg.max_position_embeddings)
+    student = TaskModel(BertModel(s_cfg), teacher.kind, teacher.labels, **teacher.head_args,
+                        segment_ids_trained=teacher.segment_ids_trained)
+    words = teacher.encoder.embeddings.word_embeddings.weight.detach()
+    if cfg.embeddings == "copy" and s_cfg.hidden_size != t_cfg.hidden_size:
+        raise UsageError(f"--embeddings copy needs the teacher's width {t_cfg.hidden_size}; the student "
+                         f"{cfg.student} has {s_cfg.hidden_size}: use --embeddings pca")
+    with torch.no_grad():
+        if cfg.embeddings == "pca":
+            student.encoder.embeddings.word_embeddings.weight.copy_(pca_embeddings(words, s_cfg.hidden_size))
+        elif cfg.embeddings == "copy":
+            student.encoder.embeddings.word_embeddings.weight.copy_(words)
+    return student
+
+
+class Runner:
+    """The run's state on one rank: teacher, student, projections, data, progress; ``run()`` drives it."""
+
+    def __init__(self, cfg: TaskDistillConfig, teacher_dir: Path, settings: dict):
+        from ds_kd.data.reader import ReaderConfig, ShardReader
+        from ds_kd.data.tokenizer_files import load_pretrained
+        from ds_kd.train.training import resolve_data
+
+        self.cfg, self.settings, self.out = cfg, settings, Path(cfg.out)
+        self.spec = get_task(cfg.task)
+        self.teacher, _ = load_task_model(teacher_dir)
+        self.teacher.requires_grad_(False).eval()
+        corpus = resolve_data(cfg.transfer, None)
+        self.tokenizer = load_tokenizer(teacher_dir, "task distillation (--teacher)")
+        if load_pretrained(corpus.tokenizer_dir).get_vocab() != self.tokenizer.get_vocab():
+            raise UsageError(f"{teacher_dir}: the teacher's tokenizer is not the one {cfg.transfer}'s shards were "
+                             f"written with: write the transfer corpus with `python -m data_prep corpus --tokenizer "
+                             f"{teacher_dir}`")
+        self.ft_cfg = FinetuneConfig(model=str(teacher_dir), task=cfg.task, data=cfg.data, out=cfg.out,
+                                     seed=cfg.seed, name=cfg.name or self.out.resolve().name,
+                                     batch_size=cfg.label_batch, max_len=cfg.max_len, save_model=True,
+                                     device="cpu", threads=cfg.threads)
+        self.data = load_train_dev(self.ft_cfg, self.spec, self.tokenizer)  # no test file is read here
+        if self.data.labels.to_dict() != self.teacher.labels.to_dict():
+            raise UsageError(f"{teacher_dir}: the teacher's label sets differ from those of {cfg.data}/{cfg.task}'s "
+                             f"English training data: fine-tune the teacher on the same task data")
+        torch.manual_seed(cfg.seed)  # every rank builds the same student
+        self.student = build_student(cfg, self.teacher)
+        s_cfg, t_cfg = self.student.encoder.config, self.teacher.encoder.config
+        self.mapped = layer_map(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, cfg.layer_map)
+        self.projections = build_projections(s_cfg.hidden_size, t_cfg.hidden_size, len(self.mapped),
+                                             s_cfg.initializer_range)
+        self.plan = schedule(s_cfg.num_hidden_layers, cfg.freeze_embeddings, cfg.stages)
+        if not cfg.gradual_unfreezing:
+            self.plan = [sub for sub in self.plan if sub.stage == "represent"] + [
+                next(s for s in reversed(self.plan) if s.stage == stage) for stage in cfg.stages
+                if stage != "represent"]
+        world = dist.world_size()
+        for name in ("transfer_batch", "label_batch"):
+            if getattr(cfg, name) % world:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not a multiple of the "
+                                 f"{world} ranks")
+        packing = self.spec.kind == "tagging"  # per-token logits: packed rows; per-example heads read [CLS]
+        self.reader = ShardReader(ReaderConfig(
+            shard_dir=str(corpus.shard_dir), split="train", micro_batch_size=cfg.transfer_batch // world,
+            seed=cfg.seed, num_workers=cfg.num_workers, max_len=cfg.max_len, packing=packing,
+            masking=MaskingConfig(mlm_probability=0.0)), dist.rank(), world)
+        self.transfer_iter = None
+        self.progress = Progress()
+        self.best_state: dict | None = None
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def trainable(self, sub: SubStage) -> list[torch.nn.Parameter]:
+        params = set_trainable(self.student, sub.groups)
+        if sub.stage == "represent":
+            params += list(self.projections.parameters())
+        return params
+
+    def transfer_loss(self, sub: SubStage) -> torch.Tensor:
+        if self.transfer_iter is None:
+            self.transfer_iter = iter(self.reader)
+        batch = next(self.transfer_iter)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
+        real_BT = batch["attention_mask"].bool()
+        represent = sub.stage == "represent"
+        want_scores = represent and self.cfg.attention
+        with torch.no_grad():
+            ref = self.teacher(**inputs, output_hidden_states=represent, output_attention_scores=want_scores)
+        out = self.student(**inputs, output_hidden_states=represent, output_attention_scores=want_scores)
+        if represent:
+            tokens = global_count(real_BT.sum())
+            loss = representation_loss(out.encoder.hidden_states, ref.encoder.hidden_states, real_BT, self.mapped,
+                                       self.projections, tokens)
+            if want_scores:
+                keep = batch["sequence_ids"] if batch.get("sequence_ids") is not None else batch["attention_mask"]
+                pairs = global_count(sum(int(n) ** 2 for n in sentence_lengths(keep)))
+                loss = loss + attention_loss(out.encoder.attention_scores, ref.encoder.attention_scores, keep,
+                                             self.mapped, pairs)
+            return loss
+        key = next(iter(out.logits))
+        real = real_BT if out.logits[key].dim() == 3 else torch.ones_like(real_BT[:, 0])
+        return logit_loss(out.logits[key], ref.logits[key], real, self.cfg.temperature, global_count(real.sum()))
+
+    def labels_loss(self) -> torch.Tensor:
+        indices = label_batch_indices(len(self.data.train), self.cfg.label_batch, self.cfg.seed,
+                                      self.progress.label_step, dist.rank(), dist.world_size())
+        batch = collate([self.data.train[i] for i in indices], self.spec.kind)
+        out = self.student(**batch)
+        targets = {"classes": batch.get("labels"), "tags": batch.get("labels"), "intents": batch.get("intent_labels")}
+        total, count = 0.0, 0
+        for key, logits in out.logits.items():
+            target = targets[key]
+            total = total + F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
+            count += int(target.ne(IGNORE).sum())
+        return total / max(1.0, global_count(count))
+
+    def step(self, sub: SubStage, params: list, optimizer: torch.optim.Optimizer) -> float:
+        step_number = len(self.progress.losses)
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step_number * 101 + dist.rank())  # dropout, per step
+        self.student.train()
+        loss = self.labels_loss() if sub.stage == "labels" else self.transfer_loss(sub)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sum_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if sub.stage == "labels":
+            self.progress.label_step += 1
+        return float(dist.all_reduce(loss.detach().clone()))
+
+    # -- dev, best weights, checkpoints --------------------------------------------------------------------
+    def dev_score(self) -> float:
+        score = None
+        if dist.is_main():
+            job = self.job()
+            score = score_split(job, *self.data.dev, desc="dev en")[self.spec.metric]
+        return dist.broadcast_object(score)
+
+    def job(self) -> Job:
+        return Job(self.ft_cfg, self.spec, torch.device("cpu"), self.tokenizer, self.data, self.student,
+                   torch.Generator(), time.time() - self.progress.seconds, self.settings)
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def save(self, optimizer) -> None:
+        if dist.is_main():
+            ckpt = self.out / CHECKPOINT
+            ckpt.mkdir(parents=True, exist_ok=True)
+            saved = {"progress": asdict(self.progress), "student": self.student.state_dict(),
+                     "projections": self.projections.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
+                     "reader": self.reader.state_dict(), "best_state": self.best_state,
+                     "python_rng": random.getstate()}
+            torch.save(saved, ckpt / (LAST + ".tmp"))
+            (ckpt / (LAST + ".tmp")).replace(ckpt / LAST)
+        dist.barrier()
+
+    def load(self) -> dict | None:
+        path = self.out / CHECKPOINT / LAST
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        self.progress = Progress(**saved["progress"])
+        self.student.load_state_dict(saved["student"])
+        self.projections.load_state_dict(saved["projections"])
+        self.reader.load_state_dict(saved["reader"])
+        self.best_state = saved["best_state"]
+        log.info("resumed %s at sub-stage %d (%s), step %d", self.out, self.progress.sub_index,
+                 self.plan[self.progress.sub_index].name, self.progress.step)
+        return saved
+
+    # -- the schedule --------------------------------------------------------------------------------------
+    def run_sub_stage(self, sub: SubStage, budget: int, saved: dict | None) -> dict:
+        """Train ``sub`` for ``budget`` steps (fewer when dev stops improving); returns its record."""
+        p, started = self.progress, time.time()
+        params = self.trainable(sub)
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.01)
+        if saved is not None and saved["optimizer"] is not None:  # saved mid-way through this sub-stage
+            optimizer.load_state_dict(saved["optimizer"])
+        scored = sub.stage != "represent"
+        stopped = False
+        while p.step < budget and not stopped:
+            loss = self.step(sub, params, optimizer)
+            p.step += 1
+            p.losses.append(loss)
+            p.stage_loss += loss
+            if scored and (p.step % self.cfg.eval_every == 0 or p.step == budget):
+                stopped = self.score_and_keep()
+            if p.step % self.cfg.save_every == 0 and p.step < budget and not stopped:
+                self.save(optimizer)
+        if scored and self.best_state is not None:
+            self.student.load_state_dict(self.best_state)  # continue from the best dev weights so far
+        record = {"sub_stage": sub.name, "stage": sub.stage, "trainable": list(sub.groups), "steps": p.step,
+                  "mean_loss": p.stage_loss / max(1, p.step), "best_dev": p.best_score if scored else None,
+                  "stopped_early": stopped, "seconds": round(time.time() - started, 3)}
+        log.info("[task-distill] %s: %s", sub.name, record)
+        p.records.append(record)
+        p.sub_index, p.step, p.stage_loss, p.patience_used = p.sub_index + 1, 0, 0.0, 0
+        self.save(None)  # the next sub-stage starts with a fresh optimizer
+        if dist.is_main():
+            atomic_write_text(self.out / STAGES_JSON, json.dumps(p.records, indent=2) + "\n")
+        return record
+
+    def score_and_keep(self) -> bool:
+        """Score dev; keep the weights when best so far; True when ``patience`` scores passed without a new best."""
+        p = self.progress
+        score = self.dev_score()
+        if score > p.best_score:
+            p.best_score, p.patience_used, self.best_state = score, 0, self.snapshot()
+        else:
+            p.patience_used += 1
+        return p.patience_used >= self.cfg.patience
+
+    def run(self, resume: bool) -> FinetuneResult | None:
+        saved = self.load() if resume else None
+        budgets = {"represent": self.cfg.represent_steps, "logits": self.cfg.logits_steps,
+                   "labels": self.cfg.labels_steps}
+        t0 = time.time() - self.progress.seconds
+        for index in range(self.progress.sub_index, len(self.plan)):
+            sub = self.plan[index]
+            self.progress.seconds = time.time() - t0
+            self.run_sub_stage(sub, budgets[sub.stage], saved if saved and index == saved["progress"]["sub_index"]
+                               else None)
+        if self.best_state is not None:
+            self.student.load_state_dict(self.best_state)
+        if not dist.is_main():
+            return None
+        return self.finish()
+
+    def finish(self) -> FinetuneResult:
+        """Rank 0: read the test files now, test every language, write model/, result.json and manifest.json."""
+        tests, rates = load_test_data(self.ft_cfg, self.spec, self.tokenizer, self.data.labels)
+        data = replace(self.data, tests=tests, unknown_token_rates={**self.data.unknown_token_rates, **rates})
+        job = replace(self.job(), data=data)
+        best = max((r["best_dev"] for r in self.progress.records if r["best_dev"] is not None), default=float("nan"))
+        result = test_and_write(job, len(self.progress.records), best, self.progress.records)
+        s_cfg = self.student.encoder.config
+        write_manifest(self.out, "task_distill", settings=self.settings, recipe=self.cfg.recipe,
+                       teacher=self.settings["teacher"], student_config=asdict(s_cfg), layer_map=self.mapped,
+                       stages=self.progress.records, losses=self.progress.losses, export="model",
+                       num_params=result.num_params,
+                       num_params_encoder_non_embedding=count_parameters(self.student.encoder, False),
+                       teacher_num_params_encoder_non_embedding=count_parameters(self.teacher.encoder, False),
+                       en=result.en, zero_shot_avg_paper=result.zero_shot_avg_paper, seconds=result.seconds)
+        return result
+
+
+def global_count(count) -> float:
+    """The whole global batch's count (summed over ranks) of a per-rank ``count``."""
+    return float(dist.all_reduce(torch.tensor(float(count), dtype=torch.float64)))
+
+
+def sentence_lengths(keep_BT: torch.Tensor) -> list[int]:
+    """Tokens per sentence of a batch: ``keep_BT`` is a 0/1 mask (one sentence per row) or sequence ids."""
+    if keep_BT.max() <= 1:
+        return keep_BT.sum(dim=1).tolist()
+    return [int(n) for row in keep_BT for n in torch.bincount(row)[1:] if n > 0]
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over the ranks, in one flat all-reduce (a missing gradient counts 0)."""
+    if dist.world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist.all_reduce(torch.cat([g.flatten() for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def label_batch_indices(num_examples: int, batch: int, seed: int, step: int, rank: int, world: int) -> list[int]:
+    """The English examples of rank ``rank``'s part of stage-3 step ``step``: a seeded permutation per epoch,
+    cut into global batches of ``batch`` (the last, short one dropped), each split into ``world`` equal parts."""
+    per_epoch = max(1, num_examples // batch)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    chunk = order[index * batch: (index + 1) * batch]
+    share = len(chunk) // world
+    return chunk[rank * share: (rank + 1) * share]
+
+
+def run(cfg: TaskDistillConfig) -> FinetuneResult:
+    """Distil ``cfg.teacher`` into a fresh ``cfg.student`` by XtremeDistil's stages; see the module docstring.
+    Every rank calls it; rank 0 returns the result (others return the one written). Refusals (UsageError,
+    FileExistsError) come before any work."""
+    teacher_dir = teacher_model_dir(cfg.teacher)
+    settings = settings_of(cfg, teacher_dir)
+    action = plan_out(cfg, settings)
+    out = Path(cfg.out)
+    if action == "skip":
+        log.info("%s/manifest.json: finished with the same settings: skipped (--overwrite runs it again)", out)
+        return result_from_dict(json.loads((out / "result.json").read_text(encoding="utf-8")))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process needs no group (and no DeepSpeed op build)
+        dist.init_distributed()
+    runner = Runner(cfg, teacher_dir, settings)
+    if dist.is_main():
+        if action == "overwrite":
+            remove_outputs(out, OUTPUTS)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / SETTINGS_JSON, json.dumps(settings, indent=2, default=str) + "\n")
+    dist.barrier()
+    log.info("[task-distill] %s -> %s: layer map %s, %d sub-stages: %s", teacher_dir, cfg.student, runner.mapped,
+             len(runner.plan), ", ".join(s.name for s in runner.plan))
+    result = runner.run(resume=action == "resume")
+    dist.barrier()
+    return result or result_from_dict(json.loads((out / "result.json").read_text(encoding="utf-8")))
