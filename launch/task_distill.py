@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "stages":
             p.add_argument(flag, nargs="+", choices=STAGES, default=list(STAGES), help=doc)
         elif f.name == "gradual_unfreezing":
-            p.add_argument("--no-gradual-unfreezing", dest=f.name, action="store_false", help=doc)
+            p.add_argument("--no-gradual-unfreezing", dest=f.name, action="store_false",
+                           help="Train every group at once in stages 2 and 3 (one sub-stage each) instead of "
+                                "unfreezing top-down one group at a time.")
         elif f.type == "bool":
             p.add_argument(flag, action="store_true", help=doc)
         else:

@@ -61,6 +61,8 @@ LAST = "last.pt"
 STAGES_JSON = "stages.json"
 SETTINGS_JSON = "settings.json"
 OUTPUTS = ("result.json", "model", CHECKPOINT, STAGES_JSON, SETTINGS_JSON, "manifest.json")
+KINDS = ("tagging", "pair")
+"""Task kinds distilled: one logits entry per token or per example."""
 NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "threads", "name")
 
 
@@ -85,7 +87,8 @@ class TaskDistillConfig:
     stages: tuple[str, ...] = STAGES
     """Stages to run, in order: represent, logits, labels."""
     gradual_unfreezing: bool = True
-    """Stages 2 and 3 unfreeze top-down one group at a time; False: one sub-stage per stage, all trainable."""
+    """Stages 2 and 3 unfreeze top-down one group at a time (the head alone first); False
+    (``--no-gradual-unfreezing``): one sub-stage per stage with every group trainable at once."""
     layer_map: str = "top"
     """Stage 1's map of student hidden states onto the teacher's: top (top-aligned) or uniform (every k-th)."""
     attention: bool = False
@@ -130,7 +133,9 @@ class TaskDistillConfig:
     """Start over when ``out`` holds a run."""
 
     def __post_init__(self) -> None:
-        get_task(self.task)
+        if get_task(self.task).kind not in KINDS:
+            raise UsageError(f"--task {self.task}: XtremeDistil is done for token tagging (wikiann) and sentence-pair "
+                             f"classification (xnli, pawsx); not for intent and slots (matis) or parsing (mtop)")
         if self.recipe != "xtremedistil":
             raise UsageError(f"--recipe {self.recipe!r}: the only recipe is xtremedistil")
         if self.embeddings not in EMBEDDINGS:

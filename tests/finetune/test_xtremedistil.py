@@ -44,6 +44,15 @@ def test_layer_maps_top_aligned_uniform_and_a_shallower_teacher_refused():
         layer_map(12, 5, "uniform")
 
 
+def test_tasks_without_one_logits_entry_are_refused_by_name():
+    from ds_kd.errors import UsageError
+    from ds_kd.finetune.xtremedistil_run import TaskDistillConfig
+
+    for task in ("matis", "mtop"):
+        with pytest.raises(UsageError, match=f"--task {task}"):
+            TaskDistillConfig(teacher="t", transfer="c", task=task, data="d", out="o")
+
+
 def tiny_student(layers: int = 2):
     from ds_kd.finetune.data import TaskLabels
     from ds_kd.finetune.heads import TaskModel
