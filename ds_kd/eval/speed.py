@@ -104,16 +104,21 @@ def time_pass(encoder: torch.nn.Module, batches: list[tuple]) -> float:
 
 
 def load_timed(name: str, directory: Path | str) -> Timed:
-    """The encoder of ``directory`` (its MLM head dropped), after checking its tokenizer belongs to it."""
+    """The encoder of ``directory`` (its MLM head dropped), after checking its tokenizer belongs to it; a
+    fine-tuned task model (``launch/finetune.py --save-model``, an XtremeDistil student) gives its encoder."""
+    from ds_kd.finetune.heads import TASK_MODEL_JSON, load_task_model
     from ds_kd.models.model import BertForMaskedLM
     from ds_kd.models.modeldir import load_tokenizer
 
     tokenizer = load_tokenizer(directory, f"speed (--models {name})")
-    model = BertForMaskedLM.from_pretrained(directory).eval()
-    c = model.config
+    if (Path(directory) / TASK_MODEL_JSON).is_file():
+        encoder = load_task_model(directory)[0].encoder.eval()
+    else:
+        encoder = BertForMaskedLM.from_pretrained(directory).eval().bert
+    c = encoder.config
     shape = {"num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_heads": c.num_attention_heads,
              "ffn_size": c.intermediate_size, "vocab_size": c.vocab_size}
-    return Timed(name, str(directory), model.bert, c.vocab_size, shape, tokenizer)
+    return Timed(name, str(directory), encoder, c.vocab_size, shape, tokenizer)
 
 
 def count_encoder(timed: Timed) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import deepspeed_cmd, run_cmd, tail
+from tests.conftest import deepspeed_cmd, load_script, run_cmd, tail
 from tests.helpers.finetune_fixtures import write_task_data
 
 
@@ -193,6 +193,17 @@ def test_a_run_reads_no_test_file_before_its_final_evaluation_and_writes_its_rec
     teacher, _ = load_task_model(xd_inputs["teacher"])
     pca = pca_embeddings(teacher.encoder.embeddings.word_embeddings.weight.detach(), 32)
     assert torch.equal(student.encoder.embeddings.word_embeddings.weight, pca)
+    # launch/speed.py takes the student and the teacher task models like any encoder
+    heldout = tmp_path / "heldout" / "en"
+    heldout.mkdir(parents=True)
+    (heldout / "help.txt").write_text("john visited paris today with mary\n" * 4)
+    assert load_script("speed").main(["--models", f"teacher={xd_inputs['teacher']}", f"student={out / 'model'}",
+                                      "--teacher-of", "student=teacher", "--heldout", str(tmp_path / "heldout"),
+                                      "--out", str(tmp_path / "speed"), "--num-sentences", "4", "--batch-size", "2",
+                                      "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    speed = json.loads((tmp_path / "speed" / "speed.json").read_text())["models"]
+    assert (speed["student"]["num_layers"], speed["student"]["hidden_size"]) == (2, 32)
+    assert (speed["teacher"]["num_layers"], speed["teacher"]["hidden_size"]) == (6, 48)
     # a re-run with the same settings is skipped; other settings are refused naming them
     assert xr.run(config(xd_inputs, out, freeze_embeddings=True)).en == result.en
     with pytest.raises(FileExistsError, match="lr"):
