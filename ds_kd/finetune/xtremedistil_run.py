@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_kd.train import engine as dist
+from ds_kd.train.loop import to_device
 from ds_kd.errors import UsageError
 from ds_kd.finetune import state as job_state
 from ds_kd.finetune.data import IGNORE, collate
@@ -228,7 +229,7 @@ class Runner:
         self.cfg, self.settings, self.out = cfg, settings, Path(cfg.out)
         self.spec = get_task(cfg.task)
         self.teacher, _ = load_task_model(teacher_dir)
-        self.teacher.requires_grad_(False).eval()
+        self.teacher.requires_grad_(False).eval().to(dist.device())
         corpus = resolve_data(cfg.transfer, None)
         self.tokenizer = load_tokenizer(teacher_dir, "task distillation (--teacher)")
         if load_pretrained(corpus.tokenizer_dir).get_vocab() != self.tokenizer.get_vocab():
@@ -238,7 +239,7 @@ class Runner:
         self.ft_cfg = FinetuneConfig(model=str(teacher_dir), task=cfg.task, data=cfg.data, out=cfg.out,
                                      seed=cfg.seed, name=cfg.name or self.out.resolve().name,
                                      batch_size=cfg.label_batch, max_len=cfg.max_len, save_model=True,
-                                     device="cpu", threads=cfg.threads)
+                                     device=str(dist.device()), threads=cfg.threads)
         self.data = load_train_dev(self.ft_cfg, self.spec, self.tokenizer)  # no test file is read here
         if self.data.labels.to_dict() != self.teacher.labels.to_dict():
             raise UsageError(f"{teacher_dir}: the teacher's label sets differ from those of {cfg.data}/{cfg.task}'s "
@@ -249,6 +250,7 @@ class Runner:
         self.mapped = layer_map(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, cfg.layer_map)
         self.projections = build_projections(s_cfg.hidden_size, t_cfg.hidden_size, len(self.mapped),
                                              s_cfg.initializer_range)
+        self.student.to(dist.device()), self.projections.to(dist.device())
         self.plan = schedule(s_cfg.num_hidden_layers, cfg.freeze_embeddings, cfg.stages)
         if not cfg.gradual_unfreezing:
             self.plan = [sub for sub in self.plan if sub.stage == "represent"] + [
@@ -278,7 +280,7 @@ class Runner:
     def transfer_loss(self, sub: SubStage) -> torch.Tensor:
         if self.transfer_iter is None:
             self.transfer_iter = iter(self.reader)
-        batch = next(self.transfer_iter)
+        batch = to_device(next(self.transfer_iter), dist.device())
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
         real_BT = batch["attention_mask"].bool()
@@ -304,7 +306,7 @@ class Runner:
     def labels_loss(self) -> torch.Tensor:
         indices = label_batch_indices(len(self.data.train), self.cfg.label_batch, self.cfg.seed,
                                       self.progress.label_step, dist.rank(), dist.world_size())
-        batch = collate([self.data.train[i] for i in indices], self.spec.kind)
+        batch = to_device(collate([self.data.train[i] for i in indices], self.spec.kind), dist.device())
         out = self.student(**batch)
         targets = {"classes": batch.get("labels"), "tags": batch.get("labels"), "intents": batch.get("intent_labels")}
         total, count = 0.0, 0
@@ -338,7 +340,7 @@ class Runner:
         return dist.broadcast_object(score)
 
     def job(self) -> Job:
-        return Job(self.ft_cfg, self.spec, torch.device("cpu"), self.tokenizer, self.data, self.student,
+        return Job(self.ft_cfg, self.spec, dist.device(), self.tokenizer, self.data, self.student,
                    torch.Generator(), time.time() - self.progress.seconds, self.settings)
 
     def snapshot(self) -> dict:
@@ -448,7 +450,7 @@ class Runner:
 
 def global_count(count) -> float:
     """The whole global batch's count (summed over ranks) of a per-rank ``count``."""
-    return float(dist.all_reduce(torch.tensor(float(count), dtype=torch.float64)))
+    return float(dist.all_reduce(torch.tensor(float(count), dtype=torch.float64, device=dist.device())))
 
 
 def sentence_lengths(keep_BT: torch.Tensor) -> list[int]:
