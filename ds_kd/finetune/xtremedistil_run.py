@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,8 +42,8 @@ from ds_kd.finetune import state as job_state
 from ds_kd.finetune.data import IGNORE, collate
 from ds_kd.finetune.distill import teacher_model_dir
 from ds_kd.finetune.heads import TaskModel, load_task_model
-from ds_kd.finetune.job import (FinetuneConfig, FinetuneResult, Job, JobData, load_test_data, load_train_dev,
-                                result_from_dict, score_split, test_and_write)
+from ds_kd.finetune.job import (FinetuneConfig, FinetuneResult, Job, load_test_data, load_train_dev, result_from_dict,
+                                score_split, test_and_write)
 from ds_kd.finetune.xtremedistil import (EMBEDDINGS, STAGES, SubStage, attention_loss, build_projections,
                                         layer_map, logit_loss, pca_embeddings, representation_loss, schedule,
                                         set_trainable)
@@ -352,8 +351,7 @@ class Runner:
             ckpt.mkdir(parents=True, exist_ok=True)
             saved = {"progress": asdict(self.progress), "student": self.student.state_dict(),
                      "projections": self.projections.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
-                     "reader": self.reader.state_dict(), "best_state": self.best_state,
-                     "python_rng": random.getstate()}
+                     "reader": self.reader.state_dict(), "best_state": self.best_state}
             torch.save(saved, ckpt / (LAST + ".tmp"))
             (ckpt / (LAST + ".tmp")).replace(ckpt / LAST)
         dist.barrier()

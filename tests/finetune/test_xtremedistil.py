@@ -70,8 +70,8 @@ def test_the_trainable_set_of_every_sub_stage(frozen):
     student = tiny_student(2)
     plan = schedule(2, freeze_embeddings=frozen)
     emb = [] if frozen else ["embeddings"]
-    unfreeze = [["head"], ["head", "layer_2"], ["head", "layer_2", "layer_1"]] + ([["head", "layer_2", "layer_1",
-                                                                                    "embeddings"]] if not frozen else [])
+    unfreeze = [["head"], ["head", "layer_2"], ["head", "layer_2", "layer_1"]]
+    unfreeze += [] if frozen else [["head", "layer_2", "layer_1", "embeddings"]]
     assert [(s.stage, list(s.groups)) for s in plan] == (
         [("represent", ["layer_2", "layer_1", *emb])] + [("logits", g) for g in unfreeze]
         + [("labels", g) for g in unfreeze])
@@ -169,7 +169,8 @@ def test_a_run_reads_no_test_file_before_its_final_evaluation_and_writes_its_rec
     from ds_kd.finetune.xtremedistil import pca_embeddings
 
     events, opened = [], tasks.open_text
-    monkeypatch.setattr(tasks, "open_text", lambda path, *a, **k: events.append(Path(path).name) or opened(path, *a, **k))
+    monkeypatch.setattr(tasks, "open_text",
+                        lambda path, *a, **k: events.append(Path(path).name) or opened(path, *a, **k))
     finish = xr.Runner.finish
     monkeypatch.setattr(xr.Runner, "finish", lambda self: events.append("FINISH") or finish(self))
     out = tmp_path / "run"
