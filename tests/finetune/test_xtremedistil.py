@@ -135,14 +135,16 @@ def xd_inputs(tiny_corpus, tmp_path_factory):
     from ds_kd.train.training import resolve_data
 
     root = tmp_path_factory.mktemp("xd")
-    data = write_task_data(root / "tasks", "wikiann", "tagging", ["en", "fr", "de"], num_train=24, num_eval=8)
     corpus = resolve_data(tiny_corpus, None)
     tokenizer = load_pretrained(corpus.tokenizer_dir)
-    labels = build_labels("tagging", load_split(data, "wikiann", "train", "en"))
-    torch.manual_seed(3)
-    encoder = BertModel(make_config("tiny-base", vocab_size=corpus.vocab_size, pad_token_id=corpus.special_ids["pad"]))
-    save_task_model(TaskModel(encoder, "tagging", labels, segment_ids_trained=False), root / "teacher", tokenizer,
-                    task="wikiann")
+    for task, kind, teacher in (("wikiann", "tagging", "teacher"), ("xnli", "pair", "pair-teacher")):
+        data = write_task_data(root / "tasks", task, kind, ["en", "fr", "de"], num_train=24, num_eval=8)
+        labels = build_labels(kind, load_split(data, task, "train", "en"))
+        torch.manual_seed(3)
+        encoder = BertModel(make_config("tiny-base", vocab_size=corpus.vocab_size,
+                                        pad_token_id=corpus.special_ids["pad"]))
+        save_task_model(TaskModel(encoder, kind, labels, segment_ids_trained=False), root / teacher, tokenizer,
+                        task=task)
     student = BertConfig(vocab_size=corpus.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
@@ -209,6 +211,18 @@ def test_a_run_reads_no_test_file_before_its_final_evaluation_and_writes_its_rec
     assert xr.run(config(xd_inputs, out, freeze_embeddings=True)).en == result.en
     with pytest.raises(FileExistsError, match="lr"):
         xr.run(config(xd_inputs, out, freeze_embeddings=True, lr=2e-3))
+
+
+def test_a_sentence_pair_teacher_is_distilled_through_its_classes(xd_inputs, tmp_path):
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    out = tmp_path / "pair"
+    result = xr.run(config(xd_inputs, out, task="xnli", teacher=str(xd_inputs["root"] / "pair-teacher"),
+                           layer_map="uniform", embeddings="random"))
+    assert result.task == "xnli" and set(result.scores) == {"en", "fr", "de"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layer_map"] == [0, 3, 6] and len(manifest["losses"]) == 3 + 2 * 4 * 2  # embeddings unfreeze
+    assert all(loss == loss and loss >= 0 for loss in manifest["losses"])  # finite: the logits MSE ran on classes
 
 
 def test_frozen_embeddings_stay_out_of_the_optimizer(xd_inputs, tmp_path):
