@@ -125,8 +125,9 @@ def test_the_logit_loss_counts_real_tokens_only_padded_and_packed():
 
 @pytest.fixture(scope="module")
 def xd_inputs(tiny_corpus, tmp_path_factory):
-    """A tiny tagging teacher (6 layers, width 48) on the corpus's tokenizer, the task data, a student config
-    of width 32 without dropout (so that runs on any number of ranks compare exactly)."""
+    """Tiny tagging and sentence-pair teachers (6 layers, width 48) on the corpus's tokenizer, their task data, a
+    student config of width 32; no dropout in the student's encoder or in the head it takes from its teacher, so
+    that runs on any number of ranks compare exactly."""
     from ds_kd.finetune.data import build_labels
     from ds_kd.finetune.heads import TaskModel, save_task_model
     from ds_kd.models.model import BertConfig, BertModel, make_config
@@ -143,8 +144,8 @@ def xd_inputs(tiny_corpus, tmp_path_factory):
         torch.manual_seed(3)
         encoder = BertModel(make_config("tiny-base", vocab_size=corpus.vocab_size,
                                         pad_token_id=corpus.special_ids["pad"]))
-        save_task_model(TaskModel(encoder, kind, labels, segment_ids_trained=False), root / teacher, tokenizer,
-                        task=task)
+        save_task_model(TaskModel(encoder, kind, labels, dropout=0.0, segment_ids_trained=False), root / teacher,
+                        tokenizer, task=task)
     student = BertConfig(vocab_size=corpus.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
