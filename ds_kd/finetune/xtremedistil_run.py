@@ -63,7 +63,7 @@ SETTINGS_JSON = "settings.json"
 OUTPUTS = ("result.json", "model", CHECKPOINT, STAGES_JSON, SETTINGS_JSON, "manifest.json")
 KINDS = ("tagging", "pair")
 """Task kinds distilled: one logits entry per token or per example."""
-NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "threads", "name")
+NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "log_every", "threads", "name")
 
 
 @dataclass
@@ -125,6 +125,8 @@ class TaskDistillConfig:
     """DataLoader workers per rank reading the transfer shards."""
     save_every: int = 50
     """Checkpoint every this many optimizer steps (and at every sub-stage's end)."""
+    log_every: int = 10
+    """Print the sub-stage, its step and the mean loss since the last line every this many optimizer steps."""
     threads: int | None = None
     """torch CPU threads per rank (default: torch's)."""
     resume: bool = False
@@ -143,7 +145,7 @@ class TaskDistillConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise UsageError(f"--stages takes some of {', '.join(STAGES)}, got {list(self.stages)}")
-        for name in ("transfer_batch", "label_batch", "eval_every", "patience", "save_every"):
+        for name in ("transfer_batch", "label_batch", "eval_every", "patience", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.temperature is not None and self.temperature <= 0:
@@ -161,6 +163,7 @@ class Progress:
     """Optimizer steps of stage 3 done so far (the English order is a function of it)."""
     best_score: float = float("-inf")
     patience_used: int = 0
+    last_score: float = float("nan")
     stage_loss: float = 0.0
     """Sum of the current sub-stage's step losses."""
     records: list[dict] = field(default_factory=list)
@@ -385,8 +388,13 @@ class Runner:
             p.step += 1
             p.losses.append(loss)
             p.stage_loss += loss
+            if p.step % self.cfg.log_every == 0:
+                recent = p.losses[-self.cfg.log_every:]
+                log.info("[task-distill] %s step %d/%d: loss %.4f", sub.name, p.step, budget, sum(recent) / len(recent))
             if scored and (p.step % self.cfg.eval_every == 0 or p.step == budget):
                 stopped = self.score_and_keep()
+                log.info("[task-distill] %s step %d: dev %s %.4f (best %.4f)%s", sub.name, p.step, self.spec.metric,
+                         p.last_score, p.best_score, ", stopping early" if stopped else "")
             if p.step % self.cfg.save_every == 0 and p.step < budget and not stopped:
                 self.save(optimizer)
         if scored and self.best_state is not None:
@@ -405,7 +413,7 @@ class Runner:
     def score_and_keep(self) -> bool:
         """Score dev; keep the weights when best so far; True when ``patience`` scores passed without a new best."""
         p = self.progress
-        score = self.dev_score()
+        score = p.last_score = self.dev_score()
         if score > p.best_score:
             p.best_score, p.patience_used, self.best_state = score, 0, self.snapshot()
         else:
