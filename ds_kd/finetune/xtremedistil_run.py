@@ -9,7 +9,7 @@ one global order, so its position is a few integers; the teacher's outputs are c
 process (no cache to invalidate; the teacher's forward pass is the cost at scale, and a cache would have to be
 keyed by the teacher's digest and the data). The English labels are read in an order that is a pure function of
 (seed, step). English dev scores every ``eval_every`` steps of stages 2 and 3 (rank 0 scores, every rank
-follows); a sub-stage stops after ``patience`` scores without a new best, and the best dev weights so far are
+follows); a sub-stage stops after ``patience`` scores in a row below the best, and the best dev weights so far are
 restored at the end of every sub-stage and before testing. Test files are read only then.
 
 The run directory::
@@ -114,7 +114,7 @@ class TaskDistillConfig:
     eval_every: int = 25
     """Score English dev every this many steps of stages 2 and 3 (and at each sub-stage's end)."""
     patience: int = 3
-    """Dev scores without a new best after which a sub-stage stops early."""
+    """Dev scores in a row below the best so far after which a sub-stage stops early (a tie counts as best)."""
     max_len: int = 128
     """Sub-words per transfer row and per labelled example."""
     seed: int = 1
@@ -411,10 +411,11 @@ class Runner:
         return record
 
     def score_and_keep(self) -> bool:
-        """Score dev; keep the weights when best so far; True when ``patience`` scores passed without a new best."""
+        """Score dev; keep the weights when at least as good as the best so far; True when ``patience`` scores
+        passed below the best."""
         p = self.progress
         score = p.last_score = self.dev_score()
-        if score > p.best_score:
+        if score >= p.best_score:  # a tie keeps the newer weights, as the official code does
             p.best_score, p.patience_used, self.best_state = score, 0, self.snapshot()
         else:
             p.patience_used += 1
