@@ -69,6 +69,10 @@ class Hosts:
         """Cut host ``index``'s link: its packets stop, no connection is reset (as a node that lost power)."""
         sh("ip", "-n", self.ns[index], "link", "set", IFNAME, "down")
 
+    def restore(self, index: int) -> None:
+        """Bring host ``index``'s link back up (the hosts are shared by the module's tests)."""
+        sh("ip", "-n", self.ns[index], "link", "set", IFNAME, "up")
+
 
 def write_ssh_files(root: Path) -> tuple[Path, Path]:
     """A client key, an ``ssh_config`` and an ``ssh`` wrapper using it; returns (wrapper dir, public key)."""

@@ -111,6 +111,7 @@ def test_a_lost_node_ends_the_launcher_in_the_documented_bound_and_the_survivor_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        hosts.restore(1)  # the next test of the module uses both hosts
     interval, count = 2, 3  # hosts.keepalive
     bound = DIST_TIMEOUT_MINUTES * 60 + interval * count + 30
     print(f"launcher exit {code} {took:.0f} s after the cut (bound {bound:.0f} s)")
