@@ -61,17 +61,22 @@ COMMANDS = {
                                                         "--langs", "fr", "--out", str(t / "o")]),
     "grid": ("launch/grid", "run_grid", lambda t: ["--models", f"a={t}", "--data", str(t), "--tasks", "xnli",
                                                    "--out", str(t / "o")]),
-    "finetune": ("launch/finetune", "run", lambda t: ["--model", str(t), "--task", "xnli", "--data", str(t),
+    "finetune": ("ds_kd.finetune.job", "run", lambda t: ["--model", str(t), "--task", "xnli", "--data", str(t),
                                                       "--out", str(t / "o")]),
 }
-MAINS = {"verify": "data_prep.verify"}  # where main() is when the patched name lives elsewhere
+MAINS = {"verify": "data_prep.verify",  # where main() is when the patched name lives elsewhere
+         "finetune": "launch/finetune"}  # (it imports ``run`` after parsing, so that --help needs no torch)
+
+
+def _load(module: str):
+    return load_script(module.removeprefix("launch/")) if module.startswith("launch/") else \
+        importlib.import_module(module)
 
 
 def _command(name):
     module, attr, argv = COMMANDS[name]
-    owner = load_script(module.removeprefix("launch/")) if module.startswith("launch/") else \
-        importlib.import_module(module)
-    main = importlib.import_module(MAINS[name]).main if name in MAINS else owner.main
+    owner = _load(module)
+    main = _load(MAINS[name]).main if name in MAINS else owner.main
     return owner, attr, argv, main
 
 
