@@ -14,11 +14,19 @@ occur plus every special/added token (in the old order, so ``<s> <pad> </s> <unk
   size before and after) in ``config.json`` under ``ds_kd.trimmed_to`` and in ``manifest.json``: every command
   that feeds text to the model names it when that text comes out with unknown tokens (:mod:`ds_kd.models.vocab_check`).
 
+**A frequency threshold** (``--min-freq P``, BiStil's pair vocabulary: AlanAnsell/bistil ``trim_vocab.py``)
+keeps a piece only when its relative frequency in at least one language's own text is at least P (BiStil:
+``max(p_src, p_tgt) >= 1e-6``), counted per language of the TSV lines (``--langs`` keeps the lines of those
+languages only, e.g. the pair's), never pooled: a piece frequent in the smaller language alone is kept. The
+default 0 keeps every piece that occurs. The pieces kept per language are reported and recorded.
+
 Tokenizing the corpus with the trimmed tokenizer gives the renumbered ids of the full one (checked on the
 corpus's first lines before anything is written), so the trimmed model gives the same outputs on that text.
 Corpus paths: text files (one sentence per line; ``.txt``, or ``.gz``/``.bz2``/``.xz``), TSV files of the
 corpus mix (``lang<TAB>sentence``, as ``<corpus>/sample/*.tsv``), or directories searched for them. For exact
-coverage of the shards, give the corpus's ``sample/`` directory (the text the shards are cut from).
+coverage of the shards, give the corpus's ``sample/`` directory (the text the shards are cut from). With a
+threshold above 0 a rare piece is dropped and the text holding it tokenizes differently (into smaller pieces,
+or ``<unk>``): the check then runs on the lines made of kept pieces only, and the lines that are not are counted.
 """
 from __future__ import annotations
 
@@ -62,9 +70,15 @@ def corpus_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def corpus_lines(files: list[Path]) -> Iterator[tuple[str | None, str]]:
+def corpus_lines(files: list[Path], langs: list[str] | None = None) -> Iterator[tuple[str | None, str]]:
     """(language, line) of every non-empty line: in a ``.tsv`` the code before the first tab and the text after
-    it; in a text file no language (None) and the whole line."""
+    it; in a text file no language (None) and the whole line. ``langs``: only the TSV lines of these languages
+    (UsageError for a text file, whose lines have no language)."""
+    if langs:
+        untagged = [str(p) for p in files if ".tsv" not in p.name]
+        if untagged:
+            raise UsageError(f"--langs keeps the TSV lines of those languages; {untagged[0]} is a text file without "
+                             f"languages: give the corpus's sample/ directory (lang<TAB>sentence lines)")
     for path in files:
         tsv = ".tsv" in path.name
         with open_binary(path) as f:
@@ -72,28 +86,32 @@ def corpus_lines(files: list[Path]) -> Iterator[tuple[str | None, str]]:
                 line, lang = raw.decode("utf-8", errors="replace").rstrip("\r\n"), None
                 if tsv and "\t" in line:
                     lang, line = line.split("\t", 1)
-                if line.strip():
+                if line.strip() and (not langs or lang in langs):
                     yield lang, line
 
 
-def used_ids(tok, lines: Iterator[tuple[str | None, str]]) -> tuple[np.ndarray, int, int, list[str], Counter]:
-    """(ids that occur, number of lines, number of tokens, the first :data:`CHECK_LINES` lines, lines per
-    language of the TSV files)."""
-    seen = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=bool)
-    num_lines = num_tokens = 0
+def token_counts(tok, lines: Iterator[tuple[str | None, str]]) -> tuple[dict[str | None, np.ndarray], int, list[str],
+                                                                       Counter]:
+    """(token counts per id ``[V]`` per language (None: lines without one), number of lines, the first
+    :data:`CHECK_LINES` lines, lines per language of the TSV files)."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    counts: dict[str | None, np.ndarray] = {}
+    num_lines = 0
     head: list[str] = []
-    batch: list[str] = []
+    batch: list[tuple[str | None, str]] = []
     langs: Counter = Counter()
 
     def flush():
-        nonlocal num_tokens
-        for enc in tok.encode_batch(batch, add_special_tokens=False):
-            seen[enc.ids] = True
-            num_tokens += len(enc.ids)
+        ids: dict[str | None, list] = {}
+        for (lang, _), enc in zip(batch, tok.encode_batch([line for _, line in batch], add_special_tokens=False)):
+            ids.setdefault(lang, []).append(np.asarray(enc.ids, dtype=np.int64))
+        for lang, parts in ids.items():
+            here = counts.setdefault(lang, np.zeros(size, dtype=np.int64))
+            here += np.bincount(np.concatenate(parts), minlength=size)
         batch.clear()
 
     for lang, line in lines:
-        batch.append(line)
+        batch.append((lang, line))
         num_lines += 1
         if lang is not None:
             langs[lang] += 1
@@ -102,7 +120,24 @@ def used_ids(tok, lines: Iterator[tuple[str | None, str]]) -> tuple[np.ndarray, 
         if len(batch) == BATCH_LINES:
             flush()
     flush()
-    return np.flatnonzero(seen), num_lines, num_tokens, head, langs
+    return counts, num_lines, head, langs
+
+
+def frequent_ids(counts: dict[str | None, np.ndarray], min_freq: float) -> tuple[np.ndarray, dict[str, int]]:
+    """(ids kept, ascending; pieces kept per language): an id is kept when it occurs and its relative frequency in
+    at least one language's own text (its count over that language's token count) is at least ``min_freq``:
+    BiStil's ``max(p_src, p_tgt) >= 1e-6`` (AlanAnsell/bistil, ``trim_vocab.py``). Per language, never pooled: a
+    piece frequent only in the smaller language is kept however rare it is in the text as a whole. ``counts``
+    maps a language (None: lines without one, reported as ``"-"``) to its token counts per id ``[V]``;
+    ``min_freq`` 0 keeps every id that occurs."""
+    size = len(next(iter(counts.values()))) if counts else 0
+    keep = np.zeros(size, dtype=bool)
+    per_lang = {}
+    for lang, counts_V in counts.items():
+        here = (counts_V > 0) & (counts_V / max(int(counts_V.sum()), 1) >= min_freq)
+        per_lang["-" if lang is None else lang] = int(here.sum())
+        keep |= here
+    return np.flatnonzero(keep), dict(sorted(per_lang.items()))
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------------------
@@ -195,13 +230,18 @@ def trimmed_spec(spec: dict, keep: list[int]) -> dict:
     return spec
 
 
-def check_same_tokens(full, trimmed, keep: list[int], lines: list[str]) -> None:
-    """Raise ValueError unless ``trimmed`` gives the renumbered ids of ``full`` on every line."""
+def check_same_tokens(full, trimmed, keep: list[int], lines: list[str]) -> int:
+    """Raise ValueError unless ``trimmed`` gives the renumbered ids of ``full`` on every line made of kept pieces;
+    returns the number of lines holding a piece that was dropped (none when every piece that occurs is kept)."""
     new_id = np.full(full.get_vocab_size(with_added_tokens=True), -1, dtype=np.int64)
     new_id[keep] = np.arange(len(keep))
+    dropped = 0
     for a, b, line in zip(full.encode_batch(lines), trimmed.encode_batch(lines), lines):
-        if new_id[a.ids].tolist() != b.ids:
+        if (new_id[a.ids] < 0).any():
+            dropped += 1
+        elif new_id[a.ids].tolist() != b.ids:
             raise ValueError(f"the trimmed tokenizer tokenizes {line[:80]!r} differently ({a.tokens} vs {b.tokens})")
+    return dropped
 
 
 def write_tokenizer_files(src: Path, out: Path, spec: dict, keep: list[int]) -> None:
@@ -265,9 +305,15 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
             "num_parameters_after": sum(t.numel() for t in trimmed.values())}
 
 
-def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | None = None) -> dict:
-    """Trim ``model_dir`` (and ``tokenizer_dir``, default the same directory) to the pieces of ``corpus``;
-    skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError naming the bad input."""
+def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | None = None, min_freq: float = 0.0,
+         langs: list[str] | None = None) -> dict:
+    """Trim ``model_dir`` (and ``tokenizer_dir``, default the same directory) to the pieces of ``corpus`` (the
+    lines of ``langs`` only, when given) whose relative frequency in some language reaches ``min_freq`` (see
+    :func:`frequent_ids`); skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError
+    naming the bad input, UsageError for a threshold outside [0, 1) or ``langs`` that select no line."""
+    if not 0 <= min_freq < 1:
+        raise UsageError(f"--min-freq {min_freq}: a relative frequency in [0, 1) (BiStil: 1e-6; 0 keeps every "
+                         f"piece that occurs)")
     from tokenizers import Tokenizer
 
     from ds_kd.data.tokenizer_files import encoding_only, read_tokenizer_json
@@ -284,26 +330,33 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
     full = read_tokenizer_json(tok_file)  # padding and truncation off (ds_kd.data.tokenizer_files)
     spec = json.loads(tok_file.read_text(encoding="utf-8"))
     files = corpus_files(corpus)
-    used, num_lines, num_tokens, head, langs = used_ids(full, corpus_lines(files))
+    counts, num_lines, head, lines_per_lang = token_counts(full, corpus_lines(files, langs))
+    if langs and not num_lines:
+        raise UsageError(f"--langs {' '.join(langs)}: no line of these languages in {[str(f) for f in files]}")
+    used, kept_per_lang = frequent_ids(counts, min_freq)
     keep = kept_ids(spec, used)
     new_spec = trimmed_spec(spec, keep)
-    check_same_tokens(full, encoding_only(Tokenizer.from_str(json.dumps(new_spec))), keep, head)
+    dropped_lines = check_same_tokens(full, encoding_only(Tokenizer.from_str(json.dumps(new_spec))), keep, head)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     trimmed_to = {"model": str(model_dir.resolve()), "corpus": [str(f.resolve()) for f in files],
-                  "languages": sorted(langs), "lines_per_language": dict(sorted(langs.items())),
-                  "vocab_before": full.get_vocab_size(with_added_tokens=True), "vocab_after": len(keep)}
-    counts = trim_checkpoint(model_dir, tmp, keep, full.get_vocab_size(with_added_tokens=True), trimmed_to)
+                  "languages": sorted(lines_per_lang), "lines_per_language": dict(sorted(lines_per_lang.items())),
+                  "vocab_before": full.get_vocab_size(with_added_tokens=True), "vocab_after": len(keep),
+                  "min_freq": min_freq, "pieces_kept_per_language": kept_per_lang}
+    sizes = trim_checkpoint(model_dir, tmp, keep, full.get_vocab_size(with_added_tokens=True), trimmed_to)
     write_tokenizer_files(tokenizer_dir, tmp, new_spec, keep)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    num_tokens = int(sum(c.sum() for c in counts.values()))
+    per_lang = ", ".join(f"{lang} {n}" for lang, n in kept_per_lang.items())
     print(f"[trim_vocab] {full.get_vocab_size(with_added_tokens=True)} -> {len(keep)} tokens "
-          f"({num_lines} lines, {num_tokens} tokens of corpus); parameters {counts['num_parameters_before']} -> "
-          f"{counts['num_parameters_after']}", flush=True)
+          f"({num_lines} lines, {num_tokens} tokens of corpus; min frequency {min_freq:g}, pieces reaching it per "
+          f"language: {per_lang}); parameters {sizes['num_parameters_before']} -> {sizes['num_parameters_after']}",
+          flush=True)
     return write_manifest(out, "trim_vocab", **trimmed_to, tokenizer=str(tok_file.resolve()), num_lines=num_lines,
-                          num_tokens=num_tokens, checked_lines=len(head), tokenizer_model=spec["model"]["type"],
-                          **counts)
+                          num_tokens=num_tokens, checked_lines=len(head), checked_lines_with_dropped_pieces=dropped_lines,
+                          tokenizer_model=spec["model"]["type"], **sizes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,13 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (.txt, one sentence per line) or corpus-mix TSV (lang<TAB>sentence) files, plain or "
                         ".gz/.bz2/.xz, or directories holding them, e.g. <corpus>/sample")
     p.add_argument("--out", type=Path, required=True, help="trimmed checkpoint directory to write")
+    p.add_argument("--min-freq", type=float, default=0.0,
+                   help="keep a piece when its relative frequency in at least one language's own text reaches this "
+                        "(BiStil's pair vocabulary: 1e-6); 0 keeps every piece that occurs (default: 0)")
+    p.add_argument("--langs", nargs="+", default=None, metavar="LANG",
+                   help="only the TSV lines of these languages, e.g. en de for a pair (default: every line)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trim(args.model, args.corpus, args.out, args.tokenizer)
+        trim(args.model, args.corpus, args.out, args.tokenizer, args.min_freq, args.langs)
     except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,13 +5,15 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from tests.conftest import run_cmd
 from data_prep.textgen import make_paragraph
-from data_prep.trim_vocab import trim
+from data_prep.trim_vocab import frequent_ids, trim
+from ds_kd.errors import UsageError
 from ds_kd.models.model import BertForMaskedLM, make_config
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -193,3 +195,40 @@ def test_tokens_added_after_training_survive_trimming(tmp_path, kind):
     old_hf, new_hf = AutoTokenizer.from_pretrained(full), AutoTokenizer.from_pretrained(tmp_path / "trimmed")
     assert [[old_of_new[i] for i in ids] for ids in new_hf(text)["input_ids"]] == old_hf(text)["input_ids"]
     assert new_hf.all_special_tokens == old_hf.all_special_tokens
+
+
+def test_pair_rule_keeps_a_piece_frequent_in_either_language_not_in_the_pooled_text():
+    # en: 10^6 tokens, de: 10^4 tokens. Piece 3 is 1% of German text but 1e-4 of the pair pooled; piece 4 occurs
+    # once in English (1e-6 of it); piece 5 once in German's 1e4 (1e-4: kept); piece 6 never occurs.
+    en = np.zeros(8, dtype=np.int64)
+    de = np.zeros(8, dtype=np.int64)
+    en[[1, 4]] = [10**6 - 1, 1]
+    de[[2, 3, 5]] = [10**4 - 101, 100, 1]
+    kept, per_lang = frequent_ids({"en": en, "de": de}, 1e-5)
+    assert kept.tolist() == [1, 2, 3, 5]
+    assert per_lang == {"de": 3, "en": 1}
+    pooled = (en + de) / (en + de).sum() >= 1e-5  # the rule BiStil does not use: drops German's piece 5
+    assert np.flatnonzero(pooled).tolist() == [1, 2, 3] != kept.tolist()
+    assert frequent_ids({"en": en, "de": de}, 1e-6)[0].tolist() == [1, 2, 3, 4, 5]
+    assert frequent_ids({"en": en, "de": de}, 0.0)[0].tolist() == [1, 2, 3, 4, 5]  # 0: occurs at all
+
+
+def test_min_freq_trims_to_the_pair_and_reports_per_language(tmp_path):
+    every_lang = lines(["en", "fr", "de", "ja", "hi", "it", "es", "pt"], 150, seed=0)
+    full = make_checkpoint(tmp_path / "full", train_tokenizer("unigram", every_lang), bare=False)
+    corpus = tmp_path / "sample"
+    corpus.mkdir()
+    (corpus / "train.tsv").write_text("".join(f"{lang}\t{t}\n" for lang in ("en", "de", "ja")
+                                              for t in lines([lang], 40, seed=3)), encoding="utf-8")
+    every = trim(full, [corpus], tmp_path / "all")
+    pair = trim(full, [corpus], tmp_path / "pair", langs=["en", "de"])
+    strict = trim(full, [corpus], tmp_path / "strict", langs=["en", "de"], min_freq=2e-3)
+    assert pair["lines_per_language"] == {"de": 40, "en": 40}
+    assert strict["vocab_after"] < pair["vocab_after"] < every["vocab_after"]
+    assert set(strict["pieces_kept_per_language"]) == {"en", "de"}
+    assert strict["checked_lines_with_dropped_pieces"] > 0 == pair["checked_lines_with_dropped_pieces"]
+    assert strict["num_parameters_after"] < pair["num_parameters_after"]
+    with pytest.raises(UsageError, match="--langs xx: no line"):
+        trim(full, [corpus], tmp_path / "none", langs=["xx"])
+    with pytest.raises(UsageError, match="--min-freq 1.5"):
+        trim(full, [corpus], tmp_path / "bad", min_freq=1.5)
