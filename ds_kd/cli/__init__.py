@@ -47,6 +47,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle-window", type=int, default=8,
                    help="shard blocks whose sentences are shuffled together, on top of a random block order per "
                         "epoch (default 8: 64k sentences at 8192 sentences a block)")
+    g.add_argument("--lang-mix", choices=["corpus", "balanced"], default="corpus",
+                   help="corpus: the shards' own mix of languages; balanced: equal sentences per language in every "
+                        "epoch, each optimizer step from one language (BiStil; needs --packing off) "
+                        "(default: corpus)")
     g.add_argument("--dist-timeout-minutes", type=float, default=10.0,
                    help="how long a rank waits for a dead peer before the job fails")
     g.add_argument("--convert-timeout-minutes", type=float, default=120.0,
@@ -126,6 +130,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, decay=args.decay, max_len=args.max_len,
         num_workers=args.num_workers, shuffle_window=args.shuffle_window, packing=args.packing == "on", seed=args.seed,
+        lang_mix=args.lang_mix,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         save_every_minutes=args.save_every_minutes,
         keep_last=args.keep_last, resume=args.resume, overwrite=args.overwrite,

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ds_kd.data.lang_mix import BalancedOrder
 from ds_kd.data.masking import Masker, pad_batch
 from ds_kd.data.shards import Block, BlockTable
 
@@ -103,9 +104,18 @@ class StreamPlan:
     prepare: Callable[[dict], dict] | None = None
     """Applied to every finished batch in the worker: host-side work for the consumer (training passes
     :func:`ds_kd.train.loop.host_layout`)."""
+    lang_run: int | None = None
+    """Balance the languages (:class:`ds_kd.data.lang_mix.BalancedOrder`) in monolingual runs of this many
+    positions (the global batch); None: the corpus's own mix (:class:`SentenceOrder`)."""
+    lang_codes: tuple[str, ...] = ()
+    """The corpus's language codes (a block's language ids index them): what a balanced order counts by."""
 
     def __post_init__(self) -> None:
-        self.order = SentenceOrder(self.table.num_sentences, self.seed, self.shuffle, self.shuffle_window)
+        if self.lang_run:
+            langs_N = np.concatenate([self.table.read(b).langs for b in range(self.table.num_blocks)])
+            self.order = BalancedOrder(langs_N, self.seed, self.lang_run, self.lang_codes)
+        else:
+            self.order = SentenceOrder(self.table.num_sentences, self.seed, self.shuffle, self.shuffle_window)
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = 2 * self.shuffle_window + 2
 

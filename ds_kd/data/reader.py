@@ -88,6 +88,10 @@ class ReaderConfig:
     packing: bool = False
     """Pack whole sentences into rows of ``max_len`` tokens (block-diagonal attention; see
     :mod:`ds_kd.data.packed_stream`); ``micro_batch_size`` then counts rows, not sentences."""
+    lang_run: int | None = None
+    """Equal sentences per language in every epoch, in monolingual runs of this many sentences (give the global
+    batch: every optimizer step then reads one language; :mod:`ds_kd.data.lang_mix`, BiStil); None: the corpus's
+    own mix. Not with ``packing``."""
 
 
 class ShardStream(IterableDataset):
@@ -134,7 +138,8 @@ class ShardReader:
 
             plan_class = PackedStreamPlan
         self._plan = plan_class(table, rank, world_size, cfg.micro_batch_size, cfg.seed, shuffle, cfg.shuffle_window,
-                                epochs, cfg.split != "train", cfg.max_len, special, masker, collate, prepare)
+                                epochs, cfg.split != "train", cfg.max_len, special, masker, collate, prepare,
+                                lang_run=cfg.lang_run, lang_codes=self.lang_codes)
         self._steps = 0  # micro-steps of the whole job handed out
         self._log = sentence_log(cfg.split, rank)
 
@@ -159,6 +164,11 @@ class ShardReader:
         if self.cfg.packing:
             return self._plan.locator.epoch
         return self.sentences_consumed // self.num_samples
+
+    def sentences_per_lang(self, consumed: int) -> dict[str, int]:
+        """Sentences of each language (by code) among the first ``consumed`` of a balanced stream
+        (``lang_run``); empty for the corpus's own mix, whose counts the order does not fix."""
+        return self._plan.order.counts(consumed) if self.cfg.lang_run else {}
 
     def steps_per_epoch(self, global_batch: int) -> float:
         """Optimizer steps of ``global_batch`` sentences (unpacked) or rows (packed) in one epoch; packed, the
@@ -212,7 +222,8 @@ class ShardReader:
         ).encode()).hexdigest()[:16]
         p = self._plan
         return {"corpus": corpus, "shuffle": p.shuffle, "shuffle_window": p.shuffle_window, "max_len": p.max_len,
-                "masking": list(asdict(self.cfg.masking).values()), "packing": self.cfg.packing}
+                "masking": list(asdict(self.cfg.masking).values()), "packing": self.cfg.packing,
+                "lang_run": self.cfg.lang_run}
 
     def state_dict(self) -> dict:
         """The position in the stream (JSON-serialisable, a few hundred bytes, the same on every rank and for every
@@ -222,7 +233,9 @@ class ShardReader:
                     "rows_consumed": self._steps * self._plan.step_size, "window": self._plan.locator.as_list(),
                     **self.fingerprint()}
         return {"version": STATE_VERSION, "split": self.cfg.split, "seed": self.cfg.seed, "epoch": self.epoch,
-                "sentences_consumed": self.sentences_consumed, **self.fingerprint()}
+                "sentences_consumed": self.sentences_consumed, **self.fingerprint(),
+                **({"sentences_per_lang": self.sentences_per_lang(self.sentences_consumed)} if self.cfg.lang_run
+                   else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after ``state["sentences_consumed"]`` sentences.
@@ -271,5 +284,8 @@ def check_config(cfg: ReaderConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
     if cfg.max_len < 2:
         raise ValueError(f"max_len must be at least 2 ([CLS] and [SEP]), got {cfg.max_len}")
+    if cfg.lang_run is not None and (cfg.lang_run < 1 or cfg.packing):
+        raise UsageError(f"--lang-mix balanced needs one sentence per row (--packing off) and a positive run, got "
+                         f"run {cfg.lang_run}, packing {cfg.packing}")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ValueError(f"epochs must be at least 1 or None (endless), got {cfg.epochs}")

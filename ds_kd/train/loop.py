@@ -64,6 +64,9 @@ class LoopConfig:
     Rank 0's clock decides, so every rank saves at the same step."""
     sentences_per_epoch: int = 0
     """Sentences of the training split: the logged ``epoch`` is sentences seen / this (0: no epoch logged)."""
+    sentences_per_lang: Callable[[int], dict[str, int]] | None = None
+    """Sentences of each language among the first N of the stream, logged as ``sentences_<code>`` (a balanced
+    mix, whose counts the order fixes: :meth:`ds_kd.data.reader.ShardReader.sentences_per_lang`)."""
 
 
 @dataclass
@@ -309,6 +312,8 @@ def _log_step(engine, logbook: Logbook, cfg: LoopConfig, step: int, window: _Win
     })
     if cfg.sentences_per_epoch:
         metrics["epoch"] = sentences_seen / cfg.sentences_per_epoch
+    if cfg.sentences_per_lang is not None:
+        metrics.update({f"sentences_{code}": n for code, n in cfg.sentences_per_lang(sentences_seen).items()})
     logbook.log_train(step, metrics, engine.fp16_enabled())
 
 

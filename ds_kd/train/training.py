@@ -89,6 +89,9 @@ class TrainConfig:
     """DataLoader workers per rank (masking and collation run there)."""
     shuffle_window: int = 8
     """Shard blocks whose sentences are shuffled together (see ds_kd.data.reader)."""
+    lang_mix: str = "corpus"
+    """``corpus``: the shards' own mix of languages; ``balanced``: equal sentences per language in every epoch,
+    each optimizer step from one language (BiStil; :mod:`ds_kd.data.lang_mix`; needs ``packing`` off)."""
     seed: int = 1234
     """Seed of initialisation, data order, masking and dropout."""
     log_every: int = 10
@@ -289,10 +292,12 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     if on_gpu:  # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 sums); cuDNN already allows it
         torch.set_float32_matmul_precision("high")
     # The workers build what the step needs from the ids on the host (host_layout), into pinned memory on a GPU.
+    batch = checkpoint.batch_settings(ds_config)
     reader = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="train",
-                                      micro_batch_size=checkpoint.batch_settings(ds_config)["micro_batch_per_rank"],
+                                      micro_batch_size=batch["micro_batch_per_rank"],
                                       seed=cfg.seed, shuffle_window=cfg.shuffle_window, num_workers=cfg.num_workers,
-                                      max_len=cfg.max_len, packing=cfg.packing, pin_memory=on_gpu),
+                                      max_len=cfg.max_len, packing=cfg.packing, pin_memory=on_gpu,
+                                      lang_run=batch["global_batch"] if cfg.lang_mix == "balanced" else None),
                          dist.rank(), dist.world_size(), prepare=host_layout)
     if resume is not None:
         check_resume_identity(resume.state, job.identity or {}, ckpt_dir)
@@ -345,7 +350,7 @@ def run_training(cfg: TrainConfig, job: Job, data: CorpusData, setup: EngineSetu
     logbook = Logbook(out, dist.is_main(), cfg.wandb, run_config, total_steps, start_step, elapsed_before)
     try:
         loop_cfg = LoopConfig(total_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last,
-                              cfg.save_every_minutes, reader.num_samples)
+                              cfg.save_every_minutes, reader.num_samples, reader.sentences_per_lang)
         result = train(engine, reader, job.step, evaluate, logbook, ckpt_dir, loop_cfg, start_step,
                        reader.state_dict, job.identity, sentences_before)
     finally:
@@ -444,7 +449,8 @@ def train_settings(cfg: TrainConfig) -> dict:
     return {"data": str(shard_dir.resolve()),
             "data_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
             "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,
-            "deepspeed_config": engine, "global_batch": global_batch, **{n: getattr(cfg, n) for n in names}}
+            "deepspeed_config": engine, "global_batch": global_batch, **{n: getattr(cfg, n) for n in names},
+            **({"lang_mix": cfg.lang_mix} if cfg.lang_mix != "corpus" else {})}  # runs from before it still match
 
 
 def plan_out(cfg: TrainConfig, what: str, settings: dict) -> str:

@@ -117,7 +117,7 @@ def test_state_is_a_few_integers_of_the_same_size_on_every_topology(corpus, worl
     assert len(text) < 1024
     assert state["sentences_consumed"] == 3 * 3 * world_size
     assert set(state) == {"version", "split", "seed", "epoch", "sentences_consumed", "corpus", "shuffle",
-                          "shuffle_window", "max_len", "masking", "packing"}
+                          "shuffle_window", "max_len", "masking", "packing", "lang_run"}
 
 
 def test_resume_reads_only_the_window_of_the_position(corpus, monkeypatch):
