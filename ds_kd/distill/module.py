@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ds_kd.distill.bistil import FixedProjection, attention_probabilities
 from ds_kd.distill.losses import attention_mse, hidden_mse, layer_map, match_heads, soft_cross_entropy
 from ds_kd.errors import UsageError
 from ds_kd.train.loop import masked_positions
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TERMS = ("mlm", "output", "embedding", "hidden", "attention")
 LAYER_REDUCTIONS = ("sum", "mean")
+ATTENTION_TARGETS = ("scores", "probabilities")
 
 
 @dataclass
@@ -51,6 +53,12 @@ class DistillConfig:
     layer_reduction: str = "sum"
     """How the per-layer hidden-state and attention terms combine over the layer map: ``sum`` (TinyBERT's
     L_model = sum over layers, the paper's setting) or ``mean`` (each term weighs 1/L_student as much)."""
+    attention_target: str = "scores"
+    """What the attention term compares: ``scores`` (pre-softmax, TinyBERT) or ``probabilities`` (after the
+    softmax over real keys, BiStil; :func:`ds_kd.distill.bistil.attention_probabilities`)."""
+    embeddings_in_hidden: bool = False
+    """Count the embeddings (hidden state 0) as one more layer of the hidden-state term, which then averages or
+    sums over L_student + 1 states (BiStil); the separate embedding term must then be off."""
 
     def __post_init__(self) -> None:
         for name in TERMS:
@@ -63,6 +71,12 @@ class DistillConfig:
         if self.layer_reduction not in LAYER_REDUCTIONS:
             raise UsageError(f"layer_reduction must be one of {', '.join(LAYER_REDUCTIONS)}, "
                              f"got {self.layer_reduction!r}")
+        if self.attention_target not in ATTENTION_TARGETS:
+            raise UsageError(f"--attention-target must be one of {', '.join(ATTENTION_TARGETS)}, "
+                             f"got {self.attention_target!r}")
+        if self.embeddings_in_hidden and self.embedding_weight > 0:
+            raise UsageError("--embeddings-in-hidden counts the embeddings in the hidden-state term: set "
+                             "--embedding-weight 0 (else they would be distilled twice)")
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
@@ -92,7 +106,8 @@ def build_projections(student_width: int, teacher_width: int, num_student_layers
     projections = nn.ModuleDict()
     if student_width == teacher_width:
         return projections
-    names = (["embeddings"] if config.embedding_weight > 0 else []) + (
+    embeddings = config.embedding_weight > 0 or (config.hidden_weight > 0 and config.embeddings_in_hidden)
+    names = (["embeddings"] if embeddings else []) + (
         [f"layer_{m}" for m in range(1, num_student_layers + 1)] if config.hidden_weight > 0 else [])
     for name in names:
         linear = nn.Linear(student_width, teacher_width)
@@ -105,34 +120,51 @@ def build_projections(student_width: int, teacher_width: int, num_student_layers
 def intermediate_terms(student: EncoderOutput, teacher: EncoderOutput, attention_mask: torch.Tensor,
                        mapped_layers: list[int], projections: nn.ModuleDict,
                        config: DistillConfig, denominators: Mapping[str, float] | None = None,
-                       sequence_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Embedding, hidden-state and attention-score MSE terms (unweighted) for the terms with nonzero weight.
+                       sequence_ids: torch.Tensor | None = None,
+                       teacher_projection: FixedProjection | None = None) -> dict[str, torch.Tensor]:
+    """Embedding, hidden-state and attention MSE terms (unweighted) for the terms with nonzero weight.
 
     ``mapped_layers[m - 1]`` is the teacher layer (1-based) for student layer m; ``hidden_states[0]`` is the
     embeddings on both sides, ``attention_scores[l - 1]`` belongs to layer l. Any encoder pair with the
     ``EncoderOutput`` fields works (MLM pretraining or a fine-tuning task model). The hidden and attention
-    terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them). ``denominators``
-    (``tokens``, ``pairs``; see :func:`ds_kd.train.loop.global_denominators`) replace the batch's own counts.
-    Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence only.
+    terms combine their layers by ``config.layer_reduction`` (TinyBERT sums them); with
+    ``config.embeddings_in_hidden`` the hidden term counts the embeddings as one more layer (BiStil), and with
+    ``config.attention_target == "probabilities"`` the attention term compares probabilities (BiStil).
+    ``denominators`` (``tokens``, ``pairs``; see :func:`ds_kd.train.loop.global_denominators`) replace the
+    batch's own counts. Packed rows pass ``sequence_ids`` [B, T]: attention pairs then count within one sentence
+    only (scores only: UsageError for probabilities). ``teacher_projection`` maps the teacher's states to the
+    student's width (BiStil's fixed projection) where ``projections`` would map the student's to the teacher's.
     """
     denominators = denominators or {}
     combine = torch.sum if config.layer_reduction == "sum" else torch.mean
     def project(name: str, x_BTD: torch.Tensor) -> torch.Tensor:
         return projections[name](x_BTD) if name in projections else x_BTD
 
+    def target(g: int) -> torch.Tensor:
+        t_BTD = teacher.hidden_states[g]
+        return t_BTD if teacher_projection is None else teacher_projection(g, t_BTD)
+
+    def hidden(m: int, g: int) -> torch.Tensor:
+        return hidden_mse(project("embeddings" if m == 0 else f"layer_{m}", student.hidden_states[m]), target(g),
+                          attention_mask, denominators.get("tokens"))
+
     terms = {}
     if config.embedding_weight > 0:
-        terms["embedding"] = hidden_mse(project("embeddings", student.hidden_states[0]),
-                                        teacher.hidden_states[0], attention_mask, denominators.get("tokens"))
+        terms["embedding"] = hidden(0, 0)
     if config.hidden_weight > 0:
-        per_layer = [hidden_mse(project(f"layer_{m}", student.hidden_states[m]), teacher.hidden_states[g],
-                                attention_mask, denominators.get("tokens"))
-                     for m, g in enumerate(mapped_layers, start=1)]
-        terms["hidden"] = combine(torch.stack(per_layer), 0)
+        pairs = [*([(0, 0)] if config.embeddings_in_hidden else []), *enumerate(mapped_layers, start=1)]
+        terms["hidden"] = combine(torch.stack([hidden(m, g) for m, g in pairs]), 0)
     if config.attention_weight > 0:
         per_layer = []
         for m, g in enumerate(mapped_layers, start=1):
-            teacher_BHTT, student_BHTT = match_heads(teacher.attention_scores[g - 1], student.attention_scores[m - 1])
+            teacher_BHTT, student_BHTT = teacher.attention_scores[g - 1], student.attention_scores[m - 1]
+            if config.attention_target == "probabilities":
+                if sequence_ids is not None:
+                    raise UsageError("--attention-target probabilities compares one sentence per row: use "
+                                     "--packing off")
+                teacher_BHTT = attention_probabilities(teacher_BHTT, attention_mask)
+                student_BHTT = attention_probabilities(student_BHTT, attention_mask)
+            teacher_BHTT, student_BHTT = match_heads(teacher_BHTT, student_BHTT)
             per_layer.append(attention_mse(student_BHTT, teacher_BHTT,
                                            attention_mask if sequence_ids is None else sequence_ids,
                                            denominators.get("pairs")))
@@ -148,11 +180,12 @@ class Distiller(nn.Module):
     (student and projections) is what the optimizer should get. ``teacher_dtype`` casts the teacher (fp16 on
     GPU, bf16 on CPU); its outputs are cast to float32 before the losses. A teacher with more vocabulary rows
     than the student (padded embedding rows past the tokenizer) has its logits cut to the student's ids; one
-    with fewer is refused (ValueError).
+    with fewer is refused (ValueError). ``teacher_projection`` (BiStil's fixed projection of the teacher's states
+    to the student's width, :class:`ds_kd.distill.bistil.FixedProjection`) replaces the learned projections.
     """
 
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, config: DistillConfig | None = None,
-                 teacher_dtype: torch.dtype | None = None):
+                 teacher_dtype: torch.dtype | None = None, teacher_projection: FixedProjection | None = None):
         super().__init__()
         self.config = config = config or DistillConfig()
         t_cfg, s_cfg = teacher.config, student.config
@@ -174,8 +207,9 @@ class Distiller(nn.Module):
         _untie_decoder(teacher)
         self.teacher = teacher.eval()
         self.student = student
-        self.projections = build_projections(s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers, config,
-                                             s_cfg.initializer_range)
+        self.teacher_projection = teacher_projection
+        self.projections = nn.ModuleDict() if teacher_projection is not None else build_projections(
+            s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers, config, s_cfg.initializer_range)
         # The teacher is an input of the run (loaded from its directory each time, its digest recorded), not
         # state of it: no state dict of this module holds it, so no checkpoint does under any ZeRO stage.
         # DeepSpeed's exclude_frozen_parameters is not enough: it drops only the first name of a tensor
@@ -206,7 +240,8 @@ class Distiller(nn.Module):
         t_cfg, s_cfg = self.teacher.config, self.student.config
         same_heads = t_cfg.num_attention_heads == s_cfg.num_attention_heads
         return {"layer_map": self.mapped_layers, "config": asdict(self.config), "output_loss": self.output_enabled,
-                "projections": sorted(self.projections.keys()),
+                "projections": (sorted(self.projections.keys()) if self.teacher_projection is None else
+                                [f"fixed: teacher hidden state {g}" for g in self.teacher_projection.indices]),
                 "heads": f"{t_cfg.num_attention_heads} teacher vs {s_cfg.num_attention_heads} student: "
                          + ("head by head" if same_heads else "head-averaged score maps"),
                 "teacher_dtype": str(next(self.teacher.parameters()).dtype).replace("torch.", "")}
@@ -249,7 +284,8 @@ class Distiller(nn.Module):
                                                      log_probs if cfg.temperature == 1.0 else None,
                                                      denominators.get("masked"))
             terms.update(intermediate_terms(student.encoder, teacher.encoder, attention_mask, self.mapped_layers,
-                                            self.projections, cfg, denominators, packing["sequence_ids"]))
+                                            self.projections, cfg, denominators, packing["sequence_ids"],
+                                            self.teacher_projection))
         loss = sum(cfg.weight(name) * value for name, value in terms.items())
         logged = {name: value.detach() for name, value in terms.items()}
         logged["total"] = loss.detach()

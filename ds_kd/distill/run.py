@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ds_kd.train import engine as dist
+from ds_kd.distill.bistil import PROJECTION_FILE, FixedProjection, bistil_layer_maps, svd_embeddings
 from ds_kd.distill.module import DistillConfig, Distiller
 from ds_kd.errors import UsageError
 from ds_kd.train.loop import NonFiniteLossError
@@ -25,6 +26,8 @@ from ds_kd.models.warmstart import FROM_INIT, FROM_TEACHER, init_model
 log = logging.getLogger("ds_kd")
 
 TEACHER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EMBEDDING_INITS = ("default", "svd")
+PROJECTIONS = ("learned", "fixed")
 
 
 @dataclass
@@ -40,22 +43,51 @@ class DistillRunConfig(TrainConfig):
     """Teacher precision: auto (fp16 where the accelerator has it, else bf16, else fp32), fp16, bf16 or fp32."""
     losses: DistillConfig = field(default_factory=DistillConfig)
     """Loss weights, temperature and layer map."""
+    depth_divisor: int = 3
+    """from-teacher: the student gets the teacher's layers divided by this, at least 1 (BiStil: 2, 12 -> 6)."""
+    student_dropout: float | None = None
+    """Dropout of the student (hidden and attention); None: its shape's (BiStil: 0)."""
+    embedding_init: str = "default"
+    """The student's word embeddings: ``default`` (random for a fresh student, copied with ``init_from``) or
+    ``svd`` (the teacher's first left singular vectors, BiStil; :func:`ds_kd.distill.bistil.svd_embeddings`)."""
+    projection: str = "learned"
+    """Where the widths differ: ``learned`` student-side projections trained with the student (TinyBERT) or a
+    ``fixed`` SVD projection of the teacher's states, computed once from held-out states (BiStil)."""
+    projection_sentences: int = 1024
+    """Validation sentences whose teacher states (every real token) give the fixed projection."""
 
     def __post_init__(self) -> None:
         self.student = self.student or (FROM_INIT if self.init_from else FROM_TEACHER)
+        if self.depth_divisor < 1 or self.projection_sentences < 1:
+            raise UsageError(f"--depth-divisor and --projection-sentences must be at least 1, got "
+                             f"{self.depth_divisor} and {self.projection_sentences}")
+        if self.student_dropout is not None and not 0 <= self.student_dropout < 1:
+            raise UsageError(f"--student-dropout must be in [0, 1), got {self.student_dropout}")
+        if self.embedding_init not in EMBEDDING_INITS or self.projection not in PROJECTIONS:
+            raise UsageError(f"--embedding-init must be one of {', '.join(EMBEDDING_INITS)} and --projection one of "
+                             f"{', '.join(PROJECTIONS)}; got {self.embedding_init!r} and {self.projection!r}")
+        if self.losses.attention_target == "probabilities" and self.packing:
+            raise UsageError("--attention-target probabilities compares one sentence per row: add --packing off")
+        if self.embedding_init == "svd" and self.init_from:
+            raise UsageError("--embedding-init svd starts the student's word embeddings from the teacher's SVD; "
+                             "--init-from copies them: add --embedding-init default, or drop --init-from")
 
 
 def student_config(cfg: DistillRunConfig, data: CorpusData) -> BertConfig:
     """The student's config (:func:`ds_kd.train.training.model_config`), for from-teacher the teacher's config with
-    ``max(1, layers // 3)`` layers. Raises UsageError for from-teacher with ``init_from`` (its weights would not
-    fit: use from-init)."""
+    ``max(1, layers // depth_divisor)`` layers; ``student_dropout`` replaces its dropout. Raises UsageError for
+    from-teacher with ``init_from`` (its weights would not fit: use from-init)."""
     if cfg.student != FROM_TEACHER:
-        return model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
-    if cfg.init_from:
+        shape = model_config(cfg.student, data, cfg.init_from, cfg.init_layers)
+    elif cfg.init_from:
         raise UsageError(f"--student {FROM_TEACHER} is a fresh student; with --init-from use --student {FROM_INIT} "
                          f"(the shape of --init-from and --init-layers)")
-    teacher = model_config(FROM_INIT, data, cfg.teacher, init_flag="--teacher")
-    return replace(teacher, num_hidden_layers=max(1, teacher.num_hidden_layers // 3))
+    else:
+        teacher = model_config(FROM_INIT, data, cfg.teacher, init_flag="--teacher")
+        shape = replace(teacher, num_hidden_layers=max(1, teacher.num_hidden_layers // cfg.depth_divisor))
+    if cfg.student_dropout is None:
+        return shape
+    return replace(shape, hidden_dropout_prob=cfg.student_dropout, attention_probs_dropout_prob=cfg.student_dropout)
 
 
 def resolve_teacher_dtype(requested: str, accel: str) -> torch.dtype:
@@ -147,7 +179,10 @@ def run(cfg: DistillRunConfig) -> RunResult:
                 source = (teacher if same_dir(cfg.init_from, cfg.teacher)
                           else BertForMaskedLM.from_pretrained(cfg.init_from))
                 init = init_model(student, source, cfg.init_layers)
-            distiller = Distiller(teacher, student, losses, teacher_dtype)
+            if cfg.embedding_init == "svd":
+                init = svd_init(student, teacher)
+            projection = fixed_projection(cfg, data, teacher, student_cfg, losses)
+            distiller = Distiller(teacher, student, losses, teacher_dtype, projection)
             before = teacher_digest(distiller.teacher)
             summary = distiller.summary()
             log.info("distillation: %s", summary)
@@ -166,6 +201,8 @@ def run(cfg: DistillRunConfig) -> RunResult:
                 return {"teacher_digest_after": after}
 
             manifest = {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
+                        **({"fixed_projection": {"file": PROJECTION_FILE, "sha256": projection.digest()}}
+                           if projection is not None else {}),
                         "student_config": asdict(student_cfg), "init": init, "distillation": summary,
                         "teacher_digest": before}
             return Job(distiller, step, distiller.student, manifest, check_teacher, {"teacher_digest": before},
@@ -174,14 +211,66 @@ def run(cfg: DistillRunConfig) -> RunResult:
         return StagePlan({"teacher": teacher.config, "student": student_cfg}, build)
 
     try:
-        return run_stage(cfg, "distill", "distillation",
-                         {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student,
-                          "teacher_dtype": cfg.teacher_dtype, "losses": asdict(cfg.losses)}, plan,
+        return run_stage(cfg, "distill", "distillation", stage_settings(cfg), plan,
                          {FROM_INIT: cfg.init_from, FROM_TEACHER: cfg.teacher}.get(cfg.student, cfg.student))
     except NonFiniteLossError as error:
         if (message := teacher_overflow(seen["distiller"], seen["batch"])) is not None:
             raise NonFiniteLossError(message) from error
         raise
+
+
+def stage_settings(cfg: DistillRunConfig) -> dict:
+    """What a re-run compares beside the training settings; settings added with BiStil are recorded only where
+    they differ from their defaults, so runs from before them still match."""
+    later = {"depth_divisor": 3, "student_dropout": None, "embedding_init": "default", "projection": "learned",
+             "projection_sentences": 1024}
+    later_losses = {"attention_target": "scores", "embeddings_in_hidden": False}
+    losses = {k: v for k, v in asdict(cfg.losses).items() if k not in later_losses or v != later_losses[k]}
+    return {"teacher": str(Path(cfg.teacher).resolve()), "student": cfg.student, "teacher_dtype": cfg.teacher_dtype,
+            "losses": losses, **{k: getattr(cfg, k) for k, default in later.items() if getattr(cfg, k) != default}}
+
+
+def svd_init(student: BertForMaskedLM, teacher: BertForMaskedLM) -> dict:
+    """Start the student's word embeddings from the SVD of the teacher's (:func:`ds_kd.distill.bistil.svd_embeddings`,
+    rows of the student's vocabulary), computed on rank 0 and sent to every rank (identical replicas whatever
+    the ranks' linear algebra); returns what the manifest records."""
+    rows, width = student.config.vocab_size, student.config.hidden_size
+    teacher_VD = teacher.bert.embeddings.word_embeddings.weight[:rows]
+    vectors = dist.broadcast_object(svd_embeddings(teacher_VD, width) if dist.is_main() else None)
+    with torch.no_grad():
+        student.bert.embeddings.word_embeddings.weight.copy_(vectors)
+    log.info("student word embeddings: the first %d left singular vectors of the teacher's %d x %d", width, rows,
+             teacher_VD.shape[1])
+    return {"word_embeddings": f"svd of the teacher's, rank {width}"}
+
+
+def fixed_projection(cfg: DistillRunConfig, data: CorpusData, teacher: BertForMaskedLM, student_cfg: BertConfig,
+                     losses: DistillConfig) -> FixedProjection | None:
+    """BiStil's fixed projection of the teacher's states where the widths differ and ``cfg.projection`` is
+    ``fixed`` (None otherwise): the run's own file (:data:`ds_kd.distill.bistil.PROJECTION_FILE`) when it has one
+    and is not started over, else fit on rank 0 from the validation split's teacher states (in full precision,
+    before the teacher is cast), sent to every rank and written there."""
+    if cfg.projection != "fixed" or teacher.config.hidden_size == student_cfg.hidden_size:
+        return None
+    path = Path(cfg.out) / PROJECTION_FILE
+    if path.is_file() and not cfg.overwrite:
+        log.info("fixed projection of the teacher's states: %s (written when the run started)", path)
+        return FixedProjection.load(path)
+    hidden, _ = bistil_layer_maps(teacher.config.num_hidden_layers, student_cfg.num_hidden_layers, losses.layer_map)
+    indices = hidden if losses.embedding_weight > 0 or losses.embeddings_in_hidden else hidden[1:]
+    matrices = None
+    if dist.is_main():
+        from ds_kd.data.reader import ReaderConfig, ShardReader
+
+        val = ShardReader(ReaderConfig(shard_dir=str(data.shard_dir), split="val", micro_batch_size=32, seed=cfg.seed,
+                                       num_workers=0, epochs=1, max_len=cfg.max_len))
+        fitted = FixedProjection.fit(teacher, val, indices, student_cfg.hidden_size, cfg.projection_sentences)
+        fitted.save(path)
+        matrices = {g: getattr(fitted, f"p_{g}") for g in fitted.indices}
+    projection = FixedProjection(dist.broadcast_object(matrices))
+    log.info("fixed projection of the teacher's states %s to width %d from %d validation sentences: %s", indices,
+             student_cfg.hidden_size, cfg.projection_sentences, path)
+    return projection
 
 
 def teacher_overflow(distiller: Distiller, batch: dict) -> str | None:
