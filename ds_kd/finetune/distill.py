@@ -37,6 +37,7 @@ from ds_kd.finetune.heads import TASK_MODEL_JSON, TaskModel, load_task_model
 from ds_kd.finetune import state
 from ds_kd.finetune.job import (RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, result_from_dict, run,
                                 test_and_write)
+from ds_kd.finetune.loop import LossFn
 from ds_kd.manifest import atomic_write_text
 from ds_kd.models.modeldir import load_tokenizer
 
@@ -119,9 +120,22 @@ def run_ft_distill(cfg: FinetuneConfig, teacher: str | Path | FinetuneConfig,
     writes ``<out>/distill.json`` then ``<out>/result.json`` like a plain job."""
     distill_cfg = distill_cfg or DistillConfig()
     directory = teacher_model_dir(teacher)
-    settings = state.job_settings(cfg, {"teacher": str(directory.resolve()), "distill": asdict(distill_cfg)})
+    settings = state.job_settings(cfg, distill_settings(directory, distill_cfg))
     if (saved := state.check_out(cfg, settings, "ft-distill job")) is not None:
         return result_from_dict(saved)
+    job, loss_fn, extra = prepare_ft_distill(cfg, settings, directory, distill_cfg)
+    return test_and_write(job, *fit(job, loss_fn, extra))
+
+
+def distill_settings(directory: Path, distill_cfg: DistillConfig) -> dict:
+    """The settings ft-distill adds to a job's: the teacher and the loss configuration."""
+    return {"teacher": str(directory.resolve()), "distill": asdict(distill_cfg)}
+
+
+def prepare_ft_distill(cfg: FinetuneConfig, settings: dict, directory: Path, distill_cfg: DistillConfig
+                       ) -> tuple[Job, LossFn, list[nn.Parameter]]:
+    """The prepared job, its ft-distill loss against the teacher in ``directory`` and the projections that
+    train beside the student; ``<out>/distill.json`` is written."""
     job = prepare(cfg, settings)
     teacher_model = load_teacher(directory, job)
     s_cfg, t_cfg = job.model.encoder.config, teacher_model.encoder.config
@@ -137,4 +151,4 @@ def run_ft_distill(cfg: FinetuneConfig, teacher: str | Path | FinetuneConfig,
          "projections": sorted(projections.keys()), "task_weight": distill_cfg.mlm_weight}, indent=2) + "\n")
     print(f"[ft-distill] {cfg.task}: teacher {directory} ({t_cfg.num_hidden_layers} layers) -> student "
           f"{s_cfg.num_hidden_layers} layers, layer map {mapped}", flush=True)
-    return test_and_write(job, *fit(job, loss_fn, list(projections.parameters())))
+    return job, loss_fn, list(projections.parameters())

@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ class FinetuneResult:
     unknown_token_rates: dict[str, float] = field(default_factory=dict)
     """Per task-data file read: the share of its tokens unknown to the model's tokenizer (``ds_kd.models.vocab_check``;
     above 1% the job warned)."""
+    sparse: dict | None = None
+    """Lottery-ticket sparse fine-tuning (:mod:`ds_kd.finetune.ltsft`): density, K, body weights, the count of
+    body weights that differ from the start and the sparse difference's file; None for dense fine-tuning."""
 
 
 @dataclass
@@ -229,15 +233,19 @@ def score_split(job: Job, records: list[dict], examples: list[Encoded], desc: st
                     max_steps=job.data.max_decode_steps)
 
 
-def fit(job: Job, loss_fn: LossFn = task_loss, extra_parameters: list[nn.Parameter] = ()) -> tuple[int, float, list]:
+def fit(job: Job, loss_fn: LossFn = task_loss, extra_parameters: list[nn.Parameter] = (),
+        configure: Callable[[torch.optim.Optimizer], None] | None = None) -> tuple[int, float, list]:
     """Train ``cfg.epochs`` epochs with ``loss_fn`` (``extra_parameters``, e.g. distillation projections, train
     at the head's rate), scoring English dev after each and checkpointing (``state.save``); the best epoch's
     weights are restored (kept in CPU memory). With ``cfg.resume`` it continues from the last checkpoint.
-    Returns (best epoch, its dev score, per-epoch history)."""
+    ``configure`` gets the optimizer once it is built (e.g. to hook its steps). Returns (best epoch, its dev
+    score, per-epoch history)."""
     cfg, model, data = job.cfg, job.model, job.data
     out, extra = Path(cfg.out), list(extra_parameters)
     num_steps = cfg.epochs * num_batches(len(data.train), cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, num_steps, extra)
+    if configure is not None:
+        configure(optimizer)
     done, best_epoch, best_score, best_state, history = 0, 0, float("-inf"), None, []
     if cfg.resume and (saved := state.load(out, model, optimizer, scheduler, job.generator, extra)) is not None:
         done, history = saved["epoch"], saved["history"]
@@ -266,8 +274,10 @@ def save_model_dir(job: Job, directory: Path) -> None:
                     seed=job.cfg.seed, max_len=job.cfg.max_len, max_decode_steps=job.data.max_decode_steps)
 
 
-def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) -> FinetuneResult:
-    """Score every test language, write ``<out>/result.json`` last (and ``<out>/model`` when asked)."""
+def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list,
+                   sparse: dict | None = None) -> FinetuneResult:
+    """Score every test language, write ``<out>/result.json`` last (and ``<out>/model`` when asked); ``sparse``:
+    the LT-SFT facts recorded in it."""
     cfg, spec, model = job.cfg, job.spec, job.model
     scores = {lang: score_split(job, records, examples, desc=f"test {lang}")
               for lang, (records, examples) in job.data.tests.items()}
@@ -286,7 +296,8 @@ def test_and_write(job: Job, best_epoch: int, dev_best: float, history: list) ->
         num_params_encoder_non_embedding=count_parameters(model.encoder, with_embeddings=False),
         num_train=len(job.data.train), num_train_skipped=job.data.num_train_skipped, device=str(job.device),
         labels=job.data.labels.to_dict(), segment_ids_trained=model.segment_ids_trained,
-        threads=torch.get_num_threads(), settings=job.settings, unknown_token_rates=job.data.unknown_token_rates)
+        threads=torch.get_num_threads(), settings=job.settings, unknown_token_rates=job.data.unknown_token_rates,
+        sparse=sparse)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_model:
