@@ -1,6 +1,8 @@
 """Fine-tune one encoder on one task's English data and test it zero-shot on every language (paper §4).
 
     python launch/finetune.py --model DIR --task xnli --data DATA --seed 1 --out runs/xnli/mLeanBERT/1
+    python launch/finetune.py --model STUDENT --teacher TASK_TEACHER --sparse-density 0.08 --full-epochs 3 ...
+        # BiStil's phase 2: lottery-ticket sparse fine-tuning with task distillation from the fine-tuned teacher
 
 Writes OUT/result.json (scores per language, zero-shot averages, configuration, settings, time). OUT/checkpoint/
 holds the last epoch (for --resume after a kill) and the best epoch so far as a task model until the job
@@ -40,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
             p.add_argument(flag, type=kind, required=f.name in required,
                            default=None if f.name in required else f.default, help=doc)
+    g = p.add_argument_group("task distillation and lottery-ticket sparse fine-tuning (BiStil's phase 2)")
+    g.add_argument("--teacher", default=None,
+                   help="a task model fine-tuned on this task (a job saved with --save-model): distil it into the "
+                        "model with BiStil's loss (soft cross-entropy at --temperature, hidden-state and "
+                        "attention-probability MSE; --task-weight for the labels) (default: none, plain fine-tuning)")
+    g.add_argument("--temperature", type=float, default=2.0, help="soft cross-entropy temperature with --teacher")
+    g.add_argument("--task-weight", type=float, default=0.0,
+                   help="weight of the hard-label task loss beside the teacher's terms (default 0: off)")
+    g.add_argument("--sparse-density", type=float, default=None,
+                   help="LT-SFT: fine-tune fully for --full-epochs, keep this share of the body's weights that moved "
+                        "most, reset and fine-tune only those for --epochs (BiStil: 0.08) (default: dense)")
+    g.add_argument("--full-epochs", type=int, default=3, help="LT-SFT's full fine-tuning epochs (phase A)")
     add_wandb_flags(p.add_argument_group("Weights & Biases: the job's results as tables"), RESULTS_WANDB_HELP)
     return p
 
@@ -50,18 +64,37 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 def parse_all(argv: list[str] | None = None):
     """(FinetuneConfig, WandbConfig) of the command line."""
+    return parse_job(argv)[:2]
+
+
+def parse_job(argv: list[str] | None = None):
+    """(FinetuneConfig, WandbConfig, the job to run: cfg -> FinetuneResult) of the command line."""
     args = build_parser().parse_args(argv)
     wandb = wandb_config(args)
     names = {f.name for f in fields(FinetuneConfig)}
-    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb, job_runner(args)
+
+
+def job_runner(args: argparse.Namespace):
+    """Plain fine-tuning, task distillation from ``--teacher`` or LT-SFT (``--sparse-density``), with or without it."""
+    # torch, after the command line: --help stays quick
+    from ds_kd.finetune.distill import run_ft_distill
+    from ds_kd.finetune.job import run
+    from ds_kd.finetune.ltsft import SparseConfig, bistil_task_losses, run_ltsft
+
+    losses = bistil_task_losses(args.task_weight, args.temperature) if args.teacher else None
+    if args.sparse_density is not None:
+        sparse = SparseConfig(args.sparse_density, args.full_epochs)
+        return lambda cfg: run_ltsft(cfg, sparse, args.teacher, losses)
+    if args.teacher:
+        return lambda cfg: run_ft_distill(cfg, args.teacher, losses)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, wandb = parse_all(argv)  # the settings are checked as the config is built
-        from ds_kd.finetune.job import run  # torch, after the command line: --help stays quick
-
-        result = run(cfg)
+        cfg, wandb, job = parse_job(argv)  # the settings are checked as the config is built
+        result = job(cfg)
     except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

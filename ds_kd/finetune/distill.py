@@ -33,7 +33,7 @@ from torch import nn
 from ds_kd.distill.losses import layer_map, soft_cross_entropy
 from ds_kd.distill.module import DistillConfig, build_projections, intermediate_terms
 from ds_kd.errors import UsageError
-from ds_kd.finetune.heads import TASK_MODEL_JSON, TaskModel, load_task_model
+from ds_kd.finetune.heads import TASK_MODEL_JSON, TaskModel, load_task_model, save_task_model
 from ds_kd.finetune import state
 from ds_kd.finetune.job import (RESULT, FinetuneConfig, FinetuneResult, Job, fit, prepare, result_from_dict, run,
                                 test_and_write)
@@ -152,3 +152,31 @@ def prepare_ft_distill(cfg: FinetuneConfig, settings: dict, directory: Path, dis
     print(f"[ft-distill] {cfg.task}: teacher {directory} ({t_cfg.num_hidden_layers} layers) -> student "
           f"{s_cfg.num_hidden_layers} layers, layer map {mapped}", flush=True)
     return job, loss_fn, list(projections.parameters())
+
+
+def restrict_task_model(teacher_dir: str | Path, tokenizer_dir: str | Path, out: str | Path) -> Path:
+    """A fine-tuned task model (``teacher_dir``) with its word embeddings restricted to the vocabulary of the
+    tokenizer in ``tokenizer_dir`` (a pair-trimmed student's, BiStil's phase 2): row ``i`` is the teacher's row
+    of the student's piece ``i`` (same string), written with that tokenizer to ``out``. On text the trimmed
+    tokenizer spells with its pieces (the pair's, ``python -m data_prep trim_vocab``) it gives the full
+    teacher's outputs, and ft-distill accepts it for the student. Raises UsageError naming a piece the teacher
+    lacks."""
+    teacher, meta = load_task_model(teacher_dir)
+    full = load_tokenizer(teacher_dir, "the task teacher").get_vocab()
+    small_tokenizer = load_tokenizer(tokenizer_dir, "the student's vocabulary")
+    small = small_tokenizer.get_vocab()
+    missing = [piece for piece in small if piece not in full]
+    if missing:
+        raise UsageError(f"{tokenizer_dir}: {len(missing)} pieces (e.g. {missing[:3]}) are not in {teacher_dir}'s "
+                         f"vocabulary: give the tokenizer trimmed from this teacher's")
+    rows = torch.tensor([full[piece] for piece, _ in sorted(small.items(), key=lambda kv: kv[1])])
+    embeddings = teacher.encoder.embeddings.word_embeddings
+    restricted = nn.Embedding(len(rows), embeddings.weight.shape[1], padding_idx=None)
+    with torch.no_grad():
+        restricted.weight.copy_(embeddings.weight[rows])
+    teacher.encoder.embeddings.word_embeddings = restricted
+    teacher.encoder.config = replace(teacher.encoder.config, vocab_size=len(rows))
+    save_task_model(teacher, out, small_tokenizer, **{k: v for k, v in meta.items()
+                                                     if k not in ("kind", "labels", "head", "segment_ids_trained",
+                                                                  "encoder_config")})
+    return Path(out)

@@ -135,6 +135,15 @@ class SparseConfig:
             raise UsageError(f"--full-epochs must be at least 1, got {self.full_epochs}")
 
 
+def bistil_task_losses(task_weight: float = 0.0, temperature: float = 2.0) -> DistillConfig:
+    """BiStil's task distillation loss: soft cross-entropy against the task teacher at ``temperature`` (at the
+    word starts for tagging), hidden-state MSE with the embeddings in its mean and attention-probability MSE,
+    averaged over layers; the hard-label task loss at ``task_weight`` (0: off)."""
+    return DistillConfig(mlm_weight=task_weight, output_weight=1.0, embedding_weight=0.0, hidden_weight=1.0,
+                         attention_weight=1.0, temperature=temperature, layer_reduction="mean",
+                         attention_target="probabilities", embeddings_in_hidden=True)
+
+
 def run_ltsft(cfg: FinetuneConfig, sparse: SparseConfig, teacher: str | Path | None = None,
               distill_cfg: DistillConfig | None = None) -> FinetuneResult:
     """LT-SFT of ``cfg.model`` on the task (with ft-distill from ``teacher`` when given, in both phases): phase A

@@ -140,3 +140,52 @@ def test_a_kill_in_phase_b_resumes_with_the_same_mask_to_the_same_result(encoder
     assert resumed.dev_history == whole.dev_history and resumed.scores == whole.scores
     assert resumed.sparse["num_changed_body_weights"] == whole.sparse["num_changed_body_weights"]
     assert json.loads((Path(cfg.out) / "result.json").read_text())["sparse"]["k"] == whole.sparse["k"]
+
+
+def test_the_restricted_task_teacher_gives_the_full_teachers_outputs_on_the_pairs_text(encoder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_prep.trim_vocab import trim
+    from ds_kd.finetune import run
+    from ds_kd.finetune.distill import restrict_task_model
+    from tests.helpers.finetune_fixtures import pair_records
+
+    data = write_task_data(tmp_path / "data", "pawsx", "pair", ["en", "fr"], num_train=24)
+    run(job_config(encoder, data, tmp_path / "teacher", epochs=1, save_model=True))
+    text = [f"{r['text_a']} {r['text_b']}" for r in pair_records(30, seed=7)]
+    (tmp_path / "pair.txt").write_text("".join(t + "\n" for t in text[:20]), encoding="utf-8")
+    trimmed = tmp_path / "trimmed"
+    trim(encoder, [tmp_path / "pair.txt"], trimmed)
+    restricted = restrict_task_model(tmp_path / "teacher" / "model", trimmed, tmp_path / "restricted")
+    full_model, _ = load_task_model(tmp_path / "teacher" / "model")
+    small_model, _ = load_task_model(restricted)
+    assert small_model.encoder.config.vocab_size < full_model.encoder.config.vocab_size
+    full_tok, small_tok = AutoTokenizer.from_pretrained(str(encoder)), AutoTokenizer.from_pretrained(str(restricted))
+    for tok_model in ((full_tok, full_model), (small_tok, small_model)):
+        tok_model[1].eval()
+    lines = text[:20]
+    with torch.no_grad():
+        want = full_model(**full_tok(lines, padding=True, return_tensors="pt", return_token_type_ids=False)).logits
+        got = small_model(**small_tok(lines, padding=True, return_tensors="pt", return_token_type_ids=False)).logits
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_finetune_command_runs_ltsft_with_bistils_task_distillation(encoder, tmp_path):
+    from ds_kd.finetune import run
+    from tests.conftest import load_script
+
+    data = write_task_data(tmp_path / "data", "pawsx", "pair", ["en", "fr"], num_train=24)
+    run(job_config(encoder, data, tmp_path / "teacher", epochs=1, save_model=True))
+    out = tmp_path / "student"
+    finetune = load_script("finetune")
+    assert finetune.main(["--model", str(encoder), "--task", "pawsx", "--data", str(data), "--out", str(out),
+                          "--epochs", "1", "--batch-size", "8", "--max-len", "48", "--device", "cpu",
+                          "--teacher", str(tmp_path / "teacher"), "--sparse-density", "0.1",
+                          "--full-epochs", "1"]) == 0
+    result = read_result(out)
+    assert result["sparse"]["density"] == 0.1 and result["settings"]["sparse"]["full_epochs"] == 1
+    distill = json.loads((out / "distill.json").read_text())
+    assert distill["config"]["temperature"] == 2.0 and distill["config"]["attention_target"] == "probabilities"
+    assert distill["config"]["mlm_weight"] == 0.0  # no hard labels unless --task-weight
+    assert (out / "full" / "distill.json").is_file()  # phase A distils too
