@@ -32,13 +32,21 @@ RECIPES = {
 """The defaults each ``--recipe`` sets (flags given on the command line win)."""
 
 
+def recipe_flags(recipe: str) -> str:
+    """The flags ``recipe`` sets, as a command line would give them."""
+    def flag(name: str, value) -> str:
+        name = "--" + name.replace("_", "-")
+        return name if value is True else f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+    return " ".join(flag(k, v) for k, v in RECIPES[recipe].items())
+
+
 def build_parser(recipe: str = "tinybert") -> argparse.ArgumentParser:
     """The command line, with ``recipe``'s defaults (:data:`RECIPES`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="tinybert",
                    help="a preset of the flags below: tinybert (the paper's first stage; default) or bistil "
-                        "(BiStil's bilingual phase 1: " + ", ".join(
-                            f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["bistil"].items()) + ")")
+                        f"(BiStil's bilingual phase 1: {recipe_flags('bistil')})")
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True,
                    help="teacher directory: an export of launch/pretrain.py or any HF BERT checkpoint "
