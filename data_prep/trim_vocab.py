@@ -42,7 +42,7 @@ import numpy as np
 
 from data_prep.read import open_binary
 from ds_kd.errors import UsageError
-from ds_kd.cli.flags import HelpFormatter
+from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
 from ds_kd.manifest import has_manifest, read_manifest, write_manifest
 from ds_kd.models.modeldir import DS_KD_KEY
 from ds_kd.models.vocab_check import TRIMMED_KEY
@@ -374,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-freq", type=float, default=0.0,
                    help="keep a piece when its relative frequency in at least one language's own text reaches this "
                         "(BiStil's pair vocabulary: 1e-6); 0 keeps every piece that occurs (default: 0)")
-    p.add_argument("--langs", nargs="+", default=None, metavar="LANG",
-                   help="only the TSV lines of these languages, e.g. en de for a pair (default: every line)")
+    add_list_argument(p, "--langs", default=None, metavar="LANG", item_type=lang_code,
+                      help="only the TSV lines of these languages, space- or comma-separated, e.g. en de for a "
+                           "pair (default: every line)")
     return p
 
 

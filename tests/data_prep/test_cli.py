@@ -59,6 +59,7 @@ LANG_COMMANDS = {  # command -> the other arguments it needs to parse
     "demo_tasks": ["--heldout", "h"],
     "tasks": ["--task", "xnli", "--src", "s", "--out", "o"],
     "retrieval": ["--models", "a=b", "--heldout", "h", "--out", "o"],
+    "trim_vocab": ["--model", "m", "--corpus", "c", "--out", "o"],
 }
 
 
