@@ -26,7 +26,8 @@ from ds_kd.errors import UsageError
 from ds_kd.finetune import state
 from ds_kd.finetune.distill import distill_settings, prepare_ft_distill, run_ft_distill, teacher_model_dir
 from ds_kd.finetune.heads import load_task_model
-from ds_kd.finetune.job import FinetuneConfig, FinetuneResult, fit, prepare, result_from_dict, run, test_and_write
+from ds_kd.finetune.config import FinetuneConfig
+from ds_kd.finetune.job import FinetuneResult, fit, prepare, result_from_dict, run, test_and_write
 from ds_kd.finetune.loop import task_loss
 
 PHASE_A = "full"
