@@ -19,8 +19,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from ds_kd.cli import main_guard, setup_logging
-from ds_kd.finetune.xtremedistil import LAYER_MAPS, EMBEDDINGS, STAGES
-from ds_kd.finetune.xtremedistil_run import TaskDistillConfig
+from ds_kd.finetune.config import EMBEDDINGS, LAYER_MAPS, STAGES, TaskDistillConfig
 from ds_kd.cli.flags import HelpFormatter, field_doc
 from ds_kd.data.tasks import TASKS
 

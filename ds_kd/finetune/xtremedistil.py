@@ -24,11 +24,9 @@ from torch import nn
 
 from ds_kd.distill.losses import attention_mse, hidden_mse, match_heads, soft_cross_entropy
 from ds_kd.errors import UsageError
+from ds_kd.finetune.config import LAYER_MAPS, STAGES
 from ds_kd.finetune.heads import TaskModel
 
-LAYER_MAPS = ("top", "uniform")
-EMBEDDINGS = ("pca", "copy", "random")
-STAGES = ("represent", "logits", "labels")
 
 
 def pca_embeddings(weight_VD: torch.Tensor, width: int) -> torch.Tensor:

@@ -44,7 +44,8 @@ from ds_kd.finetune.distill import teacher_model_dir
 from ds_kd.finetune.heads import TaskModel, load_task_model
 from ds_kd.finetune.job import (FinetuneConfig, FinetuneResult, Job, load_test_data, load_train_dev, result_from_dict,
                                 score_split, test_and_write)
-from ds_kd.finetune.xtremedistil import (EMBEDDINGS, STAGES, SubStage, attention_loss, build_projections,
+from ds_kd.finetune.config import TaskDistillConfig
+from ds_kd.finetune.xtremedistil import (SubStage, attention_loss, build_projections,
                                         layer_map, logit_loss, pca_embeddings, representation_loss, schedule,
                                         set_trainable)
 from ds_kd.manifest import (atomic_write_text, has_manifest, read_json_file, remove_outputs, rerun_action,
@@ -61,95 +62,7 @@ LAST = "last.pt"
 STAGES_JSON = "stages.json"
 SETTINGS_JSON = "settings.json"
 OUTPUTS = ("result.json", "model", CHECKPOINT, STAGES_JSON, SETTINGS_JSON, "manifest.json")
-KINDS = ("tagging", "pair")
-"""Task kinds distilled: one logits entry per token or per example."""
 NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "log_every", "threads", "name")
-
-
-@dataclass
-class TaskDistillConfig:
-    """One XtremeDistil run (``launch/task_distill.py``)."""
-
-    teacher: str
-    """Fine-tuned teacher: a task-model directory (``launch/finetune.py --save-model``) or a job holding model/."""
-    transfer: str
-    """Transfer set: a corpus directory of ``python -m data_prep corpus`` written with the teacher's tokenizer."""
-    task: str
-    """Task name (its English train/dev and every test language under ``data``)."""
-    data: str
-    """Normalised task-data root (``python -m data_prep tasks``)."""
-    out: str
-    """Run directory."""
-    student: str = "tiny-leanbert"
-    """Student shape: a preset name or a HF ``config.json`` (its vocabulary becomes the teacher's)."""
-    recipe: str = "xtremedistil"
-    """The recipe (only ``xtremedistil`` today)."""
-    stages: tuple[str, ...] = STAGES
-    """Stages to run, in order: represent, logits, labels."""
-    gradual_unfreezing: bool = True
-    """Stages 2 and 3 unfreeze top-down one group at a time (the head alone first); False
-    (``--no-gradual-unfreezing``): one sub-stage per stage with every group trainable at once."""
-    layer_map: str = "top"
-    """Stage 1's map of student hidden states onto the teacher's: top (top-aligned) or uniform (every k-th)."""
-    attention: bool = False
-    """Add attention-score MSE of the mapped layers to stage 1."""
-    temperature: float | None = None
-    """Stage 2: None for MSE on the raw logits (XtremeDistil); a temperature for soft cross-entropy instead."""
-    embeddings: str = "pca"
-    """Student word embeddings: pca (the teacher's compressed to the student's width), copy (same width) or random."""
-    freeze_embeddings: bool = False
-    """Keep the student's embeddings frozen throughout (and out of the unfreezing schedule)."""
-    transfer_batch: int = 32
-    """Transfer rows per optimizer step, all ranks together (packed rows of ``max_len`` for per-token tasks)."""
-    label_batch: int = 16
-    """English training examples per optimizer step of stage 3, all ranks together."""
-    represent_steps: int = 200
-    """Optimizer steps of stage 1."""
-    logits_steps: int = 100
-    """Optimizer steps of each sub-stage of stage 2 (fewer when it stops early)."""
-    labels_steps: int = 50
-    """Optimizer steps of each sub-stage of stage 3 (fewer when it stops early)."""
-    lr: float = 1e-3
-    """AdamW learning rate (constant; a fresh optimizer per sub-stage, as the official code recompiles)."""
-    eval_every: int = 25
-    """Score English dev every this many steps of stages 2 and 3 (and at each sub-stage's end)."""
-    patience: int = 3
-    """Dev scores in a row below the best so far after which a sub-stage stops early (a tie counts as best)."""
-    max_len: int = 128
-    """Sub-words per transfer row and per labelled example."""
-    seed: int = 1
-    """Seed of the student's initialisation, the data orders and dropout."""
-    name: str | None = None
-    """Model name in result.json (default: the run directory's name)."""
-    num_workers: int = 1
-    """DataLoader workers per rank reading the transfer shards."""
-    save_every: int = 50
-    """Checkpoint every this many optimizer steps (and at every sub-stage's end)."""
-    log_every: int = 10
-    """Print the sub-stage, its step and the mean loss since the last line every this many optimizer steps."""
-    threads: int | None = None
-    """torch CPU threads per rank (default: torch's)."""
-    resume: bool = False
-    """Continue an unfinished run from its checkpoint, on any number of ranks (same global batches)."""
-    overwrite: bool = False
-    """Start over when ``out`` holds a run."""
-
-    def __post_init__(self) -> None:
-        if get_task(self.task).kind not in KINDS:
-            raise UsageError(f"--task {self.task}: XtremeDistil is done for token tagging (wikiann) and sentence-pair "
-                             f"classification (xnli, pawsx); not for intent and slots (matis) or parsing (mtop)")
-        if self.recipe != "xtremedistil":
-            raise UsageError(f"--recipe {self.recipe!r}: the only recipe is xtremedistil")
-        if self.embeddings not in EMBEDDINGS:
-            raise UsageError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad or not self.stages:
-            raise UsageError(f"--stages takes some of {', '.join(STAGES)}, got {list(self.stages)}")
-        for name in ("transfer_batch", "label_batch", "eval_every", "patience", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}")
 
 
 @dataclass

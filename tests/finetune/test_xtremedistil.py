@@ -46,7 +46,7 @@ def test_layer_maps_top_aligned_uniform_and_a_shallower_teacher_refused():
 
 def test_tasks_without_one_logits_entry_are_refused_by_name():
     from ds_kd.errors import UsageError
-    from ds_kd.finetune.xtremedistil_run import TaskDistillConfig
+    from ds_kd.finetune.config import TaskDistillConfig
 
     for task in ("matis", "mtop"):
         with pytest.raises(UsageError, match=f"--task {task}"):
@@ -155,7 +155,7 @@ def xd_inputs(tiny_corpus, tmp_path_factory):
 
 
 def config(inputs, out, **kw):
-    from ds_kd.finetune.xtremedistil_run import TaskDistillConfig
+    from ds_kd.finetune.config import TaskDistillConfig
 
     base = dict(teacher=inputs["teacher"], transfer=inputs["transfer"], task="wikiann", data=inputs["data"],
                 out=str(out), student=inputs["student"], transfer_batch=4, label_batch=4, represent_steps=3,
