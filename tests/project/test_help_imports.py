@@ -32,7 +32,8 @@ print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules],
                   "seconds": time.perf_counter() - start}), file=sys.stderr)
 """ % (HEAVY,)
 COMMAND_LINES = ([[str(p.relative_to(ROOT))] for p in sorted((ROOT / "launch").glob("*.py"))]
-                 + [["data_prep", name] for name in COMMANDS] + [["data_prep"]])
+                 + [["data_prep", name] for name in COMMANDS] + [["data_prep"]]
+                 + [["ds_kd.cli.multinode", "check"], ["ds_kd.multinode", "check"]])  # the latter an alias
 
 
 @pytest.fixture(scope="module")
