@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the rows that are students, for the best-student marks (default: the roles recorded in "
                         "GRID_DIR/grid.json; where none is recorded, distilled models are students, see launch/grid.py "
                         "--students)")
+    p.add_argument("--roles", nargs="+", default=[], type=name_value, metavar="NAME=ROLE",
+                   help="the role (teacher, student or baseline) of these rows, over the grid's record and --students, "
+                        "e.g. for jobs that launch/finetune.py or launch/task_distill.py wrote under GRID_DIR, which the "
+                        "grid does not record (default: none)")
     p.add_argument("--ppl", nargs="+", default=[], type=name_value, metavar="NAME=RUN_DIR",
                    help="pretraining/distillation run directory of a row for Table 2 (its manifest.json has "
                         "val.val_ppl); overrides the grid's record (default: the parent of a model dir named export)")
@@ -69,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         comparisons = parse_findings(args.finding)
     except UsageError as e:
         p.error(str(e))
-    report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons)
+    try:
+        report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons,
+                              dict(args.roles))
+    except UsageError as e:  # a bad --roles, a file that is no result.json: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for path in report.files:
         print(path)
     if report.gaps:

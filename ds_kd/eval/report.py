@@ -20,7 +20,7 @@ from ds_kd.eval import paper_results as paper
 from ds_kd.errors import UsageError
 from ds_kd.eval.findings import Comparison, default_comparisons, judge
 from ds_kd.eval.findings import markdown as findings_markdown
-from ds_kd.eval.grid import FT_DISTILL_SUFFIX, GRID_JSON, LOG, RESULT, default_roles, slug
+from ds_kd.eval.grid import FT_DISTILL_SUFFIX, GRID_JSON, LOG, RESULT, ROLES, default_roles, slug
 from ds_kd.logbook import ResultTable
 from ds_kd.data.tasks import TASKS, TaskSpec, zero_shot_langs
 from ds_kd.textfile import read_text
@@ -125,17 +125,26 @@ def row_order(names: set[str], plan: dict) -> list[str]:
 
 
 def resolve_roles(names: list[str], plan: dict, students: list[str] | None = None,
-                  model_dirs: dict[str, str] | None = None) -> dict[str, str]:
+                  model_dirs: dict[str, str] | None = None, given: dict[str, str] | None = None) -> dict[str, str]:
     """The grid's recorded roles; rows it does not record take :func:`ds_kd.eval.grid.default_roles` of their model
     directories (``model_dirs``: row name -> directory, e.g. from the results), baseline where none is known.
     ``students``, when given, is the complete list of students (rows the grid called students and that are not
-    listed become baselines)."""
+    listed become baselines). ``given`` (row -> role) overrides all of these, e.g. for jobs that
+    ``launch/finetune.py`` or ``launch/task_distill.py`` wrote under the grid directory, which the grid does not
+    record. Raises UsageError for a role outside ``ROLES`` or a row that has no result and is not in the plan."""
     recorded = {r["name"]: r["role"] for r in plan.get("rows", [])}
     dirs = {**(model_dirs or {}), **{r["name"]: r["model_dir"] for r in plan.get("rows", []) if r.get("model_dir")}}
     derived = default_roles(dirs)
     roles = {n: recorded.get(n) or derived.get(n, "baseline") for n in names}
     if students is not None:
         roles = {n: "student" if n in students else ("baseline" if r == "student" else r) for n, r in roles.items()}
+    for name, role in (given or {}).items():
+        if role not in ROLES:
+            raise UsageError(f"--roles {name}={role}: the role is one of {', '.join(ROLES)}")
+        if name not in roles:
+            raise UsageError(f"--roles {name}={role}: no row {name!r} among the grid's results and plan "
+                             f"({', '.join(names)})")
+        roles[name] = role
     return roles
 
 
@@ -236,14 +245,14 @@ def perplexity_table(plan: dict, order: list[str], roles: dict[str, str], ppl: d
 
 
 def build_tables(grid_dir: Path | str, students: list[str] | None = None,
-                 ppl: dict[str, str] | None = None) -> list[Table]:
+                 ppl: dict[str, str] | None = None, roles: dict[str, str] | None = None) -> list[Table]:
     results = collect(grid_dir)
     plan = load_plan(grid_dir)
     names = {m for m, _ in results} | {r["name"] for r in plan.get("rows", [])}
     order = row_order(names, plan)
     roles = resolve_roles(order, plan, students,
                           {m: r["model_dir"] for (m, _), seeds in results.items() for r in seeds.values()
-                           if r.get("model_dir")})
+                           if r.get("model_dir")}, roles)
     tasks = [t for t in paper.TASK_ORDER if any(t == task for _, task in results)]
     tasks += sorted({task for _, task in results} - set(tasks))
 
@@ -428,14 +437,15 @@ def find(tables: list[Table], plan: dict, comparisons: list[Comparison] | None,
 
 def write_report(grid_dir: Path | str, out: Path | str | None = None, students: list[str] | None = None,
                  ppl: dict[str, str] | None = None, extra: list[Path | str] = (),
-                 comparisons: list[Comparison] | None = None) -> Report:
+                 comparisons: list[Comparison] | None = None, roles: dict[str, str] | None = None) -> Report:
     """Write ``report.md`` (every table, the paper's findings judged on these runs, then the ``extra`` Markdown
     files, e.g. retrieval and speed), one CSV per table and the zero-shot charts to ``out`` (default
     ``<grid_dir>/report``). The findings are tested by the paper's comparisons among its rows present
-    (``ds_kd.eval.findings.default_comparisons``) and by ``comparisons``."""
+    (``ds_kd.eval.findings.default_comparisons``) and by ``comparisons``; ``roles`` (row -> role) overrides the
+    rows' roles (:func:`resolve_roles`)."""
     out = Path(out) if out is not None else Path(grid_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(grid_dir, students, ppl)
+    tables = build_tables(grid_dir, students, ppl, roles)
     settings = finetune_settings(grid_dir)
     plan = load_plan(grid_dir)
     report = Report(tables, findings=find(tables, plan, comparisons, settings),

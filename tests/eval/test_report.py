@@ -147,6 +147,30 @@ def test_rows_the_grid_did_not_record_take_their_role_from_their_runs_manifest(t
     assert table["Vanilla mLeanBERT", "XNLI"]["role"] == "student"
 
 
+def test_roles_given_on_the_command_line_override_the_grids_and_unknown_rows_or_roles_are_refused(grid, tmp_path):
+    """Jobs that launch/finetune.py and launch/task_distill.py wrote under the grid folder (not in grid.json)."""
+    root, _ = grid
+    rng = random.Random(1)
+    for name in ("e5 teacher", "xd student"):
+        write_result(root / "jobs" / name.replace(" ", "_") / "pawsx" / "seed1", name, "pawsx", 1, rng)
+    out = tmp_path / "cli"
+
+    def report(*roles: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), str(root), "--out", str(out),
+                               "--roles", *roles], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    done = report("e5 teacher=teacher", "xd student=student", "mLeanBERT=baseline")
+    assert done.returncode == 0, done.stderr
+    table = read_csv(out / "table5_zero_shot.csv")
+    assert table["e5 teacher", "PAWS-X"]["role"] == "teacher" and table["xd student", "PAWS-X"]["role"] == "student"
+    assert table["mLeanBERT", "PAWS-X"]["role"] == "baseline"  # the grid recorded it a student
+    assert table["Vanilla mLeanBERT", "PAWS-X"]["role"] == "student"  # untouched
+    for bad, says in (("xd student=pupil", "teacher, student, baseline"), ("nobody=student", "no row 'nobody'")):
+        done = report(bad)
+        assert done.returncode == 2 and says in done.stderr and f"--roles {bad}" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_report_lists_the_planned_jobs_that_failed_or_never_started(grid, tmp_path):
     root, _ = grid  # my-encoder has xnli results for seed 1 only; the plan has seeds 1 2 3
     log = root / "jobs" / "my-encoder" / "xnli" / "seed2" / "log.txt"
