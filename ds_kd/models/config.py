@@ -78,6 +78,8 @@ PRESETS: dict[str, BertConfig] = {
     # --init-from the teacher and as many --init-layers, which must give this shape); the demo's have 3.
     "e5-small-3l": BertConfig(hidden_size=384, num_hidden_layers=3, num_attention_heads=12, intermediate_size=1536),
     "e5-small-4l": BertConfig(hidden_size=384, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1536),
+    # An XtremeDistil student of e5 (launch/task_distill.py; the demo's): 13.5x fewer non-embedding parameters.
+    "xd-2l-256": BertConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024),
     "tiny-large": BertConfig(vocab_size=8000, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
                              intermediate_size=256, max_position_embeddings=256),
     "tiny-base": BertConfig(vocab_size=8000, hidden_size=48, num_hidden_layers=6, num_attention_heads=3,
