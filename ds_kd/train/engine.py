@@ -105,7 +105,7 @@ def clear_stale_build_lock(op: str, stale_after_s: float = STALE_LOCK_SECONDS, p
 
     build_dir = Path(_get_build_directory(op, verbose=False))
     if not (build_dir / f"{op}.so").exists():
-        log.info("DeepSpeed compiles its CPU op %s into %s: once per environment, about a minute", op, build_dir)
+        log.info("DeepSpeed compiles its CPU op %s into %s: once per environment, a minute on 2 quiet cores (several on a busy machine)", op, build_dir)
     else:  # torch still rebuilds it when DeepSpeed's sources or flags changed: say so before a silent minute
         log.info("DeepSpeed loads its CPU op %s from %s (a minute when torch finds it out of date and rebuilds it)",
                  op, build_dir)

@@ -16,6 +16,9 @@ class _FakeCuda:
     def device_name(self):
         return "cuda"
 
+    def communication_backend_name(self):
+        return "nccl"
+
     def set_device(self, index):
         self.current = index
 
