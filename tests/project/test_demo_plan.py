@@ -184,3 +184,83 @@ def test_help_lists_every_option_with_its_default(capsys):
                  "--e5-epochs", "--e5-train-examples", "--e5-cache", "--xd-steps", "--ablations"):
         assert flag in text
     assert json.dumps(demo.Options(demo.Path("x")).e5_seeds) == '["1", "2"]'
+
+
+def test_bistil_stages_chain_the_pair_from_vocabulary_to_zero_shot_german(tmp_path):
+    stages = demo.build_stages(demo.Options(tmp_path))
+    names = [s.name for s in stages]
+    vocab = argv_of(stages, f"{demo.BISTIL}: the pair vocabulary")
+    corpus = argv_of(stages, f"{demo.BISTIL}: the pair's text")
+    tasks = argv_of(stages, f"{demo.BISTIL}: wikiann in the pair's languages")
+    phase1 = argv_of(stages, f"{demo.BISTIL}: phase 1")
+    restrict = argv_of(stages, f"{demo.BISTIL}: {demo.E5}'s wikiann teacher cut")
+    phase2 = argv_of(stages, f"{demo.BISTIL}: phase 2")
+    teacher = argv_of(stages, f"real teacher: fine-tune {demo.E5} on English wikiann")
+    pair_vocab = value_after(vocab, "--out")
+    # the pair vocabulary from the trimmed e5 and its corpus, en and de each reaching BiStil's threshold
+    assert value_after(vocab, "--model") == str(tmp_path / "e5_trim")
+    assert value_after(vocab, "--corpus") == str(tmp_path / "corpus_e5" / "sample")
+    assert vocab[vocab.index("--langs") + 1:vocab.index("--langs") + 3] == ["en", "de"]
+    assert value_after(vocab, "--min-freq") == "1e-6"
+    # the pair's pretraining text in that tokenizer
+    assert value_after(corpus, "--tokenizer") == pair_vocab
+    assert value_after(corpus, "--raw") == str(tmp_path / "raw_pretrain")
+    assert corpus[corpus.index("--langs") + 1:corpus.index("--langs") + 3] == ["en", "de"]
+    # phase 1: the bistil recipe on 2 ranks, the pair-trimmed e5 teaching on the pair corpus
+    assert phase1[:3] == [demo.DEEPSPEED, "--num_gpus", "2"] and "launch/distill.py" in phase1
+    assert value_after(phase1, "--recipe") == "bistil" and value_after(phase1, "--teacher") == pair_vocab
+    assert value_after(phase1, "--data") == value_after(corpus, "--out")
+    assert value_after(phase1, "--max-len") == "64"
+    # the task teacher is e5 fine-tuned on English WikiANN and saved, cut to the pair's vocabulary
+    assert "--save-model" in teacher and value_after(teacher, "--model") == str(tmp_path / "e5_trim")
+    assert value_after(restrict, "--teacher") == f"{value_after(teacher, '--out')}/model"
+    assert value_after(restrict, "--vocab") == pair_vocab
+    # phase 2: LT-SFT of the phase-1 student distilled from that teacher, tested on en and de only
+    assert value_after(phase2, "--model") == f"{value_after(phase1, '--out')}/export"
+    assert value_after(phase2, "--teacher") == value_after(restrict, "--out")
+    assert float(value_after(phase2, "--sparse-density")) == 0.08 and "--full-epochs" in phase2
+    assert value_after(phase2, "--task") == "wikiann"
+    assert value_after(phase2, "--data") == value_after(tasks, "--out")
+    assert tasks[tasks.index("--langs") + 1:] == ["en", "de"]
+    # the grid's layout (jobs/<row>/<task>/seed<s>/result.json), where the report finds the rows
+    assert value_after(phase2, "--name") == demo.BISTIL
+    assert value_after(phase2, "--out") == str(tmp_path / "grid" / "jobs" / "BiStil_en-de" / "wikiann" / "seed1")
+    assert value_after(teacher, "--out") == str(tmp_path / "grid" / "jobs" / "e5-small" / "wikiann" / "seed1")
+    # each stage after the ones whose output it reads, all before the evaluation
+    at = {start: next(i for i, s in enumerate(stages) if s.name.startswith(start)) for start in (
+        "real teacher: trim", f"{demo.BISTIL}: the pair vocabulary", f"{demo.BISTIL}: the pair's text",
+        f"{demo.BISTIL}: phase 1", f"real teacher: fine-tune {demo.E5}", f"{demo.BISTIL}: {demo.E5}'s wikiann",
+        f"{demo.BISTIL}: phase 2", "inference speed")}
+    assert list(at.values()) == sorted(at.values()) and len(set(at.values())) == len(at)
+    assert names.index(f"{demo.BISTIL}: wikiann in the pair's languages (tested zero-shot on German)") < at[
+        f"{demo.BISTIL}: phase 2"]
+
+
+def test_bistil_student_is_timed_beside_its_teacher_and_left_out_without_e5(tmp_path):
+    stages = demo.build_stages(demo.Options(tmp_path))
+    speed = argv_of(stages, "inference speed")
+    phase1 = argv_of(stages, f"{demo.BISTIL}: phase 1")
+    models = speed[speed.index("--models") + 1:speed.index("--teacher-of")]
+    assert f"{demo.BISTIL}={value_after(phase1, '--out')}/export" in models
+    assert f"{demo.E5}={tmp_path / 'e5_trim'}" in models
+    assert f"{demo.BISTIL}={demo.E5}" in speed[speed.index("--teacher-of"):]
+    without = demo.build_stages(demo.Options(tmp_path, real_teacher=False))
+    assert not any(demo.BISTIL in s.name or any(demo.BISTIL in a for a in s.argv) for s in without)
+
+
+def test_bistil_rows_get_their_roles_in_the_report(tmp_path):
+    """The report's roles come from the runs' manifests: the phase-1 run is a distillation (student), and e5 is
+    the teacher of the e5 students' distillation."""
+    from ds_kd.eval.report import resolve_roles
+
+    o = demo.Options(tmp_path)
+    e5 = tmp_path / "e5_trim"
+    runs = {demo.BISTIL: demo.bistil_dirs(tmp_path)["run"], demo.E5_KD: tmp_path / "runs" / demo.E5_RUNS[demo.E5_KD]}
+    for run, teacher in ((runs[demo.BISTIL], demo.bistil_dirs(tmp_path)["vocab"]), (runs[demo.E5_KD], e5)):
+        (run / "export").mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({"stage": "distill", "teacher": str(teacher)}))
+    phase2 = argv_of(demo.build_stages(o), f"{demo.BISTIL}: phase 2")
+    dirs = {demo.E5: str(e5), **{row: str(run / "export") for row, run in runs.items()}}
+    assert value_after(phase2, "--model") == dirs[demo.BISTIL]
+    roles = resolve_roles(list(dirs), {}, model_dirs=dirs)
+    assert roles[demo.BISTIL] == "student" and roles[demo.E5] == "teacher"
