@@ -147,7 +147,7 @@ def test_the_restricted_task_teacher_gives_the_full_teachers_outputs_on_the_pair
 
     from data_prep.trim_vocab import trim
     from ds_kd.finetune import run
-    from ds_kd.finetune.distill import restrict_task_model
+    from tests.conftest import load_script
     from tests.helpers.finetune_fixtures import pair_records
 
     data = write_task_data(tmp_path / "data", "pawsx", "pair", ["en", "fr"], num_train=24)
@@ -156,7 +156,9 @@ def test_the_restricted_task_teacher_gives_the_full_teachers_outputs_on_the_pair
     (tmp_path / "pair.txt").write_text("".join(t + "\n" for t in text[:20]), encoding="utf-8")
     trimmed = tmp_path / "trimmed"
     trim(encoder, [tmp_path / "pair.txt"], trimmed)
-    restricted = restrict_task_model(tmp_path / "teacher" / "model", trimmed, tmp_path / "restricted")
+    restricted = tmp_path / "restricted"  # through the command (launch/restrict_teacher.py)
+    assert load_script("restrict_teacher").main(["--teacher", str(tmp_path / "teacher" / "model"), "--vocab",
+                                                 str(trimmed), "--out", str(restricted)]) == 0
     full_model, _ = load_task_model(tmp_path / "teacher" / "model")
     small_model, _ = load_task_model(restricted)
     assert small_model.encoder.config.vocab_size < full_model.encoder.config.vocab_size
