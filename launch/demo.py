@@ -64,8 +64,8 @@ XD_SEED = "1"
 XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage", "random embeddings", "labels only"
 
 # BiStil (docs/distillation.md, docs/finetuning.md) for the pair en-de, at a budget that runs the path end to end
-# in about 4 minutes (docs/demo.md), not at the recipe's: a pair corpus of 4,000 sentences, 8 phase-1 steps,
-# phase 2 on 200 English examples, 1 dense and 1 sparse epoch.
+# in about 4 quiet minutes (estimated, docs/demo.md), not at the recipe's: a pair corpus of 4,000 sentences,
+# 8 phase-1 steps, phase 2 on 200 English examples, 1 dense and 1 sparse epoch.
 BISTIL = "BiStil en-de"
 BISTIL_PAIR = ["en", "de"]
 BISTIL_TASK = XD_TASK  # its task teacher is XtremeDistil's
