@@ -34,7 +34,7 @@ class FinetuneConfig:
     head_lr: float = 1e-3
     """Peak learning rate of the freshly initialised head (pooler and classifier, tagger, mTOP decoder), every
     task kind alike; the paper does not state one. At the encoder's 2e-5 a fresh head learns nothing in a few
-    epochs (README: a sweep of 2e-5 to 1e-2 on generated and demo tasks; 1e-3 is the smallest value at which
+    epochs (docs/finetuning.md: a sweep of 2e-5 to 1e-2 on generated and demo tasks; 1e-3 is the smallest value at which
     the tagging, intent/slot and mTOP heads learnt there, and a real 12-layer encoder learnt with it)."""
     batch_size: int = 32
     """Training examples per step."""
