@@ -9,8 +9,8 @@ Each step writes one directory under ``--out`` with a ``manifest.json`` written 
     <out>/shards/      train/shard-NNNNNN.tar, val/shard-NNNNNN.tar: blocks of sentences (schema: ds_kd.schema);
                        special token ids by role and ``all_special_ids``
 
-A step whose manifest exists with the same settings is skipped; with other settings it is an error (a
-corpus directory holds one corpus). An interrupted shard step resumes at the first unwritten shard.
+A step whose manifest exists with the same settings is skipped; with other settings it is refused, naming
+them, unless ``--overwrite`` (then it and every later step are rebuilt; a corpus directory holds one corpus). An interrupted shard step resumes at the first unwritten shard.
 Manifests of an older version without the tokenizer's special token ids get them on a re-run with the same
 flags (:func:`record_special_ids`), without rewriting the shards.
 """
@@ -27,7 +27,7 @@ from typing import Callable
 
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.manifest import finished_output, has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANG_CODE_FORM, LANGS, MAX_LANGS, SCHEMA_VERSION, check_langs, check_tokenizer_matches
 from ds_kd.data.tokenizer_files import vocab_casing
 
@@ -62,23 +62,44 @@ class CorpusConfig:
     """Whether a brought ``vocab.txt`` (without tokenizer.json) lowercases; None: what its directory says
     (``ds_kd.data.tokenizer_files.vocab_casing``), and refused when nothing does."""
     shard: ShardConfig = ShardConfig()
+    overwrite: bool = False
+    """Rebuild a step finished with other settings, and every step after it (else refused, naming them)."""
 
 
-def run_step(directory: Path, stage: str, settings: dict, work: Callable[[], dict]) -> dict:
-    """Run ``work`` unless ``directory`` already holds a finished step with the same settings."""
-    if has_manifest(directory):
-        manifest = read_manifest(directory)
-        if manifest.get("settings") != settings:
-            raise UsageError(f"{directory / 'manifest.json'}: written with other settings "
-                             f"{manifest.get('settings')} than now {settings}; use another --out or delete "
-                             f"{directory}")
-        print(f"[corpus] {stage}: done already ({directory}), skipped", flush=True)
-        return manifest
+@dataclass
+class StepRule:
+    """How a step treats a finished output: the re-run rule (:func:`ds_kd.manifest.finished_output`) with a
+    cascade: once a step runs in this command, every later step runs again (its input changed)."""
+    overwrite: bool = False
+    """--overwrite: rebuild a step finished with other settings (else such a step is refused, naming them); a
+    step with the same settings before it is kept."""
+    rebuilt: bool = False
+    """A step ran in this command."""
+
+
+def run_step(directory: Path, stage: str, settings: dict, work: Callable[[], dict], rule: StepRule) -> dict:
+    """Run ``work`` unless ``directory`` already holds a finished step with the same settings and no earlier step
+    ran in this command. Raises FileExistsError naming the settings that differ (without ``rule.overwrite``)."""
+    if not rule.rebuilt:
+        try:
+            done = finished_output(directory, stage, settings, overwrite=False)
+        except FileExistsError:
+            if not rule.overwrite:
+                raise
+            done = None
+        if done is not None:
+            print(f"[corpus] {stage}: done already ({directory}), skipped", flush=True)
+            return done
+    if directory.exists() and (rule.rebuilt or has_manifest(directory)):  # not an interrupted step to resume
+        why = "an earlier step ran again" if rule.rebuilt else "--overwrite"
+        print(f"[corpus] {stage}: rebuilding {directory} ({why})", flush=True)
+        shutil.rmtree(directory)
+    rule.rebuilt = True
     print(f"[corpus] {stage} -> {directory}", flush=True)
     return write_manifest(directory, stage, settings=settings, **work())
 
 
-def read_step(config: CorpusConfig) -> dict:
+def read_step(config: CorpusConfig, rule: StepRule) -> dict:
     check_langs(config.langs)
     for lang in config.langs:
         check_lang_dir(config.raw / lang)  # fail before any work, naming the directory
@@ -93,20 +114,20 @@ def read_step(config: CorpusConfig) -> dict:
             counts = dict(pool.imap(read_language_job, jobs))
         return {"languages": {lang: counts[lang] for lang in config.langs}}
 
-    return run_step(out, "corpus.read", settings, work)
+    return run_step(out, "corpus.read", settings, work, rule)
 
 
-def sample_step(config: CorpusConfig, read_manifest_: dict) -> dict:
+def sample_step(config: CorpusConfig, read_manifest_: dict, rule: StepRule) -> dict:
     out = config.out / "sample"
     settings = asdict(config.sample)
 
     def work() -> dict:
         return write_mix(config.out / "read", read_manifest_["languages"], out, config.sample)
 
-    return run_step(out, "corpus.sample", settings, work)
+    return run_step(out, "corpus.sample", settings, work, rule)
 
 
-def tokenizer_step(config: CorpusConfig) -> dict:
+def tokenizer_step(config: CorpusConfig, rule: StepRule) -> dict:
     out = config.out / "tokenizer"
     source = str(config.tokenizer.resolve()) if config.tokenizer else "bpe"
     settings = {"source": source, **(asdict(config.bpe) if not config.tokenizer else {})}
@@ -124,7 +145,7 @@ def tokenizer_step(config: CorpusConfig) -> dict:
         fresh.update(describe(out))
         return {**fresh, **added}
 
-    manifest = run_step(out, "corpus.tokenizer", settings, work)
+    manifest = run_step(out, "corpus.tokenizer", settings, work, rule)
     fresh = fresh or describe(out)  # a finished step: check its manifest has the special ids (older ones lack them)
     return record_special_ids(out, manifest, {k: fresh[k] for k in SPECIAL_FIELDS})
 
@@ -141,17 +162,18 @@ def record_special_ids(directory: Path, manifest: dict, fields: dict) -> dict:
     return write_manifest(directory, manifest["stage"], **{**kept, **fields})
 
 
-def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) -> dict:
+def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict, rule: StepRule) -> dict:
     out = config.out / "shards"
     settings = {"schema_version": SCHEMA_VERSION, "block_size": config.shard.block_size,
                 "shard_mb": config.shard.shard_mb}
-    if has_manifest(out):
+    if has_manifest(out) and not rule.rebuilt:
         version = read_manifest(out).get("schema_version", 1)
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION and not rule.overwrite:
             raise UsageError(f"{out / 'manifest.json'}: shards of schema version {version}, this code writes and "
-                             f"reads version {SCHEMA_VERSION}: delete {out} and run the same command again to "
+                             f"reads version {SCHEMA_VERSION}: run the same command again with --overwrite to "
                              f"rewrite them (the earlier steps are kept)")
-        check_tokenizer_matches(out, config.out / "tokenizer")
+        if version == SCHEMA_VERSION:
+            check_tokenizer_matches(out, config.out / "tokenizer")
     sizes = {"train": sample_manifest["total"],
              "val": sum(lang["num_val"] for lang in sample_manifest["languages"].values())}
 
@@ -163,7 +185,7 @@ def shard_step(config: CorpusConfig, sample_manifest: dict, tok_manifest: dict) 
                 "vocab_size": tok_manifest["vocab_size"], "tokenizer_hash": tok_manifest["tokenizer_hash"],
                 **{k: tok_manifest[k] for k in SHARD_SPECIAL_FIELDS}, **result}
 
-    manifest = run_step(out, "corpus.shards", settings, work)
+    manifest = run_step(out, "corpus.shards", settings, work, rule)
     return record_special_ids(out, manifest, {k: tok_manifest[k] for k in SHARD_SPECIAL_FIELDS})
 
 
@@ -176,10 +198,11 @@ def run(config: CorpusConfig) -> dict:
                          "without tokenizer.json (a tokenizer.json's normaliser decides the casing); drop the flag")
     if config.tokenizer is not None and not (config.tokenizer / "tokenizer.json").is_file():
         vocab_casing(config.tokenizer, config.lowercase, LOWERCASE_FLAGS)  # refused before any step writes
-    read_m = read_step(config)
-    sample_m = sample_step(config, read_m)
-    tok_m = tokenizer_step(config)
-    shards_m = shard_step(config, sample_m, tok_m)
+    rule = StepRule(overwrite=config.overwrite)
+    read_m = read_step(config, rule)
+    sample_m = sample_step(config, read_m, rule)
+    tok_m = tokenizer_step(config, rule)
+    shards_m = shard_step(config, sample_m, tok_m, rule)
     manifests = {"read": read_m, "sample": sample_m, "tokenizer": tok_m, "shards": shards_m}
     print(format_summary(manifests), flush=True)
     return manifests
@@ -205,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep corpus", formatter_class=HelpFormatter,
         description="Raw text per language -> upsampled language mix -> BPE tokenizer -> WebDataset shards. "
-                    "Each step writes <out>/<step>/manifest.json last and is skipped when it exists.")
+                    "Each step writes <out>/<step>/manifest.json last and is skipped when it exists with the same "
+                    "settings (with other settings it is refused, naming them, unless --overwrite).")
     p.add_argument("--raw", type=Path, required=True, help="directory with <raw>/<lang>/ text files per language "
                    "(.txt/.gz/.bz2/.xz, one sentence or paragraph per line, or WikiExtractor output)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory to write")
@@ -240,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=ShardConfig.shard_mb,
                    help="a shard file is closed once it holds this many MiB")
     p.add_argument("--num-workers", type=int, default=0, help="tokenizing processes; 0: one per core (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a step finished with other settings and every step after it (default: refused, "
+                        "naming the settings that differ; steps with the same settings are skipped)")
     return p
 
 
@@ -253,14 +280,15 @@ def config_from_args(args: argparse.Namespace) -> CorpusConfig:
         bpe=BpeConfig(vocab_size=args.vocab_size, max_sentences=args.bpe_sentences,
                       min_frequency=args.min_frequency, spoken=args.spoken),
         tokenizer=args.tokenizer, lowercase=args.lowercase,
-        shard=ShardConfig(block_size=args.block_size, shard_mb=args.shard_mb, num_workers=args.num_workers))
+        shard=ShardConfig(block_size=args.block_size, shard_mb=args.shard_mb, num_workers=args.num_workers),
+        overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(config_from_args(args))
-    except (UsageError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.manifest import finished_output, has_manifest, read_manifest, write_manifest
 from ds_kd.schema import LANGS, check_langs
 from ds_kd.data.tasks import TASKS
 from ds_kd.textfile import read_text
@@ -143,20 +143,19 @@ def write_language(raw: Path, lang: str, rows: list[tuple[str, str, str]]) -> No
 
 
 def split_heldout(raw: Path, pretrain_raw: Path, heldout: Path, fraction: float = 0.2, seed: int = 0,
-                  langs: tuple[str, ...] = LANGS) -> dict:
+                  langs: tuple[str, ...] = LANGS, overwrite: bool = False) -> dict:
     """Split ``raw`` by page into ``pretrain_raw`` and ``heldout`` (see the module docstring); skipped when
-    both manifests exist. Returns the held-out manifest."""
+    both manifests exist with the same settings, refused naming them (FileExistsError) with other settings unless
+    ``overwrite``. Returns the held-out manifest."""
     check_langs(langs)
     if not 0 < fraction < 1:
         raise UsageError(f"--holdout must be a fraction in (0, 1), not {fraction}")
     settings = {"raw": str(raw), "fraction": fraction, "seed": seed, "langs": list(langs)}
-    if has_manifest(heldout) and has_manifest(pretrain_raw):
-        manifest = read_manifest(heldout)
-        if manifest.get("settings") != settings:
-            raise UsageError(f"{heldout / 'manifest.json'}: written with settings {manifest.get('settings')}, "
-                             f"not {settings}; delete {heldout} and {pretrain_raw} or use other directories")
-        print(f"[demo_tasks] held-out split done already ({heldout}), skipped", flush=True)
-        return manifest
+    if has_manifest(pretrain_raw):
+        done = finished_output(heldout, "held-out split", settings, overwrite=overwrite)
+        if done is not None:
+            print(f"[demo_tasks] held-out split done already ({heldout}), skipped", flush=True)
+            return done
     for d in (pretrain_raw, heldout):
         shutil.rmtree(d, ignore_errors=True)  # an unfinished split is redone from the start
     counts: dict[str, dict] = {}
@@ -510,16 +509,14 @@ WRITERS = {"xnli": write_xnli, "pawsx": write_pawsx, "wikiann": write_wikiann, "
            "mtop": write_mtop}
 
 
-def build_tasks(heldout: Path, out: Path, sizes: Sizes = Sizes(), seed: int = 0) -> dict:
-    """Write the five task folders under ``out`` from a held-out directory; skipped when ``out`` is finished."""
+def build_tasks(heldout: Path, out: Path, sizes: Sizes = Sizes(), seed: int = 0, overwrite: bool = False) -> dict:
+    """Write the five task folders under ``out`` from a held-out directory; skipped when ``out`` is finished with
+    the same settings, refused naming them (FileExistsError) with other settings unless ``overwrite``."""
     settings = {"heldout": str(heldout), "sizes": vars(sizes), "seed": seed}
-    if has_manifest(out):
-        manifest = read_manifest(out)
-        if manifest.get("settings") == settings:
-            print(f"[demo_tasks] task files done already ({out}), skipped", flush=True)
-            return manifest
-        raise UsageError(f"{out / 'manifest.json'}: written with settings {manifest.get('settings')}, not "
-                         f"{settings}; delete {out} or use another --out")
+    done = finished_output(out, "set of demo task files", settings, overwrite=overwrite)
+    if done is not None:
+        print(f"[demo_tasks] task files done already ({out}), skipped", flush=True)
+        return done
     langs = tuple(sorted({lang for spec in TASKS.values() for lang in spec.test_langs}))
     roles, paragraphs = read_heldout(heldout, langs)
     data = {lang: {role: [p for p in paras if roles.get(p.page) == role] for role in ROLES}
@@ -561,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=Sizes.num_train, help="English train examples per task")
     p.add_argument("--num-dev", type=int, default=Sizes.num_dev, help="dev examples per task and language")
     p.add_argument("--num-test", type=int, default=Sizes.num_test, help="test examples per task and language")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a split or task folder finished with other settings (default: refused, naming the "
+                        "settings that differ; one with the same settings is skipped)")
     return p
 
 
@@ -571,14 +571,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.pretrain_raw is None:
                 raise UsageError("--raw needs --pretrain-raw (where the pretraining pages go)")
             langs = tuple(args.langs)
-            m = split_heldout(args.raw, args.pretrain_raw, args.heldout, args.holdout, args.seed, langs)
+            m = split_heldout(args.raw, args.pretrain_raw, args.heldout, args.holdout, args.seed, langs,
+                              args.overwrite)
             print("[demo_tasks] held out: " + "  ".join(f"{lang}={c['num_heldout']}"
                                                          for lang, c in m["languages"].items()), flush=True)
         if args.out is not None:
-            m = build_tasks(args.heldout, args.out, Sizes(args.num_train, args.num_dev, args.num_test), args.seed)
+            m = build_tasks(args.heldout, args.out, Sizes(args.num_train, args.num_dev, args.num_test), args.seed,
+                            args.overwrite)
             for task, counts in m["counts"].items():
                 print(f"[demo_tasks] {task}: " + "  ".join(f"{k}={n}" for k, n in counts.items()), flush=True)
-    except (FileNotFoundError, UsageError) as e:
+    except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -43,7 +43,7 @@ import numpy as np
 from data_prep.read import open_binary
 from ds_kd.errors import UsageError
 from ds_kd.cli.flags import HelpFormatter, add_list_argument, lang_code
-from ds_kd.manifest import has_manifest, read_manifest, write_manifest
+from ds_kd.manifest import finished_output, write_manifest
 from ds_kd.models.modeldir import DS_KD_KEY
 from ds_kd.models.vocab_check import TRIMMED_KEY
 
@@ -306,11 +306,13 @@ def trim_checkpoint(model_dir: Path, out: Path, keep: list[int], tokenizer_size:
 
 
 def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | None = None, min_freq: float = 0.0,
-         langs: list[str] | None = None) -> dict:
+         langs: list[str] | None = None, overwrite: bool = False) -> dict:
     """Trim ``model_dir`` (and ``tokenizer_dir``, default the same directory) to the pieces of ``corpus`` (the
     lines of ``langs`` only, when given) whose relative frequency in some language reaches ``min_freq`` (see
-    :func:`frequent_ids`); skipped when ``out`` already has a manifest. Raises ValueError/FileNotFoundError
-    naming the bad input, UsageError for a threshold outside [0, 1) or ``langs`` that select no line."""
+    :func:`frequent_ids`). An ``out`` finished with the same settings is skipped; with other settings it raises
+    FileExistsError naming them unless ``overwrite`` (:func:`ds_kd.manifest.finished_output`). Raises
+    ValueError/FileNotFoundError naming the bad input, UsageError for a threshold outside [0, 1), ``langs`` that
+    select no line, or a threshold that no piece reaches."""
     if not 0 <= min_freq < 1:
         raise UsageError(f"--min-freq {min_freq}: a relative frequency in [0, 1) (BiStil: 1e-6; 0 keeps every "
                          f"piece that occurs)")
@@ -318,10 +320,14 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
 
     from ds_kd.data.tokenizer_files import encoding_only, read_tokenizer_json
 
-    if has_manifest(out):
-        print(f"[trim_vocab] {out} done already, skipped", flush=True)
-        return read_manifest(out)
     tokenizer_dir = tokenizer_dir or model_dir
+    settings = {"model": str(model_dir.resolve()), "tokenizer": str(tokenizer_dir.resolve()),
+                "corpus": sorted(str(c.resolve()) for c in corpus), "min_freq": min_freq,
+                "langs": sorted(langs) if langs else None}
+    done = finished_output(out, "vocabulary trim", settings, overwrite=overwrite)
+    if done is not None:
+        print(f"[trim_vocab] {out}: finished with the same settings, skipped (--overwrite rebuilds it)", flush=True)
+        return done
     tok_file = tokenizer_dir / "tokenizer.json"
     for needed in (tok_file, model_dir / "config.json"):
         if not needed.is_file():
@@ -334,6 +340,10 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
     if langs and not num_lines:
         raise UsageError(f"--langs {' '.join(langs)}: no line of these languages in {[str(f) for f in files]}")
     used, kept_per_lang = frequent_ids(counts, min_freq)
+    if not len(used):
+        highest = max((float(c.max()) / max(int(c.sum()), 1) for c in counts.values()), default=0.0)
+        raise UsageError(f"--min-freq {min_freq:g}: no piece of {[str(f) for f in files]} reaches it (the most "
+                         f"frequent piece of a language: {highest:.3g} of its tokens); lower --min-freq")
     keep = kept_ids(spec, used)
     new_spec = trimmed_spec(spec, keep)
     dropped_lines = check_same_tokens(full, encoding_only(Tokenizer.from_str(json.dumps(new_spec))), keep, head)
@@ -354,7 +364,7 @@ def trim(model_dir: Path, corpus: list[Path], out: Path, tokenizer_dir: Path | N
           f"({num_lines} lines, {num_tokens} tokens of corpus; min frequency {min_freq:g}, pieces reaching it per "
           f"language: {per_lang}); parameters {sizes['num_parameters_before']} -> {sizes['num_parameters_after']}",
           flush=True)
-    return write_manifest(out, "trim_vocab", **trimmed_to, tokenizer=str(tok_file.resolve()), num_lines=num_lines,
+    return write_manifest(out, "trim_vocab", settings=settings, **trimmed_to, tokenizer=str(tok_file.resolve()), num_lines=num_lines,
                           num_tokens=num_tokens, checked_lines=len(head), checked_lines_with_dropped_pieces=dropped_lines,
                           tokenizer_model=spec["model"]["type"], **sizes)
 
@@ -377,14 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_list_argument(p, "--langs", default=None, metavar="LANG", item_type=lang_code,
                       help="only the TSV lines of these languages, space- or comma-separated, e.g. en de for a "
                            "pair (default: every line)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild an --out finished with other settings (default: such an --out is refused, naming "
+                        "the settings that differ; one with the same settings is skipped)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trim(args.model, args.corpus, args.out, args.tokenizer, args.min_freq, args.langs)
-    except (UsageError, FileNotFoundError) as err:
+        trim(args.model, args.corpus, args.out, args.tokenizer, args.min_freq, args.langs, args.overwrite)
+    except (UsageError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -168,3 +168,21 @@ def rerun_action(where: Path | str, what: str, recorded: dict | None, wanted: di
                               f"({describe_differences(diffs)}): --resume continues only the same settings (a "
                               f"budget may change); pass --overwrite to start over")
     return "resume"
+
+
+def finished_output(out: Path | str, what: str, settings: dict, *, overwrite: bool) -> dict | None:
+    """The re-run rule of the data preparation commands (``python -m data_prep ...``), the same as the training
+    commands' :func:`rerun_action` for an output that is either finished (its manifest exists) or not.
+
+    ``settings``: what determines the output (input paths, thresholds, sizes, seeds); the command records them
+    under ``"settings"`` in its manifest. Returns the finished manifest when ``out`` holds one with the same
+    settings (the caller prints that it skips and does no work); None when the work must run: nothing finished
+    there, or ``overwrite`` (the caller replaces the old output). Raises :class:`FileExistsError` naming every
+    setting that differs (and "not recorded" for a manifest of an older version), with ``--overwrite`` as the
+    way to rebuild: a finished output is never silently reused for other settings."""
+    if not has_manifest(out):
+        return None
+    manifest = read_manifest(out)
+    action = rerun_action(Path(out), what, manifest.get("settings"), settings, finished=True, unfinished=False,
+                          overwrite=overwrite, resume=False, can_extend=False)
+    return manifest if action == "skip" else None

@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MultiATIS++ train/dev rows whose slot labels and words differ in number (the public "
                         "Spanish train file has some): stop with an error (default) or remove and count them in "
                         "the manifest; such test rows are always removed and counted, as in the paper")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild a task whose OUT/<task>/manifest.json exists (by default it is skipped)")
+    p.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                   help="rebuild a task whose OUT/<task>/manifest.json exists (default: skipped when built with "
+                        "the same settings, refused naming them when built with other settings); --force is the "
+                        "older spelling")
     return p
 
 
@@ -163,10 +165,10 @@ def build_tasks(args: argparse.Namespace, sources: dict[str, Path]) -> int:
             diffs = built_differently(read_manifest(args.out / task), task_settings(sources[task], choice, options))
             if diffs:
                 print(f"error: {args.out / task} was built with other settings ({describe_differences(diffs)}); "
-                      f"--force rebuilds it with these, or give another --out", file=sys.stderr)
+                      f"--overwrite rebuilds it with these, or give another --out", file=sys.stderr)
                 return 2
             print(f"{task}: {args.out / task}/manifest.json exists with the same settings, skipping "
-                  f"(--force rebuilds)")
+                  f"(--overwrite rebuilds)")
             continue
         try:
             manifest = prepare_task(task, sources[task], args.out, choice, **options)

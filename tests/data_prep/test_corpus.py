@@ -169,6 +169,29 @@ def test_rerun_skips_finished_steps(corpus, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+def test_rerun_with_other_settings_is_refused_and_overwrite_rebuilds_that_step_and_the_later_ones(corpus, tmp_path,
+                                                                                                  capsys):
+    """A finished step is never reused for other settings: refused naming the setting, and --overwrite rebuilds
+    it and every step after it (their input changed), keeping the earlier ones."""
+    config, m = corpus
+    out = tmp_path / "out"
+    shutil.copytree(config.out, out)
+    other = make_config(config.raw, out, sample=SampleConfig(total=5000, seed=3, val_per_lang=30, bucket_mb=0.05))
+    with pytest.raises(FileExistsError, match=r"finished corpus.sample with other settings \(total: 6000 -> 5000\)"
+                                              r".*--overwrite"):
+        run(other)
+    assert json.loads((out / "sample" / "manifest.json").read_text())["total"] == m["sample"]["total"]
+    assert corpus_mod.main(["--raw", str(config.raw), "--out", str(out), "--langs", *LANGS4, "--total", "5000"]) == 2
+    capsys.readouterr()
+    rebuilt = run(CorpusConfig(**{**vars(other), "overwrite": True}))
+    log = capsys.readouterr().out
+    assert "corpus.read: done already" in log  # same settings, before the change: kept
+    assert "corpus.sample: rebuilding" in log and rebuilt["sample"]["total"] == 5000
+    assert "corpus.tokenizer: rebuilding" in log and "corpus.shards: rebuilding" in log  # same settings, new input
+    assert rebuilt["shards"]["splits"]["train"]["num_samples"] == 5000  # the shards follow the new mix
+    check_tokenizer_matches(out / "shards", out / "tokenizer")
+
+
 def test_interrupted_shard_step_resumes_without_redoing_or_duplicating(corpus, tmp_path):
     config, m = corpus
     out = tmp_path / "out"
@@ -203,7 +226,7 @@ def test_old_schema_shards_are_refused_naming_the_fix(corpus, tmp_path):
         shutil.copytree(config.out / step, out / step)
     old = {k: v for k, v in m["shards"].items() if k not in ("schema_version", "settings", "stage", "finished_at", "code_version")}
     write_manifest(out / "shards", "corpus.shards", settings={"shard_size": 700}, **old)
-    with pytest.raises(ValueError, match=f"schema version 1.*delete {out / 'shards'} and run the same command"):
+    with pytest.raises(ValueError, match="schema version 1.*run the same command again with --overwrite"):
         run(make_config(config.raw, out))
 
 

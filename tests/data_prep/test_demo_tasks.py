@@ -86,6 +86,27 @@ def test_split_is_deterministic_for_a_seed(built, tmp_path):
     assert same != (tmp_path / "h1" / "alignment" / "en.tsv").read_text()
 
 
+def test_rerun_with_other_settings_is_refused_naming_them_and_overwrite_rebuilds(built, tmp_path, capsys):
+    """The data_prep re-run rule: same settings skipped, other settings refused naming them (never the old files
+    handed back), --overwrite rebuilds."""
+    base = ["--heldout", str(built / "heldout"), "--num-train", "120", "--num-dev", "30", "--num-test", "40"]
+    out = tmp_path / "src"
+    assert demo_tasks.main([*base, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert demo_tasks.main([*base, "--out", str(out)]) == 0
+    assert "task files done already" in capsys.readouterr().out
+    assert demo_tasks.main([*base[:2], "--num-train", "60", *base[4:], "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "other settings (sizes.num_train: 120 -> 60)" in err and "--overwrite" in err
+    assert demo_tasks.main([*base[:2], "--num-train", "60", *base[4:], "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["sizes"]["num_train"] == 60
+    split = ["--raw", str(built / "raw"), "--pretrain-raw", str(built / "pretrain"), "--heldout",
+             str(built / "heldout"), "--holdout", "0.5"]
+    assert demo_tasks.main(split) == 0 and "held-out split done already" in capsys.readouterr().out
+    assert demo_tasks.main([*split[:-1], "0.3"]) == 1
+    assert "fraction: 0.5 -> 0.3" in capsys.readouterr().err
+
+
 def test_every_task_loads_with_english_train_and_the_papers_test_languages(built):
     for task, spec in TASKS.items():
         manifest = json.loads((built / "tasks" / task / "manifest.json").read_text())

@@ -269,15 +269,15 @@ def test_cli_all_tasks_end_to_end(tmp_path, capsys):
     assert "skipping" not in capsys.readouterr().out
 
     # A finished task is skipped when asked for with the same settings; other settings are refused, naming
-    # what differs, and --force rebuilds it.
+    # what differs, and --overwrite (the older --force) rebuilds it.
     (out / "pawsx" / "dev.en.jsonl").write_text("")
     assert main(["--task", "pawsx", "--src", str(src / "pawsx"), "--out", str(out)]) == 0
     assert "same settings, skipping" in capsys.readouterr().out
     assert main(["--task", "pawsx", "--src", str(src / "pawsx"), "--out", str(out), "--langs", "en"]) == 2
     err = capsys.readouterr().err
-    assert "built with other settings" in err and 'langs: "all" -> ["en"]' in err
+    assert "built with other settings" in err and 'langs: "all" -> ["en"]' in err and "--overwrite" in err
     assert load_split(out, "pawsx", "dev", "en") == []  # nothing rebuilt
-    assert main(["--task", "pawsx", "--src", str(src / "pawsx"), "--out", str(out), "--force"]) == 0
+    assert main(["--task", "pawsx", "--src", str(src / "pawsx"), "--out", str(out), "--overwrite"]) == 0
     assert len(load_split(out, "pawsx", "dev", "en")) == 3
 
 

@@ -232,3 +232,34 @@ def test_min_freq_trims_to_the_pair_and_reports_per_language(tmp_path):
         trim(full, [corpus], tmp_path / "none", langs=["xx"])
     with pytest.raises(UsageError, match="--min-freq 1.5"):
         trim(full, [corpus], tmp_path / "bad", min_freq=1.5)
+
+
+def test_rerun_with_other_settings_is_refused_never_skipped(tmp_path, capsys):
+    """The same --out asked for with another threshold or language set is not the finished trim: refused naming
+    the setting (a skip would hand the old vocabulary to a recipe that asked for another); the same settings are
+    skipped; --overwrite rebuilds; a threshold no piece reaches is refused rather than writing a specials-only
+    vocabulary."""
+    import sys
+
+    full = make_checkpoint(tmp_path / "full", train_tokenizer("unigram", lines(["en", "de", "ja"], 80, seed=0)),
+                           bare=False)
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text("".join(f"{lang}\t{t}\n" for lang in ("en", "de", "ja") for t in lines([lang], 30, seed=3)),
+                      encoding="utf-8")
+    first = trim(full, [corpus], tmp_path / "out", langs=["en", "de"])
+    assert first["settings"]["langs"] == ["de", "en"]
+    assert trim(full, [corpus], tmp_path / "out", langs=["de", "en"])["finished_at"] == first["finished_at"]
+    assert "same settings, skipped" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r'min_freq: 0.0 -> 0.002.*--overwrite'):
+        trim(full, [corpus], tmp_path / "out", langs=["en", "de"], min_freq=2e-3)
+    with pytest.raises(FileExistsError, match=r'langs: \["de", "en"\] -> null'):
+        trim(full, [corpus], tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["vocab_after"] == first["vocab_after"]
+    proc = run_cmd([sys.executable, "-m", "data_prep", "trim_vocab", "--model", str(full), "--corpus", str(corpus),
+                    "--out", str(tmp_path / "out"), "--langs", "en", "de", "--min-freq", "2e-3"])
+    assert proc.returncode == 2 and "min_freq: 0.0 -> 0.002" in proc.stderr and "skipped" not in proc.stdout
+    strict = trim(full, [corpus], tmp_path / "out", langs=["en", "de"], min_freq=2e-3, overwrite=True)
+    assert strict["vocab_after"] < first["vocab_after"] and strict["settings"]["min_freq"] == 2e-3
+    with pytest.raises(UsageError, match=r"--min-freq 0.9: no piece .* reaches it.*lower --min-freq"):
+        trim(full, [corpus], tmp_path / "none", min_freq=0.9)
+    assert not (tmp_path / "none").exists()
