@@ -29,6 +29,8 @@ What --src holds, per task (each layout is recognised by its files):
            .tsv   classification: text<TAB>label or text_a<TAB>text_b<TAB>label (no header)
            .jsonl classification: {"text": ..., "label": ...} or {"text_a": ..., "text_b": ..., "label": ...}
            .conll tagging: token ... tag per line (BIO tags), a blank line between sentences
+           train.en and dev.en are required, no file may be empty, dev/test labels (entity types) must be
+           train's; a .tsv/.jsonl/.conll file, or one starting with a split, named otherwise is refused
 xnli, pawsx and wikiann may also be
   - XTREME's download_data.sh output: [xnli/|pawsx/|panx/]{train,dev,test}-<lang>.tsv (test files without
     labels, as later XTREME versions ship them, are not written; the manifest notes them)

@@ -12,7 +12,10 @@ from; dev selects the epoch; every language with a test file is tested), all of 
 
 Classification becomes the ``pair`` kind of :mod:`ds_kd.data.tasks` (``text_b`` left out for one sentence) and is
 scored by accuracy; tagging the ``tagging`` kind. Any row that does not fit its format stops the run with
-``file:line: what is wrong``.
+``file:line: what is wrong``; so does a dev or test label (a tag's entity type) that English train never has, a
+model fine-tuned on it could not predict it. An empty file, a task without English train or dev, and a file
+that looks like task data (a ``.tsv``/``.jsonl``/``.conll`` file, or a name starting with a split) but is not
+named ``<split>.<lang>.<ext>`` are refused, naming the file; other files (a README) are passed over.
 """
 from __future__ import annotations
 
@@ -28,11 +31,23 @@ from ds_kd.data.tasks import TASKS
 FORMATS = {"tsv": "pair", "jsonl": "pair", "conll": "tagging"}
 """File extension -> task kind."""
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+NAMING = f"<split>.<lang>.<ext> (split: {', '.join(SPLITS)}; ext: {', '.join(FORMATS)}), e.g. train.en.tsv"
+TAG = re.compile(r"O|[BI]-(\S+)")
+"""A BIO tag; its group is the entity type."""
+WHY_EN = {"train": "fine-tuning learns from it", "dev": "model selection (the epoch kept) needs it"}
+"""The English splits a task must have, and what needs each."""
+
+
+def looks_like_task_data(path: Path) -> bool:
+    """A file whose name is not ``<split>.<lang>.<ext>`` but that was meant as task data: a task format's
+    extension (``trian.en.tsv``, ``dev_de.tsv``) or a name starting with a split (``train.en.txt``)."""
+    return path.suffix[1:].lower() in FORMATS or re.match(rf"({'|'.join(SPLITS)})[^a-z]", path.name.lower()) is not None
 
 
 def source_files(src: Path) -> dict[tuple[str, str], Path]:
-    """``(split, lang) -> file`` of ``src``; UsageError for no such file, several formats, or a bad name."""
-    files = {}
+    """``(split, lang) -> file`` of ``src``; UsageError for no such file, several formats, a bad language code,
+    or files that look like task data but are not named ``<split>.<lang>.<ext>`` (other files are passed over)."""
+    files, misnamed = {}, []
     for path in sorted(src.iterdir()):
         split, _, rest = path.name.partition(".")
         lang, _, ext = rest.rpartition(".")
@@ -40,10 +55,14 @@ def source_files(src: Path) -> dict[tuple[str, str], Path]:
             if (problem := lang_code_problem(lang)) is not None:
                 raise UsageError(f"{path}: {problem}")
             files[split, lang] = path
+        elif path.is_file() and not path.name.startswith(".") and looks_like_task_data(path):
+            misnamed.append(path.name)
+    if misnamed:
+        raise UsageError(f"{src}: {', '.join(misnamed)}: not named {NAMING}; rename them, or move them out of "
+                         f"the folder (a task reads only files named so)")
     formats = sorted({p.suffix[1:] for p in files.values()})
     if not formats:
-        raise UsageError(f"{src}: no <split>.<lang>.<ext> files (split: train, dev, test; ext: "
-                         f"{', '.join(FORMATS)}), e.g. train.en.tsv")
+        raise UsageError(f"{src}: no {NAMING} files")
     if len(formats) > 1:
         raise UsageError(f"{src}: files of several formats ({', '.join(formats)}); a task has one")
     return files
@@ -84,22 +103,26 @@ def jsonl_records(path: Path) -> list[dict]:
 
 
 def conll_records(path: Path) -> list[dict]:
-    """Sentences of ``token ... tag`` lines separated by blank lines."""
-    out, tokens, tags, first = [], [], [], 0
+    """Sentences of ``token ... tag`` lines separated by blank lines; a tag that is not BIO (``O``, ``B-TYPE``,
+    ``I-TYPE``) is an error naming its line. ``lines``: each tag's line."""
+    out, tokens, tags, lines = [], [], [], []
     for lineno, line in [*read_lines(path), (None, "")]:
         if line.strip().startswith("-DOCSTART-"):
             continue
         if not line.strip():
             if tokens:
-                out.append({"id": str(first), "tokens": tokens, "tags": tags, "line": first})
-            tokens, tags = [], []
+                out.append({"id": str(lines[0]), "tokens": tokens, "tags": tags, "line": lines[0], "lines": lines})
+            tokens, tags, lines = [], [], []
             continue
         fields = line.split("\t") if "\t" in line else line.split()
         if len(fields) < 2 or not fields[-1].strip():
             raise row_error(path, lineno, "expected a token and its tag (token<TAB>tag or token tag)")
-        first = first if tokens else lineno
+        tag = fields[-1].strip()
+        if not TAG.fullmatch(tag):
+            raise row_error(path, lineno, f"tag {tag!r} is not BIO: expected O, B-TYPE or I-TYPE (e.g. B-PER, I-PER)")
         tokens.append(fields[0])
-        tags.append(fields[-1].strip())
+        tags.append(tag)
+        lines.append(lineno)
     return out
 
 
@@ -115,9 +138,30 @@ def check_pair_shape(records: list[tuple[Path, dict]]) -> None:
                                            "a task is all one-sentence or all sentence-pair classification")
 
 
+def check_labels_seen(records: list[tuple[Path, dict]], train: list[dict], kind: str) -> None:
+    """Every dev and test label is one of English train's (for tagging: every entity type, whether seen as
+    ``B-`` or ``I-``); else an error naming file, line and label: a model fine-tuned on train never predicts it."""
+    if kind == "pair":
+        known = {r["label"] for r in train}
+        for path, r in records:
+            if r["label"] not in known:
+                raise row_error(path, r["line"], f"label {r['label']!r} is not among English train's "
+                                                 f"({', '.join(sorted(known))}): a model fine-tuned on it never "
+                                                 f"predicts it")
+        return
+    types = {TAG.fullmatch(t).group(1) for r in train for t in r["tags"]} - {None}
+    for path, r in records:
+        for tag, lineno in zip(r["tags"], r["lines"]):
+            if TAG.fullmatch(tag).group(1) not in types | {None}:
+                raise row_error(path, lineno, f"tag {tag!r}: English train has no {tag[2:]} entity (as B- or I-; "
+                                              f"its types: {', '.join(sorted(types)) or 'none'}): a model fine-tuned "
+                                              f"on it never predicts it")
+
+
 def load(name: str, src: Path | str, choice: LangChoice = LangChoice()) -> TaskData:
     """Read the task ``name`` from ``src`` (see the module doc); UsageError for a name of a benchmark or one that
-    is not a folder name, and for files that do not fit their format."""
+    is not a folder name, for files that do not fit their format, an empty file, no English train or dev split,
+    and dev or test labels English train does not have."""
     if name in TASKS or not NAME.fullmatch(name):
         raise UsageError(f"--name {name!r}: a task of one's own needs a name of lower-case letters, digits, '-' "
                          f"and '_' that is not a benchmark's ({', '.join(TASKS)})")
@@ -127,14 +171,24 @@ def load(name: str, src: Path | str, choice: LangChoice = LangChoice()) -> TaskD
     choice.check_available({lang for s, lang in files if s != "train"}, src,
                            {lang for s, lang in files if s == "train"})
     data = TaskData(name, str(src), f"own {ext}", kind=FORMATS[ext])
-    read = []
+    read, evaluated = [], []
     for (split, lang), path in sorted(files.items()):
         if not choice.wants(split, lang):
             continue
         data.source_files.append(str(path))
-        for record in READERS[ext](path):
+        records = READERS[ext](path)
+        if not records:
+            raise row_error(path, None, f"no rows: an empty {split} split")
+        for record in records:
             read.append((path, record))
-            data.add(split, lang, {k: v for k, v in record.items() if k != "line"})
+            if split != "train":
+                evaluated.append((path, record))
+            data.add(split, lang, {k: v for k, v in record.items() if k not in ("line", "lines")})
     if data.kind == "pair":
         check_pair_shape(read)
+    for split, why in WHY_EN.items():
+        if (split, "en") not in data.records:
+            unwanted = f" (--{'train-' if split == 'train' else ''}langs leaves it out)" if (split, "en") in files else ""
+            raise UsageError(f"{src}: no English {split} split ({split}.en.{ext}){unwanted}: {why}")
+    check_labels_seen(evaluated, data.records["train", "en"], data.kind)
     return data

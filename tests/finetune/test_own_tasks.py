@@ -101,3 +101,85 @@ def test_own_task_files_that_do_not_fit_their_format_are_named(tmp_path, capsys)
     with pytest.raises(UsageError, match=f"unknown task 'mood': not one of .* nor a task of one's own under "
                                          f"{tmp_path / 'o'}"):
         get_task("mood", tmp_path / "o")
+
+
+def build(src: Path, out: Path, *extra: str) -> int:
+    return tasks_main(["--task", "own", "--name", "mood", "--src", str(src), "--out", str(out), *extra])
+
+
+def write_files(src: Path, files: dict[str, str]) -> Path:
+    src.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (src / name).write_text(text, encoding="utf-8")
+    return src
+
+
+MOOD = {"train.en.tsv": "a good film\tpos\na bad film\tneg\n", "dev.en.tsv": "fine\tpos\n",
+        "test.fr.tsv": "bon\tpos\nmauvais\tneg\n"}
+
+
+def test_an_own_task_without_english_train_rows_or_dev_is_refused_when_built(tmp_path, capsys):
+    src = write_files(tmp_path / "src", {**MOOD, "train.en.tsv": ""})
+    assert build(src, tmp_path / "o") == 1
+    assert f"{src / 'train.en.tsv'}: no rows: an empty train split" in capsys.readouterr().err
+    (src / "train.en.tsv").write_text(MOOD["train.en.tsv"], encoding="utf-8")
+    (src / "test.fr.tsv").write_text("\n\n", encoding="utf-8")
+    assert build(src, tmp_path / "o") == 1
+    assert f"{src / 'test.fr.tsv'}: no rows: an empty test split" in capsys.readouterr().err
+    (src / "test.fr.tsv").write_text(MOOD["test.fr.tsv"], encoding="utf-8")
+    (src / "dev.en.tsv").rename(src / "dev.de.tsv")
+    assert build(src, tmp_path / "o") == 1
+    assert f"{src}: no English dev split (dev.en.tsv): model selection" in capsys.readouterr().err
+    (src / "dev.de.tsv").rename(src / "dev.en.tsv")
+    assert build(src, tmp_path / "o", "--langs", "fr") == 1
+    assert "no English dev split (dev.en.tsv) (--langs leaves it out)" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "mood" / "manifest.json").exists()
+    assert build(src, tmp_path / "o") == 0
+
+
+@pytest.mark.parametrize("name,text,line,what", [
+    ("test.fr.tsv", "bon\tpos\nneutre\tmeh\n", 2, "label 'meh' is not among English train's (neg, pos)"),
+    ("dev.en.jsonl", '{"text": "fine", "label": "pos"}\n{"text": "so so", "label": "mixed"}\n', 2,
+     "label 'mixed' is not among English train's"),
+])
+def test_an_own_task_refuses_dev_and_test_labels_train_never_has(tmp_path, capsys, name, text, line, what):
+    ext = name.rsplit(".", 1)[1]
+    files = {"tsv": MOOD, "jsonl": {
+        "train.en.jsonl": '{"text": "a good film", "label": "pos"}\n{"text": "a bad film", "label": "neg"}\n',
+        "dev.en.jsonl": '{"text": "fine", "label": "pos"}\n'}}[ext]
+    src = write_files(tmp_path / "src", {**files, name: text})
+    assert build(src, tmp_path / "o") == 1
+    assert f"{src / name}:{line}: {what}" in capsys.readouterr().err
+
+
+NER = {"train.en.conll": "John B-PER\nSmith I-PER\nwent O\n\nParis B-LOC\n", "dev.en.conll": "Mary B-PER\n",
+       "test.de.conll": "Anna B-PER\nin O\nBerlin B-LOC\n"}
+
+
+@pytest.mark.parametrize("name,text,line,what", [
+    ("test.de.conll", "Anna B-PER\nin O\nBerlin X-LOC\n", 3, "tag 'X-LOC' is not BIO"),
+    ("train.en.conll", "John B-PER\nSmith I-PER\n\nParis B-LOC\nrocks o\n", 5, "tag 'o' is not BIO"),
+    ("dev.en.conll", "-DOCSTART- O\n\nMary B-PER\nat O\nAcme I-ORG\n", 5,
+     "tag 'I-ORG': English train has no ORG entity (as B- or I-; its types: LOC, PER)"),
+    ("test.de.conll", "Siemens B-ORG\n", 1, "tag 'B-ORG': English train has no ORG entity"),
+])
+def test_an_own_tagging_task_refuses_tags_that_are_not_bio_or_of_a_type_train_never_has(tmp_path, capsys, name,
+                                                                                          text, line, what):
+    src = write_files(tmp_path / "src", {**NER, name: text})
+    assert build(src, tmp_path / "o") == 1
+    assert f"{src / name}:{line}: {what}" in capsys.readouterr().err
+    (src / name).write_text(NER[name], encoding="utf-8")
+    assert build(src, tmp_path / "o") == 0
+    assert load_split(tmp_path / "o", "mood", "test", "de")[0]["tags"] == ["B-PER", "O", "B-LOC"]
+
+
+@pytest.mark.parametrize("stray", ["trian.en.tsv", "dev_de.tsv", "Test.fr.tsv", "train.en.txt", "test.tsv"])
+def test_an_own_task_refuses_task_files_not_named_split_lang_ext(tmp_path, capsys, stray):
+    src = write_files(tmp_path / "src", {**MOOD, stray: "un film\tpos\n", "README.md": "my task\n",
+                                         ".hidden.tsv": "x\tpos\n"})
+    assert build(src, tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert f"{src}: {stray}: not named <split>.<lang>.<ext> (split: train, dev, test; ext: tsv, jsonl, conll)" in err
+    assert "README" not in err
+    (src / stray).unlink()
+    assert build(src, tmp_path / "o") == 0  # a README and hidden files are passed over
