@@ -8,7 +8,9 @@ interface named by ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` present with a 
 none named, the host name not resolving to loopback), ``--out`` and ``--data`` on storage every node sees (a
 file written here is read there), free disk under ``--out``, and ``--master_port`` free on the first host; and
 for the launching shell: pdsh installed, ssh keepalives in ``PDSH_SSH_ARGS_APPEND``, every ``.deepspeed_env``
-line readable by the launcher. Prints one line per (host, item); exits 1 when any is FAIL, 2 on a usage error.
+line readable by the launcher. Hosts are probed at once, each with an ssh ConnectTimeout (``--connect-timeout``),
+so a hostfile of dead hosts takes about one timeout, not one per host; each host's lines are printed as it
+answers. Prints one line per (host, item); exits 1 when any is FAIL, 2 on a usage error.
 
 Each host runs :data:`PROBE` (standard library only) with this machine's Python path over ssh; everything else
 runs here, so the comparison is testable with another transport than ssh (:func:`run_check`).
@@ -23,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +38,10 @@ PACKAGES = ("torch", "deepspeed", "transformers", "tokenizers", "ds-kd")
 INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 KEEPALIVE = "-o ServerAliveInterval=10 -o ServerAliveCountMax=3"
 """The ``PDSH_SSH_ARGS_APPEND`` the docs give: the ssh session of a node that vanished ends after about 30 s."""
+PROBE_SECONDS = 60
+"""How long a host that accepted the ssh connection may take to run the probe before it counts as no answer."""
+MAX_PARALLEL = 64
+"""Hosts probed at once (one ssh client each)."""
 
 PROBE = r'''
 import fcntl, importlib.metadata as md, json, os, shutil, socket, struct, subprocess, sys
@@ -98,21 +105,26 @@ class Item:
 
 
 def ssh_transport(ssh_port: int | None = None, connect_timeout: int = 10) -> Transport:
-    """Runs argv on a host with ``ssh -o BatchMode=yes`` (no password prompt), as pdsh will."""
+    """Runs argv on a host with ``ssh -o BatchMode=yes`` (no password prompt), as pdsh will; a host that does not
+    accept the connection within ``connect_timeout`` seconds fails then, one that stops answering after it is
+    given up on by the keepalives or after :data:`PROBE_SECONDS` more (``subprocess.TimeoutExpired``)."""
     def run(host: str, argv: list[str], stdin: str) -> subprocess.CompletedProcess:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}",
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", *KEEPALIVE.split(),
                *(["-p", str(ssh_port)] if ssh_port else []), host, " ".join(shlex.quote(a) for a in argv)]
-        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=connect_timeout + 60)
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                              timeout=connect_timeout + PROBE_SECONDS)
     return run
 
 
 def read_hostfile(path: Path) -> list[str]:
     """The hosts of a DeepSpeed hostfile (``host slots=N`` lines), in order; its own parser, so a hostfile the
     launcher refuses is refused here too (UsageError naming the file)."""
-    from deepspeed.launcher.runner import fetch_hostfile
-
+    if path.is_dir():
+        raise UsageError(f"--hostfile {path}: is a directory, not a hostfile (a file of `host slots=N` lines)")
     if not path.is_file():
         raise UsageError(f"--hostfile {path}: no such file (lines of `host slots=N`)")
+    from deepspeed.launcher.runner import fetch_hostfile
+
     try:
         return list(fetch_hostfile(str(path)))
     except ValueError as e:
@@ -179,16 +191,22 @@ def host_items(host: str, reply: dict, want: dict, request: dict, min_free_gb: f
 
 def probe(host: str, request: dict, transport: Transport) -> dict | str:
     """The probe's reply on ``host``, or a one-line reason why it gave none."""
-    proc = transport(host, [sys.executable, "-", json.dumps(request)], PROBE)
+    try:
+        proc = transport(host, [sys.executable, "-", json.dumps(request)], PROBE)
+    except subprocess.TimeoutExpired as e:
+        return f"no answer within {e.timeout:.0f} s"
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     return f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
 
 
 def run_check(hosts: list[str], dirs: dict[str, Path], port: int, transport: Transport,
-              environ: dict[str, str] | None = None, min_free_gb: float = 10.0) -> list[Item]:
-    """Probe every host in turn and return the report; ``dirs``: name (``out``, ``data``) -> directory that every
-    node must share (a token file is written into each here and removed afterwards)."""
+              environ: dict[str, str] | None = None, min_free_gb: float = 10.0,
+              on_items: Callable[[list[Item]], None] | None = None) -> list[Item]:
+    """Probe every host at once (up to :data:`MAX_PARALLEL`) and return the report, the launcher's lines first,
+    then the hosts' in hostfile order; ``dirs``: name (``out``, ``data``) -> directory that every node must share
+    (a token file is written into each here and removed afterwards). ``on_items`` gets the launcher's lines, then
+    each host's as that host answers (the first to answer first)."""
     environ = dict(os.environ if environ is None else environ)
     env_lines = read_deepspeed_env(deepspeed_env_paths(environ))
     env_file = {line.name: line.value for line in env_lines if not line.problem}
@@ -202,20 +220,36 @@ def run_check(hosts: list[str], dirs: dict[str, Path], port: int, transport: Tra
                                      text=True, check=True).stdout)
     request["want_tokens"] = {name: token for name, (_, token) in tokens.items()}
     items = launcher_items(environ, env_lines)
+    if on_items:
+        on_items(items)
+
+    def check_host(index: int, host: str) -> list[Item]:
+        host_request = {**request, "port": port if index == 0 else 0}
+        reply = probe(host, host_request, transport)
+        if isinstance(reply, str):
+            return [Item(host, "ssh + python", False, f"{sys.executable} over ssh: {reply}")]
+        return host_items(host, reply, want, host_request, min_free_gb, first=index == 0)
+
+    per_host: list[list[Item]] = [[] for _ in hosts]
     try:
         for path, token in tokens.values():
             path.write_text(token)
-        for index, host in enumerate(hosts):
-            host_request = {**request, "port": port if index == 0 else 0}
-            reply = probe(host, host_request, transport)
-            if isinstance(reply, str):
-                items.append(Item(host, "ssh + python", False, f"{sys.executable} over ssh: {reply}"))
-                continue
-            items.extend(host_items(host, reply, want, host_request, min_free_gb, first=index == 0))
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(hosts)))) as pool:
+            pending = {pool.submit(check_host, index, host): index for index, host in enumerate(hosts)}
+            for done in as_completed(pending):
+                per_host[pending[done]] = done.result()
+                if on_items:
+                    on_items(per_host[pending[done]])
     finally:
         for path, _ in tokens.values():
             path.unlink(missing_ok=True)
-    return items
+    return items + [item for host_lines in per_host for item in host_lines]
+
+
+def print_items(items: list[Item]) -> None:
+    """Print report lines now (a host's, as it answers)."""
+    for item in items:
+        print(item.line(), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssh port of every host, as deepspeed --ssh_port (default: ssh's own, usually 22)")
     c.add_argument("--min-free-gb", type=float, default=10.0,
                    help="free disk wanted under --out (or the repository) on every host, in GB")
+    c.add_argument("--connect-timeout", type=int, default=10,
+                   help="seconds ssh waits for a host to accept the connection (ssh's ConnectTimeout); hosts are "
+                        "checked at once, so dead hosts cost this much once, not once each")
     return c
 
 
@@ -245,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         dirs = {name: d for name, d in (("out", args.out), ("data", args.data)) if d is not None}
         if args.data is not None and not args.data.is_dir():
             raise UsageError(f"--data {args.data}: no such directory")
-        items = run_check(hosts, dirs, args.master_port, ssh_transport(args.ssh_port), min_free_gb=args.min_free_gb)
+        if args.connect_timeout < 1:
+            raise UsageError(f"--connect-timeout must be at least 1 second, got {args.connect_timeout}")
+        print(f"checking {len(hosts)} host(s) at once over ssh (ConnectTimeout {args.connect_timeout} s); each "
+              f"host's lines come as it answers", file=sys.stderr, flush=True)
+        items = run_check(hosts, dirs, args.master_port, ssh_transport(args.ssh_port, args.connect_timeout),
+                          min_free_gb=args.min_free_gb,
+                          on_items=print_items)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for item in items:
-        print(item.line())
     failed = [i for i in items if not i.ok]
     print(f"{len(failed)} of {len(items)} checks failed" if failed else f"all {len(items)} checks passed")
     return 1 if failed else 0
