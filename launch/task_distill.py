@@ -21,9 +21,8 @@ from dataclasses import MISSING, fields
 from ds_kd.cli import main_guard, setup_logging
 from ds_kd.finetune.config import EMBEDDINGS, LAYER_MAPS, STAGES, TaskDistillConfig
 from ds_kd.cli.flags import HelpFormatter, field_doc
-from ds_kd.data.tasks import TASKS
 
-CHOICES = {"task": sorted(TASKS), "layer_map": LAYER_MAPS, "embeddings": EMBEDDINGS, "recipe": ("xtremedistil",)}
+CHOICES = {"layer_map": LAYER_MAPS, "embeddings": EMBEDDINGS, "recipe": ("xtremedistil",)}
 
 
 def build_parser() -> argparse.ArgumentParser:

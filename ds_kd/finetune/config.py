@@ -4,8 +4,9 @@ from them without importing torch (the runs: :mod:`ds_kd.finetune.job`, :mod:`ds
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ds_kd.data.tasks import get_task
+from ds_kd.data.tasks import TASKS, get_task, present_tasks
 from ds_kd.errors import UsageError
 
 
@@ -88,6 +89,33 @@ EMBEDDINGS = ("pca", "copy", "random")
 STAGES = ("represent", "logits", "labels")
 KINDS = ("tagging", "pair")
 """Task kinds distilled: one logits entry per token or per example."""
+DISTILLED_BENCHMARKS = tuple(name for name, spec in TASKS.items() if spec.kind in KINDS)
+"""The benchmarks XtremeDistil takes (xnli, pawsx, wikiann); tasks of one's own are all of a kind in KINDS."""
+
+
+def distillable_tasks(data: Path | str) -> list[str]:
+    """The tasks under ``data`` that XtremeDistil takes (``present_tasks``' order): those of a kind in KINDS."""
+    return [t for t in present_tasks(data) if get_task(t, data).kind in KINDS] if Path(data).is_dir() else []
+
+
+def check_distill_task(task: str, data: Path | str) -> None:
+    """UsageError naming ``--task`` unless it is a benchmark of :data:`DISTILLED_BENCHMARKS` or a task of one's own
+    under ``data`` (resolved as ``launch/finetune.py`` does, ``get_task``): matis and mtop are said to be outside
+    this track, an unknown name gets the tasks under ``data`` that it takes."""
+    if task in TASKS and TASKS[task].kind not in KINDS:
+        raise UsageError(f"--task {task}: not supported by XtremeDistil, which distils token tagging and sentence "
+                         f"(pair) classification ({', '.join(DISTILLED_BENCHMARKS)} and tasks of one's own), not "
+                         f"intent and slots (matis) or parsing (mtop); fine-tune {task} with launch/finetune.py")
+    try:
+        kind = get_task(task, data).kind
+    except UsageError:
+        found = distillable_tasks(data)
+        raise UsageError(f"--task {task}: neither a benchmark XtremeDistil takes ({', '.join(DISTILLED_BENCHMARKS)}) "
+                         f"nor a task of one's own under --data {data} (no {Path(data) / task / 'manifest.json'}); "
+                         f"the tasks there it takes: {', '.join(found) or 'none'} (python -m data_prep tasks writes "
+                         f"them, --task own for one's own)") from None
+    if kind not in KINDS:
+        raise UsageError(f"--task {task}: a task of kind {kind}; XtremeDistil distils only {', '.join(KINDS)} tasks")
 
 
 @dataclass
@@ -99,7 +127,8 @@ class TaskDistillConfig:
     transfer: str
     """Transfer set: a corpus directory of ``python -m data_prep corpus`` written with the teacher's tokenizer."""
     task: str
-    """Task name (its English train/dev and every test language under ``data``)."""
+    """Task: wikiann, xnli or pawsx, or a task of one's own under ``data`` (``python -m data_prep tasks --task
+    own``); its English train/dev and every test language under ``data``. Not matis or mtop."""
     data: str
     """Normalised task-data root (``python -m data_prep tasks``)."""
     out: str
@@ -159,9 +188,7 @@ class TaskDistillConfig:
     """Start over when ``out`` holds a run."""
 
     def __post_init__(self) -> None:
-        if get_task(self.task).kind not in KINDS:
-            raise UsageError(f"--task {self.task}: XtremeDistil is done for token tagging (wikiann) and sentence-pair "
-                             f"classification (xnli, pawsx); not for intent and slots (matis) or parsing (mtop)")
+        check_distill_task(self.task, self.data)
         if self.recipe != "xtremedistil":
             raise UsageError(f"--recipe {self.recipe!r}: the only recipe is xtremedistil")
         if self.embeddings not in EMBEDDINGS:

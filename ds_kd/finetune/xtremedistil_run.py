@@ -142,7 +142,7 @@ class Runner:
         from ds_kd.train.training import resolve_data
 
         self.cfg, self.settings, self.out = cfg, settings, Path(cfg.out)
-        self.spec = get_task(cfg.task)
+        self.spec = get_task(cfg.task, cfg.data)
         self.teacher, _ = load_task_model(teacher_dir)
         self.teacher.requires_grad_(False).eval().to(dist.device())
         corpus = resolve_data(cfg.transfer, None)

@@ -49,8 +49,39 @@ def test_tasks_without_one_logits_entry_are_refused_by_name():
     from ds_kd.finetune.config import TaskDistillConfig
 
     for task in ("matis", "mtop"):
-        with pytest.raises(UsageError, match=f"--task {task}"):
+        with pytest.raises(UsageError, match=f"--task {task}: not supported by XtremeDistil"):
             TaskDistillConfig(teacher="t", transfer="c", task=task, data="d", out="o")
+
+
+def own_task_data(root: Path, name: str, kind: str, langs: list[str], **sizes) -> Path:
+    """Task data under ``root`` as ``python -m data_prep tasks --task own`` writes it: its manifest names the kind."""
+    from ds_kd.manifest import write_manifest
+
+    write_task_data(root, name, kind, langs, **sizes)
+    write_manifest(root / name, "tasks", task=name, kind=kind)
+    return root
+
+
+def test_the_task_is_a_distilled_benchmark_or_a_task_of_ones_own_under_data(tmp_path, caplog):
+    from ds_kd.errors import UsageError
+    from ds_kd.finetune.config import TaskDistillConfig
+
+    data = write_task_data(tmp_path / "tasks", "wikiann", "tagging", ["en"])
+    write_task_data(data, "mtop", "parse", ["en"])
+    own_task_data(data, "mood", "pair", ["en"])
+    own_task_data(data, "ner", "tagging", ["en"])
+    script = load_script("task_distill")
+    flags = ["--teacher", "t", "--transfer", "c", "--data", str(data), "--out", str(tmp_path / "o")]
+    assert script.build_parser().parse_args([*flags, "--task", "mood"]).task == "mood"  # argparse lets it through
+    for task in ("mood", "ner", "wikiann", "xnli"):
+        assert TaskDistillConfig(teacher="t", transfer="c", task=task, data=str(data), out="o").task == task
+    with pytest.raises(UsageError) as unknown:
+        TaskDistillConfig(teacher="t", transfer="c", task="moood", data=str(data), out="o")
+    assert f"--task moood: neither a benchmark XtremeDistil takes (xnli, pawsx, wikiann) nor a task of one's own " \
+           f"under --data {data}" in str(unknown.value)
+    assert "the tasks there it takes: wikiann, mood, ner " in str(unknown.value)  # not mtop
+    assert script.main([*flags, "--task", "mtop"]) == 2
+    assert "--task mtop: not supported by XtremeDistil" in caplog.text
 
 
 def tiny_student(layers: int = 2):
@@ -224,6 +255,15 @@ def test_a_sentence_pair_teacher_is_distilled_through_its_classes(xd_inputs, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layer_map"] == [0, 3, 6] and len(manifest["losses"]) == 3 + 2 * 4 * 2  # embeddings unfreeze
     assert all(loss == loss and loss >= 0 for loss in manifest["losses"])  # finite: the logits MSE ran on classes
+
+
+def test_a_task_of_ones_own_is_distilled(xd_inputs, tmp_path):
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    data = own_task_data(tmp_path / "tasks", "mood", "pair", ["en", "fr", "de"], num_train=24, num_eval=8)
+    result = xr.run(config(xd_inputs, tmp_path / "run", task="mood", data=str(data), represent_steps=1,
+                           logits_steps=1, labels_steps=1, teacher=str(xd_inputs["root"] / "pair-teacher")))
+    assert (result.task, result.metric) == ("mood", "accuracy") and set(result.scores) == {"en", "fr", "de"}
 
 
 def test_frozen_embeddings_stay_out_of_the_optimizer(xd_inputs, tmp_path):
