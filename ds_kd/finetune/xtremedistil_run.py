@@ -85,6 +85,21 @@ class Progress:
     seconds: float = 0.0
 
 
+def transfer_shards(transfer: str | Path) -> Path:
+    """The shards directory of the ``--transfer`` corpus (``<corpus>/shards`` or the shards directory itself);
+    UsageError naming the flag, the path and the command that builds one when it is missing or is not a corpus."""
+    path = Path(transfer)
+    build = ("the transfer set is a corpus written by `python -m data_prep corpus --raw RAW --out DIR --tokenizer "
+             "TEACHER` (with the teacher's tokenizer)")
+    if not path.is_dir():
+        raise UsageError(f"--transfer {path}: no such directory; {build}")
+    shards = path / "shards" if (path / "shards").is_dir() else path
+    if not (shards / "manifest.json").is_file():
+        raise UsageError(f"--transfer {path}: not a corpus (no shards manifest, {path / 'shards' / 'manifest.json'});"
+                         f" {build}")
+    return shards
+
+
 def settings_of(cfg: TaskDistillConfig, teacher_dir: Path) -> dict:
     """What determines the run's result (compared on a re-run): the config but paths of the output and speed
     flags, the teacher's weights' digest, the transfer corpus's and the task data's manifests' digests."""
@@ -145,7 +160,7 @@ class Runner:
         self.spec = get_task(cfg.task, cfg.data)
         self.teacher, _ = load_task_model(teacher_dir)
         self.teacher.requires_grad_(False).eval().to(dist.device())
-        corpus = resolve_data(cfg.transfer, None)
+        corpus = resolve_data(transfer_shards(cfg.transfer), None)
         self.tokenizer = load_tokenizer(teacher_dir, "task distillation (--teacher)")
         if load_pretrained(corpus.tokenizer_dir).get_vocab() != self.tokenizer.get_vocab():
             raise UsageError(f"{teacher_dir}: the teacher's tokenizer is not the one {cfg.transfer}'s shards were "
@@ -408,6 +423,7 @@ def run(cfg: TaskDistillConfig) -> FinetuneResult:
     Every rank calls it; rank 0 returns the result (others return the one written). Refusals (UsageError,
     FileExistsError) come before any work."""
     teacher_dir = teacher_model_dir(cfg.teacher)
+    transfer_shards(cfg.transfer)
     settings = settings_of(cfg, teacher_dir)
     action = plan_out(cfg, settings)
     out = Path(cfg.out)

@@ -266,6 +266,24 @@ def test_a_task_of_ones_own_is_distilled(xd_inputs, tmp_path):
     assert (result.task, result.metric) == ("mood", "accuracy") and set(result.scores) == {"en", "fr", "de"}
 
 
+@pytest.mark.parametrize("where", ["missing", "not a corpus", "its shards folder without a manifest"])
+def test_a_transfer_set_that_is_not_a_corpus_names_the_flag_and_the_command_that_builds_one(xd_inputs, tmp_path,
+                                                                                             where):
+    from ds_kd.errors import UsageError
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    transfer = tmp_path / "corpus"
+    if where != "missing":
+        (transfer / ("shards" if "shards" in where else "raw")).mkdir(parents=True)
+    with pytest.raises(UsageError) as refused:
+        xr.run(config(xd_inputs, tmp_path / "run", transfer=str(transfer)))
+    message = str(refused.value)
+    assert message.startswith(f"--transfer {transfer}: " + ("no such directory" if where == "missing" else
+                                                            "not a corpus (no shards manifest"))
+    assert "python -m data_prep corpus" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_frozen_embeddings_stay_out_of_the_optimizer(xd_inputs, tmp_path):
     from ds_kd.finetune import xtremedistil_run as xr
 
