@@ -26,6 +26,7 @@ from ds_kd.distill.losses import attention_mse, hidden_mse, match_heads, soft_cr
 from ds_kd.errors import UsageError
 from ds_kd.finetune.config import LAYER_MAPS, STAGES
 from ds_kd.finetune.heads import TaskModel
+from ds_kd.models.sentence_attention import SentenceScores
 
 
 
@@ -144,10 +145,15 @@ def representation_loss(student_states: tuple[torch.Tensor, ...], teacher_states
 def attention_loss(student_scores: tuple, teacher_scores: tuple, keep_BT: torch.Tensor, mapped: list[int],
                    denominator: float | None = None) -> torch.Tensor:
     """Optional stage-1 term: attention-score MSE of student layer m against teacher layer ``mapped[m]`` (m >= 1),
-    heads averaged where the counts differ (``ds_kd.distill.losses.match_heads``), summed over the layers."""
+    heads averaged where the counts differ (``ds_kd.distill.losses.match_heads``), summed over the layers.
+    Teacher scores given dense ([B, H, T, T], the teacher cache's) where the student's are per sentence (packed
+    rows) are brought to the student's layout first."""
     terms = []
     for m in range(1, len(mapped)):
-        teacher, student = match_heads(teacher_scores[mapped[m] - 1], student_scores[m - 1])
+        teacher = teacher_scores[mapped[m] - 1]
+        if isinstance(student_scores[m - 1], SentenceScores) and isinstance(teacher, torch.Tensor):
+            teacher = SentenceScores.from_dense(teacher, student_scores[m - 1].buckets)
+        teacher, student = match_heads(teacher, student_scores[m - 1])
         terms.append(attention_mse(student, teacher, keep_BT, denominator))
     return torch.stack(terms).sum()
 

@@ -177,3 +177,20 @@ class SentenceScores:
             dense[where[pairs]] = scores_nHww.permute(0, 2, 3, 1)[pairs]
             start += n * w
         return dense.view(rows, width, width, heads).permute(0, 3, 1, 2)
+
+    @classmethod
+    def from_dense(cls, dense_BHTT: torch.Tensor, buckets: SentenceBuckets) -> "SentenceScores":
+        """The scores of ``dense_BHTT`` [B, H, T, T] (a sentence's pairs where :meth:`to_dense` puts them) in the
+        per-sentence layout of ``buckets`` (built from sequence ids of the same [B, T]): the inverse of
+        :meth:`to_dense` on a sentence's real pairs; padding slots take values of no meaning. Distillation uses it
+        for teacher scores stored densely (a cache sliced by rows) against a student's per-sentence scores."""
+        rows, heads, width, _ = dense_BHTT.shape
+        flat = dense_BHTT.permute(0, 2, 3, 1).reshape(rows * width * width, heads)
+        scores, start = [], 0
+        for n, w in buckets.shapes:
+            tokens = buckets.gather[start:start + n * w].view(n, w)
+            row, t = tokens // width, tokens % width
+            where = row[:, :, None] * width * width + t[:, :, None] * width + t[:, None, :]  # [n, w, w]
+            scores.append(flat[where].permute(0, 3, 1, 2))  # [n, w, w, H] -> [n, H, w, w]
+            start += n * w
+        return cls(buckets, tuple(scores))
