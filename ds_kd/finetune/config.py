@@ -156,6 +156,17 @@ class TaskDistillConfig:
     """Transfer rows per optimizer step, all ranks together (packed rows of ``max_len`` for per-token tasks)."""
     label_batch: int = 16
     """English training examples per optimizer step of stage 3, all ranks together."""
+    transfer_rows: int = 0
+    """0: the teacher runs online on every transfer batch of stages 1 and 2, each step reading new rows. N > 0:
+    the teacher labels the first ceil(N / transfer_batch) global batches of the transfer order once, into a cache
+    (``--teacher-cache``; its size is logged, and a cache over a quarter of the available memory is refused), and
+    the transfer steps cycle over them: the first pass in the online order, each later one in a permutation
+    seeded by (seed, pass). Worth it where the teacher's forward pass dominates a step and the transfer steps x
+    transfer batch exceed N (docs/task-distillation.md)."""
+    teacher_cache: str | None = None
+    """Folder of the teacher-output caches of ``--transfer-rows``, one subfolder per key (teacher, transfer
+    corpus, batch, rows, ...): share one across runs of the same teacher and transfer text to build it once
+    (default, when unset: OUT/teacher_cache)."""
     represent_steps: int = 200
     """Optimizer steps of stage 1."""
     logits_steps: int = 100
@@ -196,6 +207,9 @@ class TaskDistillConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise UsageError(f"--stages takes some of {', '.join(STAGES)}, got {list(self.stages)}")
+        if self.transfer_rows < 0:
+            raise UsageError(f"--transfer-rows must be 0 (the teacher online) or a number of rows, got "
+                             f"{self.transfer_rows}")
         for name in ("transfer_batch", "label_batch", "eval_every", "patience", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

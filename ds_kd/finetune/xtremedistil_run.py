@@ -5,9 +5,10 @@ student; each optimizer step's global batch is split over the ranks and the grad
 a sum over the rank's part divided by the global batch's count, so the step is the same on any number of
 ranks). The transfer set is a corpus of ``python -m data_prep corpus`` written with the teacher's tokenizer,
 read by the project's reader (``ds_kd.data.reader.ShardReader``: packed rows for per-token tasks, no masking) from
-one global order, so its position is a few integers; the teacher's outputs are computed online, in the same
-process (no cache to invalidate; the teacher's forward pass is the cost at scale, and a cache would have to be
-keyed by the teacher's digest and the data). The English labels are read in an order that is a pure function of
+one global order, so its position is a few integers. The teacher's outputs are computed online, in the same
+process, by default; ``--transfer-rows N`` computes them once for the first N rows' global batches and cycles over
+them (:mod:`ds_kd.finetune.teacher_cache`: keyed by the teacher's digest and the data, reused across runs). The
+English labels are read in an order that is a pure function of
 (seed, step). English dev scores every ``eval_every`` steps of stages 2 and 3 (rank 0 scores, every rank
 follows); a sub-stage stops after ``patience`` scores in a row below the best, and the best dev weights so far are
 restored at the end of every sub-stage and before testing. Test files are read only then.
@@ -20,7 +21,8 @@ The run directory::
                                stopped early, seconds)
     <out>/model/               the student as a task model (``load_task_model``), with the tokenizer
     <out>/result.json          the fine-tuning job's result (every test language, parameters, ...)
-    <out>/manifest.json        written last: settings, teacher, student config, stages, layer map
+    <out>/manifest.json        written last: settings, teacher, student config, stages, layer map, teacher cache
+    <out>/teacher_cache/<key>/ the teacher-output cache of ``--transfer-rows`` (unless ``--teacher-cache``)
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from ds_kd.finetune.heads import TaskModel, load_task_model
 from ds_kd.finetune.job import (FinetuneConfig, FinetuneResult, Job, load_test_data, load_train_dev, result_from_dict,
                                 score_split, test_and_write)
 from ds_kd.finetune.config import TaskDistillConfig
+from ds_kd.finetune import teacher_cache as tcache
+from ds_kd.finetune.teacher_cache import TeacherOutputs
 from ds_kd.finetune.xtremedistil import (SubStage, attention_loss, build_projections,
                                         layer_map, logit_loss, pca_embeddings, representation_loss, schedule,
                                         set_trainable)
@@ -57,12 +61,15 @@ from ds_kd.data.tasks import get_task
 
 log = logging.getLogger("ds_kd")
 
+HEARTBEAT_S = 30.0
+"""While rank 0 builds the teacher cache it tells the waiting ranks at least this often (after an entry)."""
 CHECKPOINT = job_state.CHECKPOINT
 LAST = "last.pt"
 STAGES_JSON = "stages.json"
 SETTINGS_JSON = "settings.json"
 OUTPUTS = ("result.json", "model", CHECKPOINT, STAGES_JSON, SETTINGS_JSON, "manifest.json")
-NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "log_every", "threads", "name")
+NOT_SETTINGS = ("out", "resume", "overwrite", "num_workers", "save_every", "log_every", "threads", "name",
+                "teacher_cache")
 
 
 @dataclass
@@ -74,6 +81,11 @@ class Progress:
     """Optimizer steps done in the current sub-stage."""
     label_step: int = 0
     """Optimizer steps of stage 3 done so far (the English order is a function of it)."""
+    transfer_step: int = 0
+    """Optimizer steps of stages 1 and 2 done so far (with ``--transfer-rows``, the cached batch is a function
+    of it)."""
+    cache_seconds: float = 0.0
+    """Seconds this run spent building the teacher cache (0 when it found it complete)."""
     best_score: float = float("-inf")
     patience_used: int = 0
     last_score: float = float("nan")
@@ -199,6 +211,105 @@ class Runner:
         self.transfer_iter = None
         self.progress = Progress()
         self.best_state: dict | None = None
+        self.cache_spec, self.cache_entries, self.cache_read_from = None, None, None
+        if cfg.transfer_rows and any(sub.stage != "labels" for sub in self.plan):
+            self.cache_spec = self.teacher_cache_spec(teacher_dir, settings, packing)
+            self.cache_root = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "teacher_cache"
+            self.check_cache_memory()
+
+    # -- the teacher-output cache (--transfer-rows) ----------------------------------------------------------
+    def teacher_cache_spec(self, teacher_dir: Path, settings: dict, packing: bool) -> tcache.CacheSpec:
+        cfg = self.cfg
+        if "teacher_sha256" not in settings:
+            settings = settings_of(cfg, teacher_dir)
+        if settings["teacher_sha256"] is None or settings["transfer_manifest_sha256"] is None:
+            raise UsageError(f"--transfer-rows {cfg.transfer_rows}: the teacher cache is keyed by the digests of "
+                             f"{teacher_dir}/task_model.safetensors and of the transfer corpus's shards/manifest.json;"
+                             f" one of them is missing")
+        represent = "represent" in cfg.stages
+        return tcache.CacheSpec(
+            teacher_sha256=settings["teacher_sha256"], transfer_manifest_sha256=settings["transfer_manifest_sha256"],
+            seed=cfg.seed, transfer_batch=cfg.transfer_batch, max_len=cfg.max_len, packing=packing,
+            hidden=tuple(sorted(set(self.mapped))) if represent else (), attention=represent and cfg.attention,
+            batches=tcache.num_batches(cfg.transfer_rows, cfg.transfer_batch))
+
+    def check_cache_memory(self) -> None:
+        """Log the cache's size; refuse (UsageError naming --transfer-rows, on every rank) one over the limit."""
+        spec, t_cfg = self.cache_spec, self.teacher.encoder.config
+        labels = self.teacher.labels
+        per_row = tcache.bytes_per_row(spec, num_labels=len(labels.tags if self.spec.kind == "tagging"
+                                                             else labels.classes),
+                                       per_token=self.spec.kind == "tagging", hidden_size=t_cfg.hidden_size,
+                                       num_heads=t_cfg.num_attention_heads)
+        world = dist.world_size()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        refusal = tcache.memory_refusal(spec, per_row, self.cfg.transfer_rows, world, local,
+                                        tcache.available_memory())
+        if float(dist.all_reduce(torch.tensor(float(refusal is not None), device=dist.device()), "max")):
+            raise UsageError(refusal or f"--transfer-rows {self.cfg.transfer_rows}: the teacher-output cache does not "
+                                        f"fit in the memory of another rank's machine (see its message)")
+        row = sum(per_row.values())
+        budgets = {"represent": self.cfg.represent_steps, "logits": self.cfg.logits_steps, "labels": 0}
+        most = sum(budgets[sub.stage] for sub in self.plan)
+        log.info("[task-distill] teacher cache: %d rows in %d global batches of %d, about %.1f MiB (%.1f KiB per row;"
+                 " each rank keeps its share), for at most %d transfer steps", spec.batches * spec.transfer_batch,
+                 spec.batches, spec.transfer_batch, row * spec.batches * spec.transfer_batch / 2**20, row / 1024,
+                 most)
+        if spec.batches > most:
+            log.warning("[task-distill] --transfer-rows %d: %d global batches cached, more than the %d transfer steps "
+                        "of the run: the last ones are never read", self.cfg.transfer_rows, spec.batches, most)
+
+    def prepare_cache(self) -> None:
+        """Rank 0 finds a complete cache that serves this run or builds the missing entries of this run's key
+        (a world-size-1 reader whose micro batch is the global batch); the others wait (rank 0 reports after
+        each entry at least every ``HEARTBEAT_S``, so no collective waits past its timeout); then every rank
+        loads its rows of every global batch."""
+        spec, started = self.cache_spec, time.time()
+        folder = None
+        if dist.is_main():
+            folder = tcache.find_complete(self.cache_root, spec)
+            if folder is not None:
+                log.info("[task-distill] teacher cache %s: complete, reused (the teacher does not run)", folder)
+            else:
+                folder = self.cache_root / spec.key
+                last = time.time()
+                chunk = self.cfg.transfer_batch // dist.world_size()  # the online micro batch
+                for _ in tcache.build(folder, spec, self.teacher, self.cache_reader(), dist.device(), chunk):
+                    if time.time() - last > HEARTBEAT_S:
+                        dist.broadcast_object(None)
+                        last = time.time()
+                self.progress.cache_seconds += time.time() - started
+            dist.broadcast_object(str(folder))
+        else:
+            while (folder := dist.broadcast_object(None)) is None:
+                pass
+        self.progress.cache_seconds = dist.broadcast_object(self.progress.cache_seconds)
+        self.cache_read_from = Path(folder)
+        self.cache_entries = tcache.load(self.cache_read_from, spec, dist.rank(), dist.world_size())
+        log.info("[task-distill] teacher cache %s: %d global batches loaded, %.1f MiB on this rank",
+                 self.cache_read_from, spec.batches, tcache.cache_bytes(self.cache_entries) / 2**20)
+
+    def cache_reader(self):
+        """The transfer order from its start on one rank reading whole global batches."""
+        from ds_kd.data.reader import ShardReader
+
+        cfg = self.reader.cfg
+        return ShardReader(replace(cfg, micro_batch_size=self.cfg.transfer_batch), 0, 1)
+
+    def cache_record(self) -> dict | None:
+        """What the manifest records of the cache: rows, batches, key, where read, build seconds, passes."""
+        spec = self.cache_spec
+        if spec is None:
+            return None
+        steps = {}
+        for record in self.progress.records:
+            if record["stage"] != "labels":
+                steps[record["stage"]] = steps.get(record["stage"], 0) + record["steps"]
+        return {"transfer_rows": self.cfg.transfer_rows, "batches": spec.batches, "key": spec.key,
+                "read_from": str(self.cache_read_from) if self.cache_read_from else None,
+                "build_seconds": round(self.progress.cache_seconds, 3),
+                "hidden_states": list(spec.hidden), "attention": spec.attention,
+                "epochs": {stage: tcache.pass_count(n, spec.batches) for stage, n in steps.items()}}
 
     # -- one step ------------------------------------------------------------------------------------------
     def trainable(self, sub: SubStage) -> list[torch.nn.Parameter]:
@@ -207,26 +318,36 @@ class Runner:
             params += list(self.projections.parameters())
         return params
 
-    def transfer_loss(self, sub: SubStage) -> torch.Tensor:
+    def teacher_batch(self, represent: bool, want_scores: bool) -> tuple[dict, TeacherOutputs]:
+        """The student's inputs of this rank's part of the next transfer step and the teacher's outputs on them:
+        the next batch of the reader through the teacher (online), or the cached global batch of the step."""
+        if self.cache_entries is not None:
+            index = tcache.batch_index(self.progress.transfer_step, self.cache_spec.batches, self.cfg.seed)
+            entry = self.cache_entries[index]
+            inputs = to_device(entry["inputs"], dist.device())
+            return ({k: inputs.get(k) for k in tcache.INPUTS}, TeacherOutputs.of_entry(entry, dist.device()))
         if self.transfer_iter is None:
             self.transfer_iter = iter(self.reader)
         batch = to_device(next(self.transfer_iter), dist.device())
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "position_ids": batch.get("position_ids"), "sequence_ids": batch.get("sequence_ids")}
-        real_BT = batch["attention_mask"].bool()
-        represent = sub.stage == "represent"
-        want_scores = represent and self.cfg.attention
+        inputs = {k: batch.get(k) for k in tcache.INPUTS}
         with torch.no_grad():
             ref = self.teacher(**inputs, output_hidden_states=represent, output_attention_scores=want_scores)
+        return inputs, TeacherOutputs(ref.logits, ref.encoder.hidden_states, ref.encoder.attention_scores)
+
+    def transfer_loss(self, sub: SubStage) -> torch.Tensor:
+        represent = sub.stage == "represent"
+        want_scores = represent and self.cfg.attention
+        inputs, ref = self.teacher_batch(represent, want_scores)
+        real_BT = inputs["attention_mask"].bool()
         out = self.student(**inputs, output_hidden_states=represent, output_attention_scores=want_scores)
         if represent:
             tokens = global_count(real_BT.sum())
-            loss = representation_loss(out.encoder.hidden_states, ref.encoder.hidden_states, real_BT, self.mapped,
+            loss = representation_loss(out.encoder.hidden_states, ref.hidden_states, real_BT, self.mapped,
                                        self.projections, tokens)
             if want_scores:
-                keep = batch["sequence_ids"] if batch.get("sequence_ids") is not None else batch["attention_mask"]
+                keep = inputs["sequence_ids"] if inputs["sequence_ids"] is not None else inputs["attention_mask"]
                 pairs = global_count(sum(int(n) ** 2 for n in sentence_lengths(keep)))
-                loss = loss + attention_loss(out.encoder.attention_scores, ref.encoder.attention_scores, keep,
+                loss = loss + attention_loss(out.encoder.attention_scores, ref.attention_scores, keep,
                                              self.mapped, pairs)
             return loss
         key = next(iter(out.logits))
@@ -259,6 +380,8 @@ class Runner:
         optimizer.step()
         if sub.stage == "labels":
             self.progress.label_step += 1
+        else:
+            self.progress.transfer_step += 1
         return float(dist.all_reduce(loss.detach().clone()))
 
     # -- dev, best weights, checkpoints --------------------------------------------------------------------
@@ -330,6 +453,8 @@ class Runner:
         record = {"sub_stage": sub.name, "stage": sub.stage, "trainable": list(sub.groups), "steps": p.step,
                   "mean_loss": p.stage_loss / max(1, p.step), "best_dev": p.best_score if scored else None,
                   "stopped_early": stopped, "seconds": round(time.time() - started, 3)}
+        if self.cache_spec is not None and sub.stage != "labels":
+            record["cache_epochs"] = tcache.pass_count(p.step, self.cache_spec.batches)
         log.info("[task-distill] %s: %s", sub.name, record)
         p.records.append(record)
         p.sub_index, p.step, p.stage_loss, p.patience_used = p.sub_index + 1, 0, 0.0, 0
@@ -353,7 +478,9 @@ class Runner:
         saved = self.load() if resume else None
         budgets = {"represent": self.cfg.represent_steps, "logits": self.cfg.logits_steps,
                    "labels": self.cfg.labels_steps}
-        t0 = time.time() - self.progress.seconds
+        t0 = time.time() - self.progress.seconds  # the run's seconds include building the teacher cache
+        if self.cache_spec is not None and any(sub.stage != "labels" for sub in self.plan[self.progress.sub_index:]):
+            self.prepare_cache()
         for index in range(self.progress.sub_index, len(self.plan)):
             sub = self.plan[index]
             self.progress.seconds = time.time() - t0
@@ -379,7 +506,8 @@ class Runner:
                        num_params=result.num_params,
                        num_params_encoder_non_embedding=count_parameters(self.student.encoder, False),
                        teacher_num_params_encoder_non_embedding=count_parameters(self.teacher.encoder, False),
-                       en=result.en, zero_shot_avg_paper=result.zero_shot_avg_paper, seconds=result.seconds)
+                       en=result.en, zero_shot_avg_paper=result.zero_shot_avg_paper, seconds=result.seconds,
+                       teacher_cache=self.cache_record())
         return result
 
 

@@ -350,13 +350,15 @@ def test_a_killed_run_resumes_mid_stage_to_the_same_losses(xd_inputs, tmp_path, 
         xr.run(config(xd_inputs, tmp_path / "fresh", resume=True))
 
 
-def test_two_ranks_through_the_launcher_resume_a_one_rank_run(xd_inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("transfer_rows", [0, 24])  # online; a cache of 6 batches for 11 transfer steps
+def test_two_ranks_through_the_launcher_resume_a_one_rank_run(xd_inputs, tmp_path, monkeypatch, transfer_rows):
     """A 1-rank run killed mid-stage resumes on 2 ranks through the real launcher and gives the uninterrupted
-    1-rank run's losses (fp32, no dropout: within 1e-5, the order of the two ranks' gradient sums)."""
+    1-rank run's losses (fp32, no dropout: within 1e-5, the order of the two ranks' gradient sums). Cached, each
+    rank reads its half of every global batch the 1-rank run built."""
     from ds_kd.finetune import xtremedistil_run as xr
     from ds_kd.finetune.heads import load_task_model
 
-    xr.run(config(xd_inputs, tmp_path / "whole"))
+    xr.run(config(xd_inputs, tmp_path / "whole", transfer_rows=transfer_rows))
     losses = json.loads((tmp_path / "whole" / "manifest.json").read_text())["losses"]
     out = tmp_path / "two"
     calls, step = [0], xr.Runner.step
@@ -369,12 +371,12 @@ def test_two_ranks_through_the_launcher_resume_a_one_rank_run(xd_inputs, tmp_pat
 
     monkeypatch.setattr(xr.Runner, "step", dying)
     with pytest.raises(KeyboardInterrupt):
-        xr.run(config(xd_inputs, out))
+        xr.run(config(xd_inputs, out, transfer_rows=transfer_rows))
     args = ["--teacher", xd_inputs["teacher"], "--transfer", xd_inputs["transfer"], "--task", "wikiann", "--data",
             xd_inputs["data"], "--student", xd_inputs["student"], "--out", str(out), "--transfer-batch", "4",
             "--label-batch", "4", "--represent-steps", "3", "--logits-steps", "2", "--labels-steps", "2",
             "--eval-every", "1", "--patience", "5", "--max-len", "32", "--save-every", "1", "--num-workers", "0",
-            "--lr", "1e-3", "--resume"]
+            "--lr", "1e-3", "--resume", "--transfer-rows", str(transfer_rows)]
     proc = run_cmd(deepspeed_cmd("launch/task_distill.py", args), timeout=300)
     assert proc.returncode == 0, tail(proc)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -382,3 +384,298 @@ def test_two_ranks_through_the_launcher_resume_a_one_rank_run(xd_inputs, tmp_pat
     model, meta = load_task_model(out / "model")
     assert meta["task"] == "wikiann" and model.encoder.config.hidden_size == 32
     assert json.loads((out / "result.json").read_text())["scores"].keys() == {"en", "fr", "de"}
+    if transfer_rows:
+        record = manifest["teacher_cache"]  # built by the killed 1-rank run, read by both ranks
+        assert record["batches"] == 6 and record["read_from"] == str(out / "teacher_cache" / record["key"])
+
+
+# -- the teacher-output cache (--transfer-rows) -----------------------------------------------------------------
+
+def count_teacher_forwards(monkeypatch) -> list[int]:
+    """Count every forward pass of a teacher the run loads (the student is built, not loaded)."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    calls, load = [0], xr.load_task_model
+
+    def counted(directory):
+        model, meta = load(directory)
+        forward = model.forward
+
+        def counting(*a, **k):
+            calls[0] += 1
+            return forward(*a, **k)
+
+        model.forward = counting
+        return model, meta
+
+    monkeypatch.setattr(xr, "load_task_model", counted)
+    return calls
+
+
+def losses_of(out: Path) -> list[float]:
+    return json.loads((out / "manifest.json").read_text())["losses"]
+
+
+
+def test_epoch_orders_repeat_the_online_order_first_then_seeded_permutations():
+    from ds_kd.finetune.teacher_cache import batch_index, epoch_order, num_batches
+
+    assert num_batches(12, 4) == 3 and num_batches(13, 4) == 4 and num_batches(1, 4) == 1
+    assert [batch_index(t, 10, 1) for t in range(10)] == list(range(10))  # pass 0: the online order
+    later = [[batch_index(e * 10 + i, 10, 1) for i in range(10)] for e in (1, 2)]
+    assert all(sorted(order) == list(range(10)) for order in later)
+    assert later[0] != list(range(10)) and later[0] != later[1]  # each pass its own order
+    assert later[0] == list(epoch_order(10, 1, 1))
+    epoch_order.cache_clear()
+    assert [batch_index(10 + i, 10, 1) for i in range(10)] == later[0]  # a pure function of (seed, epoch)
+    assert [batch_index(10 + i, 10, 2) for i in range(10)] != later[0]  # another seed, another order
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_one_reader_of_the_global_batch_reads_what_the_ranks_read_together(tiny_corpus, packing):
+    """The cache is built by one reader whose micro batch is the global batch; the ranks of an online run read
+    the same rows, each its consecutive slice (packed rows: the same sentences per row, widths aside)."""
+    from ds_kd.data.masking import MaskingConfig
+    from ds_kd.data.reader import ReaderConfig, ShardReader
+    from ds_kd.train.training import resolve_data
+
+    shards = str(resolve_data(str(tiny_corpus), None).shard_dir)
+
+    def rows(batch):
+        return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+    def reader(micro, rank, world):
+        return iter(ShardReader(ReaderConfig(shard_dir=shards, micro_batch_size=micro, seed=3, num_workers=0,
+                                             max_len=32, packing=packing,
+                                             masking=MaskingConfig(mlm_probability=0.0)), rank, world))
+
+    whole, ranks = reader(4, 0, 1), [reader(2, r, 2) for r in range(2)]
+    for _ in range(5):
+        assert rows(next(whole)) == rows(next(ranks[0])) + rows(next(ranks[1]))
+
+
+def test_dense_scores_come_back_in_the_per_sentence_layout():
+    from ds_kd.models.sentence_attention import SentenceBuckets, SentenceScores
+
+    sequence_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 2, 3, 3, 0, 0]])
+    buckets = SentenceBuckets.build(sequence_ids)
+    gen = torch.Generator().manual_seed(0)
+    scores = SentenceScores(buckets, tuple(torch.randn(n, 2, w, w, generator=gen) for n, w in buckets.shapes))
+    again = SentenceScores.from_dense(scores.to_dense(3, 6), buckets)
+    for a, b, keep in zip(scores.scores, again.scores, buckets.keeps()):
+        pairs = (keep[:, :, None] & keep[:, None, :])[:, None].expand_as(a)
+        assert torch.equal(a[pairs], b[pairs])
+
+
+def count_teacher_forwards(monkeypatch) -> list[int]:
+    """Count every forward pass of a teacher the run loads (the student is built, not loaded)."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    calls, load = [0], xr.load_task_model
+
+    def counted(directory):
+        model, meta = load(directory)
+        forward = model.forward
+
+        def counting(*a, **k):
+            calls[0] += 1
+            return forward(*a, **k)
+
+        model.forward = counting
+        return model, meta
+
+    monkeypatch.setattr(xr, "load_task_model", counted)
+    return calls
+
+
+def losses_of(out: Path) -> list[float]:
+    return json.loads((out / "manifest.json").read_text())["losses"]
+
+
+def cache_record(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["teacher_cache"]
+
+
+def test_a_cache_of_every_step_repeats_the_online_run(xd_inputs, tmp_path):
+    """While a run is in its first pass over the cache its batches are the online run's: without stage 1 (only
+    fp32 logits cached) every loss equals the online run's exactly."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    kw = dict(stages=("logits", "labels"))  # 4 sub-stages of 2 transfer steps, then 4 of 2 label steps
+    online = xr.run(config(xd_inputs, tmp_path / "online", **kw))
+    cached = xr.run(config(xd_inputs, tmp_path / "cached", transfer_rows=8 * 4, **kw))
+    assert len(losses_of(tmp_path / "cached")) == 16
+    assert losses_of(tmp_path / "cached") == losses_of(tmp_path / "online")
+    assert cached.scores == online.scores
+    record = cache_record(tmp_path / "cached")
+    assert (record["transfer_rows"], record["batches"], record["epochs"], record["hidden_states"]) == (
+        32, 8, {"logits": 1.0}, [])
+    assert record["build_seconds"] > 0
+    assert Path(record["read_from"]) == tmp_path / "cached" / "teacher_cache" / record["key"]
+    assert cache_record(tmp_path / "online") is None
+    assert "transfer_rows" in json.loads((tmp_path / "cached" / "settings.json").read_text())
+    assert "teacher_cache" not in json.loads((tmp_path / "cached" / "settings.json").read_text())
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_stage_one_on_fp16_teacher_states_stays_within_1e_4_of_online(xd_inputs, tmp_path, attention):
+    """Stage 1 compares the student with the teacher's hidden states (and attention scores) rounded to fp16 in
+    the cache: every loss of the run stays within 1e-4 (relative) of the online run's (measured: 5e-6)."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    xr.run(config(xd_inputs, tmp_path / "online", attention=attention))
+    xr.run(config(xd_inputs, tmp_path / "cached", attention=attention, transfer_rows=11 * 4))
+    online, cached = losses_of(tmp_path / "online"), losses_of(tmp_path / "cached")
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(online), rtol=1e-4, atol=0)
+    record = cache_record(tmp_path / "cached")
+    assert record["hidden_states"] == [4, 5, 6] and record["attention"] == attention
+    assert record["epochs"] == {"represent": round(3 / 11, 4), "logits": round(8 / 11, 4)}
+    stages = json.loads((tmp_path / "cached" / "stages.json").read_text())
+    assert [r.get("cache_epochs") for r in stages] == [round(3 / 11, 4)] + [round(2 / 11, 4)] * 4 + [None] * 4
+
+
+def test_fewer_rows_cycle_over_the_cache_in_a_seeded_order(xd_inputs, tmp_path, monkeypatch):
+    """3 cached batches for 8 transfer steps: steps 0-2 read the online run's first 3 batches, steps 3-5 the
+    same 3 in the order of pass 1, steps 6-7 the first two of pass 2; a second run repeats it."""
+    from ds_kd.finetune import xtremedistil_run as xr
+    from ds_kd.finetune.teacher_cache import epoch_order
+
+    seen, teacher_batch = [], xr.Runner.teacher_batch
+
+    def recording(self, *a):
+        inputs, ref = teacher_batch(self, *a)
+        seen.append(inputs["input_ids"][inputs["attention_mask"].bool()].tolist())
+        return inputs, ref
+
+    monkeypatch.setattr(xr.Runner, "teacher_batch", recording)
+    kw = dict(stages=("logits",))
+    xr.run(config(xd_inputs, tmp_path / "online", **kw))
+    online, seen[:] = list(seen), []
+    xr.run(config(xd_inputs, tmp_path / "cached", transfer_rows=12, **kw))
+    cached, seen[:] = list(seen), []
+    assert len(cached) == 8 and cached[:3] == online[:3]
+    assert online[3] not in online[:3]  # the online run reads new rows; the cached one cycles
+    pass_1, pass_2 = epoch_order(3, 1, 1), epoch_order(3, 1, 2)
+    assert pass_1 != (0, 1, 2)  # (a permutation that tells cycling in order apart)
+    assert cached[3:6] == [online[i] for i in pass_1] and cached[6:] == [online[i] for i in pass_2[:2]]
+    record = cache_record(tmp_path / "cached")
+    assert record["batches"] == 3 and record["epochs"] == {"logits": round(8 / 3, 4)}
+    xr.run(config(xd_inputs, tmp_path / "again", transfer_rows=12, **kw))
+    assert seen == cached and losses_of(tmp_path / "again") == losses_of(tmp_path / "cached")
+
+
+def test_a_cache_is_read_again_without_the_teacher_and_keyed_by_it(xd_inputs, tmp_path, monkeypatch):
+    """A second run with the same key runs no teacher forward and gives the same losses; a partial cache is
+    completed (only its missing entries computed); a run needing less (no stage 1) reads a complete cache that
+    holds more; another teacher's weights give another key; every rank's rows make up the global batch."""
+    from ds_kd.finetune import teacher_cache as tcache
+    from ds_kd.finetune import xtremedistil_run as xr
+    from ds_kd.finetune.heads import load_task_model, save_task_model
+    from ds_kd.models.modeldir import load_tokenizer
+
+    calls = count_teacher_forwards(monkeypatch)
+    shared = tmp_path / "cache"
+    kw = dict(transfer_rows=20, teacher_cache=str(shared))  # 5 global batches for 11 transfer steps
+    xr.run(config(xd_inputs, tmp_path / "first", **kw))
+    assert calls[0] == 5  # the cache's 5 batches, no transfer step's
+    first = cache_record(tmp_path / "first")
+    folder = shared / first["key"]
+    assert [p.name for p in shared.iterdir()] == [first["key"]] and not (tmp_path / "first" / "teacher_cache").exists()
+
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "second", **kw))
+    assert calls[0] == 0
+    assert losses_of(tmp_path / "second") == losses_of(tmp_path / "first")
+    second = cache_record(tmp_path / "second")
+    assert second["build_seconds"] == 0 and second["key"] == first["key"] and second["read_from"] == str(folder)
+
+    (folder / tcache.MANIFEST).unlink()  # as if killed while building: two entries missing, no manifest
+    tcache.entry_path(folder, 1).unlink()
+    tcache.entry_path(folder, 3).unlink()
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "partial", **kw))
+    assert calls[0] == 2 and (folder / tcache.MANIFEST).is_file()
+    assert losses_of(tmp_path / "partial") == losses_of(tmp_path / "first")
+
+    # stage 2 alone needs the logits only: the complete cache with hidden states serves it, with the losses of
+    # a cache of its own
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "logits", stages=("logits",), **kw))
+    assert calls[0] == 0 and cache_record(tmp_path / "logits")["read_from"] == str(folder)
+    xr.run(config(xd_inputs, tmp_path / "own", stages=("logits",), transfer_rows=20))
+    assert losses_of(tmp_path / "logits") == losses_of(tmp_path / "own")
+
+    # the ranks' rows of each global batch, in rank order, are the global batch
+    spec = tcache.complete(folder)
+    whole = tcache.load(folder, spec, 0, 1)
+    halves = [tcache.load(folder, spec, r, 2) for r in range(2)]
+    for w, a, b in zip(whole, *halves):
+        for part in ("inputs", "logits", "hidden"):
+            for k in w[part]:
+                assert torch.equal(w[part][k], torch.cat([a[part][k], b[part][k]])), (part, k)
+    # the teacher labels a global batch in chunks of the online micro batch: the same outputs
+    teacher, meta = load_task_model(xd_inputs["teacher"])
+    saved = torch.load(tcache.entry_path(folder, 0), weights_only=True)
+    halves = tcache.teacher_entry(teacher.eval(), saved["inputs"], spec, torch.device("cpu"), chunk=2)
+    torch.testing.assert_close(halves["logits"], saved["logits"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(halves["hidden"], saved["hidden"], atol=2e-3, rtol=1e-3)  # fp16
+
+
+    with torch.no_grad():
+        teacher.encoder.embeddings.word_embeddings.weight[5] += 0.5
+    other = tmp_path / "other-teacher"
+    save_task_model(teacher, other, load_tokenizer(Path(xd_inputs["teacher"]), "test"), task=meta["task"])
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "other", teacher=str(other), **kw))
+    assert calls[0] == 5
+    assert cache_record(tmp_path / "other")["key"] != first["key"] and len(list(shared.iterdir())) == 2
+    assert losses_of(tmp_path / "other") != losses_of(tmp_path / "first")
+
+
+def test_a_killed_cached_run_resumes_mid_pass_to_the_same_losses(xd_inputs, tmp_path, monkeypatch):
+    """Killed at transfer step 6 of 11, in the second pass over a cache of 4 batches, a resumed run reads the
+    cache without the teacher and gives the uninterrupted run's losses."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    kw = dict(transfer_rows=16)
+    whole = xr.run(config(xd_inputs, tmp_path / "whole", **kw))
+    killed = tmp_path / "killed"
+    calls, step = [0], xr.Runner.step
+
+    def dying(self, *a):
+        calls[0] += 1
+        if calls[0] > 6:
+            raise KeyboardInterrupt
+        return step(self, *a)
+
+    monkeypatch.setattr(xr.Runner, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        xr.run(config(xd_inputs, killed, **kw))
+    monkeypatch.setattr(xr.Runner, "step", step)
+    forwards = count_teacher_forwards(monkeypatch)
+    resumed = xr.run(config(xd_inputs, killed, resume=True, **kw))
+    assert forwards[0] == 0
+    torch.testing.assert_close(torch.tensor(losses_of(killed)), torch.tensor(losses_of(tmp_path / "whole")),
+                               atol=1e-6, rtol=1e-5)
+    assert resumed.scores == whole.scores
+    assert cache_record(killed)["epochs"] == cache_record(tmp_path / "whole")["epochs"] == {
+        "represent": 0.75, "logits": 2.0}
+
+
+def test_a_cache_too_large_for_memory_is_refused_naming_the_flag(xd_inputs, tmp_path, monkeypatch):
+    import re
+
+    from ds_kd.errors import UsageError
+    from ds_kd.finetune import teacher_cache as tcache
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    monkeypatch.setattr(tcache, "available_memory", lambda: 2**20)  # 1 MiB: a quarter holds about 24 rows
+    out = tmp_path / "big"
+    with pytest.raises(UsageError, match=r"--transfer-rows 400\b.*available: lower --transfer-rows to at most") as e:
+        xr.run(config(xd_inputs, out, transfer_rows=400))
+    assert not (out / "settings.json").exists() and not (out / "teacher_cache").exists()  # before any work
+    fit = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+    assert fit > 0 and fit % 4 == 0
+    xr.Runner(config(xd_inputs, out, transfer_rows=fit), Path(xd_inputs["teacher"]), {})  # fits
+    with pytest.raises(UsageError, match="--transfer-rows"):
+        xr.Runner(config(xd_inputs, out, transfer_rows=fit + 4), Path(xd_inputs["teacher"]), {})
