@@ -122,12 +122,15 @@ class Options:
     """Tasks of the real-teacher rows: a sentence-pair and a tagging task. The students are 40x the from-scratch
     ones; a job needs about 100 optimizer steps to leave chance (19 steps left every row at chance: XNLI 33.3,
     WikiANN F1 0), so all five tasks would not fit the demo's time."""
-    xd_steps: tuple[int, int, int] = (60, 25, 15)
+    xd_steps: tuple[int, int, int] = (100, 80, 60)
     """XtremeDistil's budget: optimizer steps of stage 1, and of each sub-stage of stages 2 and 3 (3 sub-stages
-    each with the embeddings frozen: 180 steps in all)."""
+    each with the embeddings frozen: 520 steps in all)."""
     ablations: bool = False
     """Add XtremeDistil's ablation rows (English-only transfer text, a single stage, random embeddings, labels
     only), each one change away from the main row."""
+    xd_transfer_rows: int = 960
+    """Transfer rows the teacher labels once (``--transfer-rows``; cached in ``xd_teacher_cache/``, shared by the
+    rows and ablations of the same transfer text); stages 1 and 2 cycle over them."""
 
 
 def free_port() -> int:
@@ -250,8 +253,9 @@ def xd_rows(o: Options) -> dict[str, list[str]]:
     main = ["--teacher", str(xd_job(out, E5)), "--transfer", str(out / "corpus_e5"), "--task", XD_TASK,
             "--data", str(out / "tasks"), "--student", XD_STUDENT, "--seed", XD_SEED, "--max-len", "64",
             "--transfer-batch", "16", "--label-batch", "16", "--represent-steps", str(represent),
-            "--logits-steps", str(logits), "--labels-steps", str(labels), "--eval-every", "15", "--patience", "3",
-            "--freeze-embeddings", "--threads", "2"]
+            "--logits-steps", str(logits), "--labels-steps", str(labels), "--eval-every", "20", "--patience", "3",
+            "--freeze-embeddings", "--threads", "2", "--transfer-rows", str(o.xd_transfer_rows),
+            "--teacher-cache", str(out / "xd_teacher_cache")]
     rows = {XD: main}
     if o.ablations:
         rows.update({
@@ -519,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xd-steps", type=int, nargs=3, default=list(d.xd_steps),
                    metavar=("REPRESENT", "LOGITS", "LABELS"),
                    help="XtremeDistil's optimizer steps: stage 1, and each sub-stage of stages 2 and 3")
+    p.add_argument("--xd-transfer-rows", type=int, default=d.xd_transfer_rows,
+                   help="transfer rows XtremeDistil's teacher labels once (cached and shared by its rows); stages "
+                        "1 and 2 cycle over them; 0: the teacher labels new rows every step")
     p.add_argument("--ablations", action="store_true",
                    help="add XtremeDistil's ablation rows, each one change away from its main row: English-only "
                         "transfer text, a single stage (logits only, nothing frozen), random embeddings, labels "
@@ -530,7 +537,8 @@ def parse_args(argv: list[str] | None) -> Options:
     a = build_parser().parse_args(argv)
     return Options(a.out.resolve(), a.cache, a.e5_cache, a.steps, [str(s) for s in a.seeds], a.epochs,
                    a.real_teacher, a.e5_steps, a.e5_lr, a.e5_mlm_lr, [str(s) for s in a.e5_seeds], a.e5_epochs,
-                   a.e5_train_examples, a.e5_tasks, tuple(a.xd_steps), a.ablations)
+                   a.e5_train_examples, a.e5_tasks, tuple(a.xd_steps), a.ablations,
+                   a.xd_transfer_rows)
 
 
 def main(argv: list[str] | None = None) -> int:
