@@ -84,7 +84,10 @@ def test_xtremedistil_teacher_and_student_run_after_the_e5_stages_into_the_repor
     assert value_after(student, "--transfer") == str(tmp_path / "corpus_e5")
     assert value_after(student, "--out") == str(job / "XtremeDistil_2Lx256" / "wikiann" / "seed1")
     assert value_after(student, "--name") == demo.XD and value_after(student, "--max-len") == "64"
-    assert [value_after(student, f"--{s}-steps") for s in ("represent", "logits", "labels")] == ["60", "25", "15"]
+    assert [value_after(student, f"--{s}-steps") for s in ("represent", "logits", "labels")] == ["100", "80", "60"]
+    # the teacher labels 960 transfer rows once, in one cache every XtremeDistil row of the demo shares
+    assert value_after(student, "--transfer-rows") == "960"
+    assert value_after(student, "--teacher-cache") == str(tmp_path / "xd_teacher_cache")
     e5_shape = BertModel(make_config("e5-small-3l", num_hidden_layers=12, vocab_size=1000))
     xd_shape = BertModel(make_config(value_after(student, "--student"), vocab_size=1000))
     assert count_parameters(e5_shape, False) >= 8 * count_parameters(xd_shape, False)
