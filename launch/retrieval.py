@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the pair sample (default: %(default)s)")
     p.add_argument("--pivot", default=d.pivot, type=lang_code, help="language the others are aligned to (default: %(default)s)")
+    p.add_argument("--retention", nargs="*", default=[], metavar="STUDENT=TEACHER", type=name_value,
+                   help="judge the claim that STUDENT keeps at least 90%% of TEACHER's X->pivot average, under the "
+                        "table and in retrieval.json's claims (default: none)")
+    p.add_argument("--at-least", nargs="*", default=[], metavar="A=B", type=name_value,
+                   help="judge the claim that A retrieves at least as well as B: agree, disagree or cannot tell "
+                        "(a difference within two standard errors of the pair sample) (default: none)")
     return p
 
 
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
                           args.pivot, args.all_layers)
     try:
-        result = run(checkpoint_dirs(args.models), args.heldout, args.out, args.langs, cfg, dict(args.layer_of))
+        result = run(checkpoint_dirs(args.models), args.heldout, args.out, args.langs, cfg, dict(args.layer_of),
+                     dict(args.retention), dict(args.at_least))
     except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -397,11 +397,53 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def judge(result: dict, retention: dict[str, str], at_least: dict[str, str], goal: float = 0.9) -> list[dict]:
+    """Claims on a retrieval result, each a dict with ``text`` (one Markdown line) and ``verdict``.
+
+    ``retention``: student -> teacher: the student's X→pivot average as a share of the teacher's, against
+    ``goal`` (holds / does not hold). ``at_least``: model A -> model B, the claim "A retrieves at least as well as
+    B" (BiStil: a bilingual student against a multilingual one of the same shape and budget): agree when A's
+    average is higher by more than two standard errors of the difference, disagree when lower by as much, else
+    cannot tell. The standard error treats the two accuracies as independent binomial proportions over the pairs
+    (``sqrt((a(1-a) + b(1-b)) / n)``, n the pairs of all languages): on the same pairs the errors are positively
+    correlated, so this errs towards "cannot tell" (project rule). Raises UsageError naming a model that is not
+    in ``result``."""
+    models = result["models"]
+    for name in [*retention, *retention.values(), *at_least, *at_least.values()]:
+        if name not in models:
+            raise UsageError(f"{name!r}: not among the evaluated models ({', '.join(models)})")
+    n = sum(result["num_pairs"].values())
+    pivot = result["config"]["pivot"]
+    where = f"{'/'.join(result['langs'])}→{pivot}"
+    claims = []
+    for student, teacher in retention.items():
+        s, t = models[student]["average"], models[teacher]["average"]
+        share = s / t if t else float("nan")
+        verdict = "holds" if share >= goal else "does not hold"
+        claims.append({"claim": f"{student} keeps at least {goal:.0%} of {teacher}'s retrieval", "verdict": verdict,
+                       "share": share, "text": f"- {student} keeps **{share:.0%}** of {teacher}'s {where} retrieval "
+                                                f"({100 * s:.1f} vs {100 * t:.1f}); the claim of at least {goal:.0%}: "
+                                                f"**{verdict}**."})
+    for a, b in at_least.items():
+        pa, pb = models[a]["average"], models[b]["average"]
+        se = ((pa * (1 - pa) + pb * (1 - pb)) / max(n, 1)) ** 0.5
+        diff = pa - pb
+        verdict = "agree" if diff > 2 * se else "disagree" if diff < -2 * se else "cannot tell"
+        claims.append({"claim": f"{a} retrieves at least as well as {b}", "verdict": verdict, "difference": diff,
+                       "standard_error": se,
+                       "text": f"- {a} against {b}: {100 * pa:.1f} vs {100 * pb:.1f} ({where}, {n} pairs; difference "
+                               f"{100 * diff:+.1f}, two standard errors {200 * se:.1f}): the claim that {a} retrieves "
+                               f"at least as well, our runs **{verdict}**."})
+    return claims
+
+
 def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, langs: list[str],
-        cfg: RetrievalConfig = RetrievalConfig(), layers: dict[str, str] | None = None) -> dict:
+        cfg: RetrievalConfig = RetrievalConfig(), layers: dict[str, str] | None = None,
+        retention: dict[str, str] | None = None, at_least: dict[str, str] | None = None) -> dict:
     """Evaluate every model (pooled at ``layers[name]`` where given, else ``cfg.layer``); write
-    ``<out>/retrieval.json`` and ``<out>/retrieval.md``; return the result. ValueError for a layer given for a
-    model that is not evaluated."""
+    ``<out>/retrieval.json`` and ``<out>/retrieval.md`` (with the claims of :func:`judge` on ``retention`` and
+    ``at_least`` under the table); return the result. UsageError for a layer or claim naming a model that is not
+    evaluated (before any is)."""
     if not models:
         raise UsageError("no models to evaluate")
     from ds_kd.models.modeldir import load_tokenizer
@@ -410,6 +452,11 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
     unknown = sorted(set(layers) - set(models))
     if unknown:
         raise UsageError(f"--layer-of {', '.join(unknown)}: not among the models ({', '.join(models)})")
+    retention, at_least = retention or {}, at_least or {}
+    for flag, named in (("--retention", retention), ("--at-least", at_least)):
+        unknown = sorted({*named, *named.values()} - set(models))
+        if unknown:
+            raise UsageError(f"{flag} {', '.join(unknown)}: not among the models ({', '.join(models)})")
     out = Path(out)
     start = time.perf_counter()
     # every model directory is checked before the first is evaluated
@@ -421,7 +468,9 @@ def run(models: dict[str, Path | str], heldout: Path | str, out: Path | str, lan
                                       for name, d in models.items()},
               "models": {name: evaluate_model(d, pairs, cfg, name, layers.get(name)) for name, d in models.items()}}
     result["seconds"] = round(time.perf_counter() - start, 1)
+    result["claims"] = judge(result, retention, at_least)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "retrieval.md", format_table(result))
+    claims = "".join(f"{c['text']}\n" for c in result["claims"])
+    atomic_write_text(out / "retrieval.md", format_table(result) + (f"\n{claims}" if claims else ""))
     atomic_write_text(out / "retrieval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result

@@ -259,3 +259,38 @@ def test_tatoeba_files_one_pair_each_in_xtremes_and_lasers_names(models, tmp_pat
     result = json.loads((out / "retrieval.json").read_text())
     assert result["langs"] == ["deu"]
     assert result["models"]["base"]["per_lang"]["deu"]["deu->eng"] == scores["de"]["de->en"]
+
+
+def result_of(averages: dict[str, float], num_pairs: int) -> dict:
+    return {"config": {"pivot": "en"}, "langs": ["de"], "num_pairs": {"de": num_pairs},
+            "models": {name: {"average": a} for name, a in averages.items()}}
+
+
+def test_claims_judge_retention_and_at_least_with_the_pair_samples_error():
+    from ds_kd.eval.retrieval import judge
+
+    # 0.95 of 0.80 = 0.76: kept 95%; 0.70 is 87.5%. At 200 pairs two standard errors of 0.76 vs 0.70 are
+    # 2 * sqrt((0.76 * 0.24 + 0.70 * 0.30) / 200) = 0.089: a 6-point lead cannot tell; at 2,000 pairs (0.028) agree.
+    small = judge(result_of({"T": 0.80, "pair": 0.76, "multi": 0.70}, 200), {"pair": "T", "multi": "T"},
+                  {"pair": "multi", "multi": "pair"})
+    assert [c["verdict"] for c in small] == ["holds", "does not hold", "cannot tell", "cannot tell"]
+    assert small[0]["share"] == pytest.approx(0.95) and small[2]["standard_error"] == pytest.approx(0.0443, abs=1e-4)
+    large = judge(result_of({"T": 0.80, "pair": 0.76, "multi": 0.70}, 2000), {}, {"pair": "multi", "multi": "pair"})
+    assert [c["verdict"] for c in large] == ["agree", "disagree"]
+    assert "**agree**" in large[0]["text"] and "de→en" in large[0]["text"]
+
+
+def test_claims_are_written_under_the_table_and_unknown_names_refused(models, tmp_path, capsys):
+    en = sentences(30)
+    heldout = write_heldout(tmp_path / "h", {"en": en, "de": list(en)})
+    out = tmp_path / "o"
+    assert retrieval_main(["--models", f"base={models['base']}", f"lean={models['lean']}", "--heldout", str(heldout),
+                           "--out", str(out), "--langs", "de", "--retention", "lean=base", "--at-least",
+                           "lean=base"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+    assert [c["verdict"] for c in result["claims"]] == ["holds", "cannot tell"]  # both find every translation
+    assert "lean keeps **100%** of base's de→en retrieval" in (out / "retrieval.md").read_text()
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
+                           str(tmp_path / "o2"), "--langs", "de", "--at-least", "base=other"]) == 1
+    assert "--at-least other: not among the models (base)" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
