@@ -141,7 +141,7 @@ def test_tiny_run_banner_and_metric_lines_count_sentences_epochs_and_perplexity(
     assert [line.split(" | ")[0] for line in lines] == [f"step {r['optimizer_step']}/4 (epoch {r['epoch']:.3f})"
                                                         for r in rows] and len(rows) == 2
     assert f"ppl {rows[-1]['train_ppl']:.4g} | lr {rows[-1]['lr']:.2e} | grad norm {rows[-1]['grad_norm']:.3g}" \
-        in lines[-1] and "loss scale" not in lines[-1]  # the fp16 JSON falls back to bf16 on this CPU
+        in lines[-1] and "loss scale" not in lines[-1]  # the fp16 JSON falls back to bf16 or fp32 on a CPU
 
 
 def test_a_grid_off_a_terminal_prints_plain_progress_lines_and_job_logs_hold_no_bars(encoders, data, tmp_path):

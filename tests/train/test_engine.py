@@ -50,10 +50,14 @@ def test_each_rank_runs_its_collectives_before_the_engine_on_its_local_gpu(local
     assert seen["gather_device"] == local_rank
 
 
-def test_export_at_zero_stage_0_in_half_precision_is_the_fp32_master_weights(tiny_corpus, tmp_path):
+def test_export_at_zero_stage_0_in_half_precision_is_the_fp32_master_weights(tiny_corpus, tmp_path, monkeypatch):
     """DeepSpeed's bf16/fp16 optimizer at ZeRO stage 0 updates fp32 master weights and copies them, rounded, into
-    the module: the export must be the masters (what the checkpoint resumes from), not the rounded copy."""
+    the module: the export must be the masters (what the checkpoint resumes from), not the rounded copy. (bf16 is
+    forced: a CPU without native bf16 would otherwise train in fp32.)"""
     from ds_kd.models.model import BertForMaskedLM
+    from ds_kd.train.engine import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
     from ds_kd.train.pretrain import PretrainConfig, run
 
     out = tmp_path / "run"

@@ -11,7 +11,8 @@ uninterrupted run's sequence of (step, sentence id): no sentence twice, none dro
 Loss tolerance. The resumed runs compute the same micro-batches (same sentences, masks and dropout, which
 follow the data position) on the same weights, and with one thread per rank a run on 1 rank with twice the
 accumulation gives bitwise the losses of one on 2 ranks (checked in fp32 under ZeRO-3 and in bf16 under
-ZeRO-2: all 12 steps equal, and so are the resumed runs'). What may differ is the order of the sum in the
+ZeRO-2 on a CPU with native bf16: all 12 steps equal, and so are the resumed runs'; a CPU without it trains the
+ZeRO-2 runs in fp32). What may differ is the order of the sum in the
 global gradient norm (seen at 1e-15 relative), which feeds clipping: the tests allow 1e-6 relative. Without
 the repair of DeepSpeed's ZeRO-3 universal loader (ds_kd.train.checkpoint) the losses drift by 3e-4 within three
 steps of the resume.
@@ -127,7 +128,7 @@ def test_pretraining_resumes_on_1_rank_then_2_ranks_0_workers_exactly_once(unint
 
 
 def test_zero2_unpacked_resumes_on_1_rank_exactly_once(tiny_corpus, tmp_path):
-    """bf16: the 1-rank resume sums each step's two micro-batch gradients where the 2-rank run all-reduces them,
+    """bf16 (fp32 on a CPU without native bf16): the 1-rank resume sums each step's two micro-batch gradients where the 2-rank run all-reduces them,
     and the global norm (which feeds clipping) in another order: seen at 1e-5 relative by step 11, so 1e-4."""
     off = ("--packing", "off")
     whole = tmp_path / "whole"

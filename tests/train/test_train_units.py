@@ -79,16 +79,36 @@ def test_lamb_minimises_a_quadratic():
     assert float((w.detach() ** 2).sum()) < 0.05 * start
 
 
-def test_overrides_and_precision_fallback_are_applied_to_a_copy():
+def test_overrides_and_precision_fallback_are_applied_to_a_copy(monkeypatch):
+    from ds_kd.distill.run import resolve_teacher_dtype
+    from ds_kd.train.engine import CPU_BF16_ENV
+
     base = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 3}}
     key, value = parse_override("zero_optimization.stage=2")
     changed = apply_overrides(base, {key: value})
     assert changed["zero_optimization"]["stage"] == 2 and base["zero_optimization"]["stage"] == 3
+    # fp16 on a CPU: bf16 where the CPU has it natively, else fp32 (emulated bf16 is tens of times slower)
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
     on_cpu = resolve_precision(base, "cpu")
     assert on_cpu["bf16"]["enabled"] and not on_cpu["fp16"]["enabled"]
+    assert resolve_teacher_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    emulated = resolve_precision(base, "cpu")
+    assert not emulated.get("bf16", {}).get("enabled") and not emulated["fp16"]["enabled"]
+    assert not resolve_precision({"bf16": {"enabled": True}}, "cpu")["bf16"]["enabled"]
+    assert resolve_teacher_dtype("auto", "cpu") == resolve_teacher_dtype("bf16", "cpu") == torch.float32
     assert resolve_precision(base, "cuda") == base  # a GPU keeps fp16
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_override("stage")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    from ds_kd.train.engine import CPU_BF16_ENV, cpu_bf16_native
+
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert cpu_bf16_native() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_max_len_beyond_the_position_table_fails_before_any_work(tiny_corpus, tmp_path):
@@ -325,7 +345,11 @@ def test_json_optimizer_and_scheduler_blocks_are_honoured_and_the_effective_conf
     assert effective["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.8, 0.99], "eps": 1e-6,
                                                                   "weight_decay": 0.0}}
     assert effective["scheduler"] == scheduler
-    assert effective["train_micro_batch_size_per_gpu"] == 4 and effective["bf16"]["enabled"]  # override, fallback
+    from ds_kd.train.engine import cpu_bf16_native
+
+    assert effective["train_micro_batch_size_per_gpu"] == 4  # the override
+    # the JSON's fp16, fallen back on this CPU: bf16 where native, else fp32
+    assert not effective["fp16"]["enabled"] and effective.get("bf16", {}).get("enabled", False) == cpu_bf16_native()
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
     from deepspeed.runtime.lr_schedules import WarmupLR
 
