@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -195,14 +196,37 @@ PACKED_ATTENTION = ("sentences", "masked")
 """The ways packed rows attend (``BertModel.packed_attention``)."""
 
 
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation of one module (Devlin et al. 2019; HF ``BertPreTrainedModel._init_weights``): linear
+    and embedding weights N(0, ``std``) (``initializer_range``, 0.02), biases 0, the padding row 0, LayerNorm 1 and
+    0. A linear layer without a bias (the MLM decoder tied to the word embeddings) is left as it is. Without it,
+    torch's defaults give embeddings N(0, 1): position and segment rows 50x the scale of BERT's, which drown
+    the word embeddings a student is given."""
+    if isinstance(module, nn.Linear):
+        if module.bias is None:
+            return
+        nn.init.normal_(module.weight, std=std)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class BertModel(nn.Module):
-    """The encoder: embeddings and transformer layers (HF ``BertModel`` names, without the pooler)."""
+    """The encoder: embeddings and transformer layers (HF ``BertModel`` names, without the pooler), initialised
+    as BERT (:func:`init_bert_weights`) on construction."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
+        self.apply(partial(init_bert_weights, std=cfg.initializer_range))
         self.packed_attention = "sentences"
         """How packed rows attend: ``sentences`` (per sentence, :mod:`ds_kd.models.sentence_attention`) or ``masked``
         (one T x T product per row with the block-diagonal mask)."""
@@ -301,25 +325,9 @@ class BertForMaskedLM(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.config = cfg
-        self.bert = BertModel(cfg)
+        self.bert = BertModel(cfg)  # initialised by its own constructor
         self.cls = BertOnlyMLMHead(cfg, self.bert.embeddings.word_embeddings)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            if module.bias is None:  # the tied MLM decoder: initialised as the word embeddings
-                return
-            nn.init.normal_(module.weight, std=std)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.cls.apply(partial(init_bert_weights, std=cfg.initializer_range))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,

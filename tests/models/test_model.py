@@ -276,3 +276,22 @@ def test_attention_keep_leaves_no_query_without_a_key():
                                    [False, False, True, False], [True, True, True, True]]
     assert attention_keep(torch.tensor([[1, 1, 0], [0, 0, 0]]), None)[:, 0, 0].tolist() == [
         [True, True, False], [True, True, True]]
+
+
+def test_an_encoder_alone_is_initialised_as_bert():
+    """``BertModel`` built on its own (a task student, ``launch/task_distill.py``) has BERT's initialisation, not
+    torch's defaults: N(0, 1) position and segment rows would drown the word embeddings a student is given (the
+    XtremeDistil student then predicted one tag for every token)."""
+    from ds_kd.models.model import BertModel, make_config
+
+    torch.manual_seed(0)
+    cfg = make_config("xd-2l-256", vocab_size=3000)
+    encoder = BertModel(cfg)
+    for name, table in (("word", encoder.embeddings.word_embeddings), ("position", encoder.embeddings.position_embeddings),
+                        ("segment", encoder.embeddings.token_type_embeddings)):
+        assert abs(float(table.weight.std()) - cfg.initializer_range) < 0.1 * cfg.initializer_range, name
+    dense = encoder.encoder.layer[0].intermediate.dense
+    assert abs(float(dense.weight.std()) - cfg.initializer_range) < 0.1 * cfg.initializer_range
+    assert float(dense.bias.abs().max()) == 0.0
+    if cfg.pad_token_id is not None:
+        assert float(encoder.embeddings.word_embeddings.weight[cfg.pad_token_id].abs().max()) == 0.0
