@@ -59,7 +59,7 @@ E5_PRESET = "e5-small-3l"
 XD = "XtremeDistil 2Lx256"
 XD_TASK = "wikiann"
 XD_STUDENT = "xd-2l-256"
-XD_SEED = "1"
+XD_SEED = "1"  # the teacher's; the students run every seed of --xd-seeds
 # Ablations (--ablations), each the main row with one change: row suffix -> flags replaced or added.
 XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage", "random embeddings", "labels only"
 
@@ -133,6 +133,8 @@ class Options:
     ablations: bool = False
     """Add XtremeDistil's ablation rows (English-only transfer text, a single stage, random embeddings, labels
     only), each one change away from the main row."""
+    xd_seeds: list[str] = field(default_factory=lambda: ["1", "2"])
+    """Seeds of the XtremeDistil students (each row's spread; the teacher is seed 1's)."""
     xd_transfer_rows: int = 960
     """Transfer rows the teacher labels once (``--transfer-rows``; cached in ``xd_teacher_cache/``, shared by the
     rows and ablations of the same transfer text); stages 1 and 2 cycle over them."""
@@ -246,9 +248,9 @@ def real_teacher_stages(o: Options) -> list[Stage]:
     ]
 
 
-def xd_job(out: Path, row: str) -> Path:
+def xd_job(out: Path, row: str, seed: str = XD_SEED) -> Path:
     """Where a WikiANN job of ``row`` (the e5 teacher or an XtremeDistil student) writes: the grid's layout."""
-    return out / "grid" / "jobs" / slug(row) / XD_TASK / f"seed{XD_SEED}"
+    return out / "grid" / "jobs" / slug(row) / XD_TASK / f"seed{seed}"
 
 
 def xd_rows(o: Options) -> dict[str, list[str]]:
@@ -296,11 +298,12 @@ def xd_stages(o: Options) -> list[Stage]:
                             [PY, "-m", "data_prep", "corpus", "--raw", str(out / "raw_pretrain"),
                              "--out", str(english), "--langs", "en", "--total", "20000", "--val-per-lang", "300",
                              "--tokenizer", str(out / "e5_trim")], english / "shards" / "manifest.json"))
-    for row, args in xd_rows(o).items():
-        job = xd_job(out, row)
-        stages.append(Stage(f"distil {row}: XtremeDistil from the fine-tuned {E5} ({XD_STUDENT})",
-                            [PY, "launch/task_distill.py", *args, "--out", str(job), "--name", row],
-                            job / "manifest.json"))
+    for seed in o.xd_seeds:
+        for row, args in xd_rows(o).items():
+            job = xd_job(out, row, seed)
+            stages.append(Stage(f"distil {row}: XtremeDistil from the fine-tuned {E5} ({XD_STUDENT}), seed {seed}",
+                                [PY, "launch/task_distill.py", *with_value(args, "--seed", seed), "--out", str(job),
+                                 "--name", row], job / "manifest.json"))
     return stages
 
 
@@ -546,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xd-steps", type=int, nargs=3, default=list(d.xd_steps),
                    metavar=("REPRESENT", "LOGITS", "LABELS"),
                    help="XtremeDistil's optimizer steps: stage 1, and each sub-stage of stages 2 and 3")
+    add_list_argument(p, "--xd-seeds", item_type=int, default=[int(x) for x in d.xd_seeds],
+                      help="seeds of the XtremeDistil students, two at least for a spread (their teacher is seed 1's)")
     p.add_argument("--xd-transfer-rows", type=int, default=d.xd_transfer_rows,
                    help="transfer rows XtremeDistil's teacher labels once (cached and shared by its rows); stages "
                         "1 and 2 cycle over them; 0: the teacher labels new rows every step")
@@ -561,7 +566,7 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.out.resolve(), a.cache, a.e5_cache, a.steps, [str(s) for s in a.seeds], a.epochs,
                    a.real_teacher, a.e5_steps, a.e5_lr, a.e5_mlm_lr, [str(s) for s in a.e5_seeds], a.e5_epochs,
                    a.e5_train_examples, a.e5_tasks, tuple(a.xd_steps), a.ablations,
-                   a.xd_transfer_rows)
+                   [str(s) for s in a.xd_seeds], a.xd_transfer_rows)
 
 
 def main(argv: list[str] | None = None) -> int:

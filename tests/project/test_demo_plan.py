@@ -85,6 +85,12 @@ def test_xtremedistil_teacher_and_student_run_after_the_e5_stages_into_the_repor
     assert value_after(student, "--out") == str(job / "XtremeDistil_2Lx256" / "wikiann" / "seed1")
     assert value_after(student, "--name") == demo.XD and value_after(student, "--max-len") == "64"
     assert [value_after(student, f"--{s}-steps") for s in ("represent", "logits", "labels")] == ["100", "80", "60"]
+    # two seeds of the student (a spread in the report), both from the one teacher, each in its seed's folder
+    seeds = [s for s in stages if s.name.startswith(f"distil {demo.XD}:")]
+    assert [value_after(s.argv, "--seed") for s in seeds] == ["1", "2"]
+    assert {value_after(s.argv, "--teacher") for s in seeds} == {value_after(teacher, "--out")}
+    assert [value_after(s.argv, "--out") for s in seeds] == [
+        str(job / "XtremeDistil_2Lx256" / "wikiann" / f"seed{n}") for n in (1, 2)]
     # the teacher labels 960 transfer rows once, in one cache every XtremeDistil row of the demo shares
     assert value_after(student, "--transfer-rows") == "960"
     assert value_after(student, "--teacher-cache") == str(tmp_path / "xd_teacher_cache")
