@@ -470,7 +470,8 @@ def job_tables(grid_dir: Path | str) -> dict[str, ResultTable]:
     """Every fine-tuning job's results under ``grid_dir``, for W&B: ``finetune/jobs`` (one row per job: English
     test, the zero-shot averages, best dev score and epoch, seconds; headline metric as a fraction, like
     ``result.json``), ``finetune/scores`` (one row per job, test language and metric) and
-    ``finetune/dev_history`` (one row per job and epoch)."""
+    ``finetune/dev_history`` (one row per job, epoch and numeric value; a job whose history records sub-stages
+    instead of epochs, XtremeDistil's ``launch/task_distill.py``, numbers them 1, 2, ... in the epoch column)."""
     jobs = ResultTable(["model", "task", "seed", "metric", "en", "zero_shot_avg", "zero_shot_avg_paper",
                         "dev_best", "best_epoch", "seconds"], [])
     scores = ResultTable(["model", "task", "seed", "lang", "metric", "value"], [])
@@ -482,8 +483,10 @@ def job_tables(grid_dir: Path | str) -> dict[str, ResultTable]:
                               r.get("dev_best"), r.get("best_epoch"), r.get("seconds")])
             scores.rows += [[*key, lang, metric, value] for lang, metrics in sorted(r["scores"].items())
                             for metric, value in sorted(metrics.items())]
-            history.rows += [[*key, int(epoch["epoch"]), name, value] for epoch in r.get("dev_history", [])
-                             for name, value in epoch.items() if name != "epoch"]
+            history.rows += [[*key, int(point.get("epoch", i)), name, value]
+                             for i, point in enumerate(r.get("dev_history", []), start=1)
+                             for name, value in point.items()
+                             if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
     return {"finetune/jobs": jobs, "finetune/scores": scores, "finetune/dev_history": history}
 
 

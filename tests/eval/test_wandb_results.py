@@ -82,3 +82,25 @@ def test_grid_and_finetune_commands_take_the_wandb_flags():
     job, wandb = finetune.parse_all(["--model", "m", "--task", "xnli", "--data", "d", "--out", "o",
                                      "--wandb-mode", "online"])
     assert wandb.mode == "online" and job.task == "xnli"
+
+
+def test_job_tables_take_a_task_distillation_history_of_sub_stages(grid, tmp_path):
+    """launch/task_distill.py's result.json records sub-stages, not epochs, in dev_history; a grid folder holding
+    one (the demo's XtremeDistil jobs) must still give its W&B tables (it stopped the demo's grid stage)."""
+    import shutil
+
+    root, _ = grid
+    copy = tmp_path / "with_task_distillation"
+    shutil.copytree(root, copy)
+    path = next(copy.rglob("result.json"))
+    r = json.loads(path.read_text())
+    r["dev_history"] = [{"sub_stage": "represent:layer_2+layer_1", "trainable": ["layer_2"], "steps": 100,
+                         "mean_loss": 0.12, "best_dev": None, "stopped_early": False},
+                        {"sub_stage": "logits:head", "steps": 80, "mean_loss": 1.4, "best_dev": 0.25}]
+    path.write_text(json.dumps(r))
+    rows = [row for row in job_tables(copy)["finetune/dev_history"].rows if row[:3] == [r["model"], r["task"], r["seed"]]]
+    assert sorted(rows) == sorted([[r["model"], r["task"], r["seed"], 1, "steps", 100],
+                                   [r["model"], r["task"], r["seed"], 1, "mean_loss", 0.12],
+                                   [r["model"], r["task"], r["seed"], 2, "steps", 80],
+                                   [r["model"], r["task"], r["seed"], 2, "mean_loss", 1.4],
+                                   [r["model"], r["task"], r["seed"], 2, "best_dev", 0.25]])
