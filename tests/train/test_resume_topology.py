@@ -32,6 +32,7 @@ import pytest
 from tests.conftest import deepspeed_cmd, run_cmd, run_until_checkpoint, tail
 from ds_kd.logbook import read_metrics
 from ds_kd.data.reader import SENTENCE_LOG_ENV
+from ds_kd.train.engine import CPU_BF16_ENV
 from tests.distill.test_distill_launch import make_teacher
 
 STEPS, MICRO, GLOBAL = 12, 8, 16
@@ -169,7 +170,9 @@ def test_impossible_resumes_are_refused_before_the_engine_is_built(uninterrupted
     }
     for name, (args, message) in cases.items():
         start = time.time()
-        proc = run_cmd([sys.executable, *args], timeout=300)
+        # bf16 as on a CPU that has it natively: without it the JSON's fp16 falls back to fp32, the checkpoint's
+        # own precision, and the precision case would be no change at all
+        proc = run_cmd([sys.executable, *args], timeout=300, env={**os.environ, CPU_BF16_ENV: "1"})
         assert proc.returncode == 2, (name, tail(proc))
         assert re.search(message, proc.stderr), (name, tail(proc))
         assert "engine: {" not in proc.stderr, name  # refused before the engine was built
