@@ -391,32 +391,6 @@ def test_two_ranks_through_the_launcher_resume_a_one_rank_run(xd_inputs, tmp_pat
 
 # -- the teacher-output cache (--transfer-rows) -----------------------------------------------------------------
 
-def count_teacher_forwards(monkeypatch) -> list[int]:
-    """Count every forward pass of a teacher the run loads (the student is built, not loaded)."""
-    from ds_kd.finetune import xtremedistil_run as xr
-
-    calls, load = [0], xr.load_task_model
-
-    def counted(directory):
-        model, meta = load(directory)
-        forward = model.forward
-
-        def counting(*a, **k):
-            calls[0] += 1
-            return forward(*a, **k)
-
-        model.forward = counting
-        return model, meta
-
-    monkeypatch.setattr(xr, "load_task_model", counted)
-    return calls
-
-
-def losses_of(out: Path) -> list[float]:
-    return json.loads((out / "manifest.json").read_text())["losses"]
-
-
-
 def test_epoch_orders_repeat_the_online_order_first_then_seeded_permutations():
     from ds_kd.finetune.teacher_cache import batch_index, epoch_order, num_batches
 
