@@ -183,6 +183,11 @@ class TaskDistillConfig:
     """Sub-words per transfer row and per labelled example."""
     seed: int = 1
     """Seed of the student's initialisation, the data orders and dropout."""
+    transfer_seed: int | None = None
+    """Seed of the transfer text's order, and so of the rows a ``--transfer-rows`` cache holds (default: ``--seed``).
+    Runs of several seeds given one transfer seed read the same transfer rows and share one cache (the teacher
+    labels them once); each seed still has its own student initialisation, cycling order over the cached rows,
+    labelled-batch order and dropout."""
     name: str | None = None
     """Model name in result.json (default: the run directory's name)."""
     num_workers: int = 1
@@ -197,6 +202,11 @@ class TaskDistillConfig:
     """Continue an unfinished run from its checkpoint, on any number of ranks (same global batches)."""
     overwrite: bool = False
     """Start over when ``out`` holds a run."""
+
+    @property
+    def transfer_order_seed(self) -> int:
+        """The seed of the transfer text's order: ``transfer_seed``, else ``seed``."""
+        return self.seed if self.transfer_seed is None else self.transfer_seed
 
     def __post_init__(self) -> None:
         check_distill_task(self.task, self.data)

@@ -5,7 +5,8 @@ With ``N > 0`` it labels the first ``nb = ceil(N / transfer_batch)`` global batc
 and transfer step ``t`` of the run (a counter over the steps of stages 1 and 2 together) reads cached batch
 :func:`batch_index` ``(t, nb, seed)``: batch ``t`` while ``t < nb`` (the batches the online run reads, in its
 order: the two modes give the same steps until then), and for each later pass over the cache (``epoch = t //
-nb``) a permutation of ``range(nb)`` that is a pure function of (seed, epoch).
+nb``) a permutation of ``range(nb)`` that is a pure function of (seed, epoch), with the run's ``--seed`` (the
+transfer order itself, and so which rows are cached, follows ``--transfer-seed``, by default the same).
 
 **What a global batch holds** (one file each, ``batch_000123.pt``): the student's inputs (``input_ids``,
 ``attention_mask``, and ``position_ids``/``sequence_ids`` for packed rows), the teacher's task logits (fp32),
@@ -14,7 +15,7 @@ loss then compares against the teacher's states rounded to fp16) and with ``--at
 attention scores (fp16, dense [B, H, T, T]; brought to the student's per-sentence layout at each step).
 
 **Where**: ``<teacher_cache>/<key>/``, the key a sha256 of what the content depends on (:class:`CacheSpec`: the
-teacher's weights digest, the transfer corpus manifest's digest, seed, transfer batch, max length, packing, the
+teacher's weights digest, the transfer corpus manifest's digest, the transfer order's seed, transfer batch, max length, packing, the
 cached hidden-state indices, the attention flag, nb). Entries are written through a temporary file and a rename
 and ``manifest.json`` last: a cache without its manifest is partial, and a later run computes only its missing
 entries; a complete one is read without running the teacher. A complete cache of another key that holds

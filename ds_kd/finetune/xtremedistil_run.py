@@ -206,7 +206,7 @@ class Runner:
         packing = self.spec.kind == "tagging"  # per-token logits: packed rows; per-example heads read [CLS]
         self.reader = ShardReader(ReaderConfig(
             shard_dir=str(corpus.shard_dir), split="train", micro_batch_size=cfg.transfer_batch // world,
-            seed=cfg.seed, num_workers=cfg.num_workers, max_len=cfg.max_len, packing=packing,
+            seed=cfg.transfer_order_seed, num_workers=cfg.num_workers, max_len=cfg.max_len, packing=packing,
             masking=MaskingConfig(mlm_probability=0.0)), dist.rank(), world)
         self.transfer_iter = None
         self.progress = Progress()
@@ -229,7 +229,7 @@ class Runner:
         represent = "represent" in cfg.stages
         return tcache.CacheSpec(
             teacher_sha256=settings["teacher_sha256"], transfer_manifest_sha256=settings["transfer_manifest_sha256"],
-            seed=cfg.seed, transfer_batch=cfg.transfer_batch, max_len=cfg.max_len, packing=packing,
+            seed=cfg.transfer_order_seed, transfer_batch=cfg.transfer_batch, max_len=cfg.max_len, packing=packing,
             hidden=tuple(sorted(set(self.mapped))) if represent else (), attention=represent and cfg.attention,
             batches=tcache.num_batches(cfg.transfer_rows, cfg.transfer_batch))
 

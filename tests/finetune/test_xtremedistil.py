@@ -606,6 +606,31 @@ def test_a_cache_is_read_again_without_the_teacher_and_keyed_by_it(xd_inputs, tm
     assert losses_of(tmp_path / "other") != losses_of(tmp_path / "first")
 
 
+def test_seeds_with_one_transfer_seed_share_one_cache(xd_inputs, tmp_path, monkeypatch):
+    """--transfer-seed fixes which rows are cached: a second student seed with the first's transfer seed reads the
+    first's cache without running the teacher, and still trains its own student (other losses); without it the
+    second seed's transfer order is its own (another key, the teacher runs again); --transfer-seed equal to
+    --seed is the default's key."""
+    from ds_kd.finetune import xtremedistil_run as xr
+
+    calls = count_teacher_forwards(monkeypatch)
+    kw = dict(transfer_rows=20, teacher_cache=str(tmp_path / "cache"))
+    xr.run(config(xd_inputs, tmp_path / "seed1", **kw))
+    assert calls[0] == 5
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "seed2", seed=2, transfer_seed=1, **kw))
+    assert calls[0] == 0
+    assert cache_record(tmp_path / "seed2")["key"] == cache_record(tmp_path / "seed1")["key"]
+    assert losses_of(tmp_path / "seed2") != losses_of(tmp_path / "seed1")
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "own", seed=2, **kw))
+    assert calls[0] == 5 and cache_record(tmp_path / "own")["key"] != cache_record(tmp_path / "seed1")["key"]
+    calls[0] = 0
+    xr.run(config(xd_inputs, tmp_path / "explicit", seed=2, transfer_seed=2, **kw))
+    assert calls[0] == 0 and cache_record(tmp_path / "explicit")["key"] == cache_record(tmp_path / "own")["key"]
+    assert losses_of(tmp_path / "explicit") == losses_of(tmp_path / "own")
+
+
 def test_a_killed_cached_run_resumes_mid_pass_to_the_same_losses(xd_inputs, tmp_path, monkeypatch):
     """Killed at transfer step 6 of 11, in the second pass over a cache of 4 batches, a resumed run reads the
     cache without the teacher and gives the uninterrupted run's losses."""
