@@ -47,9 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task model fine-tuned on this task (a job saved with --save-model): distil it into the "
                         "model with BiStil's loss (soft cross-entropy at --temperature, hidden-state and "
                         "attention-probability MSE; --task-weight for the labels) (default: none, plain fine-tuning)")
-    g.add_argument("--temperature", type=float, default=2.0, help="soft cross-entropy temperature with --teacher")
-    g.add_argument("--task-weight", type=float, default=0.0,
-                   help="weight of the hard-label task loss beside the teacher's terms (default 0: off)")
+    g.add_argument("--distill-loss", choices=("bistil", "tinybert"), default="bistil",
+                   help="the loss with --teacher: bistil (soft cross-entropy at --temperature, hidden-state MSE with "
+                        "the embeddings, attention-probability MSE, averaged over layers; --task-weight for the "
+                        "labels) or tinybert (the grid's ft-distill rows, the paper's: hard labels, soft "
+                        "cross-entropy at temperature 1, embedding, hidden-state and attention-score MSE summed over "
+                        "the layer map; --temperature and --task-weight do not apply)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="soft cross-entropy temperature with --teacher --distill-loss bistil (default: 2.0)")
+    g.add_argument("--task-weight", type=float, default=None,
+                   help="weight of the hard-label task loss beside the teacher's terms with --distill-loss bistil "
+                        "(default: 0, off)")
     g.add_argument("--sparse-density", type=float, default=None,
                    help="LT-SFT: fine-tune fully for --full-epochs, keep this share of the body's weights that moved "
                         "most, reset and fine-tune only those for --epochs (BiStil: 0.08) (default: dense)")
@@ -75,14 +83,30 @@ def parse_job(argv: list[str] | None = None):
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb, job_runner(args)
 
 
+def distill_losses(args: argparse.Namespace):
+    """The ``DistillConfig`` of ``--distill-loss``; UsageError naming --temperature or --task-weight given with
+    tinybert (whose terms and temperature are fixed: the grid's ft-distill rows')."""
+    from ds_kd.distill.module import DistillConfig
+    from ds_kd.finetune.ltsft import bistil_task_losses
+
+    if args.distill_loss == "tinybert":
+        given = [f for f, v in (("--temperature", args.temperature), ("--task-weight", args.task_weight)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)}: not with --distill-loss tinybert (the grid's ft-distill loss, "
+                             f"temperature 1 and the hard labels at weight 1); use --distill-loss bistil")
+        return DistillConfig()
+    return bistil_task_losses(0.0 if args.task_weight is None else args.task_weight,
+                              2.0 if args.temperature is None else args.temperature)
+
+
 def job_runner(args: argparse.Namespace):
     """Plain fine-tuning, task distillation from ``--teacher`` or LT-SFT (``--sparse-density``), with or without it."""
     # torch, after the command line: --help stays quick
     from ds_kd.finetune.distill import run_ft_distill
     from ds_kd.finetune.job import run
-    from ds_kd.finetune.ltsft import SparseConfig, bistil_task_losses, run_ltsft
+    from ds_kd.finetune.ltsft import SparseConfig, run_ltsft
 
-    losses = bistil_task_losses(args.task_weight, args.temperature) if args.teacher else None
+    losses = distill_losses(args) if args.teacher else None
     if args.sparse_density is not None:
         sparse = SparseConfig(args.sparse_density, args.full_epochs)
         return lambda cfg: run_ltsft(cfg, sparse, args.teacher, losses)

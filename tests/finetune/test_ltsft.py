@@ -191,3 +191,22 @@ def test_finetune_command_runs_ltsft_with_bistils_task_distillation(encoder, tmp
     assert distill["config"]["temperature"] == 2.0 and distill["config"]["attention_target"] == "probabilities"
     assert distill["config"]["mlm_weight"] == 0.0  # no hard labels unless --task-weight
     assert (out / "full" / "distill.json").is_file()  # phase A distils too
+
+
+def test_distill_loss_tinybert_is_the_grids_ft_distill_loss_and_refuses_bistils_knobs(capsys):
+    """``--distill-loss tinybert`` gives the grid's ft-distill rows' loss (the paper's: every DistillConfig default);
+    bistil keeps its defaults (temperature 2, no hard labels); --temperature or --task-weight with tinybert is
+    refused naming the flag."""
+    from ds_kd.distill.module import DistillConfig
+    from ds_kd.finetune.ltsft import bistil_task_losses
+    from tests.conftest import load_script
+
+    finetune = load_script("finetune")
+    base = ["--model", "m", "--task", "pawsx", "--data", "d", "--out", "o", "--teacher", "t"]
+    parse = finetune.build_parser().parse_args
+    assert finetune.distill_losses(parse(base + ["--distill-loss", "tinybert"])) == DistillConfig()
+    assert finetune.distill_losses(parse(base)) == bistil_task_losses(0.0, 2.0)
+    assert finetune.distill_losses(parse(base + ["--temperature", "3", "--task-weight", "0.5"])) == \
+        bistil_task_losses(0.5, 3.0)
+    assert finetune.main(base + ["--distill-loss", "tinybert", "--temperature", "2"]) == 2
+    assert "--temperature: not with --distill-loss tinybert" in capsys.readouterr().err
