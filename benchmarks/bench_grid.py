@@ -1,12 +1,14 @@
 """The grid's overhead: wall time of N jobs through the grid (one worker) against N single jobs run one after the
-other with launch/finetune.py, on the same machine, the same model, data, options and thread count.
+other with launch/finetune.py, on the same machine, the same model, data, options and thread count; and the grid's
+jobs forked from its fork server (the default) against a fresh interpreter per job (--no-fork-server).
 
     python benchmarks/bench_grid.py --num-jobs 4                      # tiny generated encoder and PAWS-X-like data
     python benchmarks/bench_grid.py --model DIR --data DIR --task xnli --num-jobs 4 --max-train-examples 64
 
-Prints both times and their ratio (grid / alone). Both sides start one Python process per job, so the ratio
-measures what the grid adds: planning, job files, polling, progress and the per-job command. Runs alternate
-(alone, grid, alone, grid, ...) over --repeats so that a change in the machine's load hits both sides.
+Prints the three times and the ratios. The single jobs and the grid with --no-fork-server start one Python
+process per job, so their ratio measures what the grid adds: planning, job files, polling, progress and the
+per-job command; the fork server's ratio to them measures the imports it saves per job. Runs alternate (alone,
+grid, grid without the server, alone, ...) over --repeats so that a change in the machine's load hits every side.
 """
 from __future__ import annotations
 
@@ -67,21 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     seeds = [str(s) for s in range(1, args.num_jobs + 1)]
-    alone, grid = [], []
+    alone, grid, fresh = [], [], []
     for r in range(args.repeats):
-        shutil.rmtree(work / "alone", ignore_errors=True)
-        shutil.rmtree(work / "grid", ignore_errors=True)
+        for side in ("alone", "grid", "fresh"):
+            shutil.rmtree(work / side, ignore_errors=True)
         alone.append(sum(timed([sys.executable, "launch/finetune.py", "--model", str(model), "--task", args.task,
                                 "--data", str(data), "--seed", seed, "--out", str(work / "alone" / seed), *options],
                                env) for seed in seeds))
-        grid.append(timed([sys.executable, "launch/grid.py", "--models", f"bench={model}", "--tasks", args.task,
-                           "--data", str(data), "--seeds", *seeds, "--out", str(work / "grid"), "--workers", "1",
-                           "--threads", str(args.threads), *options], env))
-        print(f"repeat {r + 1}: alone {alone[-1]:.2f}s, grid {grid[-1]:.2f}s", flush=True)
-    a, g = statistics.median(alone), statistics.median(grid)
-    print(f"{args.num_jobs} jobs ({args.task}, {args.threads} thread(s), {os.cpu_count()} cores): "
-          f"alone {a:.2f}s ({a / args.num_jobs:.2f}s/job), grid with 1 worker {g:.2f}s ({g / args.num_jobs:.2f}s/job), "
-          f"ratio grid/alone {g / a:.3f}, overhead {(g - a) / args.num_jobs:+.2f}s/job")
+        for side, times, extra in (("grid", grid, []), ("fresh", fresh, ["--no-fork-server"])):
+            times.append(timed([sys.executable, "launch/grid.py", "--models", f"bench={model}", "--tasks", args.task,
+                                "--data", str(data), "--seeds", *seeds, "--out", str(work / side), "--workers", "1",
+                                "--threads", str(args.threads), *options, *extra], env))
+        print(f"repeat {r + 1}: alone {alone[-1]:.2f}s, grid {grid[-1]:.2f}s, grid --no-fork-server "
+              f"{fresh[-1]:.2f}s", flush=True)
+    a, g, f = statistics.median(alone), statistics.median(grid), statistics.median(fresh)
+    n = args.num_jobs
+    print(f"{n} jobs ({args.task}, {args.threads} thread(s), {os.cpu_count()} cores): alone {a:.2f}s "
+          f"({a / n:.2f}s/job); grid, 1 worker, fork server {g:.2f}s ({g / n:.2f}s/job); grid --no-fork-server "
+          f"{f:.2f}s ({f / n:.2f}s/job). Ratios: grid/alone {g / a:.3f}, fork server/fresh interpreters {g / f:.3f} "
+          f"({(f - g) / n:.2f}s saved per job); --no-fork-server/alone {f / a:.3f}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

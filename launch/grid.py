@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs at a time (default: one per GPU; on CPU half the cores, at least 1)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads per CPU job (default: cores // workers, at least 1)")
+    g.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                   help="start every job as a fresh interpreter (python -m ds_kd.eval.grid --job) instead of forking "
+                        "it from a server that imported torch, transformers, the metrics and W&B once (default: "
+                        "fork; benchmarks/bench_grid_start.py measures the difference)")
     g.add_argument("--ppl", nargs="+", default=[], metavar="NAME=RUN", type=name_value,
                    help="pretraining/distillation run directory of a row, for Table 2 (default: the parent of a "
                         "model directory named 'export' when it holds a manifest.json)")
@@ -119,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
     distill = {name: getattr(args, f"kd_{name}") for name, _, _ in KD_OPTIONS.values()
                if getattr(args, f"kd_{name}") is not None}
     return GridConfig(rows, tasks, args.data, args.seeds, args.out, args.workers, args.threads, finetune, distill,
-                      wandb=wandb_config(args))
+                      wandb=wandb_config(args), fork_server=args.fork_server)
 
 
 def main(argv: list[str] | None = None) -> int:

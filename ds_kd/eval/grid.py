@@ -10,8 +10,10 @@ Layout of a grid directory::
 
 A row is a model directory with a name (``NAME=DIR``), or an ft-distill row ``STUDENT=TEACHER`` named
 ``"STUDENT (ft-distill)"``: the encoder of row STUDENT fine-tuned with distillation from row TEACHER's grid job
-of the same task and seed (which therefore runs first, saving its model). Each job runs as its own process
-(``python -m ds_kd.eval.grid --job <job.json>``), so a crash of one job leaves the others running; a job is done
+of the same task and seed (which therefore runs first, saving its model). Each job runs as its own process, so a
+crash of one job leaves the others running: forked from a fork server that has imported torch, transformers,
+the metrics and W&B once (:func:`start`; a job's imports cost about 20 s of a slow 2-core CPU, more than a tiny
+model's whole job), or with another ``python`` ``python -m ds_kd.eval.grid --job <job.json>``; a job is done
 when its ``result.json`` exists (a teacher also needs its ``model/``), so a grid started again after a crash or
 a kill runs only what is missing, and a job killed midway resumes from its last epoch checkpoint. The grid owns
 its job directories: a job whose settings changed since its last attempt (``job.json``: fine-tuning options,
@@ -87,7 +89,9 @@ class GridConfig:
     distill: dict = field(default_factory=dict)
     """``DistillConfig`` fields for the ft-distill rows (weights, temperature, layer_map)."""
     python: str = sys.executable
-    """Interpreter that runs the jobs."""
+    """Interpreter that runs the jobs (this one's: forked from the grid's fork server; another: a subprocess)."""
+    fork_server: bool = True
+    """Fork the jobs from a server that imported their modules once; False: a fresh ``python`` per job."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B settings of the results logged when the grid ends (``launch/grid.py``; off unless asked for)."""
 
@@ -343,21 +347,81 @@ def write_plan(cfg: GridConfig) -> None:
     atomic_write_text(path, json.dumps(plan_dict, indent=2) + "\n")
 
 
-def start(job: GridJob, cfg: GridConfig, threads: int, device: str | None) -> subprocess.Popen:
+JOB_PRELOAD = ("torch", "ds_kd.finetune.job", "ds_kd.finetune.distill", "ds_kd.finetune.metrics",
+               "ds_kd.logbook", "transformers.models.bert.modeling_bert", "wandb", "ds_kd.eval.grid")
+"""Modules the fork server imports once for every job it forks (a missing optional one is skipped)."""
+
+
+class ForkedJob:
+    """A job process forked from the grid's fork server, with ``subprocess.Popen``'s ``poll``, ``returncode``
+    and ``kill`` (an exception in the job is exit status 1, its traceback in the job's log)."""
+
+    def __init__(self, process) -> None:
+        self.process = process
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+_fork_context = None
+
+
+def fork_context():
+    """The ``forkserver`` multiprocessing context with :data:`JOB_PRELOAD` (one server per grid process, started
+    at the first job). A server, not a plain fork of the grid: it has run no torch thread pool, so its children
+    start clean."""
+    global _fork_context
+    if _fork_context is None:
+        import multiprocessing
+
+        _fork_context = multiprocessing.get_context("forkserver")
+        _fork_context.set_forkserver_preload(list(JOB_PRELOAD))
+    return _fork_context
+
+
+def run_forked_job(spec_path: str, log_path: str, env: dict[str, str]) -> None:
+    """The body of a forked job: its environment, stdout and stderr (file descriptors 1 and 2, so native code's
+    output too) appended to its log, then :func:`run_job_file`; exits with its status."""
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.close(fd)
+    sys.exit(run_job_file(spec_path))
+
+
+def start(job: GridJob, cfg: GridConfig, threads: int, device: str | None) -> subprocess.Popen | ForkedJob:
+    """Start ``job``: its job.json written, its output appended to its log.txt; forked from the fork server when
+    ``cfg.python`` is this interpreter, else ``cfg.python -m ds_kd.eval.grid --job``. Either way in the grid's
+    process group: killing the grid's group (Ctrl-C, SIGKILL) takes its jobs down too."""
     job.out.mkdir(parents=True, exist_ok=True)
     spec_path = job.out / JOB_JSON
     atomic_write_text(spec_path, json.dumps(job_spec(job, cfg, threads), indent=2) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # the log is a file: no bars
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    command = [cfg.python, "-m", "ds_kd.eval.grid", "--job", str(spec_path)]
+    forked = (cfg.fork_server and os.path.realpath(cfg.python) == os.path.realpath(sys.executable)
+              and sys.platform != "win32")
+    command = (["(forked)", "ds_kd.eval.grid", "--job"] if forked else [cfg.python, "-m", "ds_kd.eval.grid", "--job"])
+    with open(job.out / LOG, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)} {spec_path}"
+                  f"{' (CUDA_VISIBLE_DEVICES=' + device + ')' if device else ''}\n")
+    if forked:
+        process = fork_context().Process(target=run_forked_job, args=(str(spec_path), str(job.out / LOG), env),
+                                         daemon=True)
+        process.start()
+        return ForkedJob(process)
     log = open(job.out / LOG, "a", encoding="utf-8")
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}"
-              f"{' (CUDA_VISIBLE_DEVICES=' + device + ')' if device else ''}\n")
-    log.flush()
-    # Same process group as the grid: killing the grid's group (Ctrl-C, SIGKILL) takes its jobs down too.
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([*command, str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **env})
     log.close()
     return proc
 
@@ -387,7 +451,7 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     num_skipped = len(jobs) - len(pending)
     failed: list[tuple[str, str]] = []
     failed_jobs: set[int] = set()
-    running: dict[int, tuple[subprocess.Popen, GridJob]] = {}  # worker slot -> process
+    running: dict[int, tuple[subprocess.Popen | ForkedJob, GridJob]] = {}  # worker slot -> process
     num_done = 0
     where = f"{len(set(devices))} GPU(s)" if devices[0] is not None else f"CPU, {threads} thread(s) per job"
     print(f"[grid] {len(jobs)} jobs ({num_skipped} already done), {workers} worker(s) on {where}", flush=True)

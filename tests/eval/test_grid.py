@@ -126,7 +126,14 @@ def test_ft_distill_row_runs_after_its_teacher_and_failures_exit_nonzero(encoder
     assert bad.returncode == 1
     assert "3 failed" in bad.stdout and "log.txt" in bad.stdout and "its teacher job" in bad.stdout
     log = (tmp_path / "bad" / "jobs" / "mBERT8" / "xnli" / "seed1" / "log.txt").read_text()
-    assert "no train data for xnli/en" in log
+    assert "no train data for xnli/en" in log and "(forked) ds_kd.eval.grid --job" in log  # the fork server's job
+    # --no-fork-server: a fresh interpreter per job, the same failure in the same log
+    fresh = subprocess.run(grid_command(encoders, bad_data, tmp_path / "fresh", "--tasks", "xnli", "--seeds", "1",
+                                       "--workers", "1", "--no-fork-server"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 1 and "1 failed" in fresh.stdout
+    log = (tmp_path / "fresh" / "jobs" / "mBERT8" / "xnli" / "seed1" / "log.txt").read_text()
+    assert "no train data for xnli/en" in log and f"{sys.executable} -m ds_kd.eval.grid --job" in log
 
 
 def test_grid_reruns_the_jobs_whose_settings_changed_and_keeps_the_others(encoders, data, tmp_path):
