@@ -66,14 +66,17 @@ XD_SEED = "1"  # the teacher's; the students run every seed of --xd-seeds
 XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage", "random embeddings", "labels only"
 
 # BiStil (docs/distillation.md, docs/finetuning.md) for the pair en-de, at a budget that runs the path end to end
-# in about 4 quiet minutes (estimated, docs/demo.md), not at the recipe's: a pair corpus of 4,000 sentences,
-# 8 phase-1 steps, phase 2 on 200 English examples, 1 dense and 1 sparse epoch.
+# in a few minutes, not at the recipe's: a pair corpus of 4,000 sentences, 8 phase-1 steps, phase 2 on WikiANN's
+# 1,000 English examples, 1 dense epoch (phase A) and 2 sparse ones (phase B) at lr 3e-4: 200 examples and one
+# epoch each left F1 at 0; this budget reached English dev F1 22 (results 2026-12b). --ablations adds the same
+# student fine-tuned densely from the same teacher for the same 3 epochs (BiStil: LT-SFT within a point of it).
 BISTIL = "BiStil en-de"
 BISTIL_PAIR = ["en", "de"]
 BISTIL_TASK = XD_TASK  # its task teacher is XtremeDistil's
 BISTIL_STEPS = 8
 BISTIL_SENTENCES = "4000"
-BISTIL_TRAIN_EXAMPLES = "200"
+BISTIL_TRAIN_EXAMPLES = "1000"
+BISTIL_DENSE = f"{BISTIL}, dense"
 # Phase 1 starts from every other layer of the teacher (ds-kd's --init-layers, offered beside BiStil's random
 # layers): 8 steps from random layers would leave nothing to compare. BiStil's premise is judged against the same
 # recipe, shape, start and budget on all eight languages (the 8-language trimmed e5 and its corpus).
@@ -315,13 +318,13 @@ def xd_stages(o: Options) -> list[Stage]:
 def bistil_dirs(out: Path) -> dict[str, Path]:
     """BiStil's folders: the pair-trimmed e5, the pair corpus, the task data in the pair's languages, the phase-1
     run, the 8-language phase-1 run it is compared with, their retrieval, the task teacher cut to the pair's
-    vocabulary and the phase-2 job (in the grid's layout)."""
+    vocabulary, the phase-2 job and its dense comparison (both in the grid's layout)."""
     pair, b = "_".join(BISTIL_PAIR), out / "bistil"
     return {"vocab": b / f"e5_{pair}", "corpus": b / f"corpus_{pair}", "tasks": b / f"tasks_{pair}",
             "run": out / "runs" / f"bistil-{'-'.join(BISTIL_PAIR)}", "multi": out / "runs" / "bistil-8-languages",
             "retrieval": b / "retrieval",
             "teacher": b / f"{BISTIL_TASK}-teacher-{'-'.join(BISTIL_PAIR)}",
-            "job": xd_job(out, BISTIL)}
+            "job": xd_job(out, BISTIL), "dense": xd_job(out, BISTIL_DENSE)}
 
 
 def bistil_stages(o: Options) -> list[Stage]:
@@ -337,6 +340,10 @@ def bistil_stages(o: Options) -> list[Stage]:
             "--init-from", str(teacher), "--init-layers", *BISTIL_LAYERS, "--embedding-init", "default"]
 
     e5 = real_teacher_models(o)[E5]
+    phase2 = [PY, "launch/finetune.py", "--model", str(d["run"] / "export"), "--teacher", str(d["teacher"]),
+              "--task", BISTIL_TASK, "--data", str(d["tasks"]), "--max-train-examples", BISTIL_TRAIN_EXAMPLES,
+              "--seed", "1", "--lr", "3e-4", "--head-lr", "1e-3", "--batch-size", "16", "--max-len", "64",
+              "--threads", "2", "--wandb-mode", "offline"]
     return [
         Stage(f"{BISTIL}: the pair vocabulary of the trimmed e5 (pieces and parameters)",
               [PY, "-m", "data_prep", "trim_vocab", "--model", str(out / "e5_trim"), "--corpus",
@@ -365,12 +372,12 @@ def bistil_stages(o: Options) -> list[Stage]:
               [PY, "launch/restrict_teacher.py", "--teacher", str(xd_job(out, E5) / "model"),
                "--vocab", str(d["vocab"]), "--out", str(d["teacher"])], d["teacher"] / "task_model.json"),
         Stage(f"{BISTIL}: phase 2, LT-SFT on English {BISTIL_TASK} distilled from that teacher",
-              [PY, "launch/finetune.py", "--model", str(d["run"] / "export"), "--teacher", str(d["teacher"]),
-               "--sparse-density", "0.08", "--full-epochs", "1", "--epochs", "1", "--task", BISTIL_TASK,
-               "--data", str(d["tasks"]), "--max-train-examples", BISTIL_TRAIN_EXAMPLES, "--seed", "1",
-               "--out", str(d["job"]), "--name", BISTIL, "--lr", "1e-4", "--head-lr", "1e-3", "--batch-size", "16",
-               "--max-len", "64", "--threads", "2", "--wandb-mode", "offline"], d["job"] / "result.json"),
-    ]
+              [*phase2, "--sparse-density", "0.08", "--full-epochs", "1", "--epochs", "2", "--out", str(d["job"]),
+               "--name", BISTIL], d["job"] / "result.json"),
+    ] + ([  # the dense comparison: the same student, teacher, loss and 3 epochs, every weight trainable
+        Stage(f"{BISTIL_DENSE}: phase 2 fine-tuned densely (the comparison of LT-SFT)",
+              [*phase2, "--epochs", "3", "--out", str(d["dense"]), "--name", BISTIL_DENSE],
+              d["dense"] / "result.json")] if o.ablations else [])
 
 
 def scratch_models(runs: Path) -> dict[str, Path]:
@@ -455,7 +462,7 @@ def evaluation_stages(o: Options) -> list[Stage]:
         # BiStil's student, timed by its phase-1 encoder (phase 2 changes weights, not the shape)
         speed_models.append(f"{BISTIL}={bistil_dirs(out)['run'] / 'export'}")
         teacher_of.append(f"{BISTIL}={E5}")
-        roles.append(f"{BISTIL}=student")
+        roles += [f"{BISTIL}=student", *([f"{BISTIL_DENSE}=student"] if o.ablations else [])]
         extra.append(str(bistil_dirs(out)["retrieval"] / "retrieval.md"))
     stages += [
         Stage("cross-lingual retrieval on held-out aligned paragraphs",

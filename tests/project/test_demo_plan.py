@@ -286,3 +286,20 @@ def test_bistil_row_is_a_student_in_the_report_beside_its_teacher(tmp_path):
     report = argv_of(demo.build_stages(demo.Options(tmp_path)), "report")
     roles = report[report.index("--roles") + 1:report.index("--wandb-mode")]
     assert f"{demo.BISTIL}=student" in roles and f"{demo.E5}=teacher" in roles
+
+
+def test_bistil_phase_two_and_with_ablations_its_dense_comparison_share_student_teacher_and_budget(tmp_path):
+    """LT-SFT (1 dense + 2 sparse epochs) and, with --ablations, dense fine-tuning of the same phase-1 student from
+    the same cut teacher for the same 3 epochs, each in the grid's layout and a student in the report."""
+    stages = demo.build_stages(demo.Options(tmp_path, ablations=True))
+    sparse = argv_of(stages, f"{demo.BISTIL}: phase 2")
+    dense = argv_of(stages, f"{demo.BISTIL_DENSE}: phase 2")
+    shared = ("--model", "--teacher", "--task", "--data", "--max-train-examples", "--seed", "--lr", "--head-lr",
+              "--batch-size", "--max-len")
+    assert [value_after(dense, f) for f in shared] == [value_after(sparse, f) for f in shared]
+    assert value_after(sparse, "--max-train-examples") == "1000"
+    assert int(value_after(sparse, "--full-epochs")) + int(value_after(sparse, "--epochs")) == 3
+    assert value_after(dense, "--epochs") == "3" and "--sparse-density" not in dense
+    assert value_after(dense, "--out") == str(tmp_path / "grid" / "jobs" / "BiStil_en-de_dense" / "wikiann" / "seed1")
+    assert f"{demo.BISTIL_DENSE}=student" in argv_of(stages, "report")
+    assert not any(s.name.startswith(demo.BISTIL_DENSE) for s in demo.build_stages(demo.Options(tmp_path)))
