@@ -415,8 +415,8 @@ def start(job: GridJob, cfg: GridConfig, threads: int, device: str | None) -> su
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)} {spec_path}"
                   f"{' (CUDA_VISIBLE_DEVICES=' + device + ')' if device else ''}\n")
     if forked:
-        process = fork_context().Process(target=run_forked_job, args=(str(spec_path), str(job.out / LOG), env),
-                                         daemon=True)
+        # not daemonic: a job may start processes of its own (a daemonic one may not)
+        process = fork_context().Process(target=run_forked_job, args=(str(spec_path), str(job.out / LOG), env))
         process.start()
         return ForkedJob(process)
     log = open(job.out / LOG, "a", encoding="utf-8")
