@@ -453,12 +453,15 @@ def evaluation_stages(o: Options) -> list[Stage]:
         findings = ["--finding", "1", *[f"{E5_KD}={row}" for row in e5_students(o) if row != E5_KD]]
         if o.ablations:  # the paper: distillation during fine-tuning can hurt, so plain fine-tuning is expected ahead
             findings += ["--finding", "2", f"{E5_KD}={E5_KD_FT_DISTILL}"]
-    speed_models, roles, extra = list(model_args), [], []
+    speed_models, roles, extra, extra_args = list(model_args), [], [], []
     if o.real_teacher:  # XtremeDistil's jobs are not the grid's: the report is told their roles
         speed_models.append(f"{XD}={xd_job(out, XD) / 'model'}")
         teacher_of.append(f"{XD}={E5}")
         roles = ["--roles", f"{E5}=teacher", *[f"{row}=student" for row in xd_rows(o)],
                  *([f"{E5_KD_FT_DISTILL}=student"] if o.ablations else [])]
+        # each XtremeDistil ablation judged against the main row (the ingredient it lacks expected to help)
+        ablated = [f"{XD}={row}" for row in xd_rows(o) if row != XD]
+        extra_args = ["--ablation", *ablated] if ablated else []
         # BiStil's student, timed by its phase-1 encoder (phase 2 changes weights, not the shape)
         speed_models.append(f"{BISTIL}={bistil_dirs(out)['run'] / 'export'}")
         teacher_of.append(f"{BISTIL}={E5}")
@@ -475,7 +478,7 @@ def evaluation_stages(o: Options) -> list[Stage]:
               out / "speed" / "speed.md"),
         Stage("report: the paper's tables, its findings judged, retrieval and speed",
               [PY, "launch/report.py", str(out / "grid"), "--out", str(out / "report"), *findings, "--extra",
-               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md"), *extra, *roles,
+               str(out / "retrieval" / "retrieval.md"), str(out / "speed" / "speed.md"), *extra, *roles, *extra_args,
                "--wandb-mode", "offline"]),
     ]
     return stages

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "row pairs, EXPECTED being the row the paper expects to score higher; repeatable (default: "
                         "only the paper's own pairs among its rows present: mLeanBERT and mXLeanBERT vs Vanilla "
                         "mLeanBERT, ft-distill rows vs their plain rows, mXLeanBERT vs mLeanBERT)")
+    p.add_argument("--ablation", nargs="+", default=[], type=name_value, metavar="MAIN=ABLATION",
+                   help="judge each ablation against its main row (the main row expected ahead: the ingredient the "
+                        "ablation lacks helps) on English and zero-shot scores, in a section after the findings; "
+                        "the rows' fine-tuning settings need not match (default: none)")
     add_wandb_flags(p.add_argument_group("Weights & Biases: every table (mean, std and seeds per cell), the charts "
                                          "and the report folder as an artifact"), RESULTS_WANDB_HELP)
     return p
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     try:
         report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons,
-                              dict(args.roles))
+                              dict(args.roles), list(args.ablation))
     except UsageError as e:  # a bad --roles, a file that is no result.json: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     out = report.files[0].parent
     images = {f"report/{p.stem}": p for p in report.files if p.suffix == ".png"}
     findings = {f"finding {f.finding}": f.verdict for f in report.findings}
+    findings.update({f"ablation {r.ablation}": "; ".join(f"{metric} {v.task}: {v.verdict}"
+                                                         for metric, vs in r.verdicts.items() for v in vs)
+                     or r.missing for r in report.ablations})
     if log_results(out, wandb_config(args), "report", {"grid": str(Path(args.grid_dir).resolve())},
                    report_tables(report), findings, images, ("report", report.files)):
         print(f"W&B: the report's tables, charts and files logged (run directory {out / 'wandb'})")

@@ -180,3 +180,65 @@ def markdown(results: list[FindingResult], task_titles: dict[str, str]) -> str:
             notes = [f"{comp.expected} vs {comp.other}: {comp.note}" for comp, _ in result.comparisons if comp.note]
             lines += ([""] + [f"- {n}" for n in notes] if notes else []) + [""]
     return "\n".join(lines)
+
+
+@dataclass
+class AblationResult:
+    """A main row against one of its ablations (the main row with one ingredient removed or changed), per task,
+    on English and on the zero-shot average."""
+
+    main: str
+    ablation: str
+    verdicts: dict[str, list[Verdict]] = field(default_factory=dict)
+    """``"English"`` / ``"zero-shot"`` -> a verdict per task both rows have."""
+    missing: str = ""
+    """Why nothing was compared (empty when something was)."""
+
+
+def judge_ablations(pairs: list[tuple[str, str]], scores: dict[str, dict[str, dict[str, list[float]]]]
+                    ) -> list[AblationResult]:
+    """Each ``(main, ablation)`` pair judged by :func:`compare` with the main row expected ahead (the ingredient
+    helps), on ``scores[metric][row][task]`` = the seeds' values, ``metric`` being ``English`` and
+    ``zero-shot``. Unlike the findings, the rows' settings are not required to match: an ablation differs from
+    its main row by design. A row without results in a common task is reported as missing, not dropped."""
+    from statistics import fmean, stdev
+
+    out = []
+    for main, ablation in pairs:
+        result = AblationResult(main, ablation)
+        for metric, rows in scores.items():
+            a, b = rows.get(main, {}), rows.get(ablation, {})
+            tasks = [t for t in a if t in b and a[t] and b[t]]
+            result.verdicts[metric] = [
+                Verdict(t, fmean(a[t]), fmean(b[t]), stdev(a[t]) if len(a[t]) > 1 else None,
+                        stdev(b[t]) if len(b[t]) > 1 else None, (len(a[t]), len(b[t])), compare(a[t], b[t]))
+                for t in tasks]
+        if not any(result.verdicts.values()):
+            result.missing = "no results of both rows on a common task"
+        out.append(result)
+    return out
+
+
+def ablations_markdown(results: list[AblationResult], task_titles: dict[str, str]) -> str:
+    """The section saying, per ablation, whether its ingredient helps on these runs (agree), hurts (disagree) or
+    cannot be told within the seeds' spread; empty without ablations."""
+    if not results:
+        return ""
+    lines = ["## What each ingredient adds (ablations)", "",
+             f"Each ablation is its main row with one ingredient removed or changed; the main row is expected "
+             f"ahead. Mean ± sample std over seeds. Per task and metric: **agree** (the ingredient helps) when the "
+             f"main row is ahead by more than {NUM_STD:g} sample std (the larger of the two), **disagree** (it "
+             f"hurts) when behind by as much, otherwise **cannot tell** (always with a single seed).", "",
+             "| main row | ablation | task | metric | main | ablation | difference | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for r in results:
+        if r.missing:
+            missing.append(f"Not compared: {r.main} vs {r.ablation} ({r.missing}).")
+        for metric, verdicts in r.verdicts.items():
+            for v in verdicts:
+                lines.append(f"| {r.main} | {r.ablation} | {task_titles.get(v.task, v.task)} | {metric} | "
+                             f"{fmt_cell(v.expected_mean, v.expected_std, v.num_seeds[0])} | "
+                             f"{fmt_cell(v.other_mean, v.other_std, v.num_seeds[1])} | {v.difference:+.1f} | "
+                             f"{v.verdict} |")
+    return "\n".join(lines + ([""] + missing if missing else []) + [""])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ds_kd.eval import paper_results as paper
 from ds_kd.errors import UsageError
-from ds_kd.eval.findings import Comparison, default_comparisons, judge
+from ds_kd.eval.findings import Comparison, ablations_markdown, default_comparisons, judge, judge_ablations
 from ds_kd.eval.findings import markdown as findings_markdown
 from ds_kd.eval.grid import FT_DISTILL_SUFFIX, GRID_JSON, LOG, RESULT, ROLES, default_roles, slug
 from ds_kd.logbook import ResultTable
@@ -85,6 +85,8 @@ class Report:
     files: list[Path] = field(default_factory=list)
     findings: list = field(default_factory=list)
     """``ds_kd.eval.findings.FindingResult`` per finding of the paper."""
+    ablations: list = field(default_factory=list)
+    """``ds_kd.eval.findings.AblationResult`` per (main row, ablation) pair asked for."""
     gaps: list[Gap] = field(default_factory=list)
     """The planned jobs without a result (listed in ``report.md``)."""
 
@@ -437,12 +439,14 @@ def find(tables: list[Table], plan: dict, comparisons: list[Comparison] | None,
 
 def write_report(grid_dir: Path | str, out: Path | str | None = None, students: list[str] | None = None,
                  ppl: dict[str, str] | None = None, extra: list[Path | str] = (),
-                 comparisons: list[Comparison] | None = None, roles: dict[str, str] | None = None) -> Report:
+                 comparisons: list[Comparison] | None = None, roles: dict[str, str] | None = None,
+                 ablations: list[tuple[str, str]] = ()) -> Report:
     """Write ``report.md`` (every table, the paper's findings judged on these runs, then the ``extra`` Markdown
     files, e.g. retrieval and speed), one CSV per table and the zero-shot charts to ``out`` (default
     ``<grid_dir>/report``). The findings are tested by the paper's comparisons among its rows present
     (``ds_kd.eval.findings.default_comparisons``) and by ``comparisons``; ``roles`` (row -> role) overrides the
-    rows' roles (:func:`resolve_roles`)."""
+    rows' roles (:func:`resolve_roles`); each ``(main, ablation)`` pair of ``ablations`` is judged on English and
+    zero-shot scores (``ds_kd.eval.findings.judge_ablations``) in a section after the findings."""
     out = Path(out) if out is not None else Path(grid_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(grid_dir, students, ppl, roles)
@@ -450,13 +454,24 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
     plan = load_plan(grid_dir)
     report = Report(tables, findings=find(tables, plan, comparisons, settings),
                     gaps=find_gaps(grid_dir, plan, collect(grid_dir)))
+    by_stem = {t.stem: t for t in tables}
+    for pair in ablations:
+        unknown = [name for name in pair if name not in by_stem["table5_zero_shot"].rows]
+        if unknown:
+            raise UsageError(f"--ablation {pair[0]}={pair[1]}: no row named {unknown[0]!r} under {grid_dir} (rows: "
+                             f"{', '.join(by_stem['table5_zero_shot'].rows)})")
+    report.ablations = judge_ablations(list(ablations), {
+        metric: {name: {column: cell.values for column, cell in row.items() if cell.values}
+                 for name, row in by_stem[stem].rows.items()}
+        for metric, stem in (("English", "table4_english"), ("zero-shot", "table5_zero_shot"))})
     parts = [f"# Results of {Path(grid_dir).resolve().name}", "", gaps_markdown(report.gaps)]
     for table in tables:
         parts.append(markdown(table))
         path = out / f"{table.stem}.csv"
         write_csv(table, path)
         report.files.append(path)
-    parts += [settings_markdown(settings), findings_markdown(report.findings, {})]
+    parts += [settings_markdown(settings), findings_markdown(report.findings, {}),
+              ablations_markdown(report.ablations, {})]
     for section in extra:
         parts += ["", read_text(section).strip(), ""]
     md = out / "report.md"

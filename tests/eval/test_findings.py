@@ -104,3 +104,36 @@ def test_bad_finding_flags_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             report_main([str(tmp_path), *args])
         assert "--finding" in capsys.readouterr().err
+
+
+def test_ablations_are_judged_on_english_and_zero_shot_whatever_their_settings(tmp_path, capsys):
+    """--ablation MAIN=ABLATION: the main row expected ahead, per task, on English and on the zero-shot average,
+    with the findings' rule; other fine-tuning settings do not stop the comparison (an ablation differs by
+    design); a row name not in the grid is refused naming it."""
+    grid = tmp_path / "grid"
+
+    def job(model, seed, en, zero_shot, epochs=3):
+        write_job(grid, model, "wikiann", seed, zero_shot, epochs)
+        path = grid / "jobs" / model.replace(" ", "_") / "wikiann" / f"seed{seed}" / "result.json"
+        result = json.loads(path.read_text())
+        result["en"] = result["scores"]["en"]["f1"] = en
+        path.write_text(json.dumps(result))
+
+    for seed, (main_en, main_zs, abl_en, abl_zs, one_en) in enumerate(
+            [(0.80, 0.66, 0.60, 0.65, 0.90), (0.78, 0.70, 0.62, 0.71, 0.91)], 1):
+        job("XD", seed, main_en, main_zs)
+        job("XD, labels only", seed, abl_en, abl_zs, epochs=1)  # other settings: still compared
+        if seed == 1:
+            job("XD, one seed", seed, one_en, 0.1)
+    assert report_main([str(grid), "--out", str(tmp_path / "r"), "--ablation", "XD=XD, labels only",
+                        "XD=XD, one seed"]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## What each ingredient adds (ablations)" in text
+    # English: 79.0 ± 1.4 vs 61.0 ± 1.4, +18.0 > 2 x 1.41: agree; zero-shot 68.0 ± 2.8 vs 68.0 ± 4.2: cannot tell
+    assert "| XD | XD, labels only | WikiANN | English | 79.0 ± 1.4 (n=2) | 61.0 ± 1.4 (n=2) | +18.0 | agree |" in text
+    assert "| XD | XD, labels only | WikiANN | zero-shot | 68.0 ± 2.8 (n=2) | 68.0 ± 4.2 (n=2) | +0.0 | cannot tell |" \
+        in text
+    # a single seed of the ablation: cannot tell, even 11 points behind
+    assert "| XD | XD, one seed | WikiANN | English | 79.0 ± 1.4 (n=2) | 90.0 (n=1) | -11.0 | cannot tell |" in text
+    assert report_main([str(grid), "--out", str(tmp_path / "r2"), "--ablation", "XD=XD, typo"]) == 2
+    assert "--ablation XD=XD, typo: no row named 'XD, typo'" in capsys.readouterr().err

@@ -142,6 +142,7 @@ def test_ablations_are_each_one_change_away_from_the_xtremedistil_row(tmp_path):
     assert value_after(corpus, "--out") == str(tmp_path / "corpus_e5_en")
     report = argv_of(stages, "report")
     assert all(f"{row}=student" in report for row in rows)
+    assert report[report.index("--ablation") + 1:report.index("--ablation") + 5] == [f"{demo.XD}={row}" for row in rows]
     # the ablation rows are the main row's shape: not timed again
     assert not any(a.startswith(f"{demo.XD}, ") for a in argv_of(stages, "inference speed"))
     # the paper's ft-distill of the e5 KD student from XtremeDistil's teacher, at the e5 grid's budget, per seed,
