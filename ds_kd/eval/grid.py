@@ -386,6 +386,18 @@ def fork_context():
     return _fork_context
 
 
+def stop_fork_server() -> None:
+    """Stop the fork server, if one runs, and wait for it: its jobs' CPU time then counts among this process's
+    children (``resource.RUSAGE_CHILDREN``, e.g. the demo's per-stage CPU seconds), and no server outlives the
+    grid. The next job starts a new one."""
+    if _fork_context is not None:
+        from multiprocessing import forkserver
+
+        stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (3.8+), used by its tests
+        if stop is not None:
+            stop()
+
+
 def run_forked_job(spec_path: str, log_path: str, env: dict[str, str]) -> None:
     """The body of a forked job: its environment, stdout and stderr (file descriptors 1 and 2, so native code's
     output too) appended to its log, then :func:`run_job_file`; exits with its status."""
@@ -502,6 +514,7 @@ def run_grid(cfg: GridConfig, poll_seconds: float = 0.2) -> GridResult:
     finally:
         for proc, _ in running.values():  # interrupted: do not leave orphans behind
             proc.kill()
+        stop_fork_server()
         bar.close()
     return GridResult(len(jobs), num_skipped, num_done, failed)
 

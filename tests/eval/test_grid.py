@@ -163,6 +163,24 @@ def test_grid_reruns_the_jobs_whose_settings_changed_and_keeps_the_others(encode
     assert "2 were done before, 0 finished now" in third.stdout and results(out) == after
 
 
+def test_in_process_grid_leaves_no_fork_server_and_counts_its_jobs_cpu(encoders, data, tmp_path):
+    """run_grid forks its jobs from a fork server and stops it at the end: no server outlives the grid, and the
+    jobs' CPU time reaches this process's children (what the demo's per-stage CPU seconds read)."""
+    import resource
+    from multiprocessing import forkserver
+
+    rows = build_rows([("mLeanBERT", str(encoders["lean"]))])
+    cfg = GridConfig(rows, ["pawsx"], str(data), [1], str(tmp_path / "grid"), workers=1, threads=1,
+                     finetune={"epochs": 1, "batch_size": 8, "max_len": 32})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_grid(cfg, poll_seconds=0.05)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.num_done == 1 and not result.failed
+    assert forkserver._forkserver._forkserver_pid is None
+    job_seconds = json.loads(next((tmp_path / "grid" / "jobs").rglob("result.json")).read_text())["seconds"]
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) >= job_seconds / 2
+
+
 def test_grid_refuses_a_model_directory_without_its_tokenizer(encoders, data, tmp_path):
     for name, broken in broken_model_dirs(tmp_path).items():
         out = tmp_path / f"grid-{name}"
