@@ -101,7 +101,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Options:
-    """What the demo runs; the defaults take about 24 minutes of a quiet 2-core CPU from a fresh clone (README)."""
+    """What the demo runs; the defaults took 44 minutes of stages on a quiet 2-core AVX2 CPU (results 2026-12b)."""
 
     out: Path
     cache: Path | None = None
