@@ -101,7 +101,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class Options:
-    """What the demo runs; the defaults took 44 minutes of stages on a quiet 2-core AVX2 CPU (results 2026-12b)."""
+    """What the demo runs; the defaults took 44 minutes of stages on a quiet 2-core AVX2 CPU before BiStil's phase 1
+    went from 8 to 80 steps (results 2026-12b)."""
 
     out: Path
     cache: Path | None = None
@@ -118,11 +119,11 @@ class Options:
     real_teacher: bool = True
     """Run the real teacher's stages."""
     e5_steps: int = 150
-    """Optimizer steps of each of the three real-teacher students."""
+    """Optimizer steps of each real-teacher pretraining-stage student (KD, init-MLM, and Vanilla with ablations)."""
     e5_lr: str = "2e-3"
     """Peak learning rate of the distilled student."""
     e5_mlm_lr: str = "5e-4"
-    """Peak learning rate of the two MLM-only students."""
+    """Peak learning rate of the MLM-only students (init-MLM, and Vanilla with ablations)."""
     e5_seeds: list[str] = field(default_factory=lambda: ["1", "2"])
     """Fine-tuning seeds of the real-teacher rows (two at least, for a spread)."""
     e5_epochs: str = "3"
@@ -139,7 +140,8 @@ class Options:
     ablations: bool = False
     """Add the rows that say what each ingredient adds: XtremeDistil's (English-only transfer text, a single
     stage, random embeddings, labels only), each one change away from its main row; the paper's ft-distill of the
-    e5 KD student from XtremeDistil's teacher (finding 2); Vanilla e5-3L (random weights, MLM only: finding 1)."""
+    e5 KD student from XtremeDistil's teacher (finding 2); Vanilla e5-3L (random weights, MLM only: finding 1);
+    BiStil's phase 2 fine-tuned densely beside its LT-SFT."""
     xd_seeds: list[str] = field(default_factory=lambda: ["1", "2"])
     """Seeds of the XtremeDistil students (each row's spread; the teacher is seed 1's)."""
     xd_transfer_rows: int = 960
@@ -215,7 +217,8 @@ def scratch_stages(o: Options) -> list[Stage]:
 
 
 def real_teacher_stages(o: Options) -> list[Stage]:
-    """Fetch and convert e5, trim it to the corpus, shard the corpus with its tokenizer, train the 3 students."""
+    """Fetch and convert e5, trim it to the corpus, shard the corpus with its tokenizer, train its students
+    (:func:`e5_students`)."""
     out, runs = o.out, o.out / "runs"
     e5, trimmed, corpus = out / "e5", out / "e5_trim", out / "corpus_e5"
     fetch = [PY, "-m", "data_prep", "e5_teacher", "--out", str(e5)]
@@ -576,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps of each real-teacher student")
     p.add_argument("--e5-lr", default=d.e5_lr, help="peak learning rate of the distilled student")
     p.add_argument("--e5-mlm-lr", default=d.e5_mlm_lr,
-                   help="peak learning rate of the two MLM-only students")
+                   help="peak learning rate of the MLM-only students (init-MLM; Vanilla e5-3L with --ablations)")
     add_list_argument(p, "--e5-seeds", item_type=int, default=[int(x) for x in d.e5_seeds],
                       help="fine-tuning seeds of the real-teacher rows, two at least for a spread")
     p.add_argument("--e5-epochs", default=d.e5_epochs,
@@ -598,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its main row (English-only transfer text, a single stage (logits only, nothing "
                         "frozen), random embeddings, labels only (no teacher)); the paper's ft-distill of the e5 KD "
                         "student from XtremeDistil's teacher (finding 2); Vanilla e5-3L, random weights and MLM "
-                        "only (finding 1) (default: off)")
+                        "only (finding 1); BiStil's phase 2 fine-tuned densely beside LT-SFT (default: off)")
     return p
 
 

@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("task distillation and lottery-ticket sparse fine-tuning (BiStil's phase 2)")
     g.add_argument("--teacher", default=None,
                    help="a task model fine-tuned on this task (a job saved with --save-model): distil it into the "
-                        "model with BiStil's loss (soft cross-entropy at --temperature, hidden-state and "
-                        "attention-probability MSE; --task-weight for the labels) (default: none, plain fine-tuning)")
+                        "model with the loss of --distill-loss (default: none, plain fine-tuning)")
     g.add_argument("--distill-loss", choices=("bistil", "tinybert"), default="bistil",
                    help="the loss with --teacher: bistil (soft cross-entropy at --temperature, hidden-state MSE with "
                         "the embeddings, attention-probability MSE, averaged over layers; --task-weight for the "

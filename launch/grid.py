@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fork-server", dest="fork_server", action="store_false",
                    help="start every job as a fresh interpreter (python -m ds_kd.eval.grid --job) instead of forking "
                         "it from a server that imported torch, transformers, the metrics and W&B once (default: "
-                        "fork; benchmarks/bench_grid_start.py measures the difference)")
+                        "fork; benchmarks/bench_grid.py measures the difference)")
     g.add_argument("--ppl", nargs="+", default=[], metavar="NAME=RUN", type=name_value,
                    help="pretraining/distillation run directory of a row, for Table 2 (default: the parent of a "
                         "model directory named 'export' when it holds a manifest.json)")

@@ -6,7 +6,8 @@ Cells are mean ± sample std over seeds of the jobs' result.json scores (percent
 is marked; rows named like the paper's models get the paper's numbers beside ours. Then, per finding of the paper,
 whether these runs agree, disagree or cannot tell (a difference within 2 sample std of either row: cannot tell).
 
-    python launch/report.py runs/grid --finding 1 "e5-3L KD=Vanilla e5-3L"      # one more pair for finding (1)
+    python launch/report.py runs/grid --finding 1 "e5-3L KD=e5-3L init, MLM"    # one more pair for finding (1)
+    python launch/report.py runs/grid --ablation "XD=XD, labels only"           # an ablation against its main row
 """
 from __future__ import annotations
 
@@ -61,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "row pairs, EXPECTED being the row the paper expects to score higher; repeatable (default: "
                         "only the paper's own pairs among its rows present: mLeanBERT and mXLeanBERT vs Vanilla "
                         "mLeanBERT, ft-distill rows vs their plain rows, mXLeanBERT vs mLeanBERT)")
-    p.add_argument("--ablation", nargs="+", default=[], type=name_value, metavar="MAIN=ABLATION",
-                   help="judge each ablation against its main row (the main row expected ahead: the ingredient the "
-                        "ablation lacks helps) on English and zero-shot scores, in a section after the findings; "
-                        "the rows' fine-tuning settings need not match (default: none)")
+    p.add_argument("--ablation", nargs="+", action="extend", default=[], type=name_value, metavar="MAIN=ABLATION",
+                   help="judge each ablation against its main row, both rows of the report, on English and zero-shot "
+                        "scores, in a section after the findings: agree (the ingredient the ablation lacks helps) "
+                        "when the main row is ahead by more than 2 sample std of the seeds, disagree when behind by "
+                        "as much, else cannot tell; the rows' fine-tuning settings need not match; repeatable "
+                        "(default: none)")
     add_wandb_flags(p.add_argument_group("Weights & Biases: every table (mean, std and seeds per cell), the charts "
                                          "and the report folder as an artifact"), RESULTS_WANDB_HELP)
     return p

@@ -12,8 +12,8 @@ A row is a model directory with a name (``NAME=DIR``), or an ft-distill row ``ST
 ``"STUDENT (ft-distill)"``: the encoder of row STUDENT fine-tuned with distillation from row TEACHER's grid job
 of the same task and seed (which therefore runs first, saving its model). Each job runs as its own process, so a
 crash of one job leaves the others running: forked from a fork server that has imported torch, transformers,
-the metrics and W&B once (:func:`start`; a job's imports cost about 20 s of a slow 2-core CPU, more than a tiny
-model's whole job), or with another ``python`` ``python -m ds_kd.eval.grid --job <job.json>``; a job is done
+the metrics and W&B once (:func:`start`; a job's imports cost about 7.5 s of a 2-core AVX2 CPU, half a tiny
+model's whole job: ``benchmarks/bench_grid.py``), or with another ``python`` ``python -m ds_kd.eval.grid --job <job.json>``; a job is done
 when its ``result.json`` exists (a teacher also needs its ``model/``), so a grid started again after a crash or
 a kill runs only what is missing, and a job killed midway resumes from its last epoch checkpoint. The grid owns
 its job directories: a job whose settings changed since its last attempt (``job.json``: fine-tuning options,

@@ -165,8 +165,8 @@ class TaskDistillConfig:
     transfer batch exceed N (docs/task-distillation.md)."""
     teacher_cache: str | None = None
     """Folder of the teacher-output caches of ``--transfer-rows``, one subfolder per key (teacher, transfer
-    corpus, batch, rows, ...): share one across runs of the same teacher and transfer text to build it once
-    (default, when unset: OUT/teacher_cache)."""
+    corpus, transfer seed, batch, rows, ...): share one across runs of the same teacher, transfer text and
+    ``--transfer-seed`` to build it once (default, when unset: OUT/teacher_cache)."""
     represent_steps: int = 200
     """Optimizer steps of stage 1."""
     logits_steps: int = 100

@@ -126,7 +126,7 @@ def test_ablations_are_judged_on_english_and_zero_shot_whatever_their_settings(t
         if seed == 1:
             job("XD, one seed", seed, one_en, 0.1)
     assert report_main([str(grid), "--out", str(tmp_path / "r"), "--ablation", "XD=XD, labels only",
-                        "XD=XD, one seed"]) == 0
+                        "--ablation", "XD=XD, one seed"]) == 0  # repeated: both kept
     text = (tmp_path / "r" / "report.md").read_text()
     assert "## What each ingredient adds (ablations)" in text
     # English: 79.0 ± 1.4 vs 61.0 ± 1.4, +18.0 > 2 x 1.41: agree; zero-shot 68.0 ± 2.8 vs 68.0 ± 4.2: cannot tell
