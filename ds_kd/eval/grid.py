@@ -406,6 +406,20 @@ def run_forked_job(spec_path: str, log_path: str, env: dict[str, str]) -> None:
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
     os.close(fd)
+    # transformers and huggingface_hub read HF_HUB_DISABLE_PROGRESS_BARS when imported, here before the job's
+    # environment: the log is a file, so their bars are turned off as that variable would have
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
     sys.exit(run_job_file(spec_path))
 
 
