@@ -103,13 +103,20 @@ def compare(expected: list[float], other: list[float]) -> str:
     return CANNOT_TELL
 
 
+def task_verdicts(expected: dict[str, list[float]], other: dict[str, list[float]], tasks: list[str]) -> list[Verdict]:
+    """A :class:`Verdict` per task of ``tasks`` from the two rows' per-seed values (task -> values)."""
+    from statistics import fmean, stdev
+
+    return [Verdict(t, fmean(expected[t]), fmean(other[t]), stdev(expected[t]) if len(expected[t]) > 1 else None,
+                    stdev(other[t]) if len(other[t]) > 1 else None, (len(expected[t]), len(other[t])),
+                    compare(expected[t], other[t])) for t in tasks]
+
+
 def judge(comparisons: list[Comparison], zero_shot: dict[str, dict[str, list[float]]],
           settings: dict[str, object] | None = None) -> list[FindingResult]:
     """Every finding's result from ``zero_shot[row][task]`` = the seeds' zero-shot averages. Findings without a
     comparison are returned too (nothing to test them with). ``settings[row]``, where given, is what the row
     was fine-tuned with: two rows whose settings differ are not compared. ValueError for an unknown finding."""
-    from statistics import fmean, stdev
-
     results = {number: FindingResult(number) for number in FINDINGS}
     for comp in comparisons:
         if comp.finding not in FINDINGS:
@@ -122,10 +129,7 @@ def judge(comparisons: list[Comparison], zero_shot: dict[str, dict[str, list[flo
         if settings and settings.get(comp.expected) != settings.get(comp.other):
             results[comp.finding].untested.append((comp, "fine-tuned with different settings"))
             continue
-        verdicts = [Verdict(t, fmean(a[t]), fmean(b[t]), stdev(a[t]) if len(a[t]) > 1 else None,
-                            stdev(b[t]) if len(b[t]) > 1 else None, (len(a[t]), len(b[t])), compare(a[t], b[t]))
-                    for t in tasks]
-        results[comp.finding].comparisons.append((comp, verdicts))
+        results[comp.finding].comparisons.append((comp, task_verdicts(a, b, tasks)))
     return list(results.values())
 
 
@@ -201,18 +205,13 @@ def judge_ablations(pairs: list[tuple[str, str]], scores: dict[str, dict[str, di
     helps), on ``scores[metric][row][task]`` = the seeds' values, ``metric`` being ``English`` and
     ``zero-shot``. Unlike the findings, the rows' settings are not required to match: an ablation differs from
     its main row by design. A row without results in a common task is reported as missing, not dropped."""
-    from statistics import fmean, stdev
-
     out = []
     for main, ablation in pairs:
         result = AblationResult(main, ablation)
         for metric, rows in scores.items():
             a, b = rows.get(main, {}), rows.get(ablation, {})
             tasks = [t for t in a if t in b and a[t] and b[t]]
-            result.verdicts[metric] = [
-                Verdict(t, fmean(a[t]), fmean(b[t]), stdev(a[t]) if len(a[t]) > 1 else None,
-                        stdev(b[t]) if len(b[t]) > 1 else None, (len(a[t]), len(b[t])), compare(a[t], b[t]))
-                for t in tasks]
+            result.verdicts[metric] = task_verdicts(a, b, tasks)
         if not any(result.verdicts.values()):
             result.missing = "no results of both rows on a common task"
         out.append(result)

@@ -422,13 +422,18 @@ def settings_markdown(settings: dict[str, tuple]) -> str:
     return "\n".join(lines + ["", "Rows fine-tuned with different settings are not compared in the findings.", ""])
 
 
+def table_values(table: Table) -> dict[str, dict[str, list[float]]]:
+    """row -> column -> the seeds' values of ``table`` (cells without values left out)."""
+    return {name: {column: cell.values for column, cell in row.items() if cell.values}
+            for name, row in table.rows.items()}
+
+
 def find(tables: list[Table], plan: dict, comparisons: list[Comparison] | None,
          settings: dict[str, tuple]) -> list:
     """The paper's findings judged on Table 5: the paper's own comparisons among its rows present (ft-distill
     rows against their plain rows) and then ``comparisons``."""
     zero_shot = next(t for t in tables if t.stem == "table5_zero_shot")
-    values = {name: {column: cell.values for column, cell in row.items() if cell.values}
-              for name, row in zero_shot.rows.items()}
+    values = table_values(zero_shot)
     plain_of = {r["name"]: r["name"][: -len(FT_DISTILL_SUFFIX)] for r in plan.get("rows", [])
                 if r.get("teacher") and r["name"].endswith(FT_DISTILL_SUFFIX)}
     given = list(comparisons or [])
@@ -461,8 +466,7 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
             raise UsageError(f"--ablation {pair[0]}={pair[1]}: no row named {unknown[0]!r} under {grid_dir} (rows: "
                              f"{', '.join(by_stem['table5_zero_shot'].rows)})")
     report.ablations = judge_ablations(list(ablations), {
-        metric: {name: {column: cell.values for column, cell in row.items() if cell.values}
-                 for name, row in by_stem[stem].rows.items()}
+        metric: table_values(by_stem[stem])
         for metric, stem in (("English", "table4_english"), ("zero-shot", "table5_zero_shot"))})
     parts = [f"# Results of {Path(grid_dir).resolve().name}", "", gaps_markdown(report.gaps)]
     for table in tables:
