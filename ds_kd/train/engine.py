@@ -12,8 +12,6 @@ import datetime
 import json
 import logging
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +52,7 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")})
     get_accelerator().set_device(local_rank())
     if accelerator_name() == "cpu":
-        use_environment_build_dir()
-        clear_stale_build_lock(SHM_OP)
+        skip_shm_comm_op()
     for attempt in range(3 if choose_port else 1):
         if choose_port:
             os.environ["MASTER_PORT"] = str(_free_port())
@@ -65,8 +62,6 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
         except dist.DistNetworkError:  # the free port was taken by another process in between: take another
             if not choose_port or attempt == 2:
                 raise
-    if accelerator_name() == "cpu":
-        remove_shm_buffer_name()
     if accelerator_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one CPU machine share its cores: without this each rank starts one thread per core.
         local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size())))
@@ -74,74 +69,22 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
 
 
 SHM_OP = "deepspeed_shm_comm"
-"""The C++ op DeepSpeed's CPU accelerator JIT-compiles (once per environment) when the process group starts."""
-
-STALE_LOCK_SECONDS = 600.0
-"""A build lock older than this is stale: the op compiles in about 40 s on 2 cores (minutes on a loaded machine)."""
+"""The C++ op DeepSpeed's CPU accelerator would JIT-compile when the process group starts (:func:`skip_shm_comm_op`)."""
 
 
-def use_environment_build_dir() -> Path:
-    """Build JIT-compiled ops under this Python environment (``<sys.prefix>/torch_extensions``) unless
-    ``TORCH_EXTENSIONS_DIR`` is set; returns the folder.
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator from compiling, loading and mapping its shared-memory op ``SHM_OP``.
 
-    Torch rebuilds an op whose include paths changed, and DeepSpeed's include paths are inside the environment:
-    two environments sharing torch's default ``~/.cache/torch_extensions`` (a second clone, CI beside a demo)
-    rebuild the same op in turn, each waiting on the other's lock, about a minute each time on 2 cores."""
-    return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    DeepSpeed uses that op only for ``inference_all_reduce`` (tensor-parallel inference); training's collectives
+    on the CPU are gloo's (``TorchBackend.all_reduce``). Left on, it cost every fresh environment a compile of
+    about a minute on 2 quiet cores (the demo's first launch: 60 s of 113; several minutes on a busy machine),
+    a build lock that a killed process left behind for every later run to wait on, and a 69 MB file in /dev/shm
+    per rank that DeepSpeed never removes. DeepSpeed builds the op only where ``deepspeed.ops.__compatible_ops__``
+    says it is compatible (a dict it keeps for the process); marking it incompatible is DeepSpeed's own path for
+    machines that cannot build it."""
+    import deepspeed.ops
 
-
-def clear_stale_build_lock(op: str, stale_after_s: float = STALE_LOCK_SECONDS, poll_s: float = 1.0) -> None:
-    """Before DeepSpeed loads the JIT-compiled ``op``: say when it is about to be compiled, and never wait forever
-    on a build lock that nobody holds.
-
-    Torch's extension loader takes ``<build dir>/lock`` (created exclusively, no owner recorded) around every
-    build and up-to-date check, and every other process waits, without a timeout or a message, until the file is
-    gone. A process killed while it held the lock (a test timeout, a ``kill -9`` of a launcher during start-up)
-    leaves it behind, and every later run then hangs silently at start. Here: while the lock exists, wait (saying
-    so once); once it is older than ``stale_after_s`` seconds, remove it with a warning naming the file.
-
-    Project code, not a library's: torch offers no timeout on this lock (``torch.utils.cpp_extension``)."""
-    from torch.utils.cpp_extension import _get_build_directory  # the directory torch's loader builds ``op`` in
-
-    build_dir = Path(_get_build_directory(op, verbose=False))
-    if not (build_dir / f"{op}.so").exists():
-        log.info("DeepSpeed compiles its CPU op %s into %s: once per environment, a minute on 2 quiet cores (several on a busy machine)", op, build_dir)
-    else:  # torch still rebuilds it when DeepSpeed's sources or flags changed: say so before a silent minute
-        log.info("DeepSpeed loads its CPU op %s from %s (a minute when torch finds it out of date and rebuilds it)",
-                 op, build_dir)
-    lock, said = build_dir / "lock", False
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > stale_after_s:
-            log.warning("removing %s: a build lock %.0f s old, left by a process killed while it compiled or "
-                        "checked %s (every later run would wait on it forever)", lock, age, op)
-            lock.unlink(missing_ok=True)
-            return
-        if not said:
-            log.info("waiting for %s: another process is compiling or checking %s (a lock older than %.0f s is "
-                     "removed as stale)", lock, op, stale_after_s)
-            said = True
-        time.sleep(poll_s)
-
-
-def shm_buffer_path(rank_number: int) -> Path:
-    """The file DeepSpeed's CPU all-reduce maps for one rank of this job (its ``shm.cpp``)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_number}"
-
-
-def remove_shm_buffer_name() -> None:
-    """Remove the name of this rank's DeepSpeed shared-memory buffer once every rank has mapped it.
-
-    On the CPU, DeepSpeed gives each rank of a one-machine job a 69 MB file in /dev/shm that every rank maps, and
-    never removes it: each run left ``world_size`` files behind until the machine ran out of memory. DeepSpeed
-    maps every rank's file before ``init_distributed`` returns; after a barrier every rank has, so each removes its
-    own name. The mappings stay valid and the memory is freed when the ranks exit, even after a crash or kill -9."""
-    barrier()
-    shm_buffer_path(rank()).unlink(missing_ok=True)
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
 
 
 def _free_port() -> int:
