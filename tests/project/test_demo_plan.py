@@ -48,12 +48,13 @@ def test_real_teacher_students_share_steps_data_and_shape(tmp_path):
 
 @pytest.mark.parametrize("ablations", [False, True])
 def test_real_teacher_rows_in_grid_retrieval_speed_and_report(tmp_path, ablations):
-    """By default the KD student and the MLM-only one from e5's layers; Vanilla e5-3L (random weights, near
-    chance at the demo's budget) only with --ablations."""
+    """By default the KD student; the MLM-only ones that judge finding (1) on e5 (from its layers, and from
+    random weights) only with --ablations."""
     stages = demo.build_stages(demo.Options(tmp_path, ablations=ablations))
     e5_grid = argv_of(stages, "fine-tune on English, test zero-shot: the real teacher")
-    rows = [demo.E5, demo.E5_KD] + ([demo.E5_VANILLA] if ablations else []) + [demo.E5_INIT_MLM]
-    assert any(s.name.startswith(f"pretrain {demo.E5_VANILLA}") for s in stages) == ablations
+    rows = [demo.E5, demo.E5_KD] + ([demo.E5_VANILLA, demo.E5_INIT_MLM] if ablations else [])
+    for row in (demo.E5_VANILLA, demo.E5_INIT_MLM):
+        assert any(s.name.startswith(f"pretrain {row}") for s in stages) == ablations
     # the students are fine-tuned (the 12-layer teacher is in retrieval and speed only)
     assert [a.split("=")[0] for a in e5_grid[e5_grid.index("--models") + 1:e5_grid.index("--students")]] == rows[1:]
     seeds = e5_grid[e5_grid.index("--seeds") + 1:e5_grid.index("--tasks")]
@@ -66,8 +67,11 @@ def test_real_teacher_rows_in_grid_retrieval_speed_and_report(tmp_path, ablation
     speed = argv_of(stages, "inference speed")
     assert all(f"{row}={demo.E5}" in speed for row in rows[1:])
     report = argv_of(stages, "report")
-    finding_1 = report[report.index("--finding"):report.index("--finding") + 2 + len(rows) - 2]
-    assert finding_1 == ["--finding", "1", *[f"{demo.E5_KD}={row}" for row in rows[2:]]]
+    if ablations:
+        finding_1 = report[report.index("--finding"):report.index("--finding") + 2 + len(rows) - 2]
+        assert finding_1 == ["--finding", "1", *[f"{demo.E5_KD}={row}" for row in rows[2:]]]
+    else:  # the from-scratch rows judge the findings
+        assert "--finding" not in report
     for argv in (retrieval, speed):
         assert all(any(a.startswith(f"{row}=") for a in argv) for row in rows)
 
@@ -304,3 +308,27 @@ def test_bistil_phase_two_and_with_ablations_its_dense_comparison_share_student_
     assert value_after(dense, "--out") == str(tmp_path / "grid" / "jobs" / "BiStil_en-de_dense" / "wikiann" / "seed1")
     assert f"{demo.BISTIL_DENSE}=student" in argv_of(stages, "report")
     assert not any(s.name.startswith(demo.BISTIL_DENSE) for s in demo.build_stages(demo.Options(tmp_path)))
+
+
+@pytest.mark.parametrize("ablations", [False, True])
+def test_bistil_premise_with_ablations_the_eight_language_student_at_the_same_recipe_start_and_budget(
+        tmp_path, ablations):
+    """By default the pair student's retention against e5 is judged; with --ablations also the same recipe,
+    start and budget on all eight languages, and the pair student at least as good as it (BiStil's premise)."""
+    stages = demo.build_stages(demo.Options(tmp_path, ablations=ablations))
+    pair = argv_of(stages, f"{demo.BISTIL}: phase 1")
+    retrieval = argv_of(stages, f"{demo.BISTIL}: de->en retrieval")
+    retention = retrieval[retrieval.index("--retention") + 1:]
+    assert retrieval.count("--retention") == 1  # the flag takes a list: a second one would drop the first
+    assert f"{demo.BISTIL}={demo.E5}" in retention
+    assert any(s.name.startswith(demo.BISTIL_MULTI) for s in stages) == ablations
+    assert ("--at-least" in retrieval) == ablations
+    if ablations:
+        multi = argv_of(stages, f"{demo.BISTIL_MULTI}: phase 1")
+        differ = ("--teacher", "--init-from", "--data", "--out", "--master_port")
+        assert [a for a in multi if a not in {value_after(multi, f) for f in differ}] == \
+            [a for a in pair if a not in {value_after(pair, f) for f in differ}]
+        assert value_after(multi, "--teacher") == str(tmp_path / "e5_trim")
+        assert value_after(multi, "--data") == str(tmp_path / "corpus_e5")
+        assert f"{demo.BISTIL_MULTI}={demo.E5}" in retention
+        assert value_after(retrieval, "--at-least") == f"{demo.BISTIL}={demo.BISTIL_MULTI}"
