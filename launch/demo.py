@@ -142,8 +142,8 @@ class Options:
     """Add the rows that say what each ingredient adds: XtremeDistil's (English-only transfer text, a single
     stage, random embeddings, labels only), each one change away from its main row; the paper's ft-distill of the
     e5 KD student from XtremeDistil's teacher (finding 2); e5-3L init, MLM and Vanilla e5-3L (e5's layers or
-    random weights, MLM only, no teacher: finding 1);
-    BiStil's phase 2 fine-tuned densely beside its LT-SFT."""
+    random weights, MLM only, no teacher: finding 1); BiStil's recipe on all eight languages (its premise: the
+    pair student at least as good) and its phase 2 fine-tuned densely beside its LT-SFT."""
     xd_seeds: list[str] = field(default_factory=lambda: ["1", "2"])
     """Seeds of the XtremeDistil students (each row's spread; the teacher is seed 1's)."""
     xd_transfer_rows: int = 960
@@ -611,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its main row (English-only transfer text, a single stage (logits only, nothing "
                         "frozen), random embeddings, labels only (no teacher)); the paper's ft-distill of the e5 KD "
                         "student from XtremeDistil's teacher (finding 2); e5-3L init, MLM (e5's layers) and Vanilla "
-                        "e5-3L (random weights), MLM only, no teacher (finding 1); BiStil's phase 2 fine-tuned densely beside LT-SFT (default: off)")
+                        "e5-3L (random weights), MLM only, no teacher (finding 1); BiStil's recipe on all eight "
+                        "languages (its premise) and its phase 2 fine-tuned densely beside LT-SFT (default: off)")
     return p
 
 
