@@ -101,8 +101,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Options:
-    """What the demo runs; the defaults took 44 minutes of stages on a quiet 2-core AVX2 CPU before BiStil's phase 1
-    went from 8 to 80 steps (results 2026-12b)."""
+    """What the demo runs; the defaults took 37.7 minutes of stages on a quiet 2-core AVX2 CPU (results 2026-12b)."""
 
     out: Path
     cache: Path | None = None
