@@ -463,7 +463,7 @@ def evaluation_stages(o: Options) -> list[Stage]:
         layer_of = ["--layer-of", f"{E5}=last", f"{E5_KD}=last"]
     findings = []
     if o.real_teacher:
-        if o.ablations:  # (2) the paper: distillation during fine-tuning can hurt, plain fine-tuning expected ahead
+        if o.ablations:  # (1) KD in pretraining helps; (2) KD in fine-tuning can hurt: plain fine-tuning ahead
             findings = ["--finding", "1", *[f"{E5_KD}={row}" for row in e5_students(o) if row != E5_KD],
                         "--finding", "2", f"{E5_KD}={E5_KD_FT_DISTILL}"]
     speed_models, roles, extra, extra_args = list(model_args), [], [], []
