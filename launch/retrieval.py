@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.heldout.is_dir():
+        print(f"error: --heldout {args.heldout}: no such directory (held-out aligned text: `python -m data_prep "
+              f"demo_tasks --heldout`, or your own; docs/evaluation.md)", file=sys.stderr)
+        return 1
     if args.langs is None:
         args.langs = heldout_langs(args.heldout, args.pivot)
         if not args.langs:

@@ -98,6 +98,14 @@ def test_missing_heldout_language_is_a_clear_error(models, tmp_path, capsys):
     assert "hi/help.txt: not found" in capsys.readouterr().err
 
 
+def test_missing_heldout_directory_is_named_with_its_flag(models, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(missing), "--out",
+                           str(tmp_path / "o")]) == 1
+    assert f"--heldout {missing}: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_directory_without_its_tokenizer_is_refused_before_any_model_runs(models, tmp_path, capsys):
     heldout = write_heldout(tmp_path / "heldout", {"en": sentences(20), "fr": sentences(20, seed=1)})
     for name, broken in broken_model_dirs(tmp_path).items():
