@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[demo_tasks] {task}: " + "  ".join(f"{k}={n}" for k, n in counts.items()), flush=True)
     except (FileNotFoundError, FileExistsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

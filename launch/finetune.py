@@ -76,7 +76,13 @@ def parse_all(argv: list[str] | None = None):
 
 def parse_job(argv: list[str] | None = None):
     """(FinetuneConfig, WandbConfig, the job to run: cfg -> FinetuneResult) of the command line."""
+    from ds_kd.models.modeldir import read_config
+
     args = build_parser().parse_args(argv)
+    try:
+        read_config(args.model)
+    except FileNotFoundError as e:
+        raise UsageError(f"--model {e}") from None
     wandb = wandb_config(args)
     names = {f.name for f in fields(FinetuneConfig)}
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb, job_runner(args)
@@ -101,10 +107,15 @@ def distill_losses(args: argparse.Namespace):
 def job_runner(args: argparse.Namespace):
     """Plain fine-tuning, task distillation from ``--teacher`` or LT-SFT (``--sparse-density``), with or without it."""
     # torch, after the command line: --help stays quick
-    from ds_kd.finetune.distill import run_ft_distill
+    from ds_kd.finetune.distill import run_ft_distill, teacher_model_dir
     from ds_kd.finetune.job import run
     from ds_kd.finetune.ltsft import SparseConfig, run_ltsft
 
+    if args.teacher:
+        try:
+            teacher_model_dir(args.teacher)
+        except FileNotFoundError as e:
+            raise UsageError(f"--teacher {e}") from None
     losses = distill_losses(args) if args.teacher else None
     if args.sparse_density is not None:
         sparse = SparseConfig(args.sparse_density, args.full_epochs)

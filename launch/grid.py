@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> GridConfig:
     try:
         rows = build_rows(args.models, args.ft_distill, roles, dict(args.ppl))
     except UsageError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finetune = {fld.name: getattr(args, fld.name) for fld in fields(FinetuneConfig)
                 if fld.name not in PER_JOB and getattr(args, fld.name) is not None}
     distill = {name: getattr(args, f"kd_{name}") for name, _, _ in KD_OPTIONS.values()

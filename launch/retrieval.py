@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.heldout.is_dir():
         print(f"error: --heldout {args.heldout}: no such directory (held-out aligned text: `python -m data_prep "
               f"demo_tasks --heldout`, or your own; docs/evaluation.md)", file=sys.stderr)
-        return 1
+        return 2
     if args.langs is None:
         args.langs = heldout_langs(args.heldout, args.pivot)
         if not args.langs:
             print(f"error: {args.heldout}: no language aligned to {args.pivot} (alignment/<code>.tsv, <code>.txt "
                   f"beside {args.pivot}.txt, or [tatoeba.]<code>-{args.pivot}.<code>); give --langs or --pivot, or "
                   f"write held-out text with `python -m data_prep demo_tasks --heldout`", file=sys.stderr)
-            return 1
+            return 2
     cfg = RetrievalConfig(args.layer, args.max_pairs, args.min_chars, args.max_len, args.batch_size, args.seed,
                           args.pivot, args.all_layers)
     try:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                      dict(args.retention), dict(args.at_least))
     except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print((args.out / "retrieval.md").read_text(encoding="utf-8"))
     print(f"[retrieval] {result['seconds']:.0f}s -> {args.out / 'retrieval.json'}")
     return 0

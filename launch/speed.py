@@ -22,7 +22,8 @@ from ds_kd.textfile import read_text
 def read_texts(heldout: Path, lang: str) -> list[str]:
     path = heldout / lang / "help.txt"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: not found (--heldout must hold <lang>/help.txt, one text per line)")
+        raise UsageError(f"--heldout {heldout}: no {lang}/help.txt in it (--heldout must hold <lang>/help.txt, one "
+                         f"text per line)")
     return read_text(path).splitlines()
 
 
@@ -53,17 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    models = checkpoint_dirs(args.models)
     cfg = SpeedConfig(num_sentences=len(args.lengths) if args.lengths else args.num_sentences,
                       batch_size=args.batch_size, max_len=args.max_len, num_warmup=args.warmup,
                       num_repeats=args.repeats, threads=args.threads, seed=args.seed)
-    texts = read_texts(args.heldout, args.lang) if args.heldout else None
     try:
-        result = run(models, args.out, dict(args.teacher_of), texts, args.lengths, cfg,
+        texts = read_texts(args.heldout, args.lang) if args.heldout else None
+        result = run(checkpoint_dirs(args.models), args.out, dict(args.teacher_of), texts, args.lengths, cfg,
                      str(args.heldout / args.lang / "help.txt") if args.heldout else "")
     except (FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print((args.out / "speed.md").read_text(encoding="utf-8"))
     print(f"[speed] {result['threads']} torch thread(s) -> {args.out / 'speed.json'}")
     return 0

@@ -176,7 +176,7 @@ def build_tasks(args: argparse.Namespace, sources: dict[str, Path]) -> int:
             manifest = prepare_task(task, sources[task], args.out, choice, **options)
         except (UsageError, FileNotFoundError) as e:
             print(f"error: {task}: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(_summary(manifest))
     return 0
 

@@ -148,11 +148,12 @@ def name_value(text: str) -> tuple[str, str]:
 
 
 def checkpoint_dirs(pairs: list[tuple[str, str]]) -> dict[str, Path]:
-    """``--models`` pairs as name -> directory; a directory without ``config.json`` stops with its name."""
+    """``--models`` pairs as name -> directory. Raises UsageError naming the flag, the model and the directory for
+    a directory without ``config.json``."""
     models = {}
     for name, directory in pairs:
         if not (Path(directory) / "config.json").is_file():
-            raise SystemExit(f"error: {directory}: no config.json (not a checkpoint directory) for model {name!r}")
+            raise UsageError(f"--models {name}={directory}: no config.json there (not a checkpoint directory)")
         models[name] = Path(directory)
     return models
 

@@ -61,7 +61,7 @@ COMMANDS = {
                                                         "--langs", "fr", "--out", str(t / "o")]),
     "grid": ("launch/grid", "run_grid", lambda t: ["--models", f"a={t}", "--data", str(t), "--tasks", "xnli",
                                                    "--out", str(t / "o")]),
-    "finetune": ("ds_kd.finetune.job", "run", lambda t: ["--model", str(t), "--task", "xnli", "--data", str(t),
+    "finetune": ("ds_kd.finetune.job", "run", lambda t: ["--model", _model_dir(t), "--task", "xnli", "--data", str(t),
                                                       "--out", str(t / "o")]),
 }
 MAINS = {"verify": "data_prep.verify",  # where main() is when the patched name lives elsewhere
@@ -96,7 +96,7 @@ def test_a_usage_error_in_a_command_is_one_line(name, tmp_path, monkeypatch, cap
         raise UsageError(f"{tmp_path}/input.tsv: bad header; fix the file")
 
     monkeypatch.setattr(owner, attr, refuse)
-    assert main(argv(tmp_path)) in (1, 2)
+    assert main(argv(tmp_path)) == 2  # argparse's status for bad input, and every command's
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(f"{tmp_path}/input.tsv: bad header; fix the file"), lines
 
@@ -157,7 +157,7 @@ def test_grid_rows_and_task_files_raise_usage_errors(tmp_path):
 
 def test_finetune_settings_refused_as_the_config_is_built_are_one_line_naming_the_flag(tmp_path, capsys):
     finetune = load_script("finetune")
-    assert finetune.main(["--model", str(tmp_path), "--task", "xnli", "--data", str(tmp_path), "--out",
+    assert finetune.main(["--model", _model_dir(tmp_path), "--task", "xnli", "--data", str(tmp_path), "--out",
                           str(tmp_path / "o"), "--max-len", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["error: --max-len must be at least 8 sub-words, got 0"]
@@ -173,3 +173,26 @@ def test_a_run_directory_given_as_a_model_points_at_its_export(tmp_path):
         read_config(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"nothing: not a model directory \(no config.json\)"):
         read_config(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("script", ["speed", "retrieval"])
+def test_a_models_entry_without_a_checkpoint_exits_2_naming_the_flag_and_the_model(script, tmp_path, capsys):
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "help.txt").write_text("Open a file.\n")
+    argv = ["--models", f"student={tmp_path / 'missing'}", "--out", str(tmp_path / "o"), "--heldout", str(tmp_path),
+            *(["--langs", "fr"] if script == "retrieval" else [])]
+    assert load_script(script).main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: --models student={tmp_path / 'missing'}: no config.json there (not a checkpoint "
+                     f"directory)"], lines
+
+
+def test_finetune_names_the_flag_of_a_missing_model_or_teacher(tmp_path, capsys):
+    finetune = load_script("finetune")
+    base = ["--task", "wikiann", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert finetune.main(["--model", str(tmp_path / "none"), *base]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --model {tmp_path / 'none'}: not a model directory (no config.json)"]
+    assert finetune.main(["--model", _model_dir(tmp_path), "--teacher", str(tmp_path / "t"), *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --teacher {tmp_path / 't'}: no fine-tuned teacher here"), err

@@ -95,7 +95,7 @@ def test_rerun_with_other_settings_is_refused_naming_them_and_overwrite_rebuilds
     capsys.readouterr()
     assert demo_tasks.main([*base, "--out", str(out)]) == 0
     assert "task files done already" in capsys.readouterr().out
-    assert demo_tasks.main([*base[:2], "--num-train", "60", *base[4:], "--out", str(out)]) == 1
+    assert demo_tasks.main([*base[:2], "--num-train", "60", *base[4:], "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "other settings (sizes.num_train: 120 -> 60)" in err and "--overwrite" in err
     assert demo_tasks.main([*base[:2], "--num-train", "60", *base[4:], "--out", str(out), "--overwrite"]) == 0
@@ -103,7 +103,7 @@ def test_rerun_with_other_settings_is_refused_naming_them_and_overwrite_rebuilds
     split = ["--raw", str(built / "raw"), "--pretrain-raw", str(built / "pretrain"), "--heldout",
              str(built / "heldout"), "--holdout", "0.5"]
     assert demo_tasks.main(split) == 0 and "held-out split done already" in capsys.readouterr().out
-    assert demo_tasks.main([*split[:-1], "0.3"]) == 1
+    assert demo_tasks.main([*split[:-1], "0.3"]) == 2
     assert "fraction: 0.5 -> 0.3" in capsys.readouterr().err
 
 
@@ -179,10 +179,10 @@ def test_bad_raw_directory_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "raw" / "en").mkdir(parents=True)
     (tmp_path / "raw" / "en" / "help.txt").write_text("a\n")
     assert demo_tasks.main(["--raw", str(tmp_path / "raw"), "--pretrain-raw", str(tmp_path / "p"),
-                            "--heldout", str(tmp_path / "h"), "--langs", "en"]) == 1
+                            "--heldout", str(tmp_path / "h"), "--langs", "en"]) == 2
     assert "alignment/en.tsv: not found" in capsys.readouterr().err
     (tmp_path / "raw" / "alignment").mkdir()
     (tmp_path / "raw" / "alignment" / "en.tsv").write_text("page-without-id\n")
     assert demo_tasks.main(["--raw", str(tmp_path / "raw"), "--pretrain-raw", str(tmp_path / "p"),
-                            "--heldout", str(tmp_path / "h"), "--langs", "en"]) == 1
+                            "--heldout", str(tmp_path / "h"), "--langs", "en"]) == 2
     assert "alignment/en.tsv:1:" in capsys.readouterr().err

@@ -305,7 +305,7 @@ def test_cli_all_builds_the_tasks_present_and_names_the_release_and_command_of_e
 def test_cli_malformed_source_fails_naming_line_and_writes_no_manifest(tmp_path, capsys):
     src, _, (path, line) = fx.write_matis(tmp_path, malformed="count")
     out = tmp_path / "out"
-    assert main(["--task", "matis", "--src", str(src), "--out", str(out), "--langs", "en"]) == 1
+    assert main(["--task", "matis", "--src", str(src), "--out", str(out), "--langs", "en"]) == 2
     assert f"{path}:{line}:" in capsys.readouterr().err
     assert not (out / "matis" / "manifest.json").exists()
 

@@ -94,14 +94,14 @@ def test_translation_is_found_more_often_than_chance_when_sides_share_words(mode
 def test_missing_heldout_language_is_a_clear_error(models, tmp_path, capsys):
     heldout = write_heldout(tmp_path / "h", {"en": sentences(5)})
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
-                           str(tmp_path / "o"), "--langs", "hi"]) == 1
+                           str(tmp_path / "o"), "--langs", "hi"]) == 2
     assert "hi/help.txt: not found" in capsys.readouterr().err
 
 
 def test_missing_heldout_directory_is_named_with_its_flag(models, tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(missing), "--out",
-                           str(tmp_path / "o")]) == 1
+                           str(tmp_path / "o")]) == 2
     assert f"--heldout {missing}: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -111,7 +111,7 @@ def test_model_directory_without_its_tokenizer_is_refused_before_any_model_runs(
     for name, broken in broken_model_dirs(tmp_path).items():
         out = tmp_path / f"out-{name}"
         assert retrieval_main(["--models", f"good={models['base']}", f"bad={broken}", "--heldout", str(heldout),
-                               "--out", str(out), "--langs", "fr"]) == 1
+                               "--out", str(out), "--langs", "fr"]) == 2
         err = capsys.readouterr().err
         assert str(broken) in err and "--models bad" in err
         assert not out.exists()
@@ -143,7 +143,7 @@ def test_each_model_pooled_at_its_own_layer_and_every_layer_recorded(models, tmp
 def test_layer_of_an_unknown_model_or_a_bad_layer_is_refused(models, tmp_path, capsys):
     heldout = write_heldout(tmp_path / "h", {"en": sentences(5), "fr": sentences(5)})
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
-                           str(tmp_path / "o"), "--langs", "fr", "--layer-of", "other=last"]) == 1
+                           str(tmp_path / "o"), "--langs", "fr", "--layer-of", "other=last"]) == 2
     assert "--layer-of other: not among the models (base)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected 'xtreme', 'last' or a layer number"):
         pick_layer("middle", 6)
@@ -160,7 +160,7 @@ def test_any_language_code_of_the_heldout_directory(models, tmp_path, capsys):
     assert "zh-hans→en" in (out / "retrieval.md").read_text()
     capsys.readouterr()
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
-                           "--langs", "yo"]) == 1
+                           "--langs", "yo"]) == 2
     assert f"languages in {heldout}: en sw zh-hans" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
@@ -233,10 +233,10 @@ def test_line_aligned_files_one_per_language(models, tmp_path, capsys):
     assert set(result["unknown_token_rates"]["base"]) == {str(heldout / f"{lang}.txt") for lang in ("en", "fr", "de")}
     write_lines(heldout / "de.txt", en[:29])
     capsys.readouterr()
-    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 1
+    assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out)]) == 2
     assert f"error: {heldout / 'de.txt'}: 29 lines for the 30 of {heldout / 'en.txt'}" in capsys.readouterr().err
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out", str(out),
-                           "--langs", "hi"]) == 1
+                           "--langs", "hi"]) == 2
     assert f"{heldout / 'hi.txt'}: not found" in capsys.readouterr().err
 
 
@@ -299,6 +299,6 @@ def test_claims_are_written_under_the_table_and_unknown_names_refused(models, tm
     assert [c["verdict"] for c in result["claims"]] == ["holds", "cannot tell"]  # both find every translation
     assert "lean keeps **100%** of base's de→en retrieval" in (out / "retrieval.md").read_text()
     assert retrieval_main(["--models", f"base={models['base']}", "--heldout", str(heldout), "--out",
-                           str(tmp_path / "o2"), "--langs", "de", "--at-least", "base=other"]) == 1
+                           str(tmp_path / "o2"), "--langs", "de", "--at-least", "base=other"]) == 2
     assert "--at-least other: not among the models (base)" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()

@@ -48,7 +48,7 @@ def test_given_lengths_and_bad_teacher_name(tmp_path, capsys):
                        "--warmup", "0", "--batch-size", "2"]) == 0
     assert json.loads((out / "speed.json").read_text())["lengths"] == [5, 9, 17]
     assert speed_main(["--models", f"m={model}", "--lengths", "5", "--out", str(out), "--teacher-of", "m=nobody",
-                       "--repeats", "1"]) == 1
+                       "--repeats", "1"]) == 2
     assert "no model named 'nobody'" in capsys.readouterr().err
 
 
@@ -56,7 +56,7 @@ def test_model_directory_without_its_tokenizer_is_refused(tmp_path, capsys):
     for name, broken in broken_model_dirs(tmp_path).items():
         out = tmp_path / f"speed-{name}"
         assert speed_main(["--models", f"m={broken}", "--lengths", "5", "--out", str(out), "--repeats", "1",
-                           "--warmup", "0"]) == 1
+                           "--warmup", "0"]) == 2
         err = capsys.readouterr().err
         assert str(broken) in err and ("no tokenizer files" in err if name == "bare" else "20 rows" in err)
         assert not out.exists()

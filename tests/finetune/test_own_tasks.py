@@ -88,12 +88,12 @@ def test_own_task_files_that_do_not_fit_their_format_are_named(tmp_path, capsys)
     src = tmp_path / "src"
     src.mkdir()
     (src / "train.en.tsv").write_text("a good film\tpos\nbad\n", encoding="utf-8")
-    assert tasks_main(["--task", "own", "--name", "mood", "--src", str(src), "--out", str(tmp_path / "o")]) == 1
+    assert tasks_main(["--task", "own", "--name", "mood", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert f"{src / 'train.en.tsv'}:2: expected text<TAB>label" in capsys.readouterr().err
     (src / "train.en.tsv").write_text("a good film\tpos\nanother\tfilm\tneg\n", encoding="utf-8")
-    assert tasks_main(["--task", "own", "--name", "mood", "--src", str(src), "--out", str(tmp_path / "o")]) == 1
+    assert tasks_main(["--task", "own", "--name", "mood", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert f"{src / 'train.en.tsv'}:2: one text here but two" in capsys.readouterr().err
-    assert tasks_main(["--task", "own", "--name", "xnli", "--src", str(src), "--out", str(tmp_path / "o")]) == 1
+    assert tasks_main(["--task", "own", "--name", "xnli", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert "not a benchmark's" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tasks_main(["--task", "own", "--src", str(src), "--out", str(tmp_path / "o")])
@@ -120,18 +120,18 @@ MOOD = {"train.en.tsv": "a good film\tpos\na bad film\tneg\n", "dev.en.tsv": "fi
 
 def test_an_own_task_without_english_train_rows_or_dev_is_refused_when_built(tmp_path, capsys):
     src = write_files(tmp_path / "src", {**MOOD, "train.en.tsv": ""})
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     assert f"{src / 'train.en.tsv'}: no rows: an empty train split" in capsys.readouterr().err
     (src / "train.en.tsv").write_text(MOOD["train.en.tsv"], encoding="utf-8")
     (src / "test.fr.tsv").write_text("\n\n", encoding="utf-8")
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     assert f"{src / 'test.fr.tsv'}: no rows: an empty test split" in capsys.readouterr().err
     (src / "test.fr.tsv").write_text(MOOD["test.fr.tsv"], encoding="utf-8")
     (src / "dev.en.tsv").rename(src / "dev.de.tsv")
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     assert f"{src}: no English dev split (dev.en.tsv): model selection" in capsys.readouterr().err
     (src / "dev.de.tsv").rename(src / "dev.en.tsv")
-    assert build(src, tmp_path / "o", "--langs", "fr") == 1
+    assert build(src, tmp_path / "o", "--langs", "fr") == 2
     assert "no English dev split (dev.en.tsv) (--langs leaves it out)" in capsys.readouterr().err
     assert not (tmp_path / "o" / "mood" / "manifest.json").exists()
     assert build(src, tmp_path / "o") == 0
@@ -148,7 +148,7 @@ def test_an_own_task_refuses_dev_and_test_labels_train_never_has(tmp_path, capsy
         "train.en.jsonl": '{"text": "a good film", "label": "pos"}\n{"text": "a bad film", "label": "neg"}\n',
         "dev.en.jsonl": '{"text": "fine", "label": "pos"}\n'}}[ext]
     src = write_files(tmp_path / "src", {**files, name: text})
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     assert f"{src / name}:{line}: {what}" in capsys.readouterr().err
 
 
@@ -166,7 +166,7 @@ NER = {"train.en.conll": "John B-PER\nSmith I-PER\nwent O\n\nParis B-LOC\n", "de
 def test_an_own_tagging_task_refuses_tags_that_are_not_bio_or_of_a_type_train_never_has(tmp_path, capsys, name,
                                                                                           text, line, what):
     src = write_files(tmp_path / "src", {**NER, name: text})
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     assert f"{src / name}:{line}: {what}" in capsys.readouterr().err
     (src / name).write_text(NER[name], encoding="utf-8")
     assert build(src, tmp_path / "o") == 0
@@ -177,7 +177,7 @@ def test_an_own_tagging_task_refuses_tags_that_are_not_bio_or_of_a_type_train_ne
 def test_an_own_task_refuses_task_files_not_named_split_lang_ext(tmp_path, capsys, stray):
     src = write_files(tmp_path / "src", {**MOOD, stray: "un film\tpos\n", "README.md": "my task\n",
                                          ".hidden.tsv": "x\tpos\n"})
-    assert build(src, tmp_path / "o") == 1
+    assert build(src, tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert f"{src}: {stray}: not named <split>.<lang>.<ext> (split: train, dev, test; ext: tsv, jsonl, conll)" in err
     assert "README" not in err
