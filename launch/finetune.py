@@ -76,13 +76,7 @@ def parse_all(argv: list[str] | None = None):
 
 def parse_job(argv: list[str] | None = None):
     """(FinetuneConfig, WandbConfig, the job to run: cfg -> FinetuneResult) of the command line."""
-    from ds_kd.models.modeldir import read_config
-
     args = build_parser().parse_args(argv)
-    try:
-        read_config(args.model)
-    except FileNotFoundError as e:
-        raise UsageError(f"--model {e}") from None
     wandb = wandb_config(args)
     names = {f.name for f in fields(FinetuneConfig)}
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}), wandb, job_runner(args)
@@ -111,12 +105,16 @@ def job_runner(args: argparse.Namespace):
     from ds_kd.finetune.job import run
     from ds_kd.finetune.ltsft import SparseConfig, run_ltsft
 
-    if args.teacher:
-        try:
-            teacher_model_dir(args.teacher)
-        except FileNotFoundError as e:
-            raise UsageError(f"--teacher {e}") from None
+    from ds_kd.models.modeldir import read_config
+
     losses = distill_losses(args) if args.teacher else None
+    # the folders after the flags: a missing one is named with its flag
+    for flag, check in (("--model", read_config), ("--teacher", teacher_model_dir)):
+        if (path := getattr(args, flag[2:])) is not None:
+            try:
+                check(path)
+            except FileNotFoundError as e:
+                raise UsageError(f"{flag} {e}") from None
     if args.sparse_density is not None:
         sparse = SparseConfig(args.sparse_density, args.full_epochs)
         return lambda cfg: run_ltsft(cfg, sparse, args.teacher, losses)
