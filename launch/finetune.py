@@ -99,28 +99,32 @@ def distill_losses(args: argparse.Namespace):
 
 
 def job_runner(args: argparse.Namespace):
-    """Plain fine-tuning, task distillation from ``--teacher`` or LT-SFT (``--sparse-density``), with or without it."""
+    """Plain fine-tuning, task distillation from ``--teacher`` or LT-SFT (``--sparse-density``), with or without it.
+    The job checks the ``--model`` and ``--teacher`` folders first (UsageError naming the flag)."""
     # torch, after the command line: --help stays quick
     from ds_kd.finetune.distill import run_ft_distill, teacher_model_dir
     from ds_kd.finetune.job import run
     from ds_kd.finetune.ltsft import SparseConfig, run_ltsft
-
     from ds_kd.models.modeldir import read_config
 
     losses = distill_losses(args) if args.teacher else None
-    # the folders after the flags: a missing one is named with its flag
-    for flag, check in (("--model", read_config), ("--teacher", teacher_model_dir)):
-        if (path := getattr(args, flag[2:])) is not None:
-            try:
-                check(path)
-            except FileNotFoundError as e:
-                raise UsageError(f"{flag} {e}") from None
     if args.sparse_density is not None:
         sparse = SparseConfig(args.sparse_density, args.full_epochs)
-        return lambda cfg: run_ltsft(cfg, sparse, args.teacher, losses)
-    if args.teacher:
-        return lambda cfg: run_ft_distill(cfg, args.teacher, losses)
-    return run
+        fit = lambda cfg: run_ltsft(cfg, sparse, args.teacher, losses)  # noqa: E731
+    elif args.teacher:
+        fit = lambda cfg: run_ft_distill(cfg, args.teacher, losses)  # noqa: E731
+    else:
+        fit = run
+
+    def job(cfg):
+        for flag, check in (("--model", read_config), ("--teacher", teacher_model_dir)):
+            if (path := getattr(args, flag[2:])) is not None:
+                try:
+                    check(path)
+                except FileNotFoundError as e:
+                    raise UsageError(f"{flag} {e}") from None
+        return fit(cfg)
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ whether these runs agree, disagree or cannot tell (a difference within 2 sample 
 
     python launch/report.py runs/grid --finding 1 "e5-3L KD=e5-3L init, MLM"    # one more pair for finding (1)
     python launch/report.py runs/grid --ablation "XD=XD, labels only"           # an ablation against its main row
+    python launch/report.py runs/grid --retention "BiStil en-de=e5-small" --within "BiStil en-de=BiStil en-de, dense"
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from ds_kd.cli import RESULTS_WANDB_HELP, add_wandb_flags, name_value, wandb_config
 from ds_kd.errors import UsageError
 from ds_kd.eval.findings import FINDINGS, Comparison
+from ds_kd.eval.claims import parse_claims
 from ds_kd.cli.flags import HelpFormatter
 from ds_kd.logbook import log_results
 from ds_kd.eval.report import report_tables, write_report
@@ -68,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the main row is ahead by more than 2 sample std of the seeds, disagree when behind by "
                         "as much, else cannot tell; the rows' fine-tuning settings need not match; repeatable "
                         "(default: none)")
+    p.add_argument("--retention", nargs="+", action="extend", default=[], type=name_value, metavar="ROW=REFERENCE",
+                   help="judge the claim that ROW keeps at least 90%% of REFERENCE's zero-shot score on ROW's own "
+                        "zero-shot languages (e.g. a pair student's target language against the multilingual "
+                        "teacher tested on many), per task, in the claims section; repeatable (default: none)")
+    p.add_argument("--within", nargs="+", action="extend", default=[], type=name_value, metavar="ROW=REFERENCE",
+                   help="judge the claim that ROW's zero-shot score on its own zero-shot languages is at most 1 point "
+                        "below REFERENCE's (BiStil: LT-SFT within a point of dense fine-tuning); repeatable (default: "
+                        "none). Every LT-SFT job's changed weights are checked against its K without a flag")
     add_wandb_flags(p.add_argument_group("Weights & Biases: every table (mean, std and seeds per cell), the charts "
                                          "and the report folder as an artifact"), RESULTS_WANDB_HELP)
     return p
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     try:
         report = write_report(args.grid_dir, args.out, args.students, dict(args.ppl), args.extra, comparisons,
-                              dict(args.roles), list(args.ablation))
+                              dict(args.roles), list(args.ablation),
+                              parse_claims({"retention": args.retention, "within": args.within}))
     except UsageError as e:  # a bad --roles, a file that is no result.json: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     findings.update({f"ablation {r.ablation}": "; ".join(f"{metric} {v.task}: {v.verdict}"
                                                          for metric, vs in r.verdicts.items() for v in vs)
                      or r.missing for r in report.ablations})
+    findings.update({f"claim {r.claim.describe()}" + (f" ({r.task})" if r.task else ""):
+                     r.missing or ("holds" if r.holds else "does not hold") for r in report.claims})
     if log_results(out, wandb_config(args), "report", {"grid": str(Path(args.grid_dir).resolve())},
                    report_tables(report), findings, images, ("report", report.files)):
         print(f"W&B: the report's tables, charts and files logged (run directory {out / 'wandb'})")

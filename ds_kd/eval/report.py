@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_kd.eval import paper_results as paper
+from ds_kd.eval.claims import Claim, judge_claims, sparse_checks
+from ds_kd.eval.claims import markdown as claims_markdown
 from ds_kd.errors import UsageError
 from ds_kd.eval.findings import Comparison, ablations_markdown, default_comparisons, judge, judge_ablations
 from ds_kd.eval.findings import markdown as findings_markdown
@@ -89,6 +91,10 @@ class Report:
     """``ds_kd.eval.findings.AblationResult`` per (main row, ablation) pair asked for."""
     gaps: list[Gap] = field(default_factory=list)
     """The planned jobs without a result (listed in ``report.md``)."""
+    claims: list = field(default_factory=list)
+    """``ds_kd.eval.claims.ClaimResult`` per claim and task asked for."""
+    sparse: list = field(default_factory=list)
+    """``ds_kd.eval.claims.SparseCheck`` per LT-SFT job."""
 
 
 def collect(grid_dir: Path | str) -> dict[tuple[str, str], dict[int, dict]]:
@@ -445,20 +451,24 @@ def find(tables: list[Table], plan: dict, comparisons: list[Comparison] | None,
 def write_report(grid_dir: Path | str, out: Path | str | None = None, students: list[str] | None = None,
                  ppl: dict[str, str] | None = None, extra: list[Path | str] = (),
                  comparisons: list[Comparison] | None = None, roles: dict[str, str] | None = None,
-                 ablations: list[tuple[str, str]] = ()) -> Report:
+                 ablations: list[tuple[str, str]] = (), claims: list[Claim] = ()) -> Report:
     """Write ``report.md`` (every table, the paper's findings judged on these runs, then the ``extra`` Markdown
     files, e.g. retrieval and speed), one CSV per table and the zero-shot charts to ``out`` (default
     ``<grid_dir>/report``). The findings are tested by the paper's comparisons among its rows present
     (``ds_kd.eval.findings.default_comparisons``) and by ``comparisons``; ``roles`` (row -> role) overrides the
     rows' roles (:func:`resolve_roles`); each ``(main, ablation)`` pair of ``ablations`` is judged on English and
-    zero-shot scores (``ds_kd.eval.findings.judge_ablations``) in a section after the findings."""
+    zero-shot scores (``ds_kd.eval.findings.judge_ablations``) in a section after the findings; then ``claims``
+    (``ds_kd.eval.claims``) and every LT-SFT job's changed weights against its K. Raises UsageError naming an
+    ablation or claim row that has no result."""
     out = Path(out) if out is not None else Path(grid_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(grid_dir, students, ppl, roles)
     settings = finetune_settings(grid_dir)
     plan = load_plan(grid_dir)
+    results = collect(grid_dir)
     report = Report(tables, findings=find(tables, plan, comparisons, settings),
-                    gaps=find_gaps(grid_dir, plan, collect(grid_dir)))
+                    gaps=find_gaps(grid_dir, plan, results), claims=judge_claims(list(claims), results),
+                    sparse=sparse_checks(results))
     by_stem = {t.stem: t for t in tables}
     for pair in ablations:
         unknown = [name for name in pair if name not in by_stem["table5_zero_shot"].rows]
@@ -475,7 +485,7 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
         write_csv(table, path)
         report.files.append(path)
     parts += [settings_markdown(settings), findings_markdown(report.findings, {}),
-              ablations_markdown(report.ablations, {})]
+              ablations_markdown(report.ablations, {}), claims_markdown(report.claims, report.sparse, {})]
     for section in extra:
         parts += ["", read_text(section).strip(), ""]
     md = out / "report.md"
