@@ -479,6 +479,9 @@ def evaluation_stages(o: Options) -> list[Stage]:
         speed_models.append(f"{BISTIL}={bistil_dirs(out)['run'] / 'export'}")
         teacher_of.append(f"{BISTIL}={E5}")
         roles += [f"{BISTIL}=student", *([f"{BISTIL_DENSE}=student"] if o.ablations else [])]
+        # BiStil's phase-2 claims on German: 90% of the task teacher's; with --ablations within a point of dense
+        extra_args += ["--retention", f"{BISTIL}={E5}", *(["--within", f"{BISTIL}={BISTIL_DENSE}"] if o.ablations
+                                                          else [])]
         extra.append(str(bistil_dirs(out)["retrieval"] / "retrieval.md"))
     stages += [
         Stage("cross-lingual retrieval on held-out aligned paragraphs",

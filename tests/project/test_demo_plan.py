@@ -306,8 +306,14 @@ def test_bistil_phase_two_and_with_ablations_its_dense_comparison_share_student_
     assert int(value_after(sparse, "--full-epochs")) + int(value_after(sparse, "--epochs")) == 3
     assert value_after(dense, "--epochs") == "3" and "--sparse-density" not in dense
     assert value_after(dense, "--out") == str(tmp_path / "grid" / "jobs" / "BiStil_en-de_dense" / "wikiann" / "seed1")
-    assert f"{demo.BISTIL_DENSE}=student" in argv_of(stages, "report")
+    report = argv_of(stages, "report")
+    assert f"{demo.BISTIL_DENSE}=student" in report
     assert not any(s.name.startswith(demo.BISTIL_DENSE) for s in demo.build_stages(demo.Options(tmp_path)))
+    # BiStil's claims judged in the report: 90% of the task teacher (always), within a point of dense (--ablations)
+    assert value_after(report, "--retention") == f"{demo.BISTIL}={demo.E5}"
+    assert value_after(report, "--within") == f"{demo.BISTIL}={demo.BISTIL_DENSE}"
+    default = argv_of(demo.build_stages(demo.Options(tmp_path)), "report")
+    assert value_after(default, "--retention") == f"{demo.BISTIL}={demo.E5}" and "--within" not in default
 
 
 @pytest.mark.parametrize("ablations", [False, True])
