@@ -27,11 +27,15 @@ from ds_kd.finetune import state
 from ds_kd.finetune.distill import distill_settings, prepare_ft_distill, run_ft_distill, teacher_model_dir
 from ds_kd.finetune.heads import load_task_model
 from ds_kd.finetune.config import FinetuneConfig
-from ds_kd.finetune.job import FinetuneResult, fit, prepare, result_from_dict, run, test_and_write
+from ds_kd.finetune.job import FinetuneResult, fit, prepare, result_from_dict, run, run_name, test_and_write
 from ds_kd.finetune.loop import task_loss
 
 PHASE_A = "full"
 """Phase A's job directory inside the LT-SFT job's."""
+PHASE_A_SUFFIX = ", phase A (dense)"
+"""Phase A's row name is the LT-SFT job's with this suffix: its ``result.json`` (dense fine-tuning of the same
+student for ``full_epochs``, BiStil's comparison when ``full_epochs`` equals the sparse epochs) is a row of the report
+of its own, never taken for the LT-SFT row (a job stopped in phase B has only phase A's result)."""
 MASK_FILE = "sparse_mask.safetensors"
 """The chosen weights (uint8 per body tensor), kept so a resumed phase B trains the same ones."""
 DIFF_FILE = "sparse_diff.safetensors"
@@ -148,7 +152,7 @@ def bistil_task_losses(task_weight: float = 0.0, temperature: float = 2.0) -> Di
 def run_ltsft(cfg: FinetuneConfig, sparse: SparseConfig, teacher: str | Path | None = None,
               distill_cfg: DistillConfig | None = None) -> FinetuneResult:
     """LT-SFT of ``cfg.model`` on the task (with ft-distill from ``teacher`` when given, in both phases): phase A
-    in ``<out>/full`` (a job of its own: skipped when done, resumable), the mask in ``<out>/sparse_mask.safetensors``
+    in ``<out>/full`` (a job of its own, row name suffixed :data:`PHASE_A_SUFFIX`: skipped when done, resumable), the mask in ``<out>/sparse_mask.safetensors``
     (kept for a resume of phase B), phase B in ``<out>`` with ``result.json``'s ``sparse`` facts and the sparse
     difference ``<out>/sparse_diff.safetensors`` beside the merged model (``<out>/model`` with ``save_model``)."""
     from safetensors.torch import load_file, save_file
@@ -160,7 +164,8 @@ def run_ltsft(cfg: FinetuneConfig, sparse: SparseConfig, teacher: str | Path | N
     settings = state.job_settings(cfg, extra)
     if (saved := state.check_out(cfg, settings, "LT-SFT job")) is not None:
         return result_from_dict(saved)
-    phase_a = replace(cfg, out=str(out / PHASE_A), epochs=sparse.full_epochs, save_model=True)
+    phase_a = replace(cfg, out=str(out / PHASE_A), epochs=sparse.full_epochs, save_model=True,
+                      name=(cfg.name or run_name(cfg.model)) + PHASE_A_SUFFIX)
     run_ft_distill(phase_a, directory, distill_cfg) if directory else run(phase_a)
     if directory:
         job, loss_fn, extra_params = prepare_ft_distill(cfg, settings, directory, distill_cfg)

@@ -16,7 +16,8 @@ from torch import nn
 from ds_kd.finetune import load_task_model
 from ds_kd.finetune import state as state_mod
 from ds_kd.finetune.job import read_result
-from ds_kd.finetune.ltsft import (DIFF_FILE, MASK_FILE, SparseConfig, SparseMask, apply_difference, body_parameters,
+from ds_kd.eval.report import collect
+from ds_kd.finetune.ltsft import (DIFF_FILE, MASK_FILE, PHASE_A_SUFFIX, SparseConfig, SparseMask, apply_difference, body_parameters,
                                   run_ltsft, select_top_k)
 from ds_kd.models.model import BertForMaskedLM
 from tests.finetune.test_finetune import job_config
@@ -130,6 +131,8 @@ def test_a_kill_in_phase_b_resumes_with_the_same_mask_to_the_same_result(encoder
     with pytest.raises(KeyboardInterrupt):
         run_ltsft(cfg, sparse)
     mask_bytes = (Path(cfg.out) / MASK_FILE).read_bytes()
+    # phase A's result is a row of its own: a job stopped in phase B has no LT-SFT row in a report yet
+    assert {row for row, _ in collect(cfg.out)} == {whole.model + PHASE_A_SUFFIX}
     monkeypatch.setattr(state_mod, "save", real_save)
     shutil.rmtree(Path(cfg.out) / "full" / "model")  # phase A's weights are gone: the mask can only be the file's
     capsys.readouterr()
@@ -138,6 +141,7 @@ def test_a_kill_in_phase_b_resumes_with_the_same_mask_to_the_same_result(encoder
     assert (Path(cfg.out) / MASK_FILE).read_bytes() == mask_bytes
     assert load_file(str(Path(cfg.out) / MASK_FILE)).keys() == load_file(str(tmp_path / "whole" / MASK_FILE)).keys()
     assert resumed.dev_history == whole.dev_history and resumed.scores == whole.scores
+    assert {row for row, _ in collect(cfg.out)} == {whole.model, whole.model + PHASE_A_SUFFIX}
     assert resumed.sparse["num_changed_body_weights"] == whole.sparse["num_changed_body_weights"]
     assert json.loads((Path(cfg.out) / "result.json").read_text())["sparse"]["k"] == whole.sparse["k"]
 
