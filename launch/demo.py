@@ -80,6 +80,7 @@ BISTIL_SENTENCES = "4000"
 BISTIL_TRAIN_EXAMPLES = "1000"
 BISTIL_DENSE = f"{BISTIL}, phase A (dense)"  # the name LT-SFT gives its phase A (ds_kd.finetune.ltsft)
 BISTIL_EPOCHS = "3"  # of phase A and of phase B each
+BISTIL_SEEDS = ["1", "2"]  # phase 2's (the claims' spread); phase 1 is one run
 # Phase 1 starts from every other layer of the teacher (ds-kd's --init-layers, offered beside BiStil's random
 # layers): a few dozen steps from random layers would leave nothing to compare. BiStil's premise is judged against the same
 # recipe, shape, start and budget on all eight languages (the 8-language trimmed e5 and its corpus).
@@ -326,13 +327,12 @@ def xd_stages(o: Options) -> list[Stage]:
 def bistil_dirs(out: Path) -> dict[str, Path]:
     """BiStil's folders: the pair-trimmed e5, the pair corpus, the task data in the pair's languages, the phase-1
     run, the 8-language phase-1 run it is compared with, their retrieval, the task teacher cut to the pair's
-    vocabulary and the phase-2 job (in the grid's layout; its phase A, the dense comparison, in ``full/``)."""
+    vocabulary (the phase-2 jobs are in the grid's layout: :func:`xd_job`)."""
     pair, b = "_".join(BISTIL_PAIR), out / "bistil"
     return {"vocab": b / f"e5_{pair}", "corpus": b / f"corpus_{pair}", "tasks": b / f"tasks_{pair}",
             "run": out / "runs" / f"bistil-{'-'.join(BISTIL_PAIR)}", "multi": out / "runs" / "bistil-8-languages",
             "retrieval": b / "retrieval",
-            "teacher": b / f"{BISTIL_TASK}-teacher-{'-'.join(BISTIL_PAIR)}",
-            "job": xd_job(out, BISTIL)}
+            "teacher": b / f"{BISTIL_TASK}-teacher-{'-'.join(BISTIL_PAIR)}"}
 
 
 def bistil_stages(o: Options) -> list[Stage]:
@@ -350,7 +350,7 @@ def bistil_stages(o: Options) -> list[Stage]:
     e5 = real_teacher_models(o)[E5]
     phase2 = [PY, "launch/finetune.py", "--model", str(d["run"] / "export"), "--teacher", str(d["teacher"]),
               "--task", BISTIL_TASK, "--data", str(d["tasks"]), "--max-train-examples", BISTIL_TRAIN_EXAMPLES,
-              "--seed", "1", "--lr", "3e-4", "--head-lr", "1e-3", "--batch-size", "16", "--max-len", "64",
+              "--lr", "3e-4", "--head-lr", "1e-3", "--batch-size", "16", "--max-len", "64",
               "--threads", "2", "--wandb-mode", "offline"]
     return [
         Stage(f"{BISTIL}: the pair vocabulary of the trimmed e5 (pieces and parameters)",
@@ -381,9 +381,10 @@ def bistil_stages(o: Options) -> list[Stage]:
         Stage(f"{BISTIL}: {E5}'s {BISTIL_TASK} teacher cut to the pair's vocabulary",
               [PY, "launch/restrict_teacher.py", "--teacher", str(xd_job(out, E5) / "model"),
                "--vocab", str(d["vocab"]), "--out", str(d["teacher"])], d["teacher"] / "task_model.json"),
-        Stage(f"{BISTIL}: phase 2, LT-SFT on English {BISTIL_TASK} distilled from that teacher",
-              [*phase2, "--sparse-density", "0.08", "--full-epochs", BISTIL_EPOCHS, "--epochs", BISTIL_EPOCHS,
-               "--out", str(d["job"]), "--name", BISTIL], d["job"] / "result.json"),
+        *[Stage(f"{BISTIL}: phase 2, LT-SFT on English {BISTIL_TASK} distilled from that teacher, seed {seed}",
+                [*phase2, "--seed", seed, "--sparse-density", "0.08", "--full-epochs", BISTIL_EPOCHS, "--epochs",
+                 BISTIL_EPOCHS, "--out", str(xd_job(out, BISTIL, seed)), "--name", BISTIL],
+                xd_job(out, BISTIL, seed) / "result.json") for seed in BISTIL_SEEDS],
     ]
 
 

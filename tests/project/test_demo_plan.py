@@ -301,7 +301,14 @@ def test_bistil_phase_two_is_ltsft_whose_phase_a_is_the_dense_comparison_judged_
     from ds_kd.finetune.ltsft import PHASE_A_SUFFIX
 
     stages = demo.build_stages(demo.Options(tmp_path, ablations=ablations))
-    sparse = argv_of(stages, f"{demo.BISTIL}: phase 2")
+    seeds = [s.argv for s in stages if s.name.startswith(f"{demo.BISTIL}: phase 2")]
+    assert [value_after(a, "--seed") for a in seeds] == ["1", "2"]  # the claims' spread
+    assert [value_after(a, "--out") for a in seeds] == [
+        str(tmp_path / "grid" / "jobs" / "BiStil_en-de" / "wikiann" / f"seed{n}") for n in (1, 2)]
+    sparse = seeds[0]
+    def but_seed_and_out(argv):
+        return [a for i, a in enumerate(argv) if i - 1 not in (argv.index("--seed"), argv.index("--out"))]
+    assert but_seed_and_out(seeds[1]) == but_seed_and_out(sparse)
     assert value_after(sparse, "--max-train-examples") == "1000" and value_after(sparse, "--sparse-density") == "0.08"
     assert value_after(sparse, "--full-epochs") == value_after(sparse, "--epochs") == "3"
     assert demo.BISTIL_DENSE == value_after(sparse, "--name") + PHASE_A_SUFFIX
