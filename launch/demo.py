@@ -67,10 +67,11 @@ XD_ENGLISH, XD_SINGLE, XD_RANDOM, XD_LABELS = "English transfer", "single stage"
 
 # BiStil (docs/distillation.md, docs/finetuning.md) for the pair en-de, at a budget that runs the path end to end
 # in a few minutes, not at the recipe's: a pair corpus of 4,000 sentences, 80 phase-1 steps, phase 2 on WikiANN's
-# 1,000 English examples at lr 3e-4, 3 dense epochs (phase A, as BiStil's) and 3 sparse ones (phase B; BiStil: 10):
-# one dense epoch leaves this student at chance, so a mask chosen after it is no ticket (results 2026-12b). Phase A
-# is dense fine-tuning of the same student from the same teacher for as many epochs: its own row in the report,
-# the comparison of BiStil's "LT-SFT within a point of dense".
+# 1,000 English examples at lr 3e-4 for BiStil's 3 dense epochs (phase A) and 10 sparse ones (phase B), one seed
+# (--bistil-epochs, --bistil-seeds): one dense epoch leaves this student at chance, so a mask chosen after it is no
+# ticket, and 3 + 3 stays 4.6 German points under dense (results 2026-12c). Phase A is dense fine-tuning of the same
+# student from the same teacher: its own row in the report, the comparison of BiStil's "LT-SFT within a point of
+# dense".
 BISTIL = "BiStil en-de"
 BISTIL_PAIR = ["en", "de"]
 BISTIL_TASK = XD_TASK  # its task teacher is XtremeDistil's
@@ -79,8 +80,6 @@ BISTIL_PAIRS = "1000"  # de->en pairs of the claims (400 left +4.3 points within
 BISTIL_SENTENCES = "4000"
 BISTIL_TRAIN_EXAMPLES = "1000"
 BISTIL_DENSE = f"{BISTIL}, phase A (dense)"  # the name LT-SFT gives its phase A (ds_kd.finetune.ltsft)
-BISTIL_EPOCHS = "3"  # of phase A and of phase B each
-BISTIL_SEEDS = ["1", "2"]  # phase 2's (the claims' spread); phase 1 is one run
 # Phase 1 starts from every other layer of the teacher (ds-kd's --init-layers, offered beside BiStil's random
 # layers): a few dozen steps from random layers would leave nothing to compare. BiStil's premise is judged against the same
 # recipe, shape, start and budget on all eight languages (the 8-language trimmed e5 and its corpus).
@@ -150,6 +149,10 @@ class Options:
     xd_transfer_rows: int = 960
     """Transfer rows the teacher labels once (``--transfer-rows``; cached in ``xd_teacher_cache/``, shared by the
     rows and ablations of the same transfer text); stages 1 and 2 cycle over them."""
+    bistil_seeds: list[str] = field(default_factory=lambda: ["1"])
+    """Seeds of BiStil's phase 2 (two at least for the claims' spread; phase 1 is one run)."""
+    bistil_epochs: tuple[int, int] = (3, 10)
+    """BiStil's phase 2: dense epochs of phase A, sparse epochs of phase B (BiStil's for NER)."""
 
 
 def free_port() -> int:
@@ -382,9 +385,9 @@ def bistil_stages(o: Options) -> list[Stage]:
               [PY, "launch/restrict_teacher.py", "--teacher", str(xd_job(out, E5) / "model"),
                "--vocab", str(d["vocab"]), "--out", str(d["teacher"])], d["teacher"] / "task_model.json"),
         *[Stage(f"{BISTIL}: phase 2, LT-SFT on English {BISTIL_TASK} distilled from that teacher, seed {seed}",
-                [*phase2, "--seed", seed, "--sparse-density", "0.08", "--full-epochs", BISTIL_EPOCHS, "--epochs",
-                 BISTIL_EPOCHS, "--out", str(xd_job(out, BISTIL, seed)), "--name", BISTIL],
-                xd_job(out, BISTIL, seed) / "result.json") for seed in BISTIL_SEEDS],
+                [*phase2, "--seed", seed, "--sparse-density", "0.08", "--full-epochs", str(o.bistil_epochs[0]),
+                 "--epochs", str(o.bistil_epochs[1]), "--out", str(xd_job(out, BISTIL, seed)), "--name", BISTIL],
+                xd_job(out, BISTIL, seed) / "result.json") for seed in o.bistil_seeds],
     ]
 
 
@@ -602,6 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xd-transfer-rows", type=int, default=d.xd_transfer_rows,
                    help="transfer rows XtremeDistil's teacher labels once (cached and shared by its rows); stages "
                         "1 and 2 cycle over them; 0: the teacher labels new rows every step")
+    add_list_argument(p, "--bistil-seeds", item_type=int, default=[int(x) for x in d.bistil_seeds],
+                      help="seeds of BiStil's phase 2, two at least for the spread of its claims; each costs about "
+                           "6 minutes on a 2-core AMX CPU at the default epochs")
+    p.add_argument("--bistil-epochs", type=int, nargs=2, default=list(d.bistil_epochs), metavar=("DENSE", "SPARSE"),
+                   help="BiStil's phase 2: dense epochs of phase A (also the dense comparison) and sparse epochs of "
+                        "phase B")
     p.add_argument("--ablations", action="store_true",
                    help="add the rows that say what each ingredient adds: XtremeDistil's, each one change away "
                         "from its main row (English-only transfer text, a single stage (logits only, nothing "
@@ -616,7 +625,8 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.out.resolve(), a.cache, a.e5_cache, a.steps, [str(s) for s in a.seeds], a.epochs,
                    a.real_teacher, a.e5_steps, a.e5_lr, a.e5_mlm_lr, [str(s) for s in a.e5_seeds], a.e5_epochs,
                    a.e5_train_examples, a.e5_tasks, tuple(a.xd_steps), a.ablations,
-                   [str(s) for s in a.xd_seeds], a.xd_transfer_rows)
+                   [str(s) for s in a.xd_seeds], a.xd_transfer_rows, [str(s) for s in a.bistil_seeds],
+                   tuple(a.bistil_epochs))
 
 
 def main(argv: list[str] | None = None) -> int:

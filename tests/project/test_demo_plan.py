@@ -219,7 +219,8 @@ def test_help_lists_every_option_with_its_default(capsys):
         demo.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ("--steps", "--seeds", "--epochs", "--no-real-teacher", "--e5-steps", "--e5-lr", "--e5-seeds",
-                 "--e5-epochs", "--e5-train-examples", "--e5-cache", "--xd-steps", "--ablations"):
+                 "--e5-epochs", "--e5-train-examples", "--e5-cache", "--xd-steps", "--bistil-seeds", "--bistil-epochs",
+                 "--ablations"):
         assert flag in text
     assert json.dumps(demo.Options(demo.Path("x")).e5_seeds) == '["1", "2"]'
 
@@ -295,12 +296,16 @@ def test_bistil_row_is_a_student_in_the_report_beside_its_teacher(tmp_path):
 
 @pytest.mark.parametrize("ablations", [False, True])
 def test_bistil_phase_two_is_ltsft_whose_phase_a_is_the_dense_comparison_judged_in_the_report(tmp_path, ablations):
-    """LT-SFT with phase A as long as phase B (3 + 3 epochs): phase A is dense fine-tuning of the same student from the
-    same teacher for as many epochs, a row of its own (ds_kd.finetune.ltsft's name), so no separate dense job; the
-    report judges 90% of the task teacher and within a point of phase A, with or without --ablations."""
+    """LT-SFT at BiStil's 3 + 10 epochs, one seed by default and each seed of --bistil-seeds: phase A is dense
+    fine-tuning of the same student from the same teacher, a row of its own (ds_kd.finetune.ltsft's name), so no
+    separate dense job; the report judges 90% of the task teacher and within a point of phase A, with or without
+    --ablations."""
     from ds_kd.finetune.ltsft import PHASE_A_SUFFIX
 
-    stages = demo.build_stages(demo.Options(tmp_path, ablations=ablations))
+    assert [value_after(s.argv, "--seed") for s in demo.build_stages(demo.Options(tmp_path, ablations=ablations))
+            if s.name.startswith(f"{demo.BISTIL}: phase 2")] == ["1"]
+    stages = demo.build_stages(demo.parse_args(["--out", str(tmp_path), "--bistil-seeds", "1", "2",
+                                                *(["--ablations"] if ablations else [])]))
     seeds = [s.argv for s in stages if s.name.startswith(f"{demo.BISTIL}: phase 2")]
     assert [value_after(a, "--seed") for a in seeds] == ["1", "2"]  # the claims' spread
     assert [value_after(a, "--out") for a in seeds] == [
@@ -310,7 +315,7 @@ def test_bistil_phase_two_is_ltsft_whose_phase_a_is_the_dense_comparison_judged_
         return [a for i, a in enumerate(argv) if i - 1 not in (argv.index("--seed"), argv.index("--out"))]
     assert but_seed_and_out(seeds[1]) == but_seed_and_out(sparse)
     assert value_after(sparse, "--max-train-examples") == "1000" and value_after(sparse, "--sparse-density") == "0.08"
-    assert value_after(sparse, "--full-epochs") == value_after(sparse, "--epochs") == "3"
+    assert (value_after(sparse, "--full-epochs"), value_after(sparse, "--epochs")) == ("3", "10")  # BiStil's for NER
     assert demo.BISTIL_DENSE == value_after(sparse, "--name") + PHASE_A_SUFFIX
     assert not any(s.name.startswith(demo.BISTIL_DENSE) for s in stages)  # phase A is the comparison
     report = argv_of(stages, "report")
