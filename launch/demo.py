@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 and 2 cycle over them; 0: the teacher labels new rows every step")
     add_list_argument(p, "--bistil-seeds", item_type=int, default=[int(x) for x in d.bistil_seeds],
                       help="seeds of BiStil's phase 2, two at least for the spread of its claims; each costs about "
-                           "6 minutes on a 2-core AMX CPU at 3 + 10 epochs")
+                           "7 minutes on a 2-core AMX CPU at 3 + 10 epochs")
     p.add_argument("--bistil-epochs", type=int, nargs=2, default=list(d.bistil_epochs), metavar=("DENSE", "SPARSE"),
                    help="BiStil's phase 2: dense epochs of phase A (also the dense comparison) and sparse epochs of "
                         "phase B")
