@@ -17,6 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from ds_kd.errors import UsageError
+from ds_kd.eval.findings import fmt_cell
 
 RETENTION = 0.9
 """--retention: the share of the reference's score the row keeps at least (BiStil, and XtremeDistil's 90%)."""
@@ -121,8 +122,7 @@ def sparse_checks(results: dict[tuple[str, str], dict[int, dict]]) -> list[Spars
 
 
 def _cell(scores: list[float]) -> str:
-    mean = statistics.fmean(scores)
-    return f"{mean:.1f}" + (f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else "") + f" (n={len(scores)})"
+    return fmt_cell(statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else None, len(scores))
 
 
 def markdown(results: list[ClaimResult], checks: list[SparseCheck], task_titles: dict[str, str]) -> str:
