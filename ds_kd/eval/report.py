@@ -461,7 +461,6 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
     (``ds_kd.eval.claims``) and every LT-SFT job's changed weights against its K. Raises UsageError naming an
     ablation or claim row that has no result."""
     out = Path(out) if out is not None else Path(grid_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(grid_dir, students, ppl, roles)
     settings = finetune_settings(grid_dir)
     plan = load_plan(grid_dir)
@@ -478,6 +477,7 @@ def write_report(grid_dir: Path | str, out: Path | str | None = None, students: 
     report.ablations = judge_ablations(list(ablations), {
         metric: table_values(by_stem[stem])
         for metric, stem in (("English", "table4_english"), ("zero-shot", "table5_zero_shot"))})
+    out.mkdir(parents=True, exist_ok=True)  # after every refusal: a refused report leaves no folder
     parts = [f"# Results of {Path(grid_dir).resolve().name}", "", gaps_markdown(report.gaps)]
     for table in tables:
         parts.append(markdown(table))

@@ -65,5 +65,6 @@ def test_a_claim_naming_no_row_is_refused_naming_the_flag(grid, tmp_path, capsys
     report = load_script("report")
     assert report.main([str(grid), "--out", str(tmp_path / "r"), "--retention", "pair=teachr"]) == 2
     assert "--retention pair=teachr: no row named 'teachr'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a refused report leaves no folder
     assert report.main([str(grid), "--out", str(tmp_path / "r"), "--retention", "pair=teacher"]) == 0
     assert "**holds**" in (tmp_path / "r" / "report.md").read_text()
