@@ -148,12 +148,16 @@ def name_value(text: str) -> tuple[str, str]:
 
 
 def checkpoint_dirs(pairs: list[tuple[str, str]]) -> dict[str, Path]:
-    """``--models`` pairs as name -> directory. Raises UsageError naming the flag, the model and the directory for
-    a directory without ``config.json``."""
+    """``--models`` pairs as name -> directory. Raises UsageError naming the flag and the model for a directory
+    without ``config.json`` (pointing at ``export/`` for a training run's directory, as ``read_config`` does)."""
+    from ds_kd.models.modeldir import read_config
+
     models = {}
     for name, directory in pairs:
-        if not (Path(directory) / "config.json").is_file():
-            raise UsageError(f"--models {name}={directory}: no config.json there (not a checkpoint directory)")
+        try:
+            read_config(directory)
+        except FileNotFoundError as e:
+            raise UsageError(f"--models {name}={e}") from None
         models[name] = Path(directory)
     return models
 

@@ -183,8 +183,12 @@ def test_a_models_entry_without_a_checkpoint_exits_2_naming_the_flag_and_the_mod
             *(["--langs", "fr"] if script == "retrieval" else [])]
     assert load_script(script).main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: --models student={tmp_path / 'missing'}: no config.json there (not a checkpoint "
-                     f"directory)"], lines
+    assert lines == [f"error: --models student={tmp_path / 'missing'}: not a model directory (no config.json)"], lines
+    (tmp_path / "run" / "export").mkdir(parents=True)  # a training run's directory: its model is export/
+    (tmp_path / "run" / "export" / "config.json").write_text("{}")
+    argv[1] = f"student={tmp_path / 'run'}"
+    assert load_script(script).main(argv) == 2
+    assert f"its model is {tmp_path / 'run' / 'export'}" in capsys.readouterr().err
 
 
 def test_finetune_names_the_flag_of_a_missing_model_or_teacher(tmp_path, capsys):
